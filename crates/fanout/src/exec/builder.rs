@@ -1,0 +1,216 @@
+//! Settings of an executor, and their defaults.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::event::{Event, EventSink};
+use super::hedge::HedgePolicy;
+use super::limit::{Limits, Rate};
+use super::report::Price;
+use super::retry::RetryPolicy;
+use super::{Executor, Shared};
+use crate::provider::Provider;
+
+pub(crate) struct Config {
+    pub concurrency: usize,
+    pub rpm: Option<Rate>,
+    pub tpm: Option<Rate>,
+    pub retry: RetryPolicy,
+    pub attempt_timeout: Option<Duration>,
+    pub task_timeout: Option<Duration>,
+    pub deadline: Option<Duration>,
+    pub cancel: CancellationToken,
+    pub hedge: Option<HedgePolicy>,
+    pub breaker_threshold: u32,
+    pub probe: bool,
+    pub price: Option<Price>,
+    pub events: Option<EventSink>,
+    pub order_window: Option<usize>,
+    pub seed: Option<u64>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("concurrency", &self.concurrency)
+            .field("rpm", &self.rpm)
+            .field("tpm", &self.tpm)
+            .field("retry", &self.retry)
+            .field("attempt_timeout", &self.attempt_timeout)
+            .field("task_timeout", &self.task_timeout)
+            .field("deadline", &self.deadline)
+            .field("hedge", &self.hedge)
+            .field("breaker_threshold", &self.breaker_threshold)
+            .field("probe", &self.probe)
+            .field("price", &self.price)
+            .field("events", &self.events.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds an [`Executor`].
+///
+/// Defaults: concurrency 16, no RPM or TPM limit, [`RetryPolicy::default`]
+/// (5 attempts), 120 s per attempt, no task timeout, no deadline, circuit
+/// breaker after 3 fatal answers with a probe window of the same size until the
+/// first success, no hedging.
+#[must_use]
+pub struct ExecutorBuilder {
+    provider: Arc<dyn Provider>,
+    config: Config,
+}
+
+impl fmt::Debug for ExecutorBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ExecutorBuilder")
+            .field("provider", &self.provider.name())
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl ExecutorBuilder {
+    pub(crate) fn new(provider: Arc<dyn Provider>) -> Self {
+        Self {
+            provider,
+            config: Config {
+                concurrency: 16,
+                rpm: None,
+                tpm: None,
+                retry: RetryPolicy::default(),
+                attempt_timeout: Some(Duration::from_secs(120)),
+                task_timeout: None,
+                deadline: None,
+                cancel: CancellationToken::new(),
+                hedge: None,
+                breaker_threshold: 3,
+                probe: true,
+                price: None,
+                events: None,
+                order_window: None,
+                seed: None,
+            },
+        }
+    }
+
+    /// The most calls in flight at once.
+    pub fn concurrency(mut self, concurrency: usize) -> Self {
+        self.config.concurrency = concurrency.max(1);
+        self
+    }
+
+    /// Requests per minute, spent at most one second's worth at once.
+    pub fn rpm(self, per_minute: u64) -> Self {
+        self.rpm_limit(Rate::per_minute(per_minute))
+    }
+
+    pub fn rpm_limit(mut self, rate: Rate) -> Self {
+        self.config.rpm = Some(rate);
+        self
+    }
+
+    /// Tokens per minute, weighted by each request's estimated prompt plus
+    /// maximum output, reserved before the call and corrected with the usage
+    /// the provider reports. A request larger than the whole budget fails at once.
+    pub fn tpm(mut self, per_minute: u64) -> Self {
+        self.config.tpm = Some(Rate::per_minute(per_minute).with_burst(per_minute));
+        self
+    }
+
+    pub fn tpm_limit(mut self, rate: Rate) -> Self {
+        self.config.tpm = Some(rate);
+        self
+    }
+
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.config.retry = policy;
+        self
+    }
+
+    /// Attempts in all, the first included (1: never retry).
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.config.retry.max_attempts = attempts.max(1);
+        self
+    }
+
+    /// Time limit for one attempt; an attempt that runs out is retried.
+    pub fn attempt_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.config.attempt_timeout = limit;
+        self
+    }
+
+    /// Time limit for a task, all its attempts and waits together.
+    pub fn task_timeout(mut self, limit: Option<Duration>) -> Self {
+        self.config.task_timeout = limit;
+        self
+    }
+
+    /// Time limit for a whole run: at the deadline in-flight calls are cancelled
+    /// and the run returns every finished result and a status for every other task.
+    pub fn deadline(mut self, limit: Option<Duration>) -> Self {
+        self.config.deadline = limit;
+        self
+    }
+
+    /// Cancelling `token` stops launching, cancels in-flight calls and returns
+    /// what finished, for every run of this executor.
+    pub fn cancel_token(mut self, token: CancellationToken) -> Self {
+        self.config.cancel = token;
+        self
+    }
+
+    pub fn hedge(mut self, policy: Option<HedgePolicy>) -> Self {
+        self.config.hedge = policy;
+        self
+    }
+
+    /// Fatal answers in a row (bad key, unknown model, no quota) after which no
+    /// more tasks are launched; 0 turns the breaker off.
+    pub fn circuit_breaker(mut self, threshold: u32) -> Self {
+        self.config.breaker_threshold = threshold;
+        self
+    }
+
+    /// Whether to launch only the breaker's threshold of calls until the provider
+    /// has answered successfully once (on by default).
+    pub fn probe(mut self, probe: bool) -> Self {
+        self.config.probe = probe;
+        self
+    }
+
+    /// Prices tokens so reports carry a cost.
+    pub fn price(mut self, price: Price) -> Self {
+        self.config.price = Some(price);
+        self
+    }
+
+    pub fn on_event(mut self, sink: impl Fn(&Event) + Send + Sync + 'static) -> Self {
+        self.config.events = Some(Arc::new(sink));
+        self
+    }
+
+    /// For [`Executor::stream_ordered`]: how far tasks may run ahead of the first
+    /// result not yet released, which bounds the results held back. Default: four
+    /// times the concurrency.
+    pub fn order_window(mut self, window: usize) -> Self {
+        self.config.order_window = Some(window.max(1));
+        self
+    }
+
+    /// Seeds the retry jitter, for reproducible runs.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.config.seed = Some(seed);
+        self
+    }
+
+    pub fn build(self) -> Executor {
+        let config = self.config;
+        let probe = (config.probe && config.breaker_threshold > 0)
+            .then_some(config.breaker_threshold as usize);
+        let limits = Limits::new(config.concurrency, probe, config.rpm, config.tpm);
+        Executor { shared: Arc::new(Shared { provider: self.provider, config, limits }) }
+    }
+}

@@ -1,0 +1,204 @@
+//! Everything that decides when a call may start: the adaptive concurrency cap,
+//! RPM and TPM buckets, the shared 429 pause, and the provider's reported budget.
+//!
+//! One `Limits` exists per executor, shared by all its runs and tasks, so two
+//! runs on one executor together stay within the provider's limits.
+
+mod bucket;
+mod concurrency;
+mod pause;
+mod reported;
+
+use std::time::Duration;
+
+use tokio::time::{Instant, sleep_until};
+
+use crate::provider::{ErrorKind, ProviderError, RateLimit, Response};
+pub(crate) use concurrency::{AdaptiveConcurrency, Permit};
+
+use bucket::TokenBucket;
+use pause::SharedPause;
+use reported::{Launch, ReportedBudget};
+
+/// A per-minute limit and how much of it may be spent at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate {
+    pub per_minute: u64,
+    pub burst: u64,
+}
+
+impl Rate {
+    /// `per_minute`, spent at most one second's worth at once: a client that
+    /// bursts a whole minute's budget draws 429s from servers that meter by the
+    /// second.
+    pub fn per_minute(per_minute: u64) -> Self {
+        Self { per_minute, burst: per_minute.div_ceil(60).max(1) }
+    }
+
+    #[must_use]
+    pub fn with_burst(mut self, burst: u64) -> Self {
+        self.burst = burst.max(1);
+        self
+    }
+}
+
+/// What the limiter decided about an error, for the executor to report.
+#[derive(Debug, Default)]
+pub(crate) struct Reaction {
+    pub paused_for: Option<Duration>,
+    pub new_limit: Option<usize>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Limits {
+    pub concurrency: AdaptiveConcurrency,
+    requests: Option<TokenBucket>,
+    tokens: Option<TokenBucket>,
+    pause: SharedPause,
+    reported: ReportedBudget,
+}
+
+/// Gives reserved bucket tokens back if the wait for them is abandoned.
+struct Refund<'a> {
+    bucket: Option<&'a TokenBucket>,
+    amount: u64,
+}
+
+impl Drop for Refund<'_> {
+    fn drop(&mut self) {
+        if let Some(bucket) = self.bucket {
+            bucket.give_back(self.amount);
+        }
+    }
+}
+
+impl Refund<'_> {
+    fn keep(mut self) {
+        self.bucket = None;
+    }
+}
+
+impl Limits {
+    pub(crate) fn new(
+        concurrency: usize,
+        probe: Option<usize>,
+        rpm: Option<Rate>,
+        tpm: Option<Rate>,
+    ) -> Self {
+        Self {
+            concurrency: AdaptiveConcurrency::new(concurrency, probe),
+            requests: rpm.map(|r| TokenBucket::new(r.per_minute, r.burst)),
+            tokens: tpm.map(|r| TokenBucket::new(r.per_minute, r.burst.max(r.per_minute))),
+            pause: SharedPause::default(),
+            reported: ReportedBudget::default(),
+        }
+    }
+
+    /// Fails at once for a request that could never fit in the TPM budget.
+    pub(crate) fn check_fits(&self, tokens: u64) -> Result<(), ProviderError> {
+        match &self.tokens {
+            Some(bucket) if tokens > bucket.per_minute() => Err(ProviderError::new(
+                ErrorKind::BadRequest,
+                format!(
+                    "the request needs up to {tokens} tokens but the limit is {} tokens per minute; \
+                     lower max_tokens or raise the TPM limit",
+                    bucket.per_minute()
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Waits until one call of up to `tokens` tokens may start, and takes its
+    /// share of every budget. Cancel-safe: an abandoned wait gives its tokens back.
+    pub(crate) async fn admit(&self, tokens: u64) -> Launch {
+        self.pause.wait().await;
+        let now = Instant::now();
+        let request_refund = Refund { bucket: self.requests.as_ref(), amount: 1 };
+        let token_refund = Refund { bucket: self.tokens.as_ref(), amount: tokens };
+        let ready = [
+            self.requests.as_ref().map(|b| b.reserve(1, now)),
+            self.tokens.as_ref().map(|b| b.reserve(tokens, now)),
+        ]
+        .into_iter()
+        .flatten()
+        .max()
+        .unwrap_or(now);
+        // The timer wheel has millisecond ticks and may wake a little early: wait
+        // until the reservation is really due, so a limit is never exceeded.
+        while Instant::now() < ready {
+            sleep_until(ready).await;
+        }
+        let launch = loop {
+            self.pause.wait().await;
+            match self.reported.try_spend(tokens, Instant::now()) {
+                Ok(launch) => break launch,
+                Err(reset) => sleep_until(reset).await,
+            }
+        };
+        request_refund.keep();
+        token_refund.keep();
+        launch
+    }
+
+    /// A slot and every budget for an extra call (a hedge), waiting in line
+    /// with everyone else, so extra calls never exceed any limit.
+    pub(crate) async fn admit_extra(&self, tokens: u64) -> Permit {
+        let permit = self.concurrency.acquire().await;
+        self.admit(tokens).await;
+        permit
+    }
+
+    /// Learns from a successful answer: its usage corrects the TPM reservation,
+    /// its headers the reported budget, and it may widen the concurrency limit.
+    pub(crate) fn on_success(
+        &self,
+        reserved: u64,
+        launch: Launch,
+        response: &Response,
+    ) -> Option<usize> {
+        if let Some(bucket) = &self.tokens {
+            let used = response.usage.total();
+            if used > reserved {
+                bucket.charge(used - reserved);
+            } else {
+                bucket.give_back(reserved - used);
+            }
+        }
+        self.observe(response.rate_limit.as_ref(), launch);
+        self.concurrency.on_success()
+    }
+
+    /// Learns from a failed attempt, launched as `launch` while the concurrency
+    /// limit was at `generation`. A 429 pauses every
+    /// task until the provider's time (or `fallback`, the retry delay, when it
+    /// gave none); any push-back narrows the concurrency limit.
+    pub(crate) fn on_error(
+        &self,
+        error: &ProviderError,
+        launch: Launch,
+        generation: u64,
+        fallback: Option<Duration>,
+    ) -> Reaction {
+        self.observe(error.rate_limit(), launch);
+        let mut reaction = Reaction::default();
+        if !error.kind().is_backpressure() {
+            return reaction;
+        }
+        let wait =
+            error.retry_after().or_else(|| error.is_rate_limited().then_some(fallback).flatten());
+        if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+            if self.pause.extend(Instant::now() + wait) {
+                reaction.paused_for = Some(wait);
+            }
+        }
+        reaction.new_limit = self.concurrency.on_backpressure(generation);
+        reaction
+    }
+
+    fn observe(&self, rate_limit: Option<&RateLimit>, launch: Launch) {
+        if let Some(rate_limit) = rate_limit {
+            self.reported.observe(rate_limit, launch, Instant::now());
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! What a run brings back: one result per task, and totals.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::provider::Usage;
+use crate::task::{Outcome, Status, TaskId, TaskResult};
+
+/// Prices in currency units (e.g. USD) per million tokens.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
+pub struct Price {
+    pub input_per_million: f64,
+    pub output_per_million: f64,
+}
+
+impl Price {
+    pub fn cost(&self, usage: Usage) -> f64 {
+        (usage.input_tokens as f64 * self.input_per_million
+            + usage.output_tokens as f64 * self.output_per_million)
+            / 1e6
+    }
+}
+
+/// Latency of successful tasks, launch to answer, retries included.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Latency {
+    #[serde(serialize_with = "millis")]
+    pub p50: Duration,
+    #[serde(serialize_with = "millis")]
+    pub p90: Duration,
+    #[serde(serialize_with = "millis")]
+    pub p99: Duration,
+    #[serde(serialize_with = "millis")]
+    pub max: Duration,
+}
+
+fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
+}
+
+/// Counts and sums over a whole run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Totals {
+    pub tasks: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+    pub timed_out: usize,
+    pub cancelled: usize,
+    pub not_run: usize,
+    /// Tokens of the successful answers.
+    pub usage: Usage,
+    /// `usage` priced, when the executor was given a price.
+    pub cost: Option<f64>,
+    #[serde(serialize_with = "millis")]
+    pub wall: Duration,
+    pub latency: Option<Latency>,
+    /// Attempts sent, hedges not included.
+    pub calls: u64,
+    pub retries: u64,
+    /// Answers that were 429s.
+    pub rate_limited: u64,
+    pub hedges: u64,
+}
+
+impl Totals {
+    /// Whether every task succeeded.
+    pub fn all_succeeded(&self) -> bool {
+        self.succeeded == self.tasks
+    }
+}
+
+/// One result per task, in task order, and the run's totals.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Report {
+    pub results: Vec<TaskResult>,
+    pub totals: Totals,
+}
+
+impl Report {
+    /// The outcome of the task with this id.
+    pub fn get(&self, id: &str) -> Option<&Outcome> {
+        self.results.iter().find(|r| r.id.as_str() == id).map(|r| &r.outcome)
+    }
+
+    /// The successful answers' texts, with their task ids, in task order.
+    pub fn texts(&self) -> impl Iterator<Item = (&TaskId, &str)> {
+        self.results.iter().filter_map(|r| Some((&r.id, r.outcome.text()?)))
+    }
+}
+
+/// Accumulates totals as results arrive, in memory independent of task count.
+#[derive(Debug)]
+pub(crate) struct Tally {
+    totals: Totals,
+    latency_micros: Histogram<u64>,
+    /// Kept exactly: the histogram rounds to three significant figures.
+    latency_max: Duration,
+}
+
+impl Tally {
+    pub(crate) fn new() -> Self {
+        Self {
+            totals: Totals::default(),
+            latency_micros: Histogram::new(3).expect("3 significant figures is valid"),
+            latency_max: Duration::ZERO,
+        }
+    }
+
+    pub(crate) fn add(&mut self, result: &TaskResult) {
+        let totals = &mut self.totals;
+        totals.tasks += 1;
+        match result.outcome.status() {
+            Status::Succeeded => totals.succeeded += 1,
+            Status::Failed => totals.failed += 1,
+            Status::TimedOut => totals.timed_out += 1,
+            Status::Cancelled => totals.cancelled += 1,
+            Status::NotRun => totals.not_run += 1,
+        }
+        if let Some(success) = result.outcome.success() {
+            totals.usage += success.response.usage;
+            self.latency_max = self.latency_max.max(success.latency);
+            let micros = success.latency.as_micros().max(1) as u64;
+            // Auto-resizing, so no value is out of range.
+            let _ = self.latency_micros.record(micros);
+        }
+    }
+
+    pub(crate) fn finish(self, price: Option<Price>) -> Totals {
+        let mut totals = self.totals;
+        totals.cost = price.map(|p| p.cost(totals.usage));
+        let hist = &self.latency_micros;
+        if !hist.is_empty() {
+            let at = |q: f64| Duration::from_micros(hist.value_at_quantile(q));
+            totals.latency = Some(Latency {
+                p50: at(0.5),
+                p90: at(0.9),
+                p99: at(0.99),
+                max: self.latency_max,
+            });
+        }
+        totals
+    }
+}

@@ -1,0 +1,50 @@
+//! fanout runs LLM work in parallel and brings every result back.
+//!
+//! The principal types, and how they connect:
+//! - a [`Task`] is an owned, immutable [`Request`] with a stable [`TaskId`];
+//! - a [`Provider`] answers one request (an HTTP API, a local model, or the
+//!   scriptable [`MockProvider`]) and fails with a [`ProviderError`] that callers
+//!   classify by [`ErrorKind`] without matching variants;
+//! - an [`Executor`] runs many tasks on one provider under a concurrency cap,
+//!   RPM and TPM limits, a shared pause on 429, retries with jittered backoff,
+//!   per-attempt and per-task timeouts, a global deadline, cancellation, a
+//!   circuit breaker and optional hedging;
+//! - every task ends with exactly one [`Outcome`], collected in a [`Report`] (in
+//!   task order, with [`Totals`]) or streamed as results finish.
+//!
+//! ```
+//! use std::time::Duration;
+//! use fanout::{Executor, MockProvider, Request};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let provider = MockProvider::new().with_latency(Duration::from_millis(5));
+//! let executor = Executor::builder(provider).concurrency(8).rpm(6_000).build();
+//! let essays = ["The sea", "My town", "Robots"];
+//! let report = executor
+//!     .run(essays.iter().map(|title| Request::user(format!("Grade the essay titled {title}"))))
+//!     .await;
+//! assert_eq!(report.totals.succeeded, 3);
+//! for (id, answer) in report.texts() {
+//!     println!("{id}: {answer}");
+//! }
+//! # }
+//! ```
+
+pub mod exec;
+pub mod provider;
+pub mod task;
+pub mod tokens;
+
+pub use exec::event::{Event, EventSink};
+pub use exec::hedge::{HedgeAfter, HedgePolicy};
+pub use exec::limit::Rate;
+pub use exec::report::{Latency, Price, Report, Totals};
+pub use exec::retry::RetryPolicy;
+pub use exec::{Executor, ExecutorBuilder, Results};
+pub use provider::{
+    Behavior, ErrorKind, Message, MockProvider, Provider, ProviderError, RateLimit, Request,
+    Response, Role, Usage,
+};
+pub use task::{NotRun, Outcome, Status, Success, Task, TaskId, TaskResult, Timeout};
+pub use tokio_util::sync::CancellationToken;

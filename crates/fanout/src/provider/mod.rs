@@ -1,0 +1,50 @@
+//! The provider trait and the types every provider shares.
+//!
+//! A [`Provider`] turns a [`Request`] into a [`Response`] or a [`ProviderError`].
+//! Providers do one attempt and never retry on their own: retries, pauses and
+//! limits belong to the executor, which must see every 429 to share it across
+//! tasks.
+
+mod error;
+pub mod headers;
+pub mod mock;
+mod request;
+
+pub use error::{ErrorKind, ProviderError};
+pub use headers::RateLimit;
+pub use mock::{Behavior, MockProvider};
+pub use request::{Message, Request, Response, Role, Usage};
+
+use crate::tokens;
+
+/// Something that answers chat requests: an HTTP API, a local model, a mock.
+#[async_trait::async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// A short name for logs and reports (`openai`, `anthropic`, `local`, `mock`).
+    fn name(&self) -> &str;
+
+    /// Makes one attempt. Dropping the future cancels the call.
+    async fn complete(&self, request: &Request) -> Result<Response, ProviderError>;
+
+    /// The tokens the request may consume at most (prompt + maximum output), which
+    /// the executor reserves against a TPM limit before the call. Providers with a
+    /// real tokenizer can be exact; the default estimates.
+    fn estimate_tokens(&self, request: &Request) -> u64 {
+        tokens::estimate_request(request)
+    }
+}
+
+#[async_trait::async_trait]
+impl<P: Provider + ?Sized> Provider for std::sync::Arc<P> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+        (**self).complete(request).await
+    }
+
+    fn estimate_tokens(&self, request: &Request) -> u64 {
+        (**self).estimate_tokens(request)
+    }
+}

@@ -1,0 +1,217 @@
+//! Tasks going in, outcomes coming out.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::provider::{ProviderError, Request, Response, Usage};
+
+/// A task's stable identifier: given by the caller, or the task's index.
+///
+/// Cheap to clone: it travels with every event and result.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(Arc<str>);
+
+impl TaskId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for TaskId {
+    fn from(id: &str) -> Self {
+        Self(id.into())
+    }
+}
+
+impl From<String> for TaskId {
+    fn from(id: String) -> Self {
+        Self(id.into())
+    }
+}
+
+impl From<usize> for TaskId {
+    fn from(index: usize) -> Self {
+        Self(index.to_string().into())
+    }
+}
+
+impl Serialize for TaskId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+/// One unit of work: an owned, immutable request and, optionally, its id.
+///
+/// A task without an id is known by its index in the input.
+#[derive(Clone, Debug)]
+pub struct Task {
+    pub(crate) id: Option<TaskId>,
+    pub(crate) request: Arc<Request>,
+}
+
+impl Task {
+    pub fn new(request: Request) -> Self {
+        Self { id: None, request: Arc::new(request) }
+    }
+
+    pub fn with_id(id: impl Into<TaskId>, request: Request) -> Self {
+        Self { id: Some(id.into()), request: Arc::new(request) }
+    }
+
+    pub fn request(&self) -> &Request {
+        &self.request
+    }
+}
+
+impl From<Request> for Task {
+    fn from(request: Request) -> Self {
+        Self::new(request)
+    }
+}
+
+/// Which clock ran out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Timeout {
+    /// The task's own time limit, all attempts together.
+    Task,
+    /// The run's global deadline.
+    Deadline,
+}
+
+/// Why a task was never sent.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "reason", content = "error")]
+pub enum NotRun {
+    /// The global deadline passed before the task's turn.
+    Deadline,
+    /// The run was cancelled before the task's turn.
+    Cancelled,
+    /// Answers showed the job cannot succeed (bad key, unknown model, no quota);
+    /// this is the answer that decided it.
+    CircuitOpen(ProviderError),
+}
+
+impl fmt::Display for NotRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Deadline => f.write_str("deadline passed before it started"),
+            Self::Cancelled => f.write_str("cancelled before it started"),
+            Self::CircuitOpen(cause) => write!(f, "not run: the job cannot succeed: {cause}"),
+        }
+    }
+}
+
+/// A successful task.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Success {
+    pub response: Response,
+    /// From the task's first launch to its answer, retries included.
+    #[serde(serialize_with = "serialize_millis")]
+    pub latency: Duration,
+    pub attempts: u32,
+}
+
+/// How a task ended. Every task of a run gets exactly one.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "status")]
+pub enum Outcome {
+    Succeeded(Success),
+    /// The last attempt's error, after retries (if it was retryable) ran out.
+    Failed {
+        error: ProviderError,
+        attempts: u32,
+    },
+    TimedOut {
+        timeout: Timeout,
+        attempts: u32,
+    },
+    /// Cancelled while in flight.
+    Cancelled {
+        attempts: u32,
+    },
+    NotRun(NotRun),
+}
+
+/// An outcome's kind, without its payload: for counting and progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+    NotRun,
+}
+
+impl Outcome {
+    pub fn status(&self) -> Status {
+        match self {
+            Self::Succeeded(_) => Status::Succeeded,
+            Self::Failed { .. } => Status::Failed,
+            Self::TimedOut { .. } => Status::TimedOut,
+            Self::Cancelled { .. } => Status::Cancelled,
+            Self::NotRun(_) => Status::NotRun,
+        }
+    }
+
+    pub fn is_success(&self) -> bool {
+        matches!(self, Self::Succeeded(_))
+    }
+
+    pub fn success(&self) -> Option<&Success> {
+        match self {
+            Self::Succeeded(success) => Some(success),
+            _ => None,
+        }
+    }
+
+    /// The answer's text, for a success.
+    pub fn text(&self) -> Option<&str> {
+        self.success().map(|s| s.response.text.as_str())
+    }
+
+    pub fn usage(&self) -> Usage {
+        self.success().map(|s| s.response.usage).unwrap_or_default()
+    }
+
+    pub fn attempts(&self) -> u32 {
+        match self {
+            Self::Succeeded(s) => s.attempts,
+            Self::Failed { attempts, .. }
+            | Self::TimedOut { attempts, .. }
+            | Self::Cancelled { attempts } => *attempts,
+            Self::NotRun(_) => 0,
+        }
+    }
+}
+
+/// An outcome with the task it belongs to.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TaskResult {
+    /// The task's position in the input.
+    pub index: usize,
+    pub id: TaskId,
+    #[serde(flatten)]
+    pub outcome: Outcome,
+}
+
+fn serialize_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64() * 1000.0)
+}

@@ -1,0 +1,108 @@
+use fanout::{Behavior, ErrorKind, Executor, MockProvider, Outcome, Request, Response, Usage};
+use proptest::prelude::*;
+use tokio::time::Instant;
+
+use crate::{ms, paused_runtime, prompts};
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Random latencies and failures never push the calls in flight over the cap,
+    /// and every task is accounted for.
+    #[test]
+    fn concurrency_cap_is_never_exceeded(
+        concurrency in 1usize..12,
+        latencies in proptest::collection::vec(0u64..400, 1..60),
+        fail_every in 2u64..9,
+    ) {
+        paused_runtime().block_on(async {
+            let n = latencies.len();
+            let mock = MockProvider::new();
+            for (i, latency) in latencies.iter().enumerate() {
+                mock.script(format!("p{i}"), [Behavior::reply("ok").after(ms(*latency))]);
+            }
+            let mock = mock.with_rule(move |call| {
+                (call.number % fail_every == 0).then(|| Behavior::server_error().after(ms(30)))
+            });
+            let executor = Executor::builder(mock.clone()).concurrency(concurrency).build();
+            let report = executor.run(prompts(n)).await;
+            prop_assert!(mock.max_in_flight() <= concurrency as u64);
+            prop_assert_eq!(report.results.len(), n);
+            prop_assert_eq!(report.totals.succeeded + report.totals.failed, n);
+            Ok(())
+        })?;
+    }
+
+    /// In any window of time, calls never exceed the burst plus what the rate
+    /// refills in that window.
+    #[test]
+    fn rpm_is_never_exceeded(
+        rpm in 30u64..1200,
+        n in 10usize..80,
+        latency in 0u64..200,
+        concurrency in 1usize..40,
+    ) {
+        paused_runtime().block_on(async {
+            let mock = MockProvider::new().with_latency(ms(latency)).with_call_log();
+            let executor = Executor::builder(mock.clone()).concurrency(concurrency).rpm(rpm).build();
+            let report = executor.run(prompts(n)).await;
+            prop_assert_eq!(report.totals.succeeded, n);
+            let times: Vec<Instant> = mock.call_log().iter().map(|c| c.at).collect();
+            let burst = rpm.div_ceil(60) as f64;
+            let per_second = rpm as f64 / 60.0;
+            for i in 0..times.len() {
+                for j in i..times.len() {
+                    let window = (times[j] - times[i]).as_secs_f64();
+                    // Calls wake on millisecond timer ticks, so one may be up to a
+                    // tick late (never early), bringing the next one that much closer.
+                    let allowed = burst + per_second * (window + 0.001) + 1e-9;
+                    prop_assert!(((j - i + 1) as f64) <= allowed,
+                        "{} calls in {window}s with rpm {rpm}", j - i + 1);
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
+
+/// The TPM budget reserves prompt + max output before each call and is
+/// corrected with the usage the provider reports.
+#[tokio::test(start_paused = true)]
+async fn tpm_reservations_are_corrected_by_reported_usage() {
+    let requests = || prompts(20).into_iter().map(|r| r.with_max_tokens(1000));
+    // p0.. are one token of text plus four of framing: 1005 reserved each.
+    let frugal = MockProvider::new();
+    let start = Instant::now();
+    let report = Executor::builder(frugal).concurrency(20).tpm(6000).build().run(requests()).await;
+    assert_eq!(report.totals.succeeded, 20);
+    assert!(start.elapsed() < ms(10), "refunds let all 20 through at once: {:?}", start.elapsed());
+
+    let hungry = MockProvider::new().with_rule(|_| {
+        let usage = Usage { input_tokens: 5, output_tokens: 1000 };
+        Some(Behavior::respond(Response::new("long answer", usage)))
+    });
+    let start = Instant::now();
+    let report = Executor::builder(hungry).concurrency(20).tpm(6000).build().run(requests()).await;
+    assert_eq!(report.totals.succeeded, 20);
+    // 20 x 1005 tokens, 6000 at once, then 100 a second: the last starts at 141 s.
+    let elapsed = start.elapsed().as_secs_f64();
+    assert!((140.9..141.1).contains(&elapsed), "{elapsed}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_larger_than_the_tpm_budget_fails_at_once() {
+    let mock = MockProvider::new();
+    let executor = Executor::builder(mock.clone()).tpm(1000).build();
+    let start = Instant::now();
+    let report = executor
+        .run([Request::user("small").with_max_tokens(100), Request::user("huge").with_max_tokens(5000)])
+        .await;
+    assert_eq!(start.elapsed(), ms(0));
+    assert!(report.results[0].outcome.is_success());
+    let Outcome::Failed { error, attempts } = &report.results[1].outcome else {
+        panic!("{:?}", report.results[1])
+    };
+    assert_eq!((error.kind(), *attempts), (ErrorKind::BadRequest, 0));
+    assert!(error.message().contains("1000 tokens per minute"), "{error}");
+    assert_eq!(mock.calls(), 1, "the huge request was never sent");
+}

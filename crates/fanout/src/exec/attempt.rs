@@ -151,7 +151,14 @@ async fn attempt_until_done(
         let first_sent = *first_sent.get_or_insert(sent);
         exec.emit(|| Event::Started { index, id: id.clone(), attempt });
         let generation = exec.limits.concurrency.generation();
-        match call(run, index, id, request, reserved, attempt).await {
+        let answer = call_with_hedge(run, index, id, request, reserved, attempt);
+        let result = match exec.config.attempt_timeout {
+            None => answer.await,
+            Some(limit) => {
+                timeout(limit, answer).await.unwrap_or_else(|_| Err(attempt_timed_out(limit)))
+            }
+        };
+        match result {
             Ok(response) => {
                 if let Some(limit) = exec.limits.on_success(reserved, launch, &response) {
                     exec.emit(|| Event::ConcurrencyChanged { limit });
@@ -187,28 +194,12 @@ async fn attempt_until_done(
     }
 }
 
-/// One attempt, bounded by the attempt timeout, hedged if it runs long.
-async fn call(
-    run: &Run,
-    index: usize,
-    id: &TaskId,
-    request: &Request,
-    reserved: u64,
-    attempt: u32,
-) -> Result<Response, ProviderError> {
-    let hedged = call_with_hedge(run, index, id, request, reserved, attempt);
-    match run.exec.config.attempt_timeout {
-        None => hedged.await,
-        Some(limit) => timeout(limit, hedged).await.unwrap_or_else(|_| {
-            Err(ProviderError::new(ErrorKind::Timeout, format!("no answer within {}", secs(limit))))
-        }),
-    }
+fn attempt_timed_out(limit: Duration) -> ProviderError {
+    let secs = limit.as_secs_f64();
+    ProviderError::new(ErrorKind::Timeout, format!("no answer within {secs:.3}s"))
 }
 
-fn secs(duration: Duration) -> String {
-    format!("{:.3}s", duration.as_secs_f64())
-}
-
+/// One attempt, hedged if it runs past the hedging threshold.
 async fn call_with_hedge(
     run: &Run,
     index: usize,

@@ -136,10 +136,10 @@ where
             run.cancel.cancel();
             // In-flight tasks see the cancellation and return at once.
             while let Some(joined) = in_flight.join_next().await {
-                if let Ok(result) = joined {
-                    if !output.accept(result).await {
-                        return finish(&run, output.tally);
-                    }
+                if let Ok(result) = joined
+                    && !output.accept(result).await
+                {
+                    return finish(&run, output.tally);
                 }
             }
             Some(run.stop.get().copied().unwrap_or(stop).not_run())

@@ -101,9 +101,8 @@ impl Hedger {
         // Auto-resizing, so no value is out of range.
         let _ = latencies.micros.record(latency.as_micros().max(1) as u64);
         let samples = latencies.micros.len();
-        if samples >= self.policy.min_samples.max(1) && samples % REFRESH_EVERY == 0
-            || latencies.threshold.is_none() && samples >= self.policy.min_samples.max(1)
-        {
+        let trusted = samples >= self.policy.min_samples.max(1);
+        if trusted && (latencies.threshold.is_none() || samples.is_multiple_of(REFRESH_EVERY)) {
             let micros = latencies.micros.value_at_quantile(quantile);
             latencies.threshold = Some(Duration::from_micros(micros));
         }

@@ -133,12 +133,8 @@ impl Tally {
         let hist = &self.latency_micros;
         if !hist.is_empty() {
             let at = |q: f64| Duration::from_micros(hist.value_at_quantile(q));
-            totals.latency = Some(Latency {
-                p50: at(0.5),
-                p90: at(0.9),
-                p99: at(0.99),
-                max: self.latency_max,
-            });
+            totals.latency =
+                Some(Latency { p50: at(0.5), p90: at(0.9), p99: at(0.99), max: self.latency_max });
         }
         totals
     }

@@ -6,6 +6,10 @@
 //! `min(max_delay, base_delay * 2^(retry - 1))`), unless the provider said how
 //! long to wait, which always wins.
 //!
+//! Written here rather than with `backon`: the delay must yield to the
+//! provider's retry-after and to the executor's shared pause, and backon's
+//! jitter adds up to one extra delay (`[d, 2d)`) instead of full jitter (`[0, d]`).
+//!
 //! [`ErrorKind::is_retryable`]: crate::provider::ErrorKind::is_retryable
 
 use std::time::Duration;

@@ -110,7 +110,8 @@ pub struct ProviderError {
     status: Option<u16>,
     retry_after: Option<Duration>,
     request_id: Option<String>,
-    rate_limit: Option<RateLimit>,
+    /// Boxed: most errors carry none, and errors travel in every `Result`.
+    rate_limit: Option<Box<RateLimit>>,
 }
 
 impl ProviderError {
@@ -161,7 +162,7 @@ impl ProviderError {
                 _ => rate_limit.retry_after,
             };
         }
-        self.rate_limit = Some(rate_limit);
+        self.rate_limit = Some(Box::new(rate_limit));
         self
     }
 
@@ -187,7 +188,7 @@ impl ProviderError {
     }
 
     pub fn rate_limit(&self) -> Option<&RateLimit> {
-        self.rate_limit.as_ref()
+        self.rate_limit.as_deref()
     }
 
     pub fn is_retryable(&self) -> bool {

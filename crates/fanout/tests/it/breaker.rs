@@ -5,7 +5,8 @@ use crate::{ms, prompts};
 /// A bad key on a 10,000-task job costs a handful of calls, not 10,000.
 #[tokio::test(start_paused = true)]
 async fn bad_key_costs_a_handful_of_calls() {
-    let mock = MockProvider::new().with_latency(ms(50)).with_rule(|_| Some(Behavior::unauthorized()));
+    let mock =
+        MockProvider::new().with_latency(ms(50)).with_rule(|_| Some(Behavior::unauthorized()));
     let executor = Executor::builder(mock.clone()).concurrency(500).build();
     let report = executor.run(prompts(10_000)).await;
     assert_eq!(mock.calls(), 3, "the probe window is the breaker's threshold");

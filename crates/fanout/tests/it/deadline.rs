@@ -45,7 +45,8 @@ async fn deadline_returns_partial_results_with_every_task_accounted_for() {
 async fn cancellation_stops_launching_and_returns_what_finished() {
     let mock = staircase(10);
     let token = CancellationToken::new();
-    let executor = Executor::builder(mock.clone()).concurrency(4).cancel_token(token.clone()).build();
+    let executor =
+        Executor::builder(mock.clone()).concurrency(4).cancel_token(token.clone()).build();
     let cancel_later = tokio::spawn(async move {
         tokio::time::sleep(ms(2500)).await;
         token.cancel();

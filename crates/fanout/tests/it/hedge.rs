@@ -16,7 +16,11 @@ async fn hedges_rescue_stragglers_within_budget_and_limits() {
     let mock = straggling(400);
     let recorder = Recorder::default();
     let executor = recorder
-        .attach(Executor::builder(mock.clone()).concurrency(10).hedge(Some(HedgePolicy::after(secs(1)))))
+        .attach(
+            Executor::builder(mock.clone())
+                .concurrency(10)
+                .hedge(Some(HedgePolicy::after(secs(1)))),
+        )
         .build();
     let report = executor.run(prompts(400)).await;
     assert_eq!(report.totals.succeeded, 400);
@@ -31,7 +35,8 @@ async fn hedges_rescue_stragglers_within_budget_and_limits() {
         assert!(latency >= ms(1100) && latency <= ms(1200), "task {i} took {latency:?}");
         assert_eq!(success.response.text, format!("mock answer: p{i}"));
     }
-    let hedged = recorder.events().iter().filter(|(_, e)| matches!(e, Event::Hedged { .. })).count();
+    let hedged =
+        recorder.events().iter().filter(|(_, e)| matches!(e, Event::Hedged { .. })).count();
     assert_eq!(hedged, 20);
 }
 

@@ -65,6 +65,46 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(32))]
+
+    /// Reservations are the most a call can use and are corrected with what it
+    /// did use, so the tokens actually used by the calls started in any window
+    /// never exceed the budget plus what refills in that window.
+    #[test]
+    fn tpm_is_never_exceeded(
+        tpm in 2_000u64..20_000,
+        max_tokens in proptest::collection::vec(1u32..800, 5..60),
+        latency in 0u64..300,
+        concurrency in 1usize..20,
+    ) {
+        paused_runtime().block_on(async {
+            let n = max_tokens.len();
+            let mock = MockProvider::new().with_latency(ms(latency)).with_call_log();
+            let executor = Executor::builder(mock.clone()).concurrency(concurrency).tpm(tpm).build();
+            let requests = prompts(n).into_iter().zip(&max_tokens).map(|(r, m)| r.with_max_tokens(*m));
+            let report = executor.run(requests).await;
+            prop_assert_eq!(report.totals.succeeded, n);
+            // What each call used, by prompt (the mock reports estimated usage).
+            let used = |prompt: &str| report.get(&prompt[1..]).unwrap().usage().total() as f64;
+            let calls: Vec<(Instant, f64)> =
+                mock.call_log().iter().map(|c| (c.at, used(&c.prompt))).collect();
+            let per_second = tpm as f64 / 60.0;
+            for i in 0..calls.len() {
+                let mut tokens = 0.0;
+                for j in i..calls.len() {
+                    tokens += calls[j].1;
+                    let window = (calls[j].0 - calls[i].0).as_secs_f64();
+                    // One millisecond of slack: timers fire on millisecond ticks.
+                    let allowed = tpm as f64 + per_second * (window + 0.001) + 1e-6;
+                    prop_assert!(tokens <= allowed, "{tokens} tokens in {window}s at {tpm} TPM");
+                }
+            }
+            Ok(())
+        })?;
+    }
+}
+
 /// The TPM budget reserves prompt + max output before each call and is
 /// corrected with the usage the provider reports.
 #[tokio::test(start_paused = true)]
@@ -95,7 +135,10 @@ async fn request_larger_than_the_tpm_budget_fails_at_once() {
     let executor = Executor::builder(mock.clone()).tpm(1000).build();
     let start = Instant::now();
     let report = executor
-        .run([Request::user("small").with_max_tokens(100), Request::user("huge").with_max_tokens(5000)])
+        .run([
+            Request::user("small").with_max_tokens(100),
+            Request::user("huge").with_max_tokens(5000),
+        ])
         .await;
     assert_eq!(start.elapsed(), ms(0));
     assert!(report.results[0].outcome.is_success());

@@ -17,7 +17,8 @@ async fn long_lazy_stream_uses_memory_proportional_to_concurrency() {
         counter.fetch_add(1, Ordering::Relaxed);
         Task::with_id(format!("row-{i}"), Request::user("grade this"))
     });
-    let executor = Executor::builder(MockProvider::new().with_latency(ms(1))).concurrency(16).build();
+    let executor =
+        Executor::builder(MockProvider::new().with_latency(ms(1))).concurrency(16).build();
     let mut results = executor.stream(tasks);
     let mut consumed = 0;
     let mut most_held = 0;

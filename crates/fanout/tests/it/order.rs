@@ -66,17 +66,19 @@ async fn a_slow_head_holds_back_at_most_the_window() {
     let mock = MockProvider::new().with_latency(ms(10));
     mock.script("p0", [Behavior::reply("slow").after(secs(100))]);
     let recorder = Recorder::default();
-    let executor =
-        recorder.attach(Executor::builder(mock).concurrency(4).order_window(8).probe(false)).build();
+    let executor = recorder
+        .attach(Executor::builder(mock).concurrency(4).order_window(8).probe(false))
+        .build();
     let released = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
     let results = executor.stream_ordered(task_stream(50));
     let times = Arc::clone(&released);
-    results.for_each(|r| {
-        times.lock().unwrap().push((r.index, start.elapsed()));
-        async {}
-    })
-    .await;
+    results
+        .for_each(|r| {
+            times.lock().unwrap().push((r.index, start.elapsed()));
+            async {}
+        })
+        .await;
     let started_before_head: usize = recorder
         .events()
         .iter()

@@ -18,14 +18,18 @@ async fn a_429_pauses_every_task() {
     let mock = MockProvider::new().with_latency(ms(100)).with_call_log();
     mock.script("p0", [Behavior::rate_limited(Some(secs(10))).after(ms(50))]);
     let recorder = Recorder::default();
-    let executor = recorder.attach(Executor::builder(mock.clone()).concurrency(4).probe(false)).build();
+    let executor =
+        recorder.attach(Executor::builder(mock.clone()).concurrency(4).probe(false)).build();
     let report = executor.run(prompts(20)).await;
     assert_eq!(report.totals.succeeded, 20);
     assert_eq!(report.totals.rate_limited, 1);
     let pause_start = start + ms(50);
     let pause_end = pause_start + secs(10);
     let calls = mock.call_log();
-    assert!(calls.iter().all(|c| c.at <= pause_start || c.at >= pause_end), "a call went out during the pause");
+    assert!(
+        calls.iter().all(|c| c.at <= pause_start || c.at >= pause_end),
+        "a call went out during the pause"
+    );
     // Only the first four went out before the pause; everything else after it.
     assert_eq!(calls.iter().filter(|c| c.at < pause_end).count(), 4);
     let retry = calls.iter().filter(|c| c.prompt == "p0").nth(1).unwrap();
@@ -68,14 +72,15 @@ async fn concurrency_shrinks_on_429s_and_grows_back() {
         (call.number <= 48).then(|| Behavior::rate_limited(Some(ms(200))).after(ms(100)))
     });
     let recorder = Recorder::default();
-    let executor = recorder.attach(Executor::builder(mock.clone()).concurrency(16).probe(false)).build();
+    let executor =
+        recorder.attach(Executor::builder(mock.clone()).concurrency(16).probe(false)).build();
     let report = executor.run(prompts(600)).await;
     assert_eq!(report.totals.succeeded, 600);
     let limits = recorder.concurrency_limits();
     let lowest = *limits.iter().min().unwrap();
     // The first wave of 16 parallel 429s halves once, not sixteen times.
     assert_eq!(limits[0], 8, "{limits:?}");
-    assert!(lowest < 8 && lowest >= 1, "{limits:?}");
+    assert!((1..8).contains(&lowest), "{limits:?}");
     assert_eq!(executor.concurrency_limit(), 16, "grew back: {limits:?}");
     assert!(mock.max_in_flight() <= 16);
 }

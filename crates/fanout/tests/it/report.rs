@@ -13,7 +13,10 @@ async fn totals_count_tokens_cost_and_latency_percentiles() {
     let mock = MockProvider::new();
     for i in 0..100u64 {
         let usage = Usage { input_tokens: 10, output_tokens: i };
-        mock.script(format!("p{i}"), [Behavior::respond(Response::new("x", usage)).after(ms(i + 1))]);
+        mock.script(
+            format!("p{i}"),
+            [Behavior::respond(Response::new("x", usage)).after(ms(i + 1))],
+        );
     }
     mock.script("p100", [Behavior::fail(ProviderError::from_status(400, "bad"))]);
     let price = Price { input_per_million: 2.0, output_per_million: 10.0 };
@@ -26,7 +29,8 @@ async fn totals_count_tokens_cost_and_latency_percentiles() {
     assert!((cost - (1000.0 * 2.0 + 4950.0 * 10.0) / 1e6).abs() < 1e-12, "{cost}");
     let latency = totals.latency.unwrap();
     // Percentiles carry the histogram's three significant figures; the max is exact.
-    let close = |d: std::time::Duration, to: u64| (d.as_secs_f64() * 1e3 / to as f64 - 1.0).abs() < 1e-3;
+    let close =
+        |d: std::time::Duration, to: u64| (d.as_secs_f64() * 1e3 / to as f64 - 1.0).abs() < 1e-3;
     assert!(close(latency.p50, 50) && close(latency.p90, 90), "{latency:?}");
     assert_eq!(latency.max, ms(100));
     assert_eq!(totals.wall, ms(100));

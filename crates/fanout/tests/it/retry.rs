@@ -1,4 +1,6 @@
-use fanout::{Behavior, ErrorKind, Event, Executor, MockProvider, Outcome, ProviderError, RetryPolicy};
+use fanout::{
+    Behavior, ErrorKind, Event, Executor, MockProvider, Outcome, ProviderError, RetryPolicy,
+};
 use tokio::time::Instant;
 
 use crate::{Recorder, ms, prompts, secs};

@@ -187,10 +187,10 @@ impl Limits {
         }
         let wait =
             error.retry_after().or_else(|| error.is_rate_limited().then_some(fallback).flatten());
-        if let Some(wait) = wait.filter(|w| !w.is_zero()) {
-            if self.pause.extend(Instant::now() + wait) {
-                reaction.paused_for = Some(wait);
-            }
+        if let Some(wait) = wait.filter(|w| !w.is_zero())
+            && self.pause.extend(Instant::now() + wait)
+        {
+            reaction.paused_for = Some(wait);
         }
         reaction.new_limit = self.concurrency.on_backpressure(generation);
         reaction

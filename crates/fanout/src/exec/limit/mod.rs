@@ -88,7 +88,7 @@ impl Limits {
         Self {
             concurrency: AdaptiveConcurrency::new(concurrency, probe),
             requests: rpm.map(|r| TokenBucket::new(r.per_minute, r.burst)),
-            tokens: tpm.map(|r| TokenBucket::new(r.per_minute, r.burst.max(r.per_minute))),
+            tokens: tpm.map(|r| TokenBucket::new(r.per_minute, r.burst)),
             pause: SharedPause::default(),
             reported: ReportedBudget::default(),
         }

@@ -2,9 +2,10 @@
 //!
 //! The principal types, and how they connect:
 //! - a [`Task`] is an owned, immutable [`Request`] with a stable [`TaskId`];
-//! - a [`Provider`] answers one request (an HTTP API, a local model, or the
-//!   scriptable [`MockProvider`]) and fails with a [`ProviderError`] that callers
-//!   classify by [`ErrorKind`] without matching variants;
+//! - a [`Provider`] answers one request — [`OpenAi`] (any OpenAI-compatible
+//!   endpoint), [`Anthropic`], or the scriptable [`MockProvider`] — and fails
+//!   with a [`ProviderError`] that callers classify by [`ErrorKind`] without
+//!   matching variants;
 //! - an [`Executor`] runs many tasks on one provider under a concurrency cap,
 //!   RPM and TPM limits, a shared pause on 429, retries with jittered backoff,
 //!   per-attempt and per-task timeouts, a global deadline, cancellation, a
@@ -43,8 +44,8 @@ pub use exec::report::{Latency, Price, Report, Totals};
 pub use exec::retry::RetryPolicy;
 pub use exec::{Executor, ExecutorBuilder, Results};
 pub use provider::{
-    Behavior, ErrorKind, Message, MockProvider, Provider, ProviderError, RateLimit, Request,
-    Response, Role, Usage,
+    Anthropic, Behavior, ErrorKind, Message, MockProvider, OpenAi, Provider, ProviderError,
+    RateLimit, Request, Response, ResponseFormat, Role, Usage,
 };
 pub use task::{NotRun, Outcome, Status, Success, Task, TaskId, TaskResult, Timeout};
 pub use tokio_util::sync::CancellationToken;

@@ -2,7 +2,9 @@
 //!
 //! Understood: `Retry-After` (seconds or an HTTP date), `retry-after-ms`, and
 //! OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`, whose resets
-//! are Go-style durations such as `6m0s`, `1.5s` or `20ms`. Providers send these on
+//! are Go-style durations such as `6m0s`, `1.5s` or `20ms`, and Anthropic's
+//! `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}`, whose resets
+//! are RFC 3339 times. Providers send these on
 //! successes too: the executor uses the remaining budget to slow down before the
 //! provider has to say 429.
 
@@ -45,11 +47,22 @@ impl RateLimit {
     /// into a duration. Returns `None` when no rate-limit header is present.
     pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Option<Self> {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-        let budget = |dimension: &str| Budget {
-            limit: text(&format!("x-ratelimit-limit-{dimension}")).and_then(|v| v.parse().ok()),
-            remaining: text(&format!("x-ratelimit-remaining-{dimension}"))
-                .and_then(|v| v.parse().ok()),
-            reset: text(&format!("x-ratelimit-reset-{dimension}")).and_then(parse_duration),
+        let number = |name: String| text(&name).and_then(|v| v.parse().ok());
+        let budget = |dimension: &str| {
+            let openai = Budget {
+                limit: number(format!("x-ratelimit-limit-{dimension}")),
+                remaining: number(format!("x-ratelimit-remaining-{dimension}")),
+                reset: text(&format!("x-ratelimit-reset-{dimension}")).and_then(parse_duration),
+            };
+            if !openai.is_empty() {
+                return openai;
+            }
+            Budget {
+                limit: number(format!("anthropic-ratelimit-{dimension}-limit")),
+                remaining: number(format!("anthropic-ratelimit-{dimension}-remaining")),
+                reset: text(&format!("anthropic-ratelimit-{dimension}-reset"))
+                    .and_then(|at| parse_reset_time(at, now)),
+            }
         };
         let retry_after = text("retry-after-ms")
             .and_then(|ms| ms.parse::<f64>().ok())
@@ -87,6 +100,12 @@ pub fn parse_retry_after(value: &str, now: SystemTime) -> Option<Duration> {
     }
     let at = httpdate::parse_http_date(value).ok()?;
     // A date in the past means "now".
+    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// An RFC 3339 reset time (`2024-10-18T17:38:20Z`) as a duration from `now`.
+fn parse_reset_time(value: &str, now: SystemTime) -> Option<Duration> {
+    let at = humantime::parse_rfc3339_weak(value).ok()?;
     Some(at.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
@@ -190,6 +209,26 @@ mod tests {
         assert_eq!(limit.tokens.reset, Some(Duration::from_secs(360)));
         // The exhausted dimension decides the wait, not the longer token reset.
         assert_eq!(limit.wait_hint(), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn anthropic_budget_headers_with_rfc3339_resets() {
+        let now = humantime::parse_rfc3339("2024-10-18T17:38:00Z").unwrap();
+        let map = headers(&[
+            ("anthropic-ratelimit-requests-limit", "50"),
+            ("anthropic-ratelimit-requests-remaining", "0"),
+            ("anthropic-ratelimit-requests-reset", "2024-10-18T17:38:20Z"),
+            ("anthropic-ratelimit-tokens-remaining", "40000"),
+            ("anthropic-ratelimit-tokens-reset", "2024-10-18T17:37:00Z"),
+            ("retry-after", "20"),
+        ]);
+        let limit = RateLimit::from_headers(&map, now).unwrap();
+        assert_eq!(
+            limit.requests,
+            Budget { limit: Some(50), remaining: Some(0), reset: Some(Duration::from_secs(20)) }
+        );
+        assert_eq!(limit.tokens.reset, Some(Duration::ZERO), "a reset in the past is now");
+        assert_eq!(limit.retry_after, Some(Duration::from_secs(20)));
     }
 
     #[test]

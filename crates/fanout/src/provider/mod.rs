@@ -4,16 +4,28 @@
 //! Providers do one attempt and never retry on their own: retries, pauses and
 //! limits belong to the executor, which must see every 429 to share it across
 //! tasks.
+//!
+//! - [`OpenAi`]: any OpenAI-compatible Chat Completions endpoint (OpenAI, vLLM,
+//!   llama.cpp server, Ollama, OpenRouter, Groq, Together, `fanout-mock`).
+//! - [`Anthropic`]: the Messages API.
+//! - [`MockProvider`]: in-process and scriptable, for tests and examples.
 
+pub mod anthropic;
 mod error;
 pub mod headers;
+mod http;
 pub mod mock;
+pub mod openai;
 mod request;
+mod sse;
 
+pub use anthropic::Anthropic;
 pub use error::{ErrorKind, ProviderError};
 pub use headers::RateLimit;
+pub use http::HttpOptions;
 pub use mock::{Behavior, MockProvider};
-pub use request::{Message, Request, Response, Role, Usage};
+pub use openai::OpenAi;
+pub use request::{Message, Request, Response, ResponseFormat, Role, Usage};
 
 use crate::tokens;
 

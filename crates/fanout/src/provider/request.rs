@@ -55,6 +55,12 @@ pub struct Request {
     pub stop: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
+    /// How many choices to generate in one call (providers that support it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n: Option<u32>,
+    /// Ask for JSON output (providers that support it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
     /// Which of several samples of the same prompt this is. Voting sends one
     /// prompt N times; the index keeps those N requests distinct (for caches and
     /// for providers that derive a seed from it).
@@ -63,6 +69,16 @@ pub struct Request {
     /// Provider-specific body fields, passed through unchanged.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The shape of output a request asks for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ResponseFormat {
+    /// Any valid JSON object.
+    JsonObject,
+    /// JSON that follows `schema`.
+    JsonSchema { name: String, schema: serde_json::Value },
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -130,7 +146,11 @@ impl std::ops::AddAssign for Usage {
 /// A provider's answer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Response {
+    /// The (first) choice's text.
     pub text: String,
+    /// The other choices' texts, when the request asked for `n` > 1.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub other_choices: Vec<String>,
     pub usage: Usage,
     /// Why generation stopped (`stop`, `length`, ...), as the provider said it.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,11 +1,15 @@
-//! Integration tests of the executor, all under tokio's paused clock: they are
-//! exact and never sleep.
+//! Integration tests. The executor's are all under tokio's paused clock: they
+//! are exact and never sleep. The providers' run against wiremock, and the
+//! executor with a real provider against `fanout-mock`, all on 127.0.0.1.
 
+mod anthropic;
 mod breaker;
 mod deadline;
 mod hedge;
 mod limits;
 mod memory;
+mod mock_server;
+mod openai;
 mod order;
 mod rate_limit;
 mod report;

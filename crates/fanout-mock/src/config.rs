@@ -1,0 +1,72 @@
+//! How the mock server behaves.
+
+use std::time::Duration;
+
+/// Where answers come from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Answers {
+    /// A deterministic function of the prompt: the same prompt, the same answer.
+    Derived,
+    /// Drawn from weighted options (for voting tests). A request that carries a
+    /// `seed` draws deterministically from (server seed, prompt, request seed,
+    /// choice index); others draw from the server's seeded generator.
+    Weighted(Vec<(String, f64)>),
+}
+
+/// Requests (or tokens) per minute, and how many may be spent at once.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Limit {
+    pub per_minute: u64,
+    pub burst: u64,
+}
+
+impl Limit {
+    /// A limit whose burst is one second's worth.
+    pub fn per_minute(per_minute: u64) -> Self {
+        Self { per_minute, burst: per_minute.div_ceil(60).max(1) }
+    }
+}
+
+/// The server's behaviour. Rates are fractions of requests in `[0, 1]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    /// Time before the answer starts.
+    pub latency: Duration,
+    /// Uniform `±jitter` around the latency.
+    pub jitter: Duration,
+    /// Generation speed: each output token adds `1 / tokens_per_second`.
+    pub tokens_per_second: Option<f64>,
+    pub answers: Answers,
+    pub rpm: Option<Limit>,
+    pub tpm: Option<Limit>,
+    /// Share of requests answered HTTP 500.
+    pub error_rate: f64,
+    /// Share of requests that hang for `hang` before answering.
+    pub hang_rate: f64,
+    pub hang: Duration,
+    /// Share of requests answered 200 with a truncated JSON body.
+    pub malformed_rate: f64,
+    /// Seeds latency jitter, faults and weighted answers.
+    pub seed: u64,
+    /// The model `/v1/models` lists.
+    pub model: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            latency: Duration::ZERO,
+            jitter: Duration::ZERO,
+            tokens_per_second: None,
+            answers: Answers::Derived,
+            rpm: None,
+            tpm: None,
+            error_rate: 0.0,
+            hang_rate: 0.0,
+            hang: Duration::from_secs(30),
+            malformed_rate: 0.0,
+            seed: 0,
+            model: "mock-1".into(),
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! The shared decision for every request: rate limits, faults, latency, answers.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::answer;
+use crate::bucket::{Bucket, Verdict};
+use crate::config::Config;
+use crate::stats::Stats;
+
+/// A request, reduced to what the mock acts on (either API).
+#[derive(Debug, Default)]
+pub(crate) struct Call {
+    /// Every message's text, system included.
+    pub messages: Vec<String>,
+    /// The last user message.
+    pub prompt: String,
+    pub n: u32,
+    pub seed: Option<u64>,
+}
+
+/// The budgets after a request, for rate-limit headers.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Budgets {
+    pub requests: Option<Verdict>,
+    pub tokens: Option<Verdict>,
+}
+
+impl Budgets {
+    /// How long a refused request should wait.
+    pub(crate) fn retry_after(&self) -> Duration {
+        [self.requests, self.tokens]
+            .into_iter()
+            .flatten()
+            .filter(|v| !v.admitted)
+            .map(|v| v.retry_after)
+            .max()
+            .unwrap_or(Duration::from_secs(1))
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Plan {
+    RateLimited { budgets: Budgets, dimension: &'static str },
+    ServerError,
+    Malformed,
+    Answer { choices: Vec<String>, prompt_tokens: u64, completion_tokens: u64, budgets: Budgets },
+}
+
+#[derive(Debug)]
+pub(crate) struct State {
+    pub config: Config,
+    rng: Mutex<fastrand::Rng>,
+    rpm: Option<Mutex<Bucket>>,
+    tpm: Option<Mutex<Bucket>>,
+    ids: std::sync::atomic::AtomicU64,
+    pub stats: Stats,
+}
+
+impl State {
+    pub(crate) fn new(config: Config) -> Self {
+        Self {
+            rng: Mutex::new(fastrand::Rng::with_seed(config.seed)),
+            rpm: config.rpm.map(|l| Mutex::new(Bucket::new(l))),
+            tpm: config.tpm.map(|l| Mutex::new(Bucket::new(l))),
+            ids: std::sync::atomic::AtomicU64::new(1),
+            stats: Stats::default(),
+            config,
+        }
+    }
+
+    /// How long generating `tokens` output tokens takes.
+    pub(crate) fn generation_time(&self, tokens: u64) -> Duration {
+        match self.config.tokens_per_second.filter(|t| *t > 0.0) {
+            Some(tps) => Duration::from_secs_f64(tokens as f64 / tps),
+            None => Duration::ZERO,
+        }
+    }
+
+    pub(crate) fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Decides the answer to `call` and how long to wait before it starts
+    /// (generation time, at `tokens_per_second`, comes on top).
+    pub(crate) fn decide(&self, call: &Call) -> (Plan, Duration) {
+        let config = &self.config;
+        let (fault, jitter, draws) = {
+            let mut rng = self.rng.lock().unwrap();
+            let draws: Vec<f64> = (0..call.n).map(|_| rng.f64()).collect();
+            (rng.f64(), rng.f64() * 2.0 - 1.0, draws)
+        };
+        let choices: Vec<String> = (0..call.n)
+            .map(|i| {
+                let draw = draws[i as usize];
+                answer::answer(&config.answers, config.seed, &call.prompt, call.seed, i, draw)
+            })
+            .collect();
+        let prompt_tokens = answer::prompt_tokens(&call.messages);
+        let completion_tokens: u64 = choices.iter().map(|c| answer::tokens(c)).sum();
+
+        let now = Instant::now();
+        let budgets = Budgets {
+            requests: self.rpm.as_ref().map(|b| b.lock().unwrap().take(1.0, now)),
+            tokens: self
+                .tpm
+                .as_ref()
+                .map(|b| b.lock().unwrap().take((prompt_tokens + completion_tokens) as f64, now)),
+        };
+        for (verdict, dimension) in [(budgets.requests, "requests"), (budgets.tokens, "tokens")] {
+            if verdict.is_some_and(|v| !v.admitted) {
+                return (Plan::RateLimited { budgets, dimension }, Duration::ZERO);
+            }
+        }
+
+        let latency = config.latency.as_secs_f64() + jitter * config.jitter.as_secs_f64();
+        let mut wait = Duration::from_secs_f64(latency.max(0.0));
+        let mut threshold = config.error_rate;
+        if fault < threshold {
+            return (Plan::ServerError, wait);
+        }
+        threshold += config.hang_rate;
+        if fault < threshold {
+            wait += config.hang;
+        } else if fault < threshold + config.malformed_rate {
+            return (Plan::Malformed, wait);
+        }
+        (Plan::Answer { choices, prompt_tokens, completion_tokens, budgets }, wait)
+    }
+}
+
+/// `1.5s`, `20ms`: the duration style OpenAI uses in x-ratelimit-reset-*.
+pub(crate) fn go_duration(duration: Duration) -> String {
+    if duration < Duration::from_secs(1) {
+        format!("{}ms", duration.as_millis())
+    } else {
+        format!("{:.3}s", duration.as_secs_f64())
+    }
+}

@@ -1,0 +1,129 @@
+//! Pieces both APIs' handlers share: request text extraction, responses, SSE bodies.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use crate::server::State;
+
+/// Message content: a string, or a list of parts of which the text ones count.
+#[derive(Debug, Default, Deserialize)]
+#[serde(untagged)]
+pub(crate) enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+    #[default]
+    None,
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct Part {
+    #[serde(default)]
+    text: Option<String>,
+}
+
+impl Content {
+    pub(crate) fn text(&self) -> String {
+        match self {
+            Self::Text(text) => text.clone(),
+            Self::Parts(parts) => parts.iter().filter_map(|p| p.text.as_deref()).collect(),
+            Self::None => String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub(crate) struct WireMessage {
+    #[serde(default)]
+    pub role: String,
+    #[serde(default)]
+    pub content: Content,
+}
+
+/// Every message's text, and the last user message's.
+pub(crate) fn texts(messages: &[WireMessage]) -> (Vec<String>, String) {
+    let all: Vec<String> = messages.iter().map(|m| m.content.text()).collect();
+    let prompt = messages
+        .iter()
+        .zip(&all)
+        .rev()
+        .find(|(m, _)| m.role == "user")
+        .map(|(_, text)| text.clone())
+        .unwrap_or_default();
+    (all, prompt)
+}
+
+pub(crate) fn json(
+    status: StatusCode,
+    headers: Vec<(&'static str, String)>,
+    body: impl Into<Body>,
+) -> Response {
+    let mut map = HeaderMap::new();
+    map.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    extend(&mut map, headers);
+    (status, map, body.into()).into_response()
+}
+
+fn extend(map: &mut HeaderMap, headers: Vec<(&'static str, String)>) {
+    for (name, value) in headers {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            map.insert(HeaderName::from_static(name), value);
+        }
+    }
+}
+
+/// One server-sent event, already framed, and how long to wait before sending it.
+pub(crate) struct Frame {
+    pub delay: Duration,
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    pub(crate) fn data(delay: Duration, event: Option<&str>, data: &str) -> Self {
+        let text = match event {
+            Some(event) => format!("event: {event}\ndata: {data}\n\n"),
+            None => format!("data: {data}\n\n"),
+        };
+        Self { delay, bytes: Bytes::from(text) }
+    }
+}
+
+/// A `text/event-stream` answer that sends each frame after its delay.
+pub(crate) fn event_stream(headers: Vec<(&'static str, String)>, frames: Vec<Frame>) -> Response {
+    let stream = futures_util::stream::unfold(frames.into_iter(), |mut frames| async move {
+        let frame = frames.next()?;
+        if !frame.delay.is_zero() {
+            tokio::time::sleep(frame.delay).await;
+        }
+        Some((Ok::<_, Infallible>(frame.bytes), frames))
+    });
+    let mut map = HeaderMap::new();
+    map.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    map.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    extend(&mut map, headers);
+    (StatusCode::OK, map, Body::from_stream(stream)).into_response()
+}
+
+/// Splits an answer into streaming pieces (a word each, with its space).
+pub(crate) fn pieces(text: &str) -> Vec<&str> {
+    text.split_inclusive(' ').collect()
+}
+
+/// Runs a handler between the stats' begin and answer.
+pub(crate) async fn counted(
+    state: &Arc<State>,
+    peer: SocketAddr,
+    streamed: bool,
+    handle: impl Future<Output = Response>,
+) -> Response {
+    let _in_flight = state.stats.begin(peer, streamed);
+    let response = handle.await;
+    state.stats.answered(response.status().as_u16());
+    response
+}

@@ -1,0 +1,378 @@
+//! Anthropic's Messages API.
+//!
+//! Defaults: base URL from `ANTHROPIC_BASE_URL` or `https://api.anthropic.com`,
+//! key from `ANTHROPIC_API_KEY` (sent as `x-api-key`), `anthropic-version:
+//! 2023-06-01`, and `max_tokens` 1024 when a request sets none (the API
+//! requires one). System messages become the `system` field. A 529 "overloaded"
+//! answer is retried like a 503. JSON response formats and `n` are not part of
+//! this API and are not sent.
+
+use std::time::SystemTime;
+
+use futures_util::StreamExt;
+use http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::http::{ApiKey, Endpoint, HttpOptions, decimal, header, request_id};
+use super::{ErrorKind, Provider, ProviderError, RateLimit, Request, Response, Role, Usage, sse};
+
+pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
+pub const API_VERSION: &str = "2023-06-01";
+/// `max_tokens` for requests that set none.
+pub const DEFAULT_MAX_TOKENS: u32 = 1024;
+
+/// Settings for an [`Anthropic`] provider.
+#[derive(Debug)]
+#[must_use]
+pub struct AnthropicBuilder {
+    base_url: String,
+    api_key: Option<ApiKey>,
+    model: String,
+    stream: bool,
+    http: HttpOptions,
+}
+
+impl AnthropicBuilder {
+    /// The API root, e.g. `https://api.anthropic.com`; `/v1/messages` is appended.
+    pub fn base_url(mut self, base_url: impl Into<String>) -> Self {
+        self.base_url = base_url.into();
+        self
+    }
+
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = ApiKey::new(Some(key.into()));
+        self
+    }
+
+    pub fn stream(mut self, stream: bool) -> Self {
+        self.stream = stream;
+        self
+    }
+
+    pub fn http(mut self, options: HttpOptions) -> Self {
+        self.http = options;
+        self
+    }
+
+    pub fn build(self) -> Result<Anthropic, ProviderError> {
+        let url = format!("{}/v1/messages", self.base_url.trim_end_matches('/'));
+        let mut headers = HeaderMap::new();
+        if let Some(key) = &self.api_key {
+            headers.insert("x-api-key", key.header("")?);
+        }
+        let (name, value) = header("anthropic-version", API_VERSION);
+        headers.insert(name, value);
+        let endpoint = Endpoint::new(url, headers, self.api_key, &self.http)?;
+        Ok(Anthropic { endpoint, model: self.model, stream: self.stream })
+    }
+}
+
+/// The Anthropic Messages provider.
+#[derive(Clone, Debug)]
+pub struct Anthropic {
+    endpoint: Endpoint,
+    model: String,
+    stream: bool,
+}
+
+impl Anthropic {
+    pub fn builder(model: impl Into<String>) -> AnthropicBuilder {
+        AnthropicBuilder {
+            base_url: DEFAULT_BASE_URL.into(),
+            api_key: None,
+            model: model.into(),
+            stream: false,
+            http: HttpOptions::default(),
+        }
+    }
+
+    /// Settings from `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY`.
+    pub fn from_env(model: impl Into<String>) -> AnthropicBuilder {
+        let mut builder = Self::builder(model);
+        if let Ok(url) = std::env::var("ANTHROPIC_BASE_URL")
+            && !url.trim().is_empty()
+        {
+            builder = builder.base_url(url.trim());
+        }
+        builder.api_key = ApiKey::new(std::env::var("ANTHROPIC_API_KEY").ok());
+        builder
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The JSON body sent for `request`.
+    pub fn body(&self, request: &Request) -> Value {
+        let system: Vec<&str> = request
+            .messages
+            .iter()
+            .filter(|m| m.role == Role::System)
+            .map(|m| m.content.as_str())
+            .collect();
+        let messages: Vec<Value> = request
+            .messages
+            .iter()
+            .filter(|m| m.role != Role::System)
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect();
+        let mut body = json!({
+            "model": request.model.as_deref().unwrap_or(&self.model),
+            "max_tokens": request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            "messages": messages,
+        });
+        let fields = body.as_object_mut().expect("an object");
+        let mut set = |key: &str, value: Option<Value>| {
+            if let Some(value) = value {
+                fields.insert(key.into(), value);
+            }
+        };
+        set("system", (!system.is_empty()).then(|| Value::from(system.join("\n\n"))));
+        set("temperature", request.temperature.map(decimal));
+        set("top_p", request.top_p.map(decimal));
+        set("stop_sequences", (!request.stop.is_empty()).then(|| json!(request.stop)));
+        set("stream", self.stream.then_some(Value::Bool(true)));
+        for (key, value) in &request.extra {
+            fields.insert(key.clone(), value.clone());
+        }
+        body
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Message {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    content: Option<Vec<Block>>,
+    #[serde(default)]
+    stop_reason: Option<String>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Block {
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    input_tokens: Option<u64>,
+    #[serde(default)]
+    output_tokens: Option<u64>,
+}
+
+/// One streaming event; fields of every event type, all optional.
+#[derive(Debug, Deserialize)]
+struct StreamEvent {
+    #[serde(default, rename = "type")]
+    kind: String,
+    #[serde(default)]
+    message: Option<Message>,
+    #[serde(default)]
+    delta: Option<StreamDelta>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct StreamDelta {
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    stop_reason: Option<String>,
+}
+
+fn malformed(what: &str, error: impl std::fmt::Display) -> ProviderError {
+    ProviderError::new(ErrorKind::MalformedResponse, format!("{what}: {error}"))
+}
+
+fn response(
+    text: String,
+    usage: Usage,
+    stop_reason: Option<String>,
+    model: Option<String>,
+    headers: &HeaderMap,
+) -> Response {
+    Response {
+        text,
+        other_choices: Vec::new(),
+        usage,
+        finish_reason: stop_reason,
+        model,
+        request_id: request_id(headers),
+        rate_limit: RateLimit::from_headers(headers, SystemTime::now()),
+    }
+}
+
+/// Parses a whole (non-streaming) answer body.
+pub(crate) fn parse_message(body: &[u8], headers: &HeaderMap) -> Result<Response, ProviderError> {
+    let message: Message =
+        serde_json::from_slice(body).map_err(|e| malformed("the answer is not a message", e))?;
+    let Some(content) = message.content else {
+        return Err(ProviderError::new(ErrorKind::MalformedResponse, "the answer has no content"));
+    };
+    let text: String =
+        content.iter().filter(|b| b.kind == "text").filter_map(|b| b.text.as_deref()).collect();
+    let usage = message.usage.unwrap_or_default();
+    let usage = Usage {
+        input_tokens: usage.input_tokens.unwrap_or(0),
+        output_tokens: usage.output_tokens.unwrap_or(0),
+    };
+    Ok(response(text, usage, message.stop_reason, message.model, headers))
+}
+
+/// Assembles a streamed answer from the body's bytes, however they are split.
+pub(crate) async fn assemble_stream<S, B, E>(
+    endpoint: &Endpoint,
+    body: S,
+    headers: &HeaderMap,
+) -> Result<Response, ProviderError>
+where
+    S: futures_util::Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
+    let mut events = std::pin::pin!(sse::events(endpoint, body));
+    let (mut text, mut usage, mut stop_reason, mut model) =
+        (String::new(), Usage::default(), None, None);
+    let mut stopped = false;
+    while let Some(event) = events.next().await {
+        let event = event?;
+        if event.event == "ping" || event.data.is_empty() {
+            continue;
+        }
+        let parsed: StreamEvent =
+            serde_json::from_str(&event.data).map_err(|e| malformed("bad stream event", e))?;
+        match parsed.kind.as_str() {
+            "error" => {
+                let error = endpoint.body_error(event.data.as_bytes());
+                return Err(error.unwrap_or_else(|| malformed("error event", &event.data)));
+            }
+            "message_start" => {
+                if let Some(message) = parsed.message {
+                    model = message.model;
+                    if let Some(u) = message.usage {
+                        usage.input_tokens = u.input_tokens.unwrap_or(0);
+                        usage.output_tokens = u.output_tokens.unwrap_or(0);
+                    }
+                }
+            }
+            "content_block_delta" => {
+                if let Some(piece) = parsed.delta.and_then(|d| d.text) {
+                    text.push_str(&piece);
+                }
+            }
+            "message_delta" => {
+                if let Some(reason) = parsed.delta.and_then(|d| d.stop_reason) {
+                    stop_reason = Some(reason);
+                }
+                if let Some(output) = parsed.usage.and_then(|u| u.output_tokens) {
+                    usage.output_tokens = output;
+                }
+            }
+            "message_stop" => {
+                stopped = true;
+                break;
+            }
+            _ => {}
+        }
+    }
+    if !stopped {
+        return Err(ProviderError::new(
+            ErrorKind::MalformedResponse,
+            "the stream ended before the answer did",
+        ));
+    }
+    Ok(response(text, usage, stop_reason, model, headers))
+}
+
+#[async_trait::async_trait]
+impl Provider for Anthropic {
+    fn name(&self) -> &str {
+        "anthropic"
+    }
+
+    async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+        let answer = self.endpoint.post(&self.body(request)).await?;
+        if self.stream {
+            let headers = answer.headers().clone();
+            return assemble_stream(&self.endpoint, answer.bytes_stream(), &headers).await;
+        }
+        let headers = answer.headers().clone();
+        let body = self.endpoint.body(answer).await?;
+        parse_message(&body, &headers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const STREAM: &str = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude-x\",\"content\":[],\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n",
+        "event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+        "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Bonjour \"}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"à tous\"}}\n\n",
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\",\"stop_sequence\":null},\"usage\":{\"output_tokens\":5}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+
+    fn assemble(chunks: Vec<Vec<u8>>) -> Result<Response, ProviderError> {
+        let endpoint = Endpoint::new(
+            "http://127.0.0.1:9".into(),
+            HeaderMap::new(),
+            None,
+            &HttpOptions::default(),
+        )
+        .unwrap();
+        let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(assemble_stream(&endpoint, body, &HeaderMap::new()))
+    }
+
+    #[test]
+    fn stream_is_assembled_however_it_is_split() {
+        let bytes = STREAM.as_bytes();
+        for at in 0..=bytes.len() {
+            let chunks = vec![bytes[..at].to_vec(), bytes[at..].to_vec()];
+            let response = assemble(chunks).unwrap_or_else(|e| panic!("split at {at}: {e}"));
+            assert_eq!(response.text, "Bonjour à tous");
+            assert_eq!(response.usage, Usage { input_tokens: 12, output_tokens: 5 });
+            assert_eq!(response.finish_reason.as_deref(), Some("end_turn"));
+            assert_eq!(response.model.as_deref(), Some("claude-x"));
+        }
+    }
+
+    #[test]
+    fn error_events_and_early_ends() {
+        let overloaded = concat!(
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"content\":[]}}\n\n",
+            "event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n",
+        );
+        let error = assemble(vec![overloaded.as_bytes().to_vec()]).unwrap_err();
+        assert_eq!((error.kind(), error.is_retryable()), (ErrorKind::Overloaded, true));
+        let early = &STREAM[..STREAM.find("event: message_stop").unwrap()];
+        let error = assemble(vec![early.as_bytes().to_vec()]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::MalformedResponse);
+    }
+
+    proptest! {
+        #[test]
+        fn parsers_never_panic_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..400), at in any::<usize>()) {
+            let _ = parse_message(&bytes, &HeaderMap::new());
+            let at = at % (bytes.len() + 1);
+            let _ = assemble(vec![bytes[..at].to_vec(), bytes[at..].to_vec()]);
+        }
+    }
+}

@@ -1,0 +1,254 @@
+//! What the HTTP providers share: the client, authentication that never leaks,
+//! and turning HTTP answers into [`ProviderError`]s.
+//!
+//! One `reqwest::Client` per provider: its connections are kept alive and
+//! pooled, so a run at concurrency 500 opens at most 500 connections, once.
+
+use std::fmt;
+use std::sync::Once;
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+
+use super::{ErrorKind, ProviderError, RateLimit};
+
+/// Connection settings for the HTTP providers.
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// Idle connections kept per host; set it to the executor's concurrency so
+    /// every task reuses a warm connection.
+    pub max_idle_connections: usize,
+    pub connect_timeout: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self { max_idle_connections: 512, connect_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// An API key. Its `Debug` never shows it, and errors are scrubbed of it.
+#[derive(Clone)]
+pub(crate) struct ApiKey(String);
+
+impl ApiKey {
+    /// `None` for a missing or blank key (local servers need none).
+    pub(crate) fn new(key: Option<String>) -> Option<Self> {
+        key.map(|k| k.trim().to_owned()).filter(|k| !k.is_empty()).map(Self)
+    }
+
+    pub(crate) fn header(&self, prefix: &str) -> Result<HeaderValue, ProviderError> {
+        let mut value = HeaderValue::from_str(&format!("{prefix}{}", self.0)).map_err(|_| {
+            ProviderError::new(
+                ErrorKind::Auth,
+                "the API key contains characters not allowed in a header",
+            )
+        })?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
+    /// Removes the key from text that may be shown or stored.
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        text.replace(&self.0, "[redacted]")
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey([redacted])")
+    }
+}
+
+/// An HTTP endpoint with its client and authentication headers.
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoint {
+    client: reqwest::Client,
+    url: String,
+    headers: HeaderMap,
+    key: Option<ApiKey>,
+}
+
+fn install_crypto_provider() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        // Another part of the program may have installed one already; that one stays.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+impl Endpoint {
+    pub(crate) fn new(
+        url: String,
+        headers: HeaderMap,
+        key: Option<ApiKey>,
+        options: &HttpOptions,
+    ) -> Result<Self, ProviderError> {
+        install_crypto_provider();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(options.max_idle_connections)
+            .connect_timeout(options.connect_timeout)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| {
+                ProviderError::new(
+                    ErrorKind::Connection,
+                    format!("cannot build the HTTP client: {e}"),
+                )
+            })?;
+        Ok(Self { client, url, headers, key })
+    }
+
+    /// Posts a JSON body; a non-2xx answer becomes a classified error.
+    pub(crate) async fn post(
+        &self,
+        body: &serde_json::Value,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let response = self
+            .client
+            .post(&self.url)
+            .headers(self.headers.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| self.transport_error(e))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(response);
+        }
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap_or_default();
+        Err(self.answer_error(status.as_u16(), &headers, &body))
+    }
+
+    /// Reads a whole successful body.
+    pub(crate) async fn body(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<bytes::Bytes, ProviderError> {
+        response.bytes().await.map_err(|e| self.transport_error(e))
+    }
+
+    pub(crate) fn transport_error(&self, error: reqwest::Error) -> ProviderError {
+        let kind = if error.is_timeout() {
+            ErrorKind::Timeout
+        } else if error.is_decode() {
+            ErrorKind::MalformedResponse
+        } else {
+            ErrorKind::Connection
+        };
+        ProviderError::new(kind, self.scrub(&error.to_string()))
+    }
+
+    /// An error for a non-2xx answer, classified from its status and body.
+    pub(crate) fn answer_error(
+        &self,
+        status: u16,
+        headers: &HeaderMap,
+        body: &[u8],
+    ) -> ProviderError {
+        let detail = ErrorBody::parse(body);
+        let kind = detail
+            .as_ref()
+            .and_then(ErrorBody::kind)
+            .or_else(|| ErrorKind::from_status(status))
+            .unwrap_or(ErrorKind::MalformedResponse);
+        let message = match &detail {
+            Some(detail) => detail.message.clone(),
+            None => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
+        };
+        let mut error = ProviderError::new(kind, self.scrub(&message)).with_status(status);
+        if let Some(id) = request_id(headers) {
+            error = error.with_request_id(id);
+        }
+        if let Some(rate_limit) = RateLimit::from_headers(headers, SystemTime::now()) {
+            error = error.with_rate_limit(rate_limit);
+        }
+        error
+    }
+
+    /// An error reported inside a successful answer (an SSE `error` event).
+    pub(crate) fn body_error(&self, body: &[u8]) -> Option<ProviderError> {
+        let detail = ErrorBody::parse(body)?;
+        let kind = detail.kind().unwrap_or(ErrorKind::Server);
+        Some(ProviderError::new(kind, self.scrub(&detail.message)))
+    }
+
+    pub(crate) fn scrub(&self, text: &str) -> String {
+        match &self.key {
+            Some(key) => key.scrub(text),
+            None => text.to_owned(),
+        }
+    }
+}
+
+pub(crate) fn request_id(headers: &HeaderMap) -> Option<String> {
+    ["x-request-id", "request-id"]
+        .iter()
+        .find_map(|name| headers.get(*name)?.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// An `f32` parameter as JSON, written as its shortest decimal (`0.9`, not
+/// `0.8999999761581421`).
+pub(crate) fn decimal(value: f32) -> serde_json::Value {
+    value.to_string().parse::<f64>().map_or(serde_json::Value::Null, serde_json::Value::from)
+}
+
+pub(crate) fn header(name: &'static str, value: &str) -> (HeaderName, HeaderValue) {
+    (HeaderName::from_static(name), HeaderValue::from_str(value).expect("a valid header value"))
+}
+
+/// The error bodies of OpenAI (`{"error": {"message", "type", "code"}}`) and
+/// Anthropic (`{"type": "error", "error": {"type", "message"}}`).
+#[derive(Debug, Deserialize)]
+struct ErrorEnvelope {
+    error: ErrorBody,
+}
+
+#[derive(Debug, Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: String,
+    #[serde(default, rename = "type")]
+    kind: Option<String>,
+    #[serde(default, deserialize_with = "code_as_text")]
+    code: Option<String>,
+}
+
+/// OpenAI-compatible servers send `code` as a string, a number, or null.
+fn code_as_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Some(s),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    })
+}
+
+impl ErrorBody {
+    fn parse(body: &[u8]) -> Option<Self> {
+        serde_json::from_slice::<ErrorEnvelope>(body).ok().map(|e| e.error)
+    }
+
+    /// The kind the body names, where it is more precise than the status: a 429
+    /// can be a rate limit (retry) or an empty account (stop).
+    fn kind(&self) -> Option<ErrorKind> {
+        let named = |name: &str| match name {
+            "insufficient_quota" | "billing_hard_limit_reached" | "billing_error" => {
+                Some(ErrorKind::Quota)
+            }
+            "rate_limit_exceeded" | "rate_limit_error" => Some(ErrorKind::RateLimited),
+            "overloaded_error" => Some(ErrorKind::Overloaded),
+            "invalid_api_key" | "authentication_error" | "permission_error" => {
+                Some(ErrorKind::Auth)
+            }
+            "model_not_found" | "not_found_error" => Some(ErrorKind::NotFound),
+            "context_length_exceeded" | "request_too_large" => Some(ErrorKind::BadRequest),
+            "api_error" => Some(ErrorKind::Server),
+            _ => None,
+        };
+        self.code.as_deref().and_then(named).or_else(|| self.kind.as_deref().and_then(named))
+    }
+}

@@ -1,0 +1,476 @@
+//! Any OpenAI-compatible Chat Completions endpoint: OpenAI, vLLM, llama.cpp's
+//! server, Ollama, OpenRouter, Groq, Together, `fanout-mock`...
+//!
+//! Defaults: base URL from `OPENAI_BASE_URL` or `https://api.openai.com/v1`, key
+//! from `OPENAI_API_KEY` (none is sent when there is none: local servers need
+//! none), non-streaming. Answers are parsed tolerantly: missing optional fields
+//! are fine, unknown ones ignored, and what is required but missing (the
+//! choices) is a clear [`ErrorKind::MalformedResponse`], which is retried.
+
+use std::time::SystemTime;
+
+use futures_util::StreamExt;
+use http::HeaderMap;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::http::{ApiKey, Endpoint, HttpOptions, decimal, header, request_id};
+use super::{
+    ErrorKind, Provider, ProviderError, RateLimit, Request, Response, ResponseFormat, Usage, sse,
+};
+use crate::tokens;
+
+pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
+
+/// Settings for an [`OpenAi`] provider.
+#[derive(Debug)]
+#[must_use]
+pub struct OpenAiBuilder {
+    base_url: String,
+    api_key: Option<ApiKey>,
+    model: String,
+    stream: bool,
+    http: HttpOptions,
+}
+
+impl OpenAiBuilder {
+    /// The API root, e.g. `http://localhost:8000/v1`; `/chat/completions` is appended.
+    pub fn base_url(mut self, base_url: impl Into<String>) -> Self {
+        self.base_url = base_url.into();
+        self
+    }
+
+    pub fn api_key(mut self, key: impl Into<String>) -> Self {
+        self.api_key = ApiKey::new(Some(key.into()));
+        self
+    }
+
+    /// Streams answers over SSE (with usage in the last event) instead of
+    /// waiting for the whole body.
+    pub fn stream(mut self, stream: bool) -> Self {
+        self.stream = stream;
+        self
+    }
+
+    pub fn http(mut self, options: HttpOptions) -> Self {
+        self.http = options;
+        self
+    }
+
+    pub fn build(self) -> Result<OpenAi, ProviderError> {
+        let url = format!("{}/chat/completions", self.base_url.trim_end_matches('/'));
+        let mut headers = HeaderMap::new();
+        if let Some(key) = &self.api_key {
+            headers.insert(http::header::AUTHORIZATION, key.header("Bearer ")?);
+        }
+        let (name, value) = header("accept", "application/json, text/event-stream");
+        headers.insert(name, value);
+        let endpoint = Endpoint::new(url, headers, self.api_key, &self.http)?;
+        Ok(OpenAi { endpoint, model: self.model, stream: self.stream })
+    }
+}
+
+/// The OpenAI Chat Completions provider.
+#[derive(Clone, Debug)]
+pub struct OpenAi {
+    endpoint: Endpoint,
+    model: String,
+    stream: bool,
+}
+
+impl OpenAi {
+    /// Settings with the defaults, ignoring the environment.
+    pub fn builder(model: impl Into<String>) -> OpenAiBuilder {
+        OpenAiBuilder {
+            base_url: DEFAULT_BASE_URL.into(),
+            api_key: None,
+            model: model.into(),
+            stream: false,
+            http: HttpOptions::default(),
+        }
+    }
+
+    /// Settings from `OPENAI_BASE_URL` and `OPENAI_API_KEY`.
+    pub fn from_env(model: impl Into<String>) -> OpenAiBuilder {
+        let mut builder = Self::builder(model);
+        if let Ok(url) = std::env::var("OPENAI_BASE_URL")
+            && !url.trim().is_empty()
+        {
+            builder = builder.base_url(url.trim());
+        }
+        builder.api_key = ApiKey::new(std::env::var("OPENAI_API_KEY").ok());
+        builder
+    }
+
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// The JSON body sent for `request`.
+    pub fn body(&self, request: &Request) -> Value {
+        let messages: Vec<Value> = request
+            .messages
+            .iter()
+            .map(|m| json!({"role": m.role, "content": m.content}))
+            .collect();
+        let mut body = json!({
+            "model": request.model.as_deref().unwrap_or(&self.model),
+            "messages": messages,
+        });
+        let fields = body.as_object_mut().expect("an object");
+        let mut set = |key: &str, value: Option<Value>| {
+            if let Some(value) = value {
+                fields.insert(key.into(), value);
+            }
+        };
+        set("temperature", request.temperature.map(decimal));
+        set("top_p", request.top_p.map(decimal));
+        set("max_tokens", request.max_tokens.map(Value::from));
+        set("stop", (!request.stop.is_empty()).then(|| json!(request.stop)));
+        set("seed", request.seed.map(Value::from));
+        set("n", request.n.map(Value::from));
+        set(
+            "response_format",
+            request.response_format.as_ref().map(|format| match format {
+                ResponseFormat::JsonObject => json!({"type": "json_object"}),
+                ResponseFormat::JsonSchema { name, schema } => {
+                    json!({"type": "json_schema", "json_schema": {"name": name, "schema": schema}})
+                }
+            }),
+        );
+        if self.stream {
+            set("stream", Some(Value::Bool(true)));
+            set("stream_options", Some(json!({"include_usage": true})));
+        }
+        for (key, value) in &request.extra {
+            fields.insert(key.clone(), value.clone());
+        }
+        body
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Completion {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<Choice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Choice {
+    #[serde(default)]
+    index: usize,
+    #[serde(default)]
+    message: Option<ChoiceMessage>,
+    /// Legacy completions put the text here.
+    #[serde(default)]
+    text: Option<String>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChoiceMessage {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireUsage {
+    #[serde(default)]
+    prompt_tokens: Option<u64>,
+    #[serde(default)]
+    completion_tokens: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    model: Option<String>,
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    #[serde(default)]
+    usage: Option<WireUsage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    index: usize,
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    finish_reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+/// Choices as they are assembled, by index.
+#[derive(Debug, Default)]
+struct Assembly {
+    texts: Vec<String>,
+    finish_reasons: Vec<Option<String>>,
+    model: Option<String>,
+    usage: Option<WireUsage>,
+}
+
+impl Assembly {
+    fn slot(&mut self, index: usize) -> usize {
+        let index = index.min(1024);
+        if index >= self.texts.len() {
+            self.texts.resize(index + 1, String::new());
+            self.finish_reasons.resize(index + 1, None);
+        }
+        index
+    }
+
+    fn finished(&self) -> bool {
+        self.finish_reasons.iter().any(Option::is_some)
+    }
+
+    fn into_response(
+        self,
+        request: &Request,
+        headers: &HeaderMap,
+    ) -> Result<Response, ProviderError> {
+        let mut texts = self.texts.into_iter();
+        let Some(text) = texts.next() else {
+            return Err(ProviderError::new(
+                ErrorKind::MalformedResponse,
+                "the answer has no choices",
+            ));
+        };
+        let other_choices: Vec<String> = texts.collect();
+        let usage = usage_or_estimate(self.usage, request, &text, &other_choices);
+        Ok(Response {
+            text,
+            other_choices,
+            usage,
+            finish_reason: self.finish_reasons.into_iter().next().flatten(),
+            model: self.model,
+            request_id: request_id(headers),
+            rate_limit: RateLimit::from_headers(headers, SystemTime::now()),
+        })
+    }
+}
+
+/// Servers that report no usage get an estimate, so TPM accounting still works.
+fn usage_or_estimate(
+    usage: Option<WireUsage>,
+    request: &Request,
+    text: &str,
+    others: &[String],
+) -> Usage {
+    let usage = usage.unwrap_or(WireUsage { prompt_tokens: None, completion_tokens: None });
+    Usage {
+        input_tokens: usage.prompt_tokens.unwrap_or_else(|| tokens::estimate_prompt(request)),
+        output_tokens: usage.completion_tokens.unwrap_or_else(|| {
+            tokens::estimate_text(text)
+                + others.iter().map(|t| tokens::estimate_text(t)).sum::<u64>()
+        }),
+    }
+}
+
+fn malformed(what: &str, error: impl std::fmt::Display) -> ProviderError {
+    ProviderError::new(ErrorKind::MalformedResponse, format!("{what}: {error}"))
+}
+
+/// Parses a whole (non-streaming) answer body.
+pub(crate) fn parse_completion(
+    body: &[u8],
+    request: &Request,
+    headers: &HeaderMap,
+) -> Result<Response, ProviderError> {
+    let completion: Completion = serde_json::from_slice(body)
+        .map_err(|e| malformed("the answer is not a chat completion", e))?;
+    let mut assembly =
+        Assembly { model: completion.model, usage: completion.usage, ..Assembly::default() };
+    for choice in completion.choices {
+        let slot = assembly.slot(choice.index);
+        let text = choice.message.and_then(|m| m.content).or(choice.text).unwrap_or_default();
+        assembly.texts[slot] = text;
+        assembly.finish_reasons[slot] = choice.finish_reason;
+    }
+    assembly.into_response(request, headers)
+}
+
+/// Assembles a streamed answer from the body's bytes, however they are split.
+pub(crate) async fn assemble_stream<S, B, E>(
+    endpoint: &Endpoint,
+    body: S,
+    request: &Request,
+    headers: &HeaderMap,
+) -> Result<Response, ProviderError>
+where
+    S: futures_util::Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+{
+    let mut events = std::pin::pin!(sse::events(endpoint, body));
+    let mut assembly = Assembly::default();
+    let mut done = false;
+    while let Some(event) = events.next().await {
+        let data = event?.data;
+        if data.trim() == "[DONE]" {
+            done = true;
+            break;
+        }
+        if let Some(error) = endpoint.body_error(data.as_bytes()) {
+            return Err(error);
+        }
+        let chunk: Chunk =
+            serde_json::from_str(&data).map_err(|e| malformed("bad stream chunk", e))?;
+        assembly.model = assembly.model.or(chunk.model);
+        if chunk.usage.is_some() {
+            assembly.usage = chunk.usage;
+        }
+        for choice in chunk.choices {
+            let slot = assembly.slot(choice.index);
+            if let Some(content) = choice.delta.and_then(|d| d.content) {
+                assembly.texts[slot].push_str(&content);
+            }
+            if choice.finish_reason.is_some() {
+                assembly.finish_reasons[slot] = choice.finish_reason;
+            }
+        }
+    }
+    if !done && !assembly.finished() {
+        return Err(ProviderError::new(
+            ErrorKind::MalformedResponse,
+            "the stream ended before the answer did",
+        ));
+    }
+    assembly.into_response(request, headers)
+}
+
+#[async_trait::async_trait]
+impl Provider for OpenAi {
+    fn name(&self) -> &str {
+        "openai"
+    }
+
+    async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+        let response = self.endpoint.post(&self.body(request)).await?;
+        if self.stream {
+            let headers = response.headers().clone();
+            return assemble_stream(&self.endpoint, response.bytes_stream(), request, &headers)
+                .await;
+        }
+        let headers = response.headers().clone();
+        let body = self.endpoint.body(response).await?;
+        parse_completion(&body, request, &headers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const STREAM: &str = concat!(
+        ": keep-alive comment\n\n",
+        "data: {\"id\":\"c1\",\"model\":\"gpt-x\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\r\n\r\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo ✓\"}},{\"index\":1,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n",
+        "data: [DONE]\n\n",
+    );
+
+    fn endpoint() -> Endpoint {
+        Endpoint::new("http://127.0.0.1:9".into(), HeaderMap::new(), None, &HttpOptions::default())
+            .unwrap()
+    }
+
+    fn assemble(chunks: Vec<Vec<u8>>) -> Result<Response, ProviderError> {
+        let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(assemble_stream(&endpoint(), body, &Request::user("q"), &HeaderMap::new()))
+    }
+
+    fn split(bytes: &[u8], points: &[usize]) -> Vec<Vec<u8>> {
+        let mut points: Vec<usize> = points.iter().map(|p| p % (bytes.len() + 1)).collect();
+        points.sort_unstable();
+        let mut chunks = Vec::new();
+        let mut start = 0;
+        for point in points.into_iter().chain([bytes.len()]) {
+            chunks.push(bytes[start..point].to_vec());
+            start = point;
+        }
+        chunks
+    }
+
+    #[test]
+    fn stream_is_assembled_however_it_is_split() {
+        let bytes = STREAM.as_bytes();
+        for at in 0..=bytes.len() {
+            let response =
+                assemble(split(bytes, &[at])).unwrap_or_else(|e| panic!("split at {at}: {e}"));
+            assert_eq!(response.text, "Hello ✓", "split at {at}");
+            assert_eq!(response.other_choices, ["Hi"]);
+            assert_eq!(response.usage, Usage { input_tokens: 7, output_tokens: 3 });
+            assert_eq!(response.finish_reason.as_deref(), Some("stop"));
+            assert_eq!(response.model.as_deref(), Some("gpt-x"));
+        }
+    }
+
+    #[test]
+    fn truncated_or_garbled_streams_are_malformed() {
+        let truncated =
+            &STREAM[..STREAM.find("data: {\"choices\":[{\"index\":0,\"delta\":{},").unwrap()];
+        let error = assemble(vec![truncated.as_bytes().to_vec()]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::MalformedResponse);
+        assert!(error.message().contains("ended before"), "{error}");
+        let garbage = assemble(vec![b"data: {not json}\n\n".to_vec()]).unwrap_err();
+        assert_eq!(garbage.kind(), ErrorKind::MalformedResponse);
+        let in_band = b"data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\",\"code\":null}}\n\n";
+        let error = assemble(vec![in_band.to_vec()]).unwrap_err();
+        assert_eq!((error.kind(), error.message()), (ErrorKind::Server, "overloaded"));
+    }
+
+    #[test]
+    fn tolerant_parsing_of_drifting_servers() {
+        let minimal = br#"{"choices":[{"message":{"content":"hi"}}],"something_new":{"x":1}}"#;
+        let response =
+            parse_completion(minimal, &Request::user("abcdefgh"), &HeaderMap::new()).unwrap();
+        assert_eq!(response.text, "hi");
+        assert_eq!(response.usage, Usage { input_tokens: 6, output_tokens: 1 }, "estimated");
+        let legacy = br#"{"choices":[{"text":"old style","finish_reason":"length"}],"usage":{"prompt_tokens":3}}"#;
+        let response = parse_completion(legacy, &Request::user("q"), &HeaderMap::new()).unwrap();
+        assert_eq!((response.text.as_str(), response.usage.input_tokens), ("old style", 3));
+        let empty = parse_completion(br#"{"choices":[]}"#, &Request::user("q"), &HeaderMap::new());
+        assert!(empty.unwrap_err().message().contains("no choices"));
+        let error =
+            parse_completion(b"<html>", &Request::user("q"), &HeaderMap::new()).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::MalformedResponse);
+    }
+
+    proptest! {
+        #[test]
+        fn any_split_of_a_valid_stream_gives_the_same_answer(points in proptest::collection::vec(any::<usize>(), 0..6)) {
+            let response = assemble(split(STREAM.as_bytes(), &points)).unwrap();
+            prop_assert_eq!(response.text, "Hello ✓");
+        }
+
+        #[test]
+        fn parsers_never_panic_on_arbitrary_bytes(
+            bytes in proptest::collection::vec(any::<u8>(), 0..400),
+            points in proptest::collection::vec(any::<usize>(), 0..4),
+            status in 100u16..600,
+        ) {
+            let _ = parse_completion(&bytes, &Request::user("q"), &HeaderMap::new());
+            let _ = assemble(split(&bytes, &points));
+            let _ = endpoint().answer_error(status, &HeaderMap::new(), &bytes);
+            let mut framed = b"data: ".to_vec();
+            framed.extend_from_slice(&bytes);
+            let _ = assemble(split(&framed, &points));
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! The executor driving the real HTTP providers against `fanout-mock` on
+//! 127.0.0.1: real sockets, real 429s, real faults. These run in real time, so
+//! they are kept to a few seconds each.
+
+use std::time::Duration;
+
+use fanout::provider::anthropic::Anthropic;
+use fanout::provider::openai::OpenAi;
+use fanout::{Executor, Request, Status};
+use fanout_mock::{Config, Limit, MockServer};
+
+use crate::{ms, prompts};
+
+fn openai(server: &MockServer) -> OpenAi {
+    OpenAi::builder("mock-1").base_url(server.openai_base_url()).api_key("sk-mock").build().unwrap()
+}
+
+/// A server limited to 50 requests a second (burst 5) and an executor told
+/// nothing about it: 429s pause every task, and every task still succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_storm_ends_with_every_task_succeeded() {
+    let config = Config { rpm: Some(Limit { per_minute: 3000, burst: 5 }), ..Config::default() };
+    let server = MockServer::start(config).await.unwrap();
+    let executor = Executor::builder(openai(&server)).concurrency(64).max_attempts(20).build();
+    let report = executor.run(prompts(150)).await;
+    let stats = server.stats();
+    assert_eq!(report.totals.succeeded, 150, "{:?} {stats:?}", report.totals);
+    assert!(stats.count(429) > 0, "it was a storm: {stats:?}");
+    assert_eq!(stats.count(200), 150);
+    assert_eq!(report.totals.rate_limited, stats.count(429));
+}
+
+/// 500s, truncated JSON and 10-second hangs: every task is accounted for and
+/// succeeds, and the run is bounded by the attempt timeout, not by the hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_end_with_every_task_accounted_for() {
+    let config = Config {
+        latency: ms(20),
+        error_rate: 0.1,
+        malformed_rate: 0.05,
+        hang_rate: 0.05,
+        hang: Duration::from_secs(10),
+        seed: 7,
+        ..Config::default()
+    };
+    let server = MockServer::start(config).await.unwrap();
+    let executor = Executor::builder(openai(&server))
+        .concurrency(50)
+        .attempt_timeout(Some(ms(500)))
+        .max_attempts(10)
+        .build();
+    let report = executor.run(prompts(300)).await;
+    let stats = server.stats();
+    assert_eq!(report.results.len(), 300);
+    assert_eq!(report.totals.succeeded, 300, "{:?} {stats:?}", report.totals);
+    assert!(stats.count(500) > 0 && report.totals.retries > 0, "{stats:?}");
+    assert!(report.totals.wall < Duration::from_secs(8), "{:?}", report.totals.wall);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_and_choices_through_both_apis() {
+    let server = MockServer::start(Config::default()).await.unwrap();
+    let streaming =
+        OpenAi::builder("mock-1").base_url(server.openai_base_url()).stream(true).build().unwrap();
+    let requests = prompts(20).into_iter().map(|r| Request { n: Some(2), ..r });
+    let report = Executor::new(streaming).run(requests).await;
+    assert_eq!(report.totals.succeeded, 20);
+    let first = report.results[0].outcome.success().unwrap();
+    assert!(first.response.text.ends_with("to: p0"), "{}", first.response.text);
+    assert_eq!(first.response.other_choices.len(), 1);
+    assert!(first.response.usage.output_tokens > 0);
+
+    for stream in [false, true] {
+        let anthropic = Anthropic::builder("claude-mock")
+            .base_url(server.anthropic_base_url())
+            .stream(stream)
+            .build()
+            .unwrap();
+        let report = Executor::new(anthropic).run(prompts(20)).await;
+        assert_eq!(report.totals.succeeded, 20, "stream: {stream}");
+        assert!(report.results[3].outcome.text().unwrap().ends_with("to: p3"));
+    }
+    assert_eq!(server.stats().streamed, 40);
+}
+
+/// One client per provider, keeping its connections alive: 400 calls at
+/// concurrency 16 use at most 16 connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_are_kept_alive() {
+    let server = MockServer::start(Config { latency: ms(5), ..Config::default() }).await.unwrap();
+    let report = Executor::builder(openai(&server)).concurrency(16).build().run(prompts(400)).await;
+    assert_eq!(report.totals.succeeded, 400);
+    let stats = server.stats();
+    assert!(stats.connections <= 16, "{} connections for 400 calls", stats.connections);
+    assert!(stats.max_in_flight <= 16);
+}
+
+/// A bad key against a server that says 401 stops the job after the probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_request_fails_its_task_only() {
+    let server = MockServer::start(Config::default()).await.unwrap();
+    let anthropic =
+        Anthropic::builder("claude-mock").base_url(server.anthropic_base_url()).build().unwrap();
+    // The mock requires max_tokens only when the client omits it; ours always sends it.
+    let report = Executor::new(anthropic).run(prompts(3)).await;
+    assert!(report.results.iter().all(|r| r.outcome.status() == Status::Succeeded));
+    let client = reqwest::Client::new();
+    let models = client.get(format!("{}/models", server.openai_base_url())).send().await.unwrap();
+    assert!(models.text().await.unwrap().contains("\"mock-1\""));
+    let bad = client
+        .post(format!("{}/chat/completions", server.openai_base_url()))
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}

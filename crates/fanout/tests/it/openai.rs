@@ -1,0 +1,236 @@
+//! The OpenAI-compatible provider against wiremock: bodies, headers, errors.
+
+use std::time::Duration;
+
+use fanout::provider::openai::OpenAi;
+use fanout::{ErrorKind, Message, Provider, Request, ResponseFormat};
+use serde_json::json;
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const KEY: &str = "sk-test-0123456789abcdef";
+
+fn full_request() -> Request {
+    let mut request = Request {
+        messages: vec![
+            Message::system("You grade essays."),
+            Message::user("Grade: The sea."),
+            Message::assistant("7/10"),
+            Message::user("Why?"),
+        ],
+        temperature: Some(0.5),
+        top_p: Some(0.9),
+        max_tokens: Some(64),
+        stop: vec!["\n\n".into()],
+        seed: Some(42),
+        n: Some(3),
+        response_format: Some(ResponseFormat::JsonObject),
+        ..Request::default()
+    };
+    request.extra.insert("logprobs".into(), json!(true));
+    request.extra.insert("user".into(), json!("grader-1"));
+    request
+}
+
+fn answer() -> serde_json::Value {
+    json!({
+        "id": "chatcmpl-1", "object": "chat.completion", "model": "gpt-test",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Because."}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 30, "completion_tokens": 2, "total_tokens": 32},
+    })
+}
+
+async fn server() -> MockServer {
+    MockServer::start().await
+}
+
+fn provider(server: &MockServer) -> OpenAi {
+    OpenAi::builder("gpt-test")
+        .base_url(format!("{}/v1", server.uri()))
+        .api_key(KEY)
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn request_bodies() {
+    let plain = OpenAi::builder("gpt-test").build().unwrap();
+    insta::assert_json_snapshot!("openai_body_full", plain.body(&full_request()));
+    let streaming = OpenAi::builder("gpt-test").stream(true).build().unwrap();
+    let schema =
+        ResponseFormat::JsonSchema { name: "grade".into(), schema: json!({"type": "object"}) };
+    let request =
+        Request { response_format: Some(schema), ..Request::user("hi").with_model("other") };
+    insta::assert_json_snapshot!("openai_body_streaming", streaming.body(&request));
+}
+
+#[tokio::test]
+async fn sends_the_body_and_bearer_key_and_reads_the_answer() {
+    let server = server().await;
+    let provider = provider(&server);
+    let request = full_request();
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(header("authorization", format!("Bearer {KEY}").as_str()))
+        .and(header("content-type", "application/json"))
+        .and(wiremock::matchers::body_json(provider.body(&request)))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(answer())
+                .insert_header("x-request-id", "req_123")
+                .insert_header("x-ratelimit-remaining-requests", "59")
+                .insert_header("x-ratelimit-reset-requests", "1s"),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let response = provider.complete(&request).await.unwrap();
+    assert_eq!(response.text, "Because.");
+    assert_eq!((response.usage.input_tokens, response.usage.output_tokens), (30, 2));
+    assert_eq!(response.request_id.as_deref(), Some("req_123"));
+    let budget = response.rate_limit.unwrap().requests;
+    assert_eq!((budget.remaining, budget.reset), (Some(59), Some(Duration::from_secs(1))));
+}
+
+#[tokio::test]
+async fn local_servers_get_no_authorization_header() {
+    let server = server().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(answer()))
+        .mount(&server)
+        .await;
+    let provider =
+        OpenAi::builder("local").base_url(format!("{}/v1/", server.uri())).build().unwrap();
+    provider.complete(&Request::user("hi")).await.unwrap();
+    let received = server.received_requests().await.unwrap();
+    assert_eq!(received[0].url.path(), "/v1/chat/completions");
+    assert!(!received[0].headers.contains_key("authorization"));
+}
+
+/// Status and body decide the kind: a 429 can be a rate limit (retry) or an
+/// empty account (stop the job).
+#[tokio::test]
+async fn error_classification_table() {
+    let error_body = |message: &str, kind: &str, code: serde_json::Value| json!({"error": {"message": message, "type": kind, "code": code, "param": null}});
+    let table = [
+        (
+            429,
+            error_body("Rate limit reached", "requests", json!("rate_limit_exceeded")),
+            ErrorKind::RateLimited,
+        ),
+        (
+            429,
+            error_body(
+                "You exceeded your current quota",
+                "insufficient_quota",
+                json!("insufficient_quota"),
+            ),
+            ErrorKind::Quota,
+        ),
+        (
+            400,
+            error_body(
+                "maximum context length is 8192 tokens",
+                "invalid_request_error",
+                json!("context_length_exceeded"),
+            ),
+            ErrorKind::BadRequest,
+        ),
+        (
+            401,
+            error_body(
+                &format!("Incorrect API key provided: {KEY}."),
+                "invalid_request_error",
+                json!("invalid_api_key"),
+            ),
+            ErrorKind::Auth,
+        ),
+        (403, error_body("not allowed", "invalid_request_error", json!(null)), ErrorKind::Auth),
+        (
+            404,
+            error_body(
+                "The model `gpt-9` does not exist",
+                "invalid_request_error",
+                json!("model_not_found"),
+            ),
+            ErrorKind::NotFound,
+        ),
+        (
+            500,
+            error_body("The server had an error", "server_error", json!(null)),
+            ErrorKind::Server,
+        ),
+        (503, error_body("overloaded", "server_error", json!(503)), ErrorKind::Overloaded),
+        (529, json!({"message": "busy"}), ErrorKind::Overloaded),
+        (502, json!("<html>Bad Gateway</html>"), ErrorKind::Server),
+    ];
+    for (status, body, kind) in table {
+        let server = server().await;
+        Mock::given(method("POST"))
+            .respond_with(
+                ResponseTemplate::new(status)
+                    .set_body_json(body.clone())
+                    .insert_header("x-request-id", "req_err")
+                    .insert_header("retry-after-ms", "1500"),
+            )
+            .mount(&server)
+            .await;
+        let error = provider(&server).complete(&Request::user("hi")).await.unwrap_err();
+        assert_eq!(error.kind(), kind, "HTTP {status} {body}");
+        assert_eq!(error.status(), Some(status));
+        assert_eq!(error.request_id(), Some("req_err"));
+        assert_eq!(error.retry_after(), Some(Duration::from_millis(1500)));
+        assert!(!error.to_string().contains(KEY), "the key leaked: {error}");
+        assert!(!format!("{error:?}").contains(KEY), "the key leaked: {error:?}");
+    }
+}
+
+#[tokio::test]
+async fn malformed_answers_and_dead_servers_are_retryable() {
+    let server = server().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_string("{\"choices\": ["))
+        .mount(&server)
+        .await;
+    let error = provider(&server).complete(&Request::user("hi")).await.unwrap_err();
+    assert_eq!((error.kind(), error.is_retryable()), (ErrorKind::MalformedResponse, true));
+
+    let closed = OpenAi::builder("m").base_url("http://127.0.0.1:9/v1").build().unwrap();
+    let error = closed.complete(&Request::user("hi")).await.unwrap_err();
+    assert_eq!((error.kind(), error.is_retryable()), (ErrorKind::Connection, true));
+}
+
+#[tokio::test]
+async fn streaming_answers_are_assembled() {
+    let server = server().await;
+    let body = concat!(
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+        ": comment\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Par\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"is\"},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2}}\n\n",
+        "data: [DONE]\n\n",
+    );
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::body_partial_json(
+            json!({"stream": true, "stream_options": {"include_usage": true}}),
+        ))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(body, "text/event-stream"))
+        .mount(&server)
+        .await;
+    let provider = OpenAi::builder("gpt-test")
+        .base_url(format!("{}/v1", server.uri()))
+        .stream(true)
+        .build()
+        .unwrap();
+    let response = provider.complete(&Request::user("Capital of France?")).await.unwrap();
+    assert_eq!((response.text.as_str(), response.usage.output_tokens), ("Paris", 2));
+}
+
+#[test]
+fn debug_output_never_shows_the_key() {
+    let builder = OpenAi::builder("m").api_key(KEY);
+    assert!(!format!("{builder:?}").contains(KEY));
+    let provider = builder.build().unwrap();
+    assert!(!format!("{provider:?}").contains(KEY), "{provider:?}");
+}

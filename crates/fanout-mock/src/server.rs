@@ -137,3 +137,92 @@ pub(crate) fn go_duration(duration: Duration) -> String {
         format!("{:.3}s", duration.as_secs_f64())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Limit;
+
+    fn call(prompt: &str) -> Call {
+        Call { messages: vec![prompt.into()], prompt: prompt.into(), n: 1, seed: None }
+    }
+
+    #[test]
+    fn latency_jitter_and_generation_time() {
+        let config = Config {
+            latency: Duration::from_millis(100),
+            jitter: Duration::from_millis(10),
+            tokens_per_second: Some(100.0),
+            ..Config::default()
+        };
+        let state = State::new(config);
+        for _ in 0..100 {
+            let (plan, wait) = state.decide(&call("hello"));
+            assert!(matches!(plan, Plan::Answer { .. }));
+            assert!(
+                (Duration::from_millis(90)..=Duration::from_millis(110)).contains(&wait),
+                "{wait:?}"
+            );
+        }
+        assert_eq!(state.generation_time(20), Duration::from_millis(200));
+        assert_eq!(State::new(Config::default()).generation_time(20), Duration::ZERO);
+    }
+
+    #[test]
+    fn injected_faults() {
+        let hang = Duration::from_secs(30);
+        let only = |error_rate, hang_rate, malformed_rate| {
+            State::new(Config { error_rate, hang_rate, malformed_rate, hang, ..Config::default() })
+        };
+        assert!(matches!(only(1.0, 0.0, 0.0).decide(&call("x")).0, Plan::ServerError));
+        assert!(matches!(only(0.0, 0.0, 1.0).decide(&call("x")).0, Plan::Malformed));
+        let (plan, wait) = only(0.0, 1.0, 0.0).decide(&call("x"));
+        assert!(
+            matches!(plan, Plan::Answer { .. }) && wait == hang,
+            "a hang answers after the hang"
+        );
+        let mixed = only(0.2, 0.1, 0.1);
+        let errors =
+            (0..10_000).filter(|_| matches!(mixed.decide(&call("x")).0, Plan::ServerError)).count();
+        assert!((1_800..2_200).contains(&errors), "{errors} errors at 20%");
+    }
+
+    #[test]
+    fn request_and_token_limits_refuse_with_a_retry_time() {
+        let rpm = State::new(Config {
+            rpm: Some(Limit { per_minute: 60, burst: 2 }),
+            ..Config::default()
+        });
+        assert!(matches!(rpm.decide(&call("a")).0, Plan::Answer { .. }));
+        assert!(matches!(rpm.decide(&call("a")).0, Plan::Answer { .. }));
+        let Plan::RateLimited { budgets, dimension } = rpm.decide(&call("a")).0 else { panic!() };
+        assert_eq!(dimension, "requests");
+        let retry = budgets.retry_after();
+        assert!(retry > Duration::from_millis(900) && retry <= Duration::from_secs(1), "{retry:?}");
+
+        // "hello" is 2 + 4 prompt tokens, and its answer some more: 60 fit twice at most.
+        let tpm = State::new(Config {
+            tpm: Some(Limit { per_minute: 6_000, burst: 60 }),
+            ..Config::default()
+        });
+        let refused = (0..5).map(|_| tpm.decide(&call("hello")).0).find_map(|plan| match plan {
+            Plan::RateLimited { dimension, budgets } => Some((dimension, budgets)),
+            _ => None,
+        });
+        let (dimension, budgets) = refused.expect("the token budget ran out");
+        assert_eq!(dimension, "tokens");
+        assert_eq!(budgets.tokens.unwrap().limit, 6_000);
+    }
+
+    #[test]
+    fn n_choices_each_get_an_answer() {
+        let state = State::new(Config::default());
+        let Plan::Answer { choices, completion_tokens, .. } =
+            state.decide(&Call { n: 3, ..call("q") }).0
+        else {
+            panic!()
+        };
+        assert_eq!(choices.len(), 3);
+        assert_eq!(completion_tokens, 3 * crate::answer::tokens(&choices[0]));
+    }
+}

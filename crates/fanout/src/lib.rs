@@ -44,8 +44,8 @@ pub use exec::report::{Latency, Price, Report, Totals};
 pub use exec::retry::RetryPolicy;
 pub use exec::{Executor, ExecutorBuilder, Results};
 pub use provider::{
-    Anthropic, Behavior, ErrorKind, Message, MockProvider, OpenAi, Provider, ProviderError,
-    RateLimit, Request, Response, ResponseFormat, Role, Usage,
+    Anthropic, Behavior, ErrorKind, HttpOptions, Message, MockProvider, OpenAi, Provider,
+    ProviderError, RateLimit, Request, Response, ResponseFormat, Role, Usage,
 };
 pub use task::{NotRun, Outcome, Status, Success, Task, TaskId, TaskResult, Timeout};
 pub use tokio_util::sync::CancellationToken;

@@ -95,13 +95,13 @@ async fn connections_are_kept_alive() {
     assert!(stats.max_in_flight <= 16);
 }
 
-/// A bad key against a server that says 401 stops the job after the probe.
+/// The mock also lists its model and refuses bodies that are not JSON.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_request_fails_its_task_only() {
+async fn models_listing_and_bad_json_answers() {
     let server = MockServer::start(Config::default()).await.unwrap();
     let anthropic =
         Anthropic::builder("claude-mock").base_url(server.anthropic_base_url()).build().unwrap();
-    // The mock requires max_tokens only when the client omits it; ours always sends it.
+    // Building a provider also installs the TLS crypto provider the bare client below needs.
     let report = Executor::new(anthropic).run(prompts(3)).await;
     assert!(report.results.iter().all(|r| r.outcome.status() == Status::Succeeded));
     let client = reqwest::Client::new();

@@ -50,6 +50,9 @@ pub struct Config {
     pub seed: u64,
     /// The model `/v1/models` lists.
     pub model: String,
+    /// Count requests per prompt (the last user message) in `/stats`, so tests
+    /// can tell which tasks were asked again.
+    pub count_prompts: bool,
 }
 
 impl Default for Config {
@@ -67,6 +70,7 @@ impl Default for Config {
             malformed_rate: 0.0,
             seed: 0,
             model: "mock-1".into(),
+            count_prompts: false,
         }
     }
 }

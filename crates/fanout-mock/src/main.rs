@@ -57,6 +57,9 @@ struct Args {
     seed: u64,
     #[arg(long, default_value = "mock-1")]
     model: String,
+    /// Count requests per prompt in /stats
+    #[arg(long)]
+    count_prompts: bool,
 }
 
 fn parse_weights(text: &str) -> Result<Vec<(String, f64)>, String> {
@@ -111,6 +114,7 @@ async fn main() {
         malformed_rate: args.malformed_rate,
         seed: args.seed,
         model: args.model,
+        count_prompts: args.count_prompts,
     };
     let server = match MockServer::bind(config, SocketAddr::new(args.host, args.port)).await {
         Ok(server) => server,

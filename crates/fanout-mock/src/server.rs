@@ -85,6 +85,9 @@ impl State {
     /// (generation time, at `tokens_per_second`, comes on top).
     pub(crate) fn decide(&self, call: &Call) -> (Plan, Duration) {
         let config = &self.config;
+        if config.count_prompts {
+            self.stats.saw_prompt(&call.prompt);
+        }
         let (fault, jitter, draws) = {
             let mut rng = self.rng.lock().unwrap();
             let draws: Vec<f64> = (0..call.n).map(|_| rng.f64()).collect();

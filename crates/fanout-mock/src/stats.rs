@@ -16,6 +16,7 @@ pub(crate) struct Stats {
     by_status: Mutex<BTreeMap<u16, u64>>,
     /// Client addresses seen: one per connection, so keep-alive shows here.
     peers: Mutex<HashSet<SocketAddr>>,
+    prompts: Mutex<BTreeMap<String, u64>>,
 }
 
 /// A snapshot of the server's counters.
@@ -29,6 +30,9 @@ pub struct StatsSnapshot {
     pub connections: u64,
     /// Answers by HTTP status.
     pub by_status: BTreeMap<u16, u64>,
+    /// Requests by prompt, when the server counts them.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub prompts: BTreeMap<String, u64>,
 }
 
 impl StatsSnapshot {
@@ -58,6 +62,10 @@ impl Stats {
         InFlight(self)
     }
 
+    pub(crate) fn saw_prompt(&self, prompt: &str) {
+        *self.prompts.lock().unwrap().entry(prompt.to_owned()).or_default() += 1;
+    }
+
     pub(crate) fn answered(&self, status: u16) {
         *self.by_status.lock().unwrap().entry(status).or_default() += 1;
     }
@@ -70,6 +78,7 @@ impl Stats {
             streamed: self.streamed.load(Ordering::Relaxed),
             connections: self.peers.lock().unwrap().len() as u64,
             by_status: self.by_status.lock().unwrap().clone(),
+            prompts: self.prompts.lock().unwrap().clone(),
         }
     }
 
@@ -79,5 +88,6 @@ impl Stats {
         self.max_in_flight.store(self.in_flight.load(Ordering::Relaxed), Ordering::Relaxed);
         self.by_status.lock().unwrap().clear();
         self.peers.lock().unwrap().clear();
+        self.prompts.lock().unwrap().clear();
     }
 }

@@ -37,6 +37,7 @@ pub mod provider;
 pub mod task;
 pub mod tokens;
 
+pub use async_trait::async_trait;
 pub use exec::event::{Event, EventSink};
 pub use exec::hedge::{HedgeAfter, HedgePolicy};
 pub use exec::limit::Rate;

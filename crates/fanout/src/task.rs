@@ -62,20 +62,39 @@ impl Serialize for TaskId {
 #[derive(Clone, Debug)]
 pub struct Task {
     pub(crate) id: Option<TaskId>,
-    pub(crate) request: Arc<Request>,
+    pub(crate) work: Work,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) enum Work {
+    Call(Arc<Request>),
+    /// Decided before the run: passes through to the results, in order, uncalled.
+    /// Boxed: most tasks are calls, and a task should stay small in the queue.
+    Settled(Box<Outcome>),
 }
 
 impl Task {
     pub fn new(request: Request) -> Self {
-        Self { id: None, request: Arc::new(request) }
+        Self { id: None, work: Work::Call(Arc::new(request)) }
     }
 
     pub fn with_id(id: impl Into<TaskId>, request: Request) -> Self {
-        Self { id: Some(id.into()), request: Arc::new(request) }
+        Self { id: Some(id.into()), work: Work::Call(Arc::new(request)) }
     }
 
-    pub fn request(&self) -> &Request {
-        &self.request
+    /// A task whose outcome is already known — an input row that could not be
+    /// turned into a request, or a result restored from an earlier run. It takes
+    /// its place in the results (and the ordered stream) without a call.
+    pub fn settled(id: impl Into<TaskId>, outcome: Outcome) -> Self {
+        Self { id: Some(id.into()), work: Work::Settled(Box::new(outcome)) }
+    }
+
+    /// The request, unless the task is settled.
+    pub fn request(&self) -> Option<&Request> {
+        match &self.work {
+            Work::Call(request) => Some(request),
+            Work::Settled(_) => None,
+        }
     }
 }
 

@@ -46,6 +46,8 @@ pub(crate) struct Run {
     pub exec: Arc<Shared>,
     /// Cancelled when the run must stop; a child of the executor's token.
     pub cancel: CancellationToken,
+    /// Cancelled when the run must stop launching and let in-flight tasks finish.
+    pub drain: CancellationToken,
     pub stop: OnceLock<Stop>,
     pub breaker: CircuitBreaker,
     pub hedger: Option<Hedger>,

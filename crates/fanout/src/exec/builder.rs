@@ -23,6 +23,7 @@ pub(crate) struct Config {
     pub task_timeout: Option<Duration>,
     pub deadline: Option<Duration>,
     pub cancel: CancellationToken,
+    pub drain: CancellationToken,
     pub hedge: Option<HedgePolicy>,
     pub breaker_threshold: u32,
     pub probe: bool,
@@ -85,6 +86,7 @@ impl ExecutorBuilder {
                 task_timeout: None,
                 deadline: None,
                 cancel: CancellationToken::new(),
+                drain: CancellationToken::new(),
                 hedge: None,
                 breaker_threshold: 3,
                 probe: true,
@@ -159,6 +161,14 @@ impl ExecutorBuilder {
     /// what finished, for every run of this executor.
     pub fn cancel_token(mut self, token: CancellationToken) -> Self {
         self.config.cancel = token;
+        self
+    }
+
+    /// Cancelling `token` stops launching new tasks but lets in-flight ones
+    /// finish (the first Ctrl-C of a command line); tasks never launched are
+    /// reported as not run.
+    pub fn drain_token(mut self, token: CancellationToken) -> Self {
+        self.config.drain = token;
         self
     }
 

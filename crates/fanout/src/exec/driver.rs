@@ -1,6 +1,7 @@
 //! The launch loop: pulls tasks lazily, launches them under the limits, and
 //! collects every outcome, until the input ends, the deadline passes, the run
-//! is cancelled, or the circuit breaker opens.
+//! is cancelled or drained, or the circuit breaker opens. Settled tasks pass
+//! straight to the output, in their place.
 //!
 //! A task is pulled from the input only once a concurrency slot is free, so
 //! memory stays proportional to the concurrency, not to the number of tasks.
@@ -16,7 +17,7 @@ use tokio::time::sleep_until;
 use super::attempt::{Run, Stop, run_task};
 use super::order::ReorderBuffer;
 use super::report::{Tally, Totals};
-use crate::task::{NotRun, Outcome, Task, TaskId, TaskResult};
+use crate::task::{NotRun, Outcome, Task, TaskId, TaskResult, Work};
 
 /// Where finished results go: straight out, or through a reorder buffer.
 struct Output {
@@ -81,6 +82,7 @@ where
     let mut next_index = 0;
     let mut slot = None;
     let mut input_done = false;
+    let mut draining = false;
     let deadline = run.deadline;
     let mut deadline = pin!(async move {
         match deadline {
@@ -90,8 +92,10 @@ where
     });
 
     let end = loop {
-        let may_launch =
-            !input_done && run.breaker.cause().is_none() && output.has_room_for(next_index);
+        let may_launch = !input_done
+            && !draining
+            && run.breaker.cause().is_none()
+            && output.has_room_for(next_index);
         if !may_launch && in_flight.is_empty() {
             break End::Drained;
         }
@@ -99,6 +103,10 @@ where
             biased;
             () = run.cancel.cancelled() => break End::Stopped(Stop::Cancelled),
             () = &mut deadline => break End::Stopped(Stop::Deadline),
+            () = run.drain.cancelled(), if !draining => {
+                draining = true;
+                slot = None;
+            }
             Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => match joined {
                 Ok(result) => if !output.accept(result).await { break End::Abandoned },
                 // Tasks catch their own panics and are never aborted, so this is
@@ -109,11 +117,22 @@ where
                 slot = Some(permit);
             }
             task = tasks.next(), if may_launch && slot.is_some() => match task {
-                Some(Task { id, request }) => {
+                Some(Task { id, work }) => {
                     let permit = slot.take().expect("a slot is held whenever a task is pulled");
                     let id = id.unwrap_or_else(|| TaskId::from(next_index));
-                    in_flight.spawn(run_task(Arc::clone(&run), next_index, id, request, permit));
+                    let index = next_index;
                     next_index += 1;
+                    match work {
+                        Work::Call(request) => {
+                            in_flight.spawn(run_task(Arc::clone(&run), index, id, request, permit));
+                        }
+                        Work::Settled(outcome) => {
+                            drop(permit);
+                            if !output.accept(TaskResult { index, id, outcome: *outcome }).await {
+                                break End::Abandoned;
+                            }
+                        }
+                    }
                 }
                 None => {
                     input_done = true;
@@ -130,6 +149,7 @@ where
             in_flight.shutdown().await;
             return finish(&run, output.tally);
         }
+        End::Drained if draining => Some(NotRun::Cancelled),
         End::Drained => run.breaker.cause().cloned().map(NotRun::CircuitOpen),
         End::Stopped(stop) => {
             let _first_stop_wins = run.stop.set(stop);

@@ -106,6 +106,7 @@ impl Executor {
         Arc::new(Run {
             exec: Arc::clone(&self.shared),
             cancel: config.cancel.child_token(),
+            drain: config.drain.child_token(),
             stop: OnceLock::new(),
             breaker: CircuitBreaker::new(config.breaker_threshold),
             hedger: config.hedge.map(Hedger::new),

@@ -74,3 +74,53 @@ async fn ordered_stream_at_deadline_yields_every_task() {
     assert_eq!(indices, (0..10).collect::<Vec<_>>());
     assert_eq!(results.iter().filter(|r| r.outcome.is_success()).count(), 5);
 }
+
+/// Draining stops launching but lets in-flight calls finish; the rest are not run.
+#[tokio::test(start_paused = true)]
+async fn drain_lets_in_flight_tasks_finish() {
+    let mock = staircase(10);
+    let drain = CancellationToken::new();
+    let executor =
+        Executor::builder(mock.clone()).concurrency(4).drain_token(drain.clone()).build();
+    let drain_later = tokio::spawn(async move {
+        tokio::time::sleep(ms(2500)).await;
+        drain.cancel();
+    });
+    let start = Instant::now();
+    let report = executor.run(prompts(10)).await;
+    drain_later.await.unwrap();
+    // p3..p6 were in flight at 2.5 s; p6 started at 2 s and takes 6 s.
+    assert_eq!(start.elapsed(), secs(8));
+    assert_eq!(report.totals.succeeded, 7);
+    assert_eq!(report.totals.not_run, 3);
+    assert_eq!(report.results[7].outcome, Outcome::NotRun(NotRun::Cancelled));
+    assert_eq!(mock.calls(), 7);
+}
+
+/// Settled tasks (known outcomes) take their place in order without a call.
+#[tokio::test(start_paused = true)]
+async fn settled_tasks_pass_through_in_order() {
+    let mock = staircase(6);
+    let executor = Executor::builder(mock.clone()).concurrency(2).build();
+    let bad_row = fanout::ProviderError::new(fanout::ErrorKind::BadRequest, "line 3: invalid JSON");
+    let tasks = prompts(6).into_iter().enumerate().map(move |(i, request)| match i {
+        2 => Task::settled("2", Outcome::Failed { error: bad_row.clone(), attempts: 0 }),
+        4 => Task::settled("4", Outcome::NotRun(NotRun::Cancelled)),
+        _ => Task::with_id(i.to_string(), request),
+    });
+    let results: Vec<_> =
+        executor.stream_ordered(futures_util::stream::iter(tasks)).collect().await;
+    let statuses: Vec<_> = results.iter().map(|r| (r.index, r.outcome.status())).collect();
+    assert_eq!(
+        statuses,
+        [
+            (0, Status::Succeeded),
+            (1, Status::Succeeded),
+            (2, Status::Failed),
+            (3, Status::Succeeded),
+            (4, Status::NotRun),
+            (5, Status::Succeeded)
+        ]
+    );
+    assert_eq!(mock.calls(), 4, "settled tasks are never sent");
+}

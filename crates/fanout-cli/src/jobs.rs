@@ -1,0 +1,140 @@
+//! `fanout jobs`: list, show, export, remove and resume durable jobs.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{Context, Result, anyhow};
+use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use fanout::{TaskId, TaskResult};
+use fanout_store::{JobSummary, Store};
+
+use crate::Refusal;
+use crate::batch::{self, RunOptions, Spec};
+use crate::output::{Output, OutputFormat};
+use crate::record::to_outcome;
+use crate::settings::Flags;
+
+fn when(seconds: i64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64))
+        .to_string()
+}
+
+fn open(store: &Path) -> Result<Store> {
+    Ok(Store::open(store)?)
+}
+
+fn summary_json(summary: &JobSummary) -> serde_json::Value {
+    serde_json::json!({
+        "name": summary.job.name,
+        "input": summary.job.input,
+        "created": when(summary.job.created_at),
+        "updated": when(summary.job.updated_at),
+        "total": summary.job.total,
+        "finished": summary.finished(),
+        "by_status": summary.counts,
+        "input_tokens": summary.input_tokens,
+        "output_tokens": summary.output_tokens,
+    })
+}
+
+pub fn list(store: &Path, json: bool) -> Result<ExitCode> {
+    let jobs = open(store)?.jobs()?;
+    if json {
+        let list: Vec<_> = jobs.iter().map(summary_json).collect();
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if jobs.is_empty() {
+        println!("no jobs in {}", store.display());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = Table::new();
+    table.load_preset(UTF8_BORDERS_ONLY);
+    table.set_header([
+        "job",
+        "created",
+        "input",
+        "finished / tasks",
+        "succeeded",
+        "failed",
+        "tokens",
+    ]);
+    for s in &jobs {
+        let count = |status: &str| s.counts.get(status).copied().unwrap_or(0);
+        table.add_row(vec![
+            s.job.name.clone(),
+            when(s.job.created_at),
+            s.job.input.clone(),
+            format!("{} / {}", s.finished(), s.job.total.map_or("?".into(), |t| t.to_string())),
+            count("succeeded").to_string(),
+            (count("failed") + count("timed_out")).to_string(),
+            (s.input_tokens + s.output_tokens).to_string(),
+        ]);
+    }
+    println!("{table}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn find(store: &Store, name: &str) -> Result<fanout_store::Job> {
+    store.job(name)?.ok_or_else(|| Refusal(anyhow!("there is no job `{name}`")).into())
+}
+
+pub fn show(store: &Path, name: &str) -> Result<ExitCode> {
+    let store = open(store)?;
+    let summary = store.summary(find(&store, name)?)?;
+    let mut details = summary_json(&summary);
+    details["settings"] = summary.job.settings.clone();
+    details["fingerprint"] = serde_json::to_value(&summary.job.fingerprint.0)?;
+    println!("{}", serde_json::to_string_pretty(&details)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn export(
+    store: &Path,
+    name: &str,
+    output: Option<&Path>,
+    format: Option<OutputFormat>,
+) -> Result<ExitCode> {
+    let store = open(store)?;
+    let job = find(&store, name)?;
+    let spec: Option<Spec> = serde_json::from_value(job.settings.clone()).ok();
+    let format = format.or(spec.map(|s| s.output_format)).unwrap_or(OutputFormat::Jsonl);
+    let sink: Box<dyn std::io::Write + Send> = match output {
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path)
+                .with_context(|| format!("cannot create {}", path.display()))?,
+        )),
+        None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+    };
+    let mut writer = Output::new(format, sink)?;
+    store.each_record(job.id, |record| -> Result<()> {
+        let result = TaskResult {
+            index: record.index as usize,
+            id: TaskId::from(record.task_id.clone()),
+            outcome: to_outcome(record),
+        };
+        writer.write(&result).context("cannot write the export")
+    })?;
+    writer.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn remove(store: &Path, name: &str) -> Result<ExitCode> {
+    if !open(store)?.remove_job(name)? {
+        return Err(Refusal(anyhow!("there is no job `{name}`")).into());
+    }
+    eprintln!("removed job `{name}`");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs a job's unfinished tasks with the settings it was started with; run
+/// limits given as flags now (concurrency, rates, timeouts, deadline, retries) apply.
+pub async fn resume(options: RunOptions, flags: &Flags) -> Result<ExitCode> {
+    let job = find(&open(&options.store)?, &options.job)?;
+    let mut spec: Spec = serde_json::from_value(job.settings).map_err(|e| {
+        Refusal(anyhow!("job `{}` was saved by another version of fanout: {e}", options.job))
+    })?;
+    spec.settings = spec.settings.with_run_limits(flags);
+    batch::run(spec, options).await
+}

@@ -1,0 +1,255 @@
+//! `fanout`: run LLM work in parallel from the shell.
+//!
+//! stdout carries results, stderr progress and logs. Exit codes: 0 every task
+//! succeeded; 1 an unexpected error; 2 bad usage, settings or input found before
+//! any call; 3 some tasks failed; 4 the run stopped before every task finished
+//! (interrupted, deadline); 5 the job cannot succeed (bad key, unknown model, no
+//! quota).
+
+mod batch;
+mod cache;
+mod input;
+mod jobs;
+mod output;
+mod progress;
+mod record;
+mod settings;
+mod template;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use fanout::{Outcome, Request};
+
+use settings::{Flags, Settings};
+
+/// An error in what the user asked for, found before any call: exit code 2.
+#[derive(Debug)]
+pub struct Refusal(pub anyhow::Error);
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
+/// Run LLM work in parallel and bring every result back.
+#[derive(Debug, Parser)]
+#[command(
+    name = "fanout",
+    version,
+    after_help = "Exit codes: 0 all succeeded, 1 error, 2 bad usage or input, \
+    3 some tasks failed, 4 stopped before finishing, 5 the job cannot succeed (key, model, quota)."
+)]
+struct Cli {
+    #[command(flatten)]
+    flags: Flags,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Ask one question and print the answer
+    Ask {
+        prompt: String,
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Run a prompt template over every row of a JSONL, CSV or OpenAI Batch file
+    Batch(BatchArgs),
+    /// List, show, export, remove or resume batch jobs
+    #[command(subcommand)]
+    Jobs(JobsCommand),
+}
+
+#[derive(Debug, clap::Args)]
+struct BatchArgs {
+    /// Input file (`-` for stdin)
+    input: PathBuf,
+    /// Jinja prompt template; the row's fields are its variables: "Grade this essay: {{ essay }}"
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// System prompt (a template too)
+    #[arg(long)]
+    system: Option<String>,
+    /// Field that holds each row's id [default: custom_id, else the line number]
+    #[arg(long = "id")]
+    id_field: Option<String>,
+    /// Input format [default: from the extension and the first line]
+    #[arg(long, value_enum)]
+    format: Option<input::Format>,
+    /// Output file [default: stdout]
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// [default: openai-batch for OpenAI Batch input, else jsonl]
+    #[arg(long, value_enum)]
+    output_format: Option<output::OutputFormat>,
+    /// Job name: running the same job again resumes it [default: the input's name and the time]
+    #[arg(long)]
+    job: Option<String>,
+    /// On resume, run the failed tasks again too
+    #[arg(long)]
+    retry_failed: bool,
+    /// Reuse stored answers for identical requests
+    #[arg(long)]
+    cache: bool,
+    /// Seconds in-flight calls may take to finish after Ctrl-C
+    #[arg(long, default_value_t = 30.0)]
+    grace: f64,
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// List jobs with their progress
+    List,
+    /// Show a job's settings, fingerprint and counts
+    Show { name: String },
+    /// Write a job's finished results
+    Export {
+        name: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long, value_enum)]
+        output_format: Option<output::OutputFormat>,
+    },
+    /// Remove a job and its results
+    Rm { name: String },
+    /// Run the unfinished tasks of a job
+    Resume {
+        name: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        retry_failed: bool,
+        #[arg(long)]
+        cache: bool,
+        #[arg(long, default_value_t = 30.0)]
+        grace: f64,
+    },
+}
+
+fn read_prompt_file(path: &PathBuf) -> Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read prompt file {}", path.display()))
+        .map_err(|e| Refusal(e).into())
+}
+
+fn default_job_name(input: &std::path::Path) -> String {
+    let stem = input.file_stem().and_then(|s| s.to_str()).filter(|s| *s != "-").unwrap_or("stdin");
+    format!("{stem}-{}", fanout_store::now())
+}
+
+async fn ask(flags: &Flags, prompt: String, system: Option<String>) -> Result<ExitCode> {
+    let settings = Settings::resolve(flags).map_err(Refusal)?;
+    let provider = settings.provider().map_err(Refusal)?;
+    let mut request = Request::user(prompt);
+    if let Some(system) = system {
+        request = request.with_system(system);
+    }
+    request.temperature = settings.temperature;
+    request.max_tokens = settings.max_tokens;
+    let report = settings.executor(provider).build().run([request]).await;
+    let result = &report.results[0];
+    if flags.json {
+        println!("{}", serde_json::to_string(result)?);
+    }
+    match &result.outcome {
+        Outcome::Succeeded(success) => {
+            if !flags.json {
+                println!("{}", success.response.text);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        other => {
+            let message = record::error_text(other).unwrap_or_default();
+            eprintln!("fanout: {message}");
+            let code = match other {
+                Outcome::Failed { error, .. } if error.kind().is_fatal_for_job() => 5,
+                Outcome::Failed { .. } | Outcome::TimedOut { .. } => 3,
+                _ => 4,
+            };
+            Ok(ExitCode::from(code))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let flags = &cli.flags;
+    let store = flags.store.clone().unwrap_or_else(settings::default_store);
+    let options = |job: String, output, retry_failed, cache, grace: f64| batch::RunOptions {
+        job,
+        store: store.clone(),
+        output,
+        retry_failed,
+        cache,
+        quiet: flags.quiet,
+        json: flags.json,
+        grace: Duration::from_secs_f64(grace.max(0.0)),
+    };
+    match cli.command {
+        Command::Ask { prompt, system } => ask(flags, prompt, system).await,
+        Command::Batch(args) => {
+            let settings = Settings::resolve(flags).map_err(Refusal)?;
+            let prompt = match &args.prompt_file {
+                Some(path) => Some(read_prompt_file(path)?),
+                None => args.prompt.clone(),
+            };
+            let format = input::detect(&args.input, args.format).map_err(Refusal)?;
+            let input = if args.input.as_os_str() == "-" {
+                args.input.clone()
+            } else {
+                std::path::absolute(&args.input).unwrap_or(args.input.clone())
+            };
+            let output_format = args.output_format.unwrap_or(match format {
+                input::Format::OpenaiBatch => output::OutputFormat::OpenaiBatch,
+                _ => output::OutputFormat::Jsonl,
+            });
+            let spec = batch::Spec {
+                input,
+                format,
+                prompt,
+                system: args.system,
+                id_field: args.id_field,
+                output_format,
+                settings,
+            };
+            let job = args.job.unwrap_or_else(|| default_job_name(&args.input));
+            batch::run(spec, options(job, args.output, args.retry_failed, args.cache, args.grace))
+                .await
+        }
+        Command::Jobs(command) => match command {
+            JobsCommand::List => jobs::list(&store, flags.json),
+            JobsCommand::Show { name } => jobs::show(&store, &name),
+            JobsCommand::Export { name, output, output_format } => {
+                jobs::export(&store, &name, output.as_deref(), output_format)
+            }
+            JobsCommand::Rm { name } => jobs::remove(&store, &name),
+            JobsCommand::Resume { name, output, retry_failed, cache, grace } => {
+                jobs::resume(options(name, output, retry_failed, cache, grace), flags).await
+            }
+        },
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(error) => {
+            let refused = error.downcast_ref::<Refusal>().is_some();
+            eprintln!("fanout: {error:#}");
+            ExitCode::from(if refused { 2 } else { 1 })
+        }
+    }
+}

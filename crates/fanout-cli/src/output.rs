@@ -1,0 +1,168 @@
+//! Writing results: JSONL (the default), CSV, or the OpenAI Batch output format.
+
+use std::io::{self, Write};
+
+use fanout::{Outcome, TaskResult};
+use serde_json::{Value, json};
+
+use crate::record::error_text;
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputFormat {
+    Jsonl,
+    Csv,
+    OpenaiBatch,
+}
+
+pub struct Output {
+    format: OutputFormat,
+    sink: Sink,
+}
+
+enum Sink {
+    Lines(Box<dyn Write + Send>),
+    /// Boxed: one output per run, and the writer carries its own buffer.
+    Csv(Box<csv::Writer<Box<dyn Write + Send>>>),
+}
+
+const CSV_HEADER: [&str; 8] =
+    ["id", "status", "answer", "error", "input_tokens", "output_tokens", "attempts", "latency_ms"];
+
+fn status_name(outcome: &Outcome) -> String {
+    serde_json::to_value(outcome.status())
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+impl Output {
+    pub fn new(format: OutputFormat, sink: Box<dyn Write + Send>) -> io::Result<Self> {
+        let sink = match format {
+            OutputFormat::Csv => {
+                let mut writer = csv::Writer::from_writer(sink);
+                writer.write_record(CSV_HEADER)?;
+                Sink::Csv(Box::new(writer))
+            }
+            OutputFormat::Jsonl | OutputFormat::OpenaiBatch => Sink::Lines(sink),
+        };
+        Ok(Self { format, sink })
+    }
+
+    fn line(&mut self, value: &Value) -> io::Result<()> {
+        let Sink::Lines(sink) = &mut self.sink else { unreachable!("line formats write lines") };
+        serde_json::to_writer(&mut *sink, value)?;
+        sink.write_all(b"\n")
+    }
+
+    pub fn write(&mut self, result: &TaskResult) -> io::Result<()> {
+        let outcome = &result.outcome;
+        let usage = outcome.usage();
+        let latency_ms = outcome.success().map(|s| (s.latency.as_secs_f64() * 1e4).round() / 10.0);
+        match self.format {
+            OutputFormat::Jsonl => {
+                let error = match outcome {
+                    Outcome::Failed { error, .. } => json!({
+                        "kind": error.kind(), "message": error.message(), "status": error.status(),
+                    }),
+                    other => {
+                        error_text(other).map_or(Value::Null, |message| json!({"message": message}))
+                    }
+                };
+                self.line(&json!({
+                    "id": result.id,
+                    "status": status_name(outcome),
+                    "answer": outcome.text(),
+                    "error": error,
+                    "usage": usage,
+                    "attempts": outcome.attempts(),
+                    "latency_ms": latency_ms,
+                }))
+            }
+            OutputFormat::Csv => {
+                let Sink::Csv(writer) = &mut self.sink else {
+                    unreachable!("made with the CSV format")
+                };
+                writer.write_record([
+                    result.id.to_string(),
+                    status_name(outcome),
+                    outcome.text().unwrap_or_default().to_owned(),
+                    error_text(outcome).unwrap_or_default(),
+                    usage.input_tokens.to_string(),
+                    usage.output_tokens.to_string(),
+                    outcome.attempts().to_string(),
+                    latency_ms.map(|l| l.to_string()).unwrap_or_default(),
+                ])?;
+                Ok(())
+            }
+            OutputFormat::OpenaiBatch => self.line(&openai_batch_line(result)),
+        }
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        match &mut self.sink {
+            Sink::Lines(sink) => sink.flush(),
+            Sink::Csv(writer) => writer.flush(),
+        }
+    }
+}
+
+/// A line of the OpenAI Batch output format.
+fn openai_batch_line(result: &TaskResult) -> Value {
+    let id = format!("batch_req_{}", result.index);
+    match &result.outcome {
+        Outcome::Succeeded(success) => {
+            let response = &success.response;
+            let usage = response.usage;
+            json!({
+                "id": id,
+                "custom_id": result.id,
+                "response": {
+                    "status_code": 200,
+                    "request_id": response.request_id,
+                    "body": {
+                        "object": "chat.completion",
+                        "model": response.model,
+                        "choices": [{
+                            "index": 0,
+                            "message": {"role": "assistant", "content": response.text},
+                            "finish_reason": response.finish_reason,
+                        }],
+                        "usage": {
+                            "prompt_tokens": usage.input_tokens,
+                            "completion_tokens": usage.output_tokens,
+                            "total_tokens": usage.total(),
+                        },
+                    },
+                },
+                "error": null,
+            })
+        }
+        Outcome::Failed { error, .. } if error.status().is_some() => json!({
+            "id": id,
+            "custom_id": result.id,
+            "response": {
+                "status_code": error.status(),
+                "request_id": error.request_id(),
+                "body": {"error": {"message": error.message(), "type": error.kind(), "code": null}},
+            },
+            "error": null,
+        }),
+        other => {
+            let code = match other {
+                Outcome::Failed { error, .. } => {
+                    serde_json::to_value(error.kind()).unwrap_or(Value::Null)
+                }
+                _ => Value::String(status_name(other)),
+            };
+            json!({
+                "id": id,
+                "custom_id": result.id,
+                "response": null,
+                "error": {"code": code, "message": error_text(other)},
+            })
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Converting between the executor's results and the store's records.
+
+use std::time::Duration;
+
+use fanout::{
+    ErrorKind, NotRun, Outcome, ProviderError, Response, Success, TaskResult, Timeout, Usage,
+};
+use fanout_store::Record;
+
+/// The record of a result that ends its task for good; `None` for tasks that
+/// did not finish (cancelled, not run, cut by the deadline), which a resume runs.
+pub fn to_record(result: &TaskResult) -> Option<Record> {
+    let mut record = Record {
+        index: result.index as u64,
+        task_id: result.id.to_string(),
+        attempts: result.outcome.attempts(),
+        finished_at: fanout_store::now(),
+        ..Record::default()
+    };
+    match &result.outcome {
+        Outcome::Succeeded(success) => {
+            let response = &success.response;
+            record.status = "succeeded".into();
+            record.answer = Some(response.text.clone());
+            record.input_tokens = response.usage.input_tokens;
+            record.output_tokens = response.usage.output_tokens;
+            record.latency_ms = Some(success.latency.as_secs_f64() * 1000.0);
+            record.finish_reason = response.finish_reason.clone();
+            record.model = response.model.clone();
+            record.request_id = response.request_id.clone();
+        }
+        Outcome::Failed { error, .. } => {
+            record.status = "failed".into();
+            record.error_kind = Some(kind_name(error.kind()));
+            record.error_message = Some(error.message().to_owned());
+            record.error_status = error.status();
+            record.request_id = error.request_id().map(str::to_owned);
+        }
+        Outcome::TimedOut { timeout: Timeout::Task, .. } => record.status = "timed_out".into(),
+        Outcome::TimedOut { timeout: Timeout::Deadline, .. }
+        | Outcome::Cancelled { .. }
+        | Outcome::NotRun(_) => {
+            return None;
+        }
+    }
+    Some(record)
+}
+
+fn kind_name(kind: ErrorKind) -> String {
+    serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// The outcome a record stands for (a result restored on resume).
+pub fn to_outcome(record: Record) -> Outcome {
+    match record.status.as_str() {
+        "succeeded" => Outcome::Succeeded(Success {
+            response: Response {
+                text: record.answer.unwrap_or_default(),
+                usage: Usage {
+                    input_tokens: record.input_tokens,
+                    output_tokens: record.output_tokens,
+                },
+                finish_reason: record.finish_reason,
+                model: record.model,
+                request_id: record.request_id,
+                ..Response::default()
+            },
+            latency: Duration::from_secs_f64(record.latency_ms.unwrap_or(0.0) / 1000.0),
+            attempts: record.attempts,
+        }),
+        "timed_out" => Outcome::TimedOut { timeout: Timeout::Task, attempts: record.attempts },
+        _ => {
+            let kind = record
+                .error_kind
+                .and_then(|k| serde_json::from_value(serde_json::Value::String(k)).ok())
+                .unwrap_or(ErrorKind::Server);
+            let mut error = ProviderError::new(kind, record.error_message.unwrap_or_default());
+            if let Some(status) = record.error_status {
+                error = error.with_status(status);
+            }
+            if let Some(id) = record.request_id {
+                error = error.with_request_id(id);
+            }
+            Outcome::Failed { error, attempts: record.attempts }
+        }
+    }
+}
+
+/// A short text for a result's error, if it has one.
+pub fn error_text(outcome: &Outcome) -> Option<String> {
+    match outcome {
+        Outcome::Succeeded(_) => None,
+        Outcome::Failed { error, .. } => Some(error.to_string()),
+        Outcome::TimedOut { timeout: Timeout::Task, .. } => Some("the task ran out of time".into()),
+        Outcome::TimedOut { timeout: Timeout::Deadline, .. } => {
+            Some("cut off by the deadline".into())
+        }
+        Outcome::Cancelled { .. } => Some("cancelled".into()),
+        Outcome::NotRun(NotRun::CircuitOpen(cause)) => {
+            Some(format!("not run: the job cannot succeed: {cause}"))
+        }
+        Outcome::NotRun(reason) => Some(reason.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fanout::TaskId;
+
+    #[test]
+    fn finished_results_round_trip_and_unfinished_are_not_recorded() {
+        let success = Outcome::Succeeded(Success {
+            response: Response {
+                text: "7/10".into(),
+                usage: Usage { input_tokens: 30, output_tokens: 4 },
+                finish_reason: Some("stop".into()),
+                ..Response::default()
+            },
+            latency: Duration::from_millis(250),
+            attempts: 2,
+        });
+        let error = ProviderError::from_status(400, "context too long").with_request_id("req_9");
+        let failure = Outcome::Failed { error, attempts: 1 };
+        for outcome in [success, failure, Outcome::TimedOut { timeout: Timeout::Task, attempts: 3 }]
+        {
+            let result = TaskResult { index: 4, id: TaskId::from("row"), outcome: outcome.clone() };
+            let record = to_record(&result).unwrap();
+            assert_eq!(to_outcome(record), outcome);
+        }
+        for unfinished in [Outcome::Cancelled { attempts: 1 }, Outcome::NotRun(NotRun::Deadline)] {
+            assert!(
+                to_record(&TaskResult { index: 0, id: TaskId::from("x"), outcome: unfinished })
+                    .is_none()
+            );
+        }
+    }
+}

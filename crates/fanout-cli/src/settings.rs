@@ -1,0 +1,316 @@
+//! Where the command's settings come from: flags override the environment, the
+//! environment overrides the config file's profile.
+//!
+//! The config file (`--config`, `$FANOUT_CONFIG`, or
+//! `$XDG_CONFIG_HOME/fanout/config.toml`, by default `~/.config/fanout/config.toml`):
+//!
+//! ```toml
+//! default_profile = "openai"
+//!
+//! [profiles.openai]
+//! provider = "openai"
+//! model = "gpt-4o-mini"
+//! api_key_env = "OPENAI_API_KEY"   # the name of the variable, never the key
+//! concurrency = 64
+//! rpm = 500
+//! tpm = 200000
+//! price_input = 0.15               # per million tokens
+//! price_output = 0.60
+//! ```
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use fanout::{Anthropic, ExecutorBuilder, HttpOptions, MockProvider, OpenAi, Price, Provider};
+use serde::{Deserialize, Serialize};
+
+/// Which provider answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible endpoint (OPENAI_BASE_URL, OPENAI_API_KEY).
+    Openai,
+    /// Anthropic's Messages API (ANTHROPIC_BASE_URL, ANTHROPIC_API_KEY).
+    Anthropic,
+    /// fanout's in-process mock: deterministic answers, no network (for trials and tests).
+    Mock,
+}
+
+impl ProviderKind {
+    fn key_env(self) -> &'static str {
+        match self {
+            Self::Openai => "OPENAI_API_KEY",
+            Self::Anthropic => "ANTHROPIC_API_KEY",
+            Self::Mock => "",
+        }
+    }
+
+    fn default_model(self) -> &'static str {
+        match self {
+            Self::Openai => "gpt-4o-mini",
+            Self::Anthropic => "claude-3-5-haiku-latest",
+            Self::Mock => "mock-1",
+        }
+    }
+}
+
+/// The options every command shares (flags; all optional).
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct Flags {
+    /// Config file with named profiles [default: ~/.config/fanout/config.toml]
+    #[arg(long, global = true, env = "FANOUT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Profile of the config file to use
+    #[arg(long, global = true, env = "FANOUT_PROFILE")]
+    pub profile: Option<String>,
+    #[arg(long, global = true, value_enum, env = "FANOUT_PROVIDER")]
+    pub provider: Option<ProviderKind>,
+    #[arg(long, global = true, env = "FANOUT_MODEL")]
+    pub model: Option<String>,
+    /// API base URL (overrides OPENAI_BASE_URL / ANTHROPIC_BASE_URL)
+    #[arg(long, global = true)]
+    pub base_url: Option<String>,
+    /// Calls in flight at once [default: 16]
+    #[arg(short = 'c', long, global = true)]
+    pub concurrency: Option<usize>,
+    /// Requests per minute
+    #[arg(long, global = true)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute (prompt + max output, corrected by reported usage)
+    #[arg(long, global = true)]
+    pub tpm: Option<u64>,
+    /// Seconds one attempt may take [default: 120]
+    #[arg(long, global = true)]
+    pub attempt_timeout: Option<f64>,
+    /// Seconds the whole run may take; then it stops and keeps what finished
+    #[arg(long, global = true)]
+    pub deadline: Option<f64>,
+    /// Retries after the first attempt, for retryable errors [default: 4]
+    #[arg(long, global = true)]
+    pub retries: Option<u32>,
+    #[arg(long, global = true)]
+    pub temperature: Option<f32>,
+    #[arg(long, global = true)]
+    pub max_tokens: Option<u32>,
+    /// Machine-readable output: JSON results and a JSON summary
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bar and no summary
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// The job store [default: $FANOUT_HOME/fanout.db or ~/.local/share/fanout/fanout.db]
+    #[arg(long, global = true, env = "FANOUT_STORE")]
+    pub store: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    default_profile: Option<String>,
+    #[serde(default)]
+    profiles: BTreeMap<String, Profile>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Profile {
+    provider: Option<ProviderKind>,
+    model: Option<String>,
+    base_url: Option<String>,
+    api_key_env: Option<String>,
+    concurrency: Option<usize>,
+    rpm: Option<u64>,
+    tpm: Option<u64>,
+    attempt_timeout: Option<f64>,
+    deadline: Option<f64>,
+    retries: Option<u32>,
+    temperature: Option<f32>,
+    max_tokens: Option<u32>,
+    price_input: Option<f64>,
+    price_output: Option<f64>,
+}
+
+/// Everything resolved: what to call and how.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Settings {
+    pub provider: ProviderKind,
+    pub model: String,
+    pub base_url: Option<String>,
+    pub api_key_env: String,
+    pub concurrency: usize,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub attempt_timeout: f64,
+    pub deadline: Option<f64>,
+    pub retries: u32,
+    pub temperature: Option<f32>,
+    pub max_tokens: Option<u32>,
+    pub price: Option<Price>,
+}
+
+fn default_config_path() -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
+    Some(base.join("fanout/config.toml"))
+}
+
+/// The default job store.
+pub fn default_store() -> PathBuf {
+    if let Some(home) = std::env::var_os("FANOUT_HOME") {
+        return PathBuf::from(home).join("fanout.db");
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    base.join("fanout/fanout.db")
+}
+
+fn read_config(path: &Path) -> Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+}
+
+fn env(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+impl Settings {
+    pub fn resolve(flags: &Flags) -> Result<Self> {
+        let config = match &flags.config {
+            Some(path) => read_config(path)?,
+            None => match default_config_path().filter(|p| p.exists()) {
+                Some(path) => read_config(&path)?,
+                None => ConfigFile::default(),
+            },
+        };
+        let profile = match flags.profile.as_ref().or(config.default_profile.as_ref()) {
+            Some(name) => config
+                .profiles
+                .get(name)
+                .cloned()
+                .with_context(|| format!("no profile `{name}` in the config file"))?,
+            None => Profile::default(),
+        };
+        let provider = match flags.provider.or(profile.provider) {
+            Some(provider) => provider,
+            None if env("OPENAI_API_KEY").is_some() => ProviderKind::Openai,
+            None if env("ANTHROPIC_API_KEY").is_some() => ProviderKind::Anthropic,
+            None => bail!(
+                "no provider is configured: pass --provider (openai, anthropic or mock), set OPENAI_API_KEY or \
+                 ANTHROPIC_API_KEY, or add a profile to {}",
+                default_config_path().map_or("the config file".into(), |p| p.display().to_string())
+            ),
+        };
+        let base_url_env = match provider {
+            ProviderKind::Openai => env("OPENAI_BASE_URL"),
+            ProviderKind::Anthropic => env("ANTHROPIC_BASE_URL"),
+            ProviderKind::Mock => None,
+        };
+        let price = match (profile.price_input, profile.price_output) {
+            (None, None) => None,
+            (input, output) => Some(Price {
+                input_per_million: input.unwrap_or(0.0),
+                output_per_million: output.unwrap_or(0.0),
+            }),
+        };
+        Ok(Self {
+            provider,
+            model: flags
+                .model
+                .clone()
+                .or(profile.model)
+                .unwrap_or_else(|| provider.default_model().into()),
+            base_url: flags.base_url.clone().or(base_url_env).or(profile.base_url),
+            api_key_env: profile.api_key_env.unwrap_or_else(|| provider.key_env().into()),
+            concurrency: flags.concurrency.or(profile.concurrency).unwrap_or(16).max(1),
+            rpm: flags.rpm.or(profile.rpm),
+            tpm: flags.tpm.or(profile.tpm),
+            attempt_timeout: flags.attempt_timeout.or(profile.attempt_timeout).unwrap_or(120.0),
+            deadline: flags.deadline.or(profile.deadline),
+            retries: flags.retries.or(profile.retries).unwrap_or(4),
+            temperature: flags.temperature.or(profile.temperature),
+            max_tokens: flags.max_tokens.or(profile.max_tokens),
+            price,
+        })
+    }
+
+    /// The provider these settings describe. The key is read from the environment
+    /// variable the settings name, now: it is never stored.
+    pub fn provider(&self) -> Result<Arc<dyn Provider>> {
+        let key = env(&self.api_key_env);
+        let http = HttpOptions { max_idle_connections: self.concurrency, ..HttpOptions::default() };
+        Ok(match self.provider {
+            ProviderKind::Openai => {
+                let mut builder = OpenAi::builder(&self.model).http(http);
+                if let Some(url) = &self.base_url {
+                    builder = builder.base_url(url);
+                } else if key.is_none() {
+                    bail!(
+                        "{} is not set: the OpenAI API needs a key (or pass --base-url for a local server)",
+                        self.api_key_env
+                    );
+                }
+                if let Some(key) = key {
+                    builder = builder.api_key(key);
+                }
+                Arc::new(builder.build()?)
+            }
+            ProviderKind::Anthropic => {
+                let Some(key) = key else {
+                    bail!("{} is not set: the Anthropic API needs a key", self.api_key_env);
+                };
+                let mut builder = Anthropic::builder(&self.model).http(http).api_key(key);
+                if let Some(url) = &self.base_url {
+                    builder = builder.base_url(url);
+                }
+                Arc::new(builder.build()?)
+            }
+            ProviderKind::Mock => Arc::new(MockProvider::new()),
+        })
+    }
+
+    /// An executor builder with these limits, retries and timeouts.
+    pub fn executor(&self, provider: Arc<dyn Provider>) -> ExecutorBuilder {
+        let mut builder = fanout::Executor::builder_for(provider)
+            .concurrency(self.concurrency)
+            .max_attempts(self.retries.saturating_add(1))
+            .attempt_timeout(Some(Duration::from_secs_f64(self.attempt_timeout.max(0.001))))
+            .deadline(self.deadline.map(|d| Duration::from_secs_f64(d.max(0.0))));
+        if let Some(rpm) = self.rpm {
+            builder = builder.rpm(rpm);
+        }
+        if let Some(tpm) = self.tpm {
+            builder = builder.tpm(tpm);
+        }
+        if let Some(price) = self.price {
+            builder = builder.price(price);
+        }
+        builder
+    }
+
+    /// Takes the run limits (not what shapes answers) given as flags now: a
+    /// resumed job may run with more concurrency or another deadline.
+    pub fn with_run_limits(mut self, flags: &Flags) -> Self {
+        self.concurrency = flags.concurrency.unwrap_or(self.concurrency).max(1);
+        self.rpm = flags.rpm.or(self.rpm);
+        self.tpm = flags.tpm.or(self.tpm);
+        self.attempt_timeout = flags.attempt_timeout.unwrap_or(self.attempt_timeout);
+        self.deadline = flags.deadline.or(self.deadline);
+        self.retries = flags.retries.unwrap_or(self.retries);
+        self
+    }
+
+    /// What changes answers (not limits or timeouts): part of a job's fingerprint.
+    pub fn answer_settings(&self) -> String {
+        format!(
+            "{:?}|{}|{:?}|{:?}|{:?}",
+            self.provider, self.model, self.base_url, self.temperature, self.max_tokens
+        )
+    }
+}

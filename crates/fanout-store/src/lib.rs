@@ -1,0 +1,428 @@
+//! fanout's job store: SQLite through rusqlite (bundled), in WAL mode.
+//!
+//! - a **job** has a unique name, the fingerprint of what it was started with
+//!   (input file, prompt template, settings), and the settings needed to resume it;
+//! - a **task record** is one finished task of a job (succeeded or failed), keyed
+//!   by the task's index in the input, written before the result is shown anywhere;
+//! - the **cache** maps a request's key to a stored answer.
+//!
+//! Everything is plain columns, so `sqlite3 fanout.db "select status, count(*)
+//! from tasks group by 1"` works. The store knows nothing of fanout's types: the
+//! command converts.
+
+mod schema;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+pub use rusqlite::Error as SqlError;
+
+/// A store error, naming what it was doing.
+#[derive(Debug)]
+pub struct StoreError {
+    context: String,
+    source: SqlError,
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.context, self.source)
+    }
+}
+
+impl std::error::Error for StoreError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
+trait Context<T> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T, StoreError>;
+}
+
+impl<T> Context<T> for Result<T, SqlError> {
+    fn context(self, context: impl FnOnce() -> String) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError { context: context(), source })
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Named hashes of what a job was started with; comparing two says what changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Fingerprint(pub BTreeMap<String, String>);
+
+impl Fingerprint {
+    /// The names of the parts that differ (present in one and not the other too).
+    pub fn differences(&self, other: &Self) -> Vec<String> {
+        let mut names: Vec<&String> = self.0.keys().chain(other.0.keys()).collect();
+        names.sort();
+        names.dedup();
+        names.into_iter().filter(|n| self.0.get(*n) != other.0.get(*n)).cloned().collect()
+    }
+
+    fn to_json(&self) -> String {
+        serde_json::to_string(&self.0).expect("a map of strings serializes")
+    }
+
+    fn from_json(text: &str) -> Self {
+        Self(serde_json::from_str(text).unwrap_or_default())
+    }
+}
+
+/// A job as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Job {
+    pub id: i64,
+    pub name: String,
+    pub input: String,
+    pub fingerprint: Fingerprint,
+    /// The settings the job was started with, to resume it (never secrets).
+    pub settings: serde_json::Value,
+    pub total: Option<u64>,
+    pub created_at: i64,
+    pub updated_at: i64,
+}
+
+/// A job with its tasks counted by status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobSummary {
+    pub job: Job,
+    pub counts: BTreeMap<String, u64>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+impl JobSummary {
+    pub fn finished(&self) -> u64 {
+        self.counts.values().sum()
+    }
+}
+
+/// One finished task.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Record {
+    pub index: u64,
+    pub task_id: String,
+    /// `succeeded`, `failed` or `timed_out`.
+    pub status: String,
+    pub answer: Option<String>,
+    pub error_kind: Option<String>,
+    pub error_message: Option<String>,
+    pub error_status: Option<u16>,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub latency_ms: Option<f64>,
+    pub attempts: u32,
+    pub finish_reason: Option<String>,
+    pub model: Option<String>,
+    pub request_id: Option<String>,
+    /// Seconds since the Unix epoch.
+    pub finished_at: i64,
+}
+
+impl Record {
+    pub fn succeeded(&self) -> bool {
+        self.status == "succeeded"
+    }
+}
+
+/// Which indices of a job are finished, as a bit set: a million tasks take 125 KB.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Finished {
+    bits: Vec<u64>,
+    count: u64,
+}
+
+impl Finished {
+    pub fn insert(&mut self, index: u64) {
+        let (word, bit) = ((index / 64) as usize, index % 64);
+        if word >= self.bits.len() {
+            self.bits.resize(word + 1, 0);
+        }
+        if self.bits[word] & (1 << bit) == 0 {
+            self.bits[word] |= 1 << bit;
+            self.count += 1;
+        }
+    }
+
+    pub fn contains(&self, index: u64) -> bool {
+        self.bits.get((index / 64) as usize).is_some_and(|w| w & (1 << (index % 64)) != 0)
+    }
+
+    pub fn len(&self) -> u64 {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+}
+
+pub fn now() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A connection to the store. Open one per thread that needs it: SQLite in WAL
+/// mode lets readers work while one writer commits.
+#[derive(Debug)]
+pub struct Store {
+    conn: Connection,
+}
+
+const JOB_COLUMNS: &str = "id, name, input, fingerprint, settings, total, created_at, updated_at";
+const RECORD_COLUMNS: &str = "idx, task_id, status, answer, error_kind, error_message, error_status, \
+     input_tokens, output_tokens, latency_ms, attempts, finish_reason, model, request_id, finished_at";
+
+fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
+    let settings: String = row.get(4)?;
+    Ok(Job {
+        id: row.get(0)?,
+        name: row.get(1)?,
+        input: row.get(2)?,
+        fingerprint: Fingerprint::from_json(&row.get::<_, String>(3)?),
+        settings: serde_json::from_str(&settings).unwrap_or(serde_json::Value::Null),
+        total: row.get::<_, Option<i64>>(5)?.map(|t| t as u64),
+        created_at: row.get(6)?,
+        updated_at: row.get(7)?,
+    })
+}
+
+fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
+    Ok(Record {
+        index: row.get::<_, i64>(0)? as u64,
+        task_id: row.get(1)?,
+        status: row.get(2)?,
+        answer: row.get(3)?,
+        error_kind: row.get(4)?,
+        error_message: row.get(5)?,
+        error_status: row.get(6)?,
+        input_tokens: row.get::<_, i64>(7)? as u64,
+        output_tokens: row.get::<_, i64>(8)? as u64,
+        latency_ms: row.get(9)?,
+        attempts: row.get(10)?,
+        finish_reason: row.get(11)?,
+        model: row.get(12)?,
+        request_id: row.get(13)?,
+        finished_at: row.get(14)?,
+    })
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self> {
+        let at = || format!("cannot open the job store {}", path.display());
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| SqlError::ToSqlConversionFailure(Box::new(e)))
+                .context(at)?;
+        }
+        let conn = Connection::open(path).context(at)?;
+        schema::prepare(&conn).context(at)?;
+        Ok(Self { conn })
+    }
+
+    pub fn job(&self, name: &str) -> Result<Option<Job>> {
+        self.conn
+            .query_row(
+                &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE name = ?1"),
+                [name],
+                job_from_row,
+            )
+            .optional()
+            .context(|| format!("cannot read job `{name}`"))
+    }
+
+    pub fn create_job(
+        &self,
+        name: &str,
+        input: &str,
+        fingerprint: &Fingerprint,
+        settings: &serde_json::Value,
+    ) -> Result<Job> {
+        let now = now();
+        self.conn
+            .execute(
+                "INSERT INTO jobs (name, input, fingerprint, settings, created_at, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+                params![name, input, fingerprint.to_json(), settings.to_string(), now],
+            )
+            .context(|| format!("cannot create job `{name}`"))?;
+        Ok(self.job(name)?.expect("the job was just created"))
+    }
+
+    pub fn set_total(&self, job: i64, total: u64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET total = ?2, updated_at = ?3 WHERE id = ?1",
+                params![job, total as i64, now()],
+            )
+            .context(|| "cannot update the job's task count".into())?;
+        Ok(())
+    }
+
+    pub fn remove_job(&self, name: &str) -> Result<bool> {
+        let removed = self
+            .conn
+            .execute("DELETE FROM jobs WHERE name = ?1", [name])
+            .context(|| format!("cannot remove job `{name}`"))?;
+        Ok(removed > 0)
+    }
+
+    pub fn jobs(&self) -> Result<Vec<JobSummary>> {
+        let context = || "cannot list jobs".to_string();
+        let mut statement = self
+            .conn
+            .prepare(&format!("SELECT {JOB_COLUMNS} FROM jobs ORDER BY created_at, id"))
+            .context(context)?;
+        let jobs: Vec<Job> = statement
+            .query_map([], job_from_row)
+            .context(context)?
+            .collect::<rusqlite::Result<_>>()
+            .context(context)?;
+        jobs.into_iter().map(|job| self.summary(job)).collect()
+    }
+
+    pub fn summary(&self, job: Job) -> Result<JobSummary> {
+        let context = || format!("cannot count the tasks of job `{}`", job.name);
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT status, count(*), sum(input_tokens), sum(output_tokens) FROM tasks \
+                 WHERE job_id = ?1 GROUP BY status",
+            )
+            .context(context)?;
+        let mut summary = JobSummary {
+            counts: BTreeMap::new(),
+            input_tokens: 0,
+            output_tokens: 0,
+            job: job.clone(),
+        };
+        let rows = statement
+            .query_map([job.id], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, i64>(1)?,
+                    row.get::<_, i64>(2)?,
+                    row.get::<_, i64>(3)?,
+                ))
+            })
+            .context(context)?;
+        for row in rows {
+            let (status, count, input, output) = row.context(context)?;
+            summary.counts.insert(status, count as u64);
+            summary.input_tokens += input as u64;
+            summary.output_tokens += output as u64;
+        }
+        Ok(summary)
+    }
+
+    /// The finished indices of a job; failed ones only when `include_failed`.
+    pub fn finished(&self, job: i64, include_failed: bool) -> Result<Finished> {
+        let context = || "cannot read which tasks are finished".to_string();
+        let sql = if include_failed {
+            "SELECT idx FROM tasks WHERE job_id = ?1"
+        } else {
+            "SELECT idx FROM tasks WHERE job_id = ?1 AND status = 'succeeded'"
+        };
+        let mut statement = self.conn.prepare(sql).context(context)?;
+        let mut finished = Finished::default();
+        for index in statement.query_map([job], |row| row.get::<_, i64>(0)).context(context)? {
+            finished.insert(index.context(context)? as u64);
+        }
+        Ok(finished)
+    }
+
+    /// Records finished tasks in one transaction (a record replaces an earlier
+    /// one for the same index: a retried failure).
+    pub fn record(&mut self, job: i64, records: &[Record]) -> Result<()> {
+        let context = || format!("cannot save {} results", records.len());
+        let transaction = self.conn.transaction().context(context)?;
+        {
+            let mut insert = transaction
+                .prepare_cached(&format!(
+                    "INSERT OR REPLACE INTO tasks (job_id, {RECORD_COLUMNS}) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                ))
+                .context(context)?;
+            for r in records {
+                insert
+                    .execute(params![
+                        job,
+                        r.index as i64,
+                        r.task_id,
+                        r.status,
+                        r.answer,
+                        r.error_kind,
+                        r.error_message,
+                        r.error_status,
+                        r.input_tokens as i64,
+                        r.output_tokens as i64,
+                        r.latency_ms,
+                        r.attempts,
+                        r.finish_reason,
+                        r.model,
+                        r.request_id,
+                        r.finished_at,
+                    ])
+                    .context(context)?;
+            }
+        }
+        transaction
+            .execute("UPDATE jobs SET updated_at = ?2 WHERE id = ?1", params![job, now()])
+            .context(context)?;
+        transaction.commit().context(context)
+    }
+
+    pub fn record_at(&self, job: i64, index: u64) -> Result<Option<Record>> {
+        self.conn
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM tasks WHERE job_id = ?1 AND idx = ?2"
+            ))
+            .and_then(|mut s| s.query_row(params![job, index as i64], record_from_row).optional())
+            .context(|| format!("cannot read the result of task {index}"))
+    }
+
+    /// Calls `each` with every record of a job, in index order, without holding
+    /// them all in memory.
+    pub fn each_record<E: From<StoreError>>(
+        &self,
+        job: i64,
+        mut each: impl FnMut(Record) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let context = || "cannot read the job's results".to_string();
+        let mut statement = self
+            .conn
+            .prepare(&format!("SELECT {RECORD_COLUMNS} FROM tasks WHERE job_id = ?1 ORDER BY idx"))
+            .context(context)?;
+        let rows = statement.query_map([job], record_from_row).context(context)?;
+        for row in rows {
+            each(row.context(context)?)?;
+        }
+        Ok(())
+    }
+
+    pub fn cache_get(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .prepare_cached("SELECT response FROM cache WHERE key = ?1")
+            .and_then(|mut s| s.query_row([key], |row| row.get(0)).optional())
+            .context(|| "cannot read the response cache".into())
+    }
+
+    pub fn cache_put(&self, key: &str, response: &str) -> Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO cache (key, response, created_at) VALUES (?1, ?2, ?3)",
+            )
+            .and_then(|mut s| s.execute(params![key, response, now()]))
+            .context(|| "cannot write the response cache".into())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,51 @@
+//! The tables, created on first open.
+
+use rusqlite::Connection;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS jobs (
+    id          INTEGER PRIMARY KEY,
+    name        TEXT NOT NULL UNIQUE,
+    input       TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    settings    TEXT NOT NULL,
+    total       INTEGER,
+    created_at  INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    job_id        INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    idx           INTEGER NOT NULL,
+    task_id       TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    answer        TEXT,
+    error_kind    TEXT,
+    error_message TEXT,
+    error_status  INTEGER,
+    input_tokens  INTEGER NOT NULL,
+    output_tokens INTEGER NOT NULL,
+    latency_ms    REAL,
+    attempts      INTEGER NOT NULL,
+    finish_reason TEXT,
+    model         TEXT,
+    request_id    TEXT,
+    finished_at   INTEGER NOT NULL,
+    PRIMARY KEY (job_id, idx)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS cache (
+    key        TEXT PRIMARY KEY,
+    response   TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+) WITHOUT ROWID;
+";
+
+/// WAL lets readers (resume, export, cache lookups) work beside the writer;
+/// `synchronous = NORMAL` keeps every commit safe from a killed process (the
+/// WAL is written before commit returns) while sparing an fsync per commit.
+pub(crate) fn prepare(conn: &Connection) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.execute_batch(SCHEMA)
+}

@@ -187,3 +187,25 @@ fn ask_prints_the_answer_or_json() {
         (Some("succeeded"), Some(1))
     );
 }
+
+/// Results go to stdout only; off a terminal stderr has the summary, no progress bar.
+#[test]
+fn stdout_carries_results_and_stderr_the_summary() {
+    let home = Home::new();
+    let path = home.write("rows.jsonl", crate::rows(30));
+    let output = home
+        .fanout()
+        .args(["--provider", "mock", "batch"])
+        .arg(&path)
+        .args(["--prompt", "{{ essay }}"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    assert_eq!(lines(&output.stdout).len(), 30, "every stdout line is a result");
+    let message = stderr(&output);
+    assert!(message.contains("succeeded") && message.contains("30"), "{message}");
+    assert!(
+        !message.contains("ETA") && !message.contains('\r'),
+        "no progress bar off a terminal: {message}"
+    );
+}

@@ -87,15 +87,22 @@ struct BatchArgs {
     /// Input format [default: from the extension and the first line]
     #[arg(long, value_enum)]
     format: Option<input::Format>,
-    /// Output file [default: stdout]
-    #[arg(short, long)]
-    output: Option<PathBuf>,
     /// [default: openai-batch for OpenAI Batch input, else jsonl]
     #[arg(long, value_enum)]
     output_format: Option<output::OutputFormat>,
     /// Job name: running the same job again resumes it [default: the input's name and the time]
     #[arg(long)]
     job: Option<String>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// How a job runs this time (`batch` and `jobs resume`).
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Output file [default: stdout]
+    #[arg(short, long)]
+    output: Option<PathBuf>,
     /// On resume, run the failed tasks again too
     #[arg(long)]
     retry_failed: bool,
@@ -126,14 +133,8 @@ enum JobsCommand {
     /// Run the unfinished tasks of a job
     Resume {
         name: String,
-        #[arg(short, long)]
-        output: Option<PathBuf>,
-        #[arg(long)]
-        retry_failed: bool,
-        #[arg(long)]
-        cache: bool,
-        #[arg(long, default_value_t = 30.0)]
-        grace: f64,
+        #[command(flatten)]
+        run: RunArgs,
     },
 }
 
@@ -185,15 +186,15 @@ async fn ask(flags: &Flags, prompt: String, system: Option<String>) -> Result<Ex
 async fn run(cli: Cli) -> Result<ExitCode> {
     let flags = &cli.flags;
     let store = flags.store.clone().unwrap_or_else(settings::default_store);
-    let options = |job: String, output, retry_failed, cache, grace: f64| batch::RunOptions {
+    let options = |job: String, run: RunArgs| batch::RunOptions {
         job,
         store: store.clone(),
-        output,
-        retry_failed,
-        cache,
+        output: run.output,
+        retry_failed: run.retry_failed,
+        cache: run.cache,
         quiet: flags.quiet,
         json: flags.json,
-        grace: Duration::from_secs_f64(grace.max(0.0)),
+        grace: Duration::from_secs_f64(run.grace.max(0.0)),
     };
     match cli.command {
         Command::Ask { prompt, system } => ask(flags, prompt, system).await,
@@ -223,8 +224,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 settings,
             };
             let job = args.job.unwrap_or_else(|| default_job_name(&args.input));
-            batch::run(spec, options(job, args.output, args.retry_failed, args.cache, args.grace))
-                .await
+            batch::run(spec, options(job, args.run)).await
         }
         Command::Jobs(command) => match command {
             JobsCommand::List => jobs::list(&store, flags.json),
@@ -233,9 +233,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 jobs::export(&store, &name, output.as_deref(), output_format)
             }
             JobsCommand::Rm { name } => jobs::remove(&store, &name),
-            JobsCommand::Resume { name, output, retry_failed, cache, grace } => {
-                jobs::resume(options(name, output, retry_failed, cache, grace), flags).await
-            }
+            JobsCommand::Resume { name, run } => jobs::resume(options(name, run), flags).await,
         },
     }
 }

@@ -14,7 +14,8 @@ use http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::http::{ApiKey, Endpoint, HttpOptions, decimal, header, request_id};
+use super::builder::{HttpApi, HttpBuilder, HttpSettings};
+use super::http::{Endpoint, decimal, header, request_id};
 use super::{ErrorKind, Provider, ProviderError, RateLimit, Request, Response, Role, Usage, sse};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -23,48 +24,22 @@ pub const API_VERSION: &str = "2023-06-01";
 pub const DEFAULT_MAX_TOKENS: u32 = 1024;
 
 /// Settings for an [`Anthropic`] provider.
-#[derive(Debug)]
-#[must_use]
-pub struct AnthropicBuilder {
-    base_url: String,
-    api_key: Option<ApiKey>,
-    model: String,
-    stream: bool,
-    http: HttpOptions,
-}
+pub type AnthropicBuilder = HttpBuilder<Anthropic>;
 
-impl AnthropicBuilder {
-    /// The API root, e.g. `https://api.anthropic.com`; `/v1/messages` is appended.
-    pub fn base_url(mut self, base_url: impl Into<String>) -> Self {
-        self.base_url = base_url.into();
-        self
-    }
+impl HttpApi for Anthropic {
+    const DEFAULT_BASE_URL: &'static str = DEFAULT_BASE_URL;
+    const ENV: (&'static str, &'static str) = ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY");
 
-    pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = ApiKey::new(Some(key.into()));
-        self
-    }
-
-    pub fn stream(mut self, stream: bool) -> Self {
-        self.stream = stream;
-        self
-    }
-
-    pub fn http(mut self, options: HttpOptions) -> Self {
-        self.http = options;
-        self
-    }
-
-    pub fn build(self) -> Result<Anthropic, ProviderError> {
-        let url = format!("{}/v1/messages", self.base_url.trim_end_matches('/'));
+    fn connect(settings: HttpSettings) -> Result<Self, ProviderError> {
+        let url = format!("{}/v1/messages", settings.base_url.trim_end_matches('/'));
         let mut headers = HeaderMap::new();
-        if let Some(key) = &self.api_key {
+        if let Some(key) = &settings.api_key {
             headers.insert("x-api-key", key.header("")?);
         }
         let (name, value) = header("anthropic-version", API_VERSION);
         headers.insert(name, value);
-        let endpoint = Endpoint::new(url, headers, self.api_key, &self.http)?;
-        Ok(Anthropic { endpoint, model: self.model, stream: self.stream })
+        let endpoint = Endpoint::new(url, headers, settings.api_key, &settings.http)?;
+        Ok(Self { endpoint, model: settings.model, stream: settings.stream })
     }
 }
 
@@ -77,26 +52,14 @@ pub struct Anthropic {
 }
 
 impl Anthropic {
+    /// Settings with the defaults, ignoring the environment.
     pub fn builder(model: impl Into<String>) -> AnthropicBuilder {
-        AnthropicBuilder {
-            base_url: DEFAULT_BASE_URL.into(),
-            api_key: None,
-            model: model.into(),
-            stream: false,
-            http: HttpOptions::default(),
-        }
+        HttpBuilder::new(model)
     }
 
     /// Settings from `ANTHROPIC_BASE_URL` and `ANTHROPIC_API_KEY`.
     pub fn from_env(model: impl Into<String>) -> AnthropicBuilder {
-        let mut builder = Self::builder(model);
-        if let Ok(url) = std::env::var("ANTHROPIC_BASE_URL")
-            && !url.trim().is_empty()
-        {
-            builder = builder.base_url(url.trim());
-        }
-        builder.api_key = ApiKey::new(std::env::var("ANTHROPIC_API_KEY").ok());
-        builder
+        HttpBuilder::from_env(model)
     }
 
     pub fn model(&self) -> &str {
@@ -314,6 +277,7 @@ impl Provider for Anthropic {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::HttpOptions;
     use proptest::prelude::*;
 
     const STREAM: &str = concat!(

@@ -11,6 +11,7 @@
 //! - [`MockProvider`]: in-process and scriptable, for tests and examples.
 
 pub mod anthropic;
+mod builder;
 mod error;
 pub mod headers;
 mod http;
@@ -20,6 +21,7 @@ mod request;
 mod sse;
 
 pub use anthropic::Anthropic;
+pub use builder::{HttpApi, HttpBuilder, HttpSettings};
 pub use error::{ErrorKind, ProviderError};
 pub use headers::RateLimit;
 pub use http::HttpOptions;

@@ -14,7 +14,8 @@ use http::HeaderMap;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::http::{ApiKey, Endpoint, HttpOptions, decimal, header, request_id};
+use super::builder::{HttpApi, HttpBuilder, HttpSettings};
+use super::http::{Endpoint, decimal, header, request_id};
 use super::{
     ErrorKind, Provider, ProviderError, RateLimit, Request, Response, ResponseFormat, Usage, sse,
 };
@@ -23,50 +24,22 @@ use crate::tokens;
 pub const DEFAULT_BASE_URL: &str = "https://api.openai.com/v1";
 
 /// Settings for an [`OpenAi`] provider.
-#[derive(Debug)]
-#[must_use]
-pub struct OpenAiBuilder {
-    base_url: String,
-    api_key: Option<ApiKey>,
-    model: String,
-    stream: bool,
-    http: HttpOptions,
-}
+pub type OpenAiBuilder = HttpBuilder<OpenAi>;
 
-impl OpenAiBuilder {
-    /// The API root, e.g. `http://localhost:8000/v1`; `/chat/completions` is appended.
-    pub fn base_url(mut self, base_url: impl Into<String>) -> Self {
-        self.base_url = base_url.into();
-        self
-    }
+impl HttpApi for OpenAi {
+    const DEFAULT_BASE_URL: &'static str = DEFAULT_BASE_URL;
+    const ENV: (&'static str, &'static str) = ("OPENAI_BASE_URL", "OPENAI_API_KEY");
 
-    pub fn api_key(mut self, key: impl Into<String>) -> Self {
-        self.api_key = ApiKey::new(Some(key.into()));
-        self
-    }
-
-    /// Streams answers over SSE (with usage in the last event) instead of
-    /// waiting for the whole body.
-    pub fn stream(mut self, stream: bool) -> Self {
-        self.stream = stream;
-        self
-    }
-
-    pub fn http(mut self, options: HttpOptions) -> Self {
-        self.http = options;
-        self
-    }
-
-    pub fn build(self) -> Result<OpenAi, ProviderError> {
-        let url = format!("{}/chat/completions", self.base_url.trim_end_matches('/'));
+    fn connect(settings: HttpSettings) -> Result<Self, ProviderError> {
+        let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
         let mut headers = HeaderMap::new();
-        if let Some(key) = &self.api_key {
+        if let Some(key) = &settings.api_key {
             headers.insert(http::header::AUTHORIZATION, key.header("Bearer ")?);
         }
         let (name, value) = header("accept", "application/json, text/event-stream");
         headers.insert(name, value);
-        let endpoint = Endpoint::new(url, headers, self.api_key, &self.http)?;
-        Ok(OpenAi { endpoint, model: self.model, stream: self.stream })
+        let endpoint = Endpoint::new(url, headers, settings.api_key, &settings.http)?;
+        Ok(Self { endpoint, model: settings.model, stream: settings.stream })
     }
 }
 
@@ -80,26 +53,14 @@ pub struct OpenAi {
 
 impl OpenAi {
     /// Settings with the defaults, ignoring the environment.
+    /// Settings with the defaults, ignoring the environment.
     pub fn builder(model: impl Into<String>) -> OpenAiBuilder {
-        OpenAiBuilder {
-            base_url: DEFAULT_BASE_URL.into(),
-            api_key: None,
-            model: model.into(),
-            stream: false,
-            http: HttpOptions::default(),
-        }
+        HttpBuilder::new(model)
     }
 
     /// Settings from `OPENAI_BASE_URL` and `OPENAI_API_KEY`.
     pub fn from_env(model: impl Into<String>) -> OpenAiBuilder {
-        let mut builder = Self::builder(model);
-        if let Ok(url) = std::env::var("OPENAI_BASE_URL")
-            && !url.trim().is_empty()
-        {
-            builder = builder.base_url(url.trim());
-        }
-        builder.api_key = ApiKey::new(std::env::var("OPENAI_API_KEY").ok());
-        builder
+        HttpBuilder::from_env(model)
     }
 
     pub fn model(&self) -> &str {
@@ -372,6 +333,7 @@ impl Provider for OpenAi {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::provider::HttpOptions;
     use proptest::prelude::*;
 
     const STREAM: &str = concat!(

@@ -11,6 +11,7 @@ mod cache;
 mod input;
 mod jobs;
 mod output;
+mod patterns;
 mod progress;
 mod record;
 mod settings;
@@ -67,6 +68,16 @@ enum Command {
     /// List, show, export, remove or resume batch jobs
     #[command(subcommand)]
     Jobs(JobsCommand),
+    /// Sample one prompt N times and take the consensus (or N distinct answers)
+    Vote(patterns::VoteArgs),
+    /// Run named subtasks in parallel, then an optional synthesis
+    Sections(patterns::SectionsArgs),
+    /// Summarize many documents in parallel, then reduce to one answer citing sources
+    MapReduce(patterns::MapReduceArgs),
+    /// Several personas review one input, then an attributed synthesis
+    Perspectives(patterns::PerspectivesArgs),
+    /// Run a workflow file of templated, parallel steps
+    Run(patterns::RunArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -226,6 +237,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let job = args.job.unwrap_or_else(|| default_job_name(&args.input));
             batch::run(spec, options(job, args.run)).await
         }
+        Command::Vote(args) => patterns::run_vote(flags, args).await,
+        Command::Sections(args) => patterns::run_sections(flags, args).await,
+        Command::MapReduce(args) => patterns::run_map_reduce(flags, args).await,
+        Command::Perspectives(args) => patterns::run_perspectives(flags, args).await,
+        Command::Run(args) => patterns::run_workflow(flags, args).await,
         Command::Jobs(command) => match command {
             JobsCommand::List => jobs::list(&store, flags.json),
             JobsCommand::Show { name } => jobs::show(&store, &name),

@@ -33,6 +33,7 @@
 //! ```
 
 pub mod exec;
+pub mod pattern;
 pub mod provider;
 pub mod task;
 pub mod tokens;

@@ -5,6 +5,7 @@ mod batch;
 mod config;
 mod crash;
 mod jobs;
+mod patterns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

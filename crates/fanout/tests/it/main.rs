@@ -11,6 +11,7 @@ mod memory;
 mod mock_server;
 mod openai;
 mod order;
+mod patterns;
 mod rate_limit;
 mod report;
 mod retry;

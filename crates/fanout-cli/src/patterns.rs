@@ -1,0 +1,468 @@
+//! The pattern commands: `vote`, `sections`, `map-reduce`, `perspectives`, `run`.
+//! Each prints a readable result, or JSON with `--json`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow, bail};
+use fanout::pattern::extract::Extractor;
+use fanout::pattern::map_reduce::{Document, MapReduceOptions, map_reduce};
+use fanout::pattern::perspectives::{self, DEFAULT_SYNTHESIS, Persona, perspectives};
+use fanout::pattern::sections::{Section, SectionsResult, sections};
+use fanout::pattern::vote::{EarlyStop, Rule, VoteOptions, distinct, most_consistent, vote};
+use fanout::pattern::workflow::Workflow;
+use fanout::{Executor, Request};
+use serde::Serialize;
+
+use crate::Refusal;
+use crate::input::{self, Content};
+use crate::settings::{Flags, Settings};
+use crate::template::Prompt;
+
+fn executor(flags: &Flags) -> Result<(Executor, Settings)> {
+    let settings = Settings::resolve(flags).map_err(Refusal)?;
+    let provider = settings.provider().map_err(Refusal)?;
+    Ok((settings.executor(provider).build(), settings))
+}
+
+fn print_json(value: &impl Serialize) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+fn request(settings: &Settings, prompt: String, system: Option<&str>) -> Request {
+    let mut request = Request::user(prompt);
+    if let Some(system) = system {
+        request = request.with_system(system);
+    }
+    request.temperature = settings.temperature;
+    request.max_tokens = settings.max_tokens;
+    request
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum StopRule {
+    /// Only when the leader cannot be overtaken (always the same winner as all N)
+    Certain,
+    /// Adaptive-Consistency's Beta rule
+    Beta,
+    /// Posterior predictive: the chance that all N samples would pick the same winner
+    Predictive,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VoteArgs {
+    /// The prompt (with --input, a template over each row's fields)
+    prompt: String,
+    #[arg(short = 'n', long, default_value_t = 5)]
+    samples: usize,
+    /// number, choice, text, json:FIELD or regex:PATTERN
+    #[arg(long, default_value = "text")]
+    extract: String,
+    /// Stop sampling once the vote is decided (see --stop-rule)
+    #[arg(long)]
+    early_stop: bool,
+    #[arg(long, value_enum, default_value = "predictive")]
+    stop_rule: StopRule,
+    #[arg(long, default_value_t = 0.99)]
+    confidence: f64,
+    /// Consensus needs at least this many agreeing samples
+    #[arg(long)]
+    at_least: Option<usize>,
+    /// Weights of the samples, in order: 2,1,1
+    #[arg(long, value_delimiter = ',')]
+    weights: Vec<f64>,
+    /// Free text: a judge picks the most consistent answer (universal self-consistency)
+    #[arg(long, conflicts_with = "distinct")]
+    judge: bool,
+    /// Diversity: N distinct answers, near-duplicates replaced
+    #[arg(long)]
+    distinct: bool,
+    /// With --distinct: the most samples to draw [default: 3 x N]
+    #[arg(long)]
+    budget: Option<usize>,
+    #[arg(long)]
+    system: Option<String>,
+    /// Vote once per row of this JSONL/CSV file; one JSON line each
+    #[arg(long)]
+    input: Option<PathBuf>,
+    #[arg(long = "id")]
+    id_field: Option<String>,
+}
+
+impl VoteArgs {
+    fn options(&self) -> Result<VoteOptions> {
+        let extractor = Extractor::parse(&self.extract).map_err(|e| Refusal(anyhow!(e)))?;
+        let mut options = VoteOptions::new(self.samples, extractor);
+        options.weights = self.weights.clone();
+        if let Some(k) = self.at_least {
+            options.rule = Rule::AtLeast(k);
+        }
+        if self.early_stop {
+            options.early_stop = Some(match self.stop_rule {
+                StopRule::Certain => EarlyStop::Certain,
+                StopRule::Beta => EarlyStop::Beta(self.confidence),
+                StopRule::Predictive => EarlyStop::Predictive(self.confidence),
+            });
+        }
+        Ok(options)
+    }
+}
+
+pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
+    let (executor, settings) = executor(flags)?;
+    let options = args.options()?;
+    let temperature = settings.temperature.unwrap_or(0.7);
+    if let Some(path) = &args.input {
+        let prompt = Prompt::new(&args.prompt, args.system.as_deref()).map_err(Refusal)?;
+        let format = input::detect(path, None).map_err(Refusal)?;
+        let mut no_consensus = false;
+        for row in input::rows(path, format, args.id_field.clone()).map_err(Refusal)? {
+            let line = match row.content {
+                Content::Fields(fields) => match prompt.render(&fields, row.line) {
+                    Ok(request) => {
+                        let result = vote(&executor, &request, &options).await;
+                        no_consensus |= !result.consensus;
+                        serde_json::json!({"id": row.id, "winner": result.winner, "consensus": result.consensus,
+                            "agreement": result.agreement, "distribution": result.distribution, "calls": result.calls})
+                    }
+                    Err(error) => serde_json::json!({"id": row.id, "error": error}),
+                },
+                Content::Request(_) => {
+                    serde_json::json!({"id": row.id, "error": "OpenAI Batch rows are not votes"})
+                }
+                Content::Invalid(error) => serde_json::json!({"id": row.id, "error": error}),
+            };
+            println!("{line}");
+        }
+        return Ok(if no_consensus { ExitCode::from(3) } else { ExitCode::SUCCESS });
+    }
+    let request = request(&settings, args.prompt.clone(), args.system.as_deref());
+    if args.judge {
+        let result = most_consistent(&executor, &request, args.samples, temperature).await;
+        if flags.json {
+            print_json(&result)?;
+        } else if let Some(text) = &result.text {
+            println!("{text}");
+        }
+        if let Some(error) = &result.error {
+            eprintln!("fanout: {error}");
+            return Ok(ExitCode::from(3));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.distinct {
+        let budget = args.budget.unwrap_or(args.samples * 3);
+        let result = distinct(&executor, &request, args.samples, budget, 0.8, temperature).await;
+        if flags.json {
+            print_json(&result)?;
+        } else {
+            for option in &result.options {
+                println!("- {}", option.replace('\n', " "));
+            }
+        }
+        if result.exhausted {
+            eprintln!(
+                "fanout: only {} distinct answers within {} calls",
+                result.options.len(),
+                result.calls
+            );
+            return Ok(ExitCode::from(3));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let result = vote(&executor, &request, &options).await;
+    if flags.json {
+        print_json(&result)?;
+    } else {
+        match &result.winner {
+            Some(winner) => println!("{winner}"),
+            None => println!("no consensus"),
+        }
+        if !flags.quiet {
+            let answered: usize = result.distribution.iter().map(|c| c.votes).sum();
+            eprintln!(
+                "agreement {:.0}% of {answered} answers, {} calls{}",
+                result.agreement * 100.0,
+                result.calls,
+                if result.stopped_early { ", stopped early" } else { "" }
+            );
+            for count in &result.distribution {
+                eprintln!("  {:>4}  {}", count.votes, count.answer);
+            }
+            if !result.tie.is_empty() {
+                eprintln!("tie between {}: the first to appear won", result.tie.join(", "));
+            }
+        }
+    }
+    Ok(if result.consensus { ExitCode::SUCCESS } else { ExitCode::from(3) })
+}
+
+fn print_parts(result: &SectionsResult, json: bool) -> Result<ExitCode> {
+    if json {
+        print_json(result)?;
+    } else {
+        for part in &result.parts {
+            println!(
+                "## {} ({})\n{}\n",
+                part.name,
+                part.id,
+                part.text.as_deref().unwrap_or_else(|| part.error.as_deref().unwrap_or(""))
+            );
+        }
+        if let Some(synthesis) = &result.synthesis {
+            println!(
+                "## synthesis\n{}",
+                synthesis
+                    .text
+                    .as_deref()
+                    .unwrap_or_else(|| synthesis.error.as_deref().unwrap_or(""))
+            );
+        }
+    }
+    let failed = result.parts.iter().any(|p| p.text.is_none())
+        || result.synthesis.as_ref().is_some_and(|s| s.text.is_none());
+    Ok(if failed { ExitCode::from(3) } else { ExitCode::SUCCESS })
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SectionsArgs {
+    /// name="prompt"; repeat for each section
+    #[arg(long = "section", required = true, value_parser = parse_section)]
+    sections: Vec<(String, String)>,
+    /// Instructions for a synthesizer that receives every section by name
+    #[arg(long)]
+    synthesize: Option<String>,
+    #[arg(long)]
+    system: Option<String>,
+}
+
+fn parse_section(text: &str) -> Result<(String, String), String> {
+    let (name, prompt) = text.split_once('=').ok_or(format!("`{text}` is not NAME=PROMPT"))?;
+    Ok((name.trim().to_owned(), prompt.to_owned()))
+}
+
+pub async fn run_sections(flags: &Flags, args: SectionsArgs) -> Result<ExitCode> {
+    let (executor, settings) = executor(flags)?;
+    let parts = args
+        .sections
+        .into_iter()
+        .map(|(name, prompt)| Section {
+            name,
+            request: request(&settings, prompt, args.system.as_deref()),
+        })
+        .collect();
+    let result = sections(&executor, parts, args.synthesize.as_deref()).await;
+    print_parts(&result, flags.json)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MapReduceArgs {
+    /// Files, folders (read recursively), globs, or JSONL files with --field
+    #[arg(required = true)]
+    paths: Vec<String>,
+    #[arg(long)]
+    map: String,
+    #[arg(long)]
+    reduce: String,
+    /// For JSONL inputs: the field that holds each document's text
+    #[arg(long)]
+    field: Option<String>,
+    #[arg(long, default_value_t = 1500)]
+    chunk_tokens: usize,
+    #[arg(long, default_value_t = 100)]
+    overlap_tokens: usize,
+    #[arg(long, default_value_t = 3000)]
+    reduce_tokens: usize,
+}
+
+fn add_file(path: &Path, field: Option<&str>, documents: &mut Vec<Document>) -> Result<()> {
+    let id = path
+        .file_name()
+        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+    if let Some(field) = field.filter(|_| path.extension().is_some_and(|e| e == "jsonl")) {
+        for row in input::rows(path, input::Format::Jsonl, None)? {
+            let Content::Fields(fields) = row.content else {
+                bail!("{}: {}", path.display(), "a row is not a JSON object")
+            };
+            let text = fields.get(field).and_then(|v| v.as_str()).with_context(|| {
+                format!("{} line {}: no text field `{field}`", path.display(), row.line)
+            })?;
+            documents.push(Document { id: format!("{id}:{}", row.line), text: text.to_owned() });
+        }
+        return Ok(());
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read {} as text", path.display()))?;
+    documents.push(Document { id, text });
+    Ok(())
+}
+
+/// Every file under `path` (itself, if it is a file), in name order.
+fn files(path: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> =
+            std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for entry in entries {
+            files(&entry, found)?;
+        }
+    } else {
+        found.push(path.to_path_buf());
+    }
+    Ok(())
+}
+
+pub async fn run_map_reduce(flags: &Flags, args: MapReduceArgs) -> Result<ExitCode> {
+    let mut found = Vec::new();
+    for pattern in &args.paths {
+        let path = Path::new(pattern);
+        if path.exists() {
+            files(path, &mut found).map_err(Refusal)?;
+            continue;
+        }
+        let matches: Vec<PathBuf> = glob::glob(pattern)
+            .map_err(|e| Refusal(anyhow!("bad glob `{pattern}`: {e}")))?
+            .filter_map(Result::ok)
+            .collect();
+        if matches.is_empty() {
+            return Err(Refusal(anyhow!("`{pattern}` matches no file")).into());
+        }
+        for path in matches {
+            files(&path, &mut found).map_err(Refusal)?;
+        }
+    }
+    // A file named twice (a folder and a glob over it) is one document.
+    let mut seen = std::collections::BTreeSet::new();
+    found.retain(|p| seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())));
+    let mut documents = Vec::new();
+    for path in &found {
+        add_file(path, args.field.as_deref(), &mut documents).map_err(Refusal)?;
+    }
+    let (executor, _) = executor(flags)?;
+    let options = MapReduceOptions {
+        chunk_tokens: args.chunk_tokens,
+        overlap_tokens: args.overlap_tokens,
+        reduce_tokens: args.reduce_tokens,
+        ..MapReduceOptions::new(args.map, args.reduce)
+    };
+    let result = map_reduce(&executor, &documents, &options).await;
+    if flags.json {
+        print_json(&result)?;
+    } else {
+        println!("{}", result.answer.as_deref().unwrap_or("(no answer)"));
+        if !flags.quiet {
+            eprintln!("sources: {}", result.sources.join(", "));
+            eprintln!(
+                "levels: {} (map, then {} collapse rounds)",
+                result.levels.len(),
+                result.levels.len().saturating_sub(1)
+            );
+            for (ids, error) in &result.failures {
+                eprintln!("failed: {}: {error}", ids.join(", "));
+            }
+        }
+    }
+    Ok(if result.answer.is_some() && result.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PerspectivesArgs {
+    /// The file to review (`-` for stdin)
+    input: PathBuf,
+    /// Built-in persona: skeptic, optimist, realist, security, end-user, expert, devil
+    #[arg(long = "persona")]
+    personas: Vec<String>,
+    /// Custom personas: TOML ([[persona]] name, prompt) or JSON
+    #[arg(long)]
+    personas_file: Option<PathBuf>,
+    /// Instructions for the synthesis [default: a balanced, attributed synthesis]
+    #[arg(long)]
+    synthesize: Option<String>,
+    #[arg(long)]
+    no_synthesis: bool,
+}
+
+pub async fn run_perspectives(flags: &Flags, args: PerspectivesArgs) -> Result<ExitCode> {
+    let input = if args.input.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(&args.input)
+            .with_context(|| format!("cannot read {}", args.input.display()))
+            .map_err(Refusal)?
+    };
+    let mut personas: Vec<Persona> = Vec::new();
+    for name in &args.personas {
+        let names: Vec<&str> = perspectives::BUILTIN.iter().map(|(n, _)| *n).collect();
+        personas.push(perspectives::builtin(name).ok_or_else(|| {
+            Refusal(anyhow!("unknown persona `{name}`: the built-in ones are {}", names.join(", ")))
+        })?);
+    }
+    if let Some(file) = &args.personas_file {
+        personas.extend(perspectives::load(file).map_err(|e| Refusal(anyhow!(e)))?);
+    }
+    if personas.is_empty() {
+        personas = ["skeptic", "optimist", "realist"]
+            .iter()
+            .filter_map(|n| perspectives::builtin(n))
+            .collect();
+    }
+    let (executor, _) = executor(flags)?;
+    let synthesis =
+        (!args.no_synthesis).then(|| args.synthesize.as_deref().unwrap_or(DEFAULT_SYNTHESIS));
+    let result = perspectives(&executor, &input, &personas, synthesis).await;
+    print_parts(&result, flags.json)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// The workflow file (TOML)
+    workflow: PathBuf,
+    /// NAME=VALUE for the workflow's variables; repeatable
+    #[arg(long = "var", value_parser = parse_section)]
+    vars: Vec<(String, String)>,
+}
+
+pub async fn run_workflow(flags: &Flags, args: RunArgs) -> Result<ExitCode> {
+    let text = std::fs::read_to_string(&args.workflow)
+        .with_context(|| format!("cannot read {}", args.workflow.display()))
+        .map_err(Refusal)?;
+    let vars: BTreeMap<String, String> = args.vars.into_iter().collect();
+    let workflow =
+        Workflow::parse(&text).map_err(|e| Refusal(anyhow!("{}: {e}", args.workflow.display())))?;
+    let plan = workflow.plan(&vars).map_err(|errors| {
+        Refusal(anyhow!("{} is not valid:\n  {}", args.workflow.display(), errors.join("\n  ")))
+    })?;
+    let (executor, _) = executor(flags)?;
+    let result = plan.run(&executor).await;
+    if flags.json {
+        print_json(&result)?;
+    } else {
+        for step in &result.steps {
+            if !result.outputs.contains(&step.name) || flags.quiet {
+                continue;
+            }
+            println!(
+                "{}",
+                step.text.as_deref().unwrap_or_else(|| step.error.as_deref().unwrap_or(""))
+            );
+        }
+        for step in result.steps.iter().filter(|s| s.text.is_none()) {
+            eprintln!(
+                "fanout: step `{}`: {}",
+                step.name,
+                step.error.as_deref().unwrap_or("failed")
+            );
+        }
+    }
+    Ok(if result.steps.iter().all(|s| s.text.is_some()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}

@@ -1,0 +1,158 @@
+//! The pattern commands, on the in-process mock provider.
+
+use crate::{Home, lines, stderr};
+
+fn json(output: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&output.stdout)))
+}
+
+#[test]
+fn vote_consensus_early_stop_judge_and_rows() {
+    let home = Home::new();
+    let fanout = || {
+        let mut command = home.fanout();
+        command.args(["--provider", "mock"]);
+        command
+    };
+    let output = fanout()
+        .args([
+            "--json",
+            "vote",
+            "What is 6 x 7?",
+            "-n",
+            "9",
+            "--early-stop",
+            "--stop-rule",
+            "certain",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let result = json(&output);
+    assert_eq!(result["winner"], "mock answer what is 6 x 7");
+    assert_eq!(
+        (result["calls"].as_u64(), result["stopped_early"].as_bool()),
+        (Some(5), Some(true))
+    );
+
+    let output =
+        fanout().args(["vote", "Pick", "-n", "3", "--extract", "choice"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(3), "no answer can be extracted: no consensus");
+    assert_eq!(String::from_utf8_lossy(&output.stdout), "no consensus\n");
+
+    let output = fanout()
+        .args(["--json", "vote", "Name a color", "-n", "3", "--distinct", "--budget", "4"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3), "the mock gives one answer only");
+    assert_eq!(json(&output)["options"].as_array().unwrap().len(), 1);
+
+    home.write(
+        "questions.jsonl",
+        "{\"id\":\"q1\",\"q\":\"2+2\"}\n{\"id\":\"q2\",\"q\":\"3+3\"}\n{\"id\":\"q3\"}\n",
+    );
+    let output = fanout()
+        .args(["vote", "{{ q }}", "-n", "3", "--input", "questions.jsonl", "--id", "id"])
+        .output()
+        .unwrap();
+    let rows = lines(&output.stdout);
+    assert_eq!(rows.len(), 3);
+    assert_eq!(
+        (rows[1]["id"].as_str(), rows[1]["winner"].as_str()),
+        (Some("q2"), Some("mock answer 3 3"))
+    );
+    assert!(rows[2]["error"].as_str().unwrap().contains("the template uses `q`"));
+    let bad = fanout().args(["vote", "x", "--extract", "vibes"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("unknown extractor"));
+}
+
+#[test]
+fn sections_perspectives_and_map_reduce() {
+    let home = Home::new();
+    let fanout = || {
+        let mut command = home.fanout();
+        command.args(["--provider", "mock", "--json"]);
+        command
+    };
+    let output = fanout()
+        .args([
+            "sections",
+            "--section",
+            "history=History of Rome",
+            "--section",
+            "art=Art of Rome",
+            "--synthesize",
+            "One page.",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let result = json(&output);
+    assert_eq!(result["parts"][1]["name"], "art");
+    assert!(result["synthesis"]["text"].as_str().unwrap().contains("## art (id: s2)"));
+
+    home.write("plan.md", "Open a bakery in Lyon.");
+    home.write("people.toml", "[[persona]]\nname = \"baker\"\nprompt = \"You are a baker.\"\n");
+    let output = fanout()
+        .args(["perspectives", "plan.md", "--persona", "skeptic", "--personas-file", "people.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let result = json(&output);
+    let names: Vec<&str> =
+        result["parts"].as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["skeptic", "baker"]);
+    assert!(result["synthesis"]["text"].as_str().unwrap().contains("## baker (id: s2)"));
+    let unknown =
+        fanout().args(["perspectives", "plan.md", "--persona", "wizard"]).output().unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(stderr(&unknown).contains("unknown persona `wizard`"));
+
+    std::fs::create_dir_all(home.path("docs")).unwrap();
+    home.write("docs/a.txt", "alpha ".repeat(50));
+    home.write("docs/b.txt", "beta ".repeat(50));
+    home.write("notes.jsonl", "{\"text\":\"gamma notes\"}\n");
+    let output = fanout()
+        .args([
+            "map-reduce",
+            "docs",
+            "docs/*.txt",
+            "notes.jsonl",
+            "--field",
+            "text",
+            "--map",
+            "Notes.",
+            "--reduce",
+            "Summary.",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let result = json(&output);
+    let sources: Vec<&str> =
+        result["sources"].as_array().unwrap().iter().map(|s| s.as_str().unwrap()).collect();
+    assert_eq!(sources, ["a.txt#1", "b.txt#1", "notes.jsonl:1#1"], "each file once");
+}
+
+#[test]
+fn workflow_runs_and_refuses_invalid_files() {
+    let home = Home::new();
+    let research = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/research.toml");
+    let output = home
+        .fanout()
+        .args(["--provider", "mock", "run", research, "--var", "topic=the bicycle"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        report.starts_with("mock answer: Write a one-page briefing on the bicycle"),
+        "{report}"
+    );
+    home.write("cycle.toml", "[[step]]\nname = \"a\"\nprompt = \"{{ steps.b }}\"\n[[step]]\nname = \"b\"\nprompt = \"{{ steps.a }}\"\n");
+    let output = home.fanout().args(["--provider", "mock", "run", "cycle.toml"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("cycle: a -> b -> a"), "{}", stderr(&output));
+}

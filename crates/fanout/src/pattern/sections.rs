@@ -1,0 +1,97 @@
+//! Sections: named subtasks run concurrently, then an optional synthesizer that
+//! receives every section's result by name and id, in a fixed order. A failed
+//! or timed-out section reaches the synthesizer as missing, with its reason.
+
+use serde::Serialize;
+
+use crate::{Executor, Request, Task};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Section {
+    pub name: String,
+    pub request: Request,
+}
+
+impl Section {
+    pub fn new(name: impl Into<String>, prompt: impl Into<String>) -> Self {
+        Self { name: name.into(), request: Request::user(prompt) }
+    }
+}
+
+/// A section's result; exactly one of `text` and `error` is set.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Part {
+    pub name: String,
+    /// `s1`, `s2`, ... in the order the sections were given.
+    pub id: String,
+    pub text: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Synthesis {
+    pub text: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct SectionsResult {
+    pub parts: Vec<Part>,
+    pub synthesis: Option<Synthesis>,
+}
+
+/// The synthesizer's prompt: the instructions, then every part by name and id;
+/// a missing part says so and why.
+pub fn synthesis_prompt(instructions: &str, parts: &[Part]) -> String {
+    let mut prompt = format!("{instructions}\n");
+    for part in parts {
+        prompt.push_str(&format!("\n## {} (id: {})\n", part.name, part.id));
+        match (&part.text, &part.error) {
+            (Some(text), _) => prompt.push_str(text.trim()),
+            (None, error) => prompt.push_str(&format!(
+                "[MISSING: this part has no result ({}). Say what is missing rather than guessing.]",
+                error.as_deref().unwrap_or("unknown reason")
+            )),
+        }
+        prompt.push('\n');
+    }
+    prompt
+}
+
+/// Runs the sections in parallel, then the synthesizer if `synthesize` gives its instructions.
+pub async fn sections(
+    executor: &Executor,
+    sections: Vec<Section>,
+    synthesize: Option<&str>,
+) -> SectionsResult {
+    let names: Vec<String> = sections.iter().map(|s| s.name.clone()).collect();
+    let tasks = sections
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| Task::with_id(format!("s{}", i + 1), s.request));
+    let report = executor.run(tasks).await;
+    let parts: Vec<Part> = report
+        .results
+        .iter()
+        .zip(names)
+        .map(|(result, name)| Part {
+            name,
+            id: result.id.to_string(),
+            text: result.outcome.text().map(str::to_owned),
+            error: super::failure(&result.outcome),
+        })
+        .collect();
+    let synthesis = match synthesize {
+        None => None,
+        Some(instructions) => {
+            let report =
+                executor.run([Request::user(synthesis_prompt(instructions, &parts))]).await;
+            let outcome = &report.results[0].outcome;
+            Some(Synthesis {
+                text: outcome.text().map(str::to_owned),
+                error: super::failure(outcome),
+            })
+        }
+    };
+    SectionsResult { parts, synthesis }
+}

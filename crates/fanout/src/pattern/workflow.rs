@@ -1,0 +1,282 @@
+//! Workflow files: templated steps in TOML, run in parallel where they can be.
+//!
+//! ```toml
+//! [vars]
+//! topic = "the printing press"        # a default; callers may override it
+//!
+//! [[step]]
+//! name = "history"
+//! prompt = "Summarize the history of {{ topic }}."
+//!
+//! [[step]]
+//! name = "report"
+//! prompt = "Write a report on {{ topic }} from these notes: {{ steps.history }}"
+//! ```
+//!
+//! A step depends on the steps its templates name (`{{ steps.history }}`) and
+//! on those in its optional `needs = [...]`. Steps whose dependencies are done
+//! run together. Everything is checked before any call: template syntax,
+//! unknown variables, steps that do not exist, duplicate names, and cycles.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use minijinja::{Environment, UndefinedBehavior};
+use serde::{Deserialize, Serialize};
+
+use crate::{Executor, Request, Task};
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Workflow {
+    #[serde(default)]
+    pub vars: BTreeMap<String, String>,
+    #[serde(rename = "step", default)]
+    pub steps: Vec<Step>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Step {
+    pub name: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub system: Option<String>,
+    #[serde(default)]
+    pub needs: Vec<String>,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    #[serde(default)]
+    pub temperature: Option<f32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct StepResult {
+    pub name: String,
+    pub text: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct WorkflowResult {
+    /// In the file's order.
+    pub steps: Vec<StepResult>,
+    /// The steps nothing depends on: the workflow's outputs.
+    pub outputs: Vec<String>,
+}
+
+/// A checked workflow: templates compiled, dependencies known, steps in waves.
+#[derive(Debug)]
+pub struct Plan {
+    workflow: Workflow,
+    env: Environment<'static>,
+    vars: BTreeMap<String, String>,
+    needs: Vec<BTreeSet<usize>>,
+    waves: Vec<Vec<usize>>,
+}
+
+impl Workflow {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let workflow: Self =
+            toml::from_str(text).map_err(|e| format!("the workflow is not valid TOML: {e}"))?;
+        if workflow.steps.is_empty() {
+            return Err("the workflow has no [[step]]".into());
+        }
+        Ok(workflow)
+    }
+
+    /// Checks everything that can be checked before a call; `vars` override the file's.
+    pub fn plan(self, vars: &BTreeMap<String, String>) -> Result<Plan, Vec<String>> {
+        let mut errors = Vec::new();
+        let mut values = self.vars.clone();
+        values.extend(vars.clone());
+        let index: BTreeMap<&str, usize> =
+            self.steps.iter().enumerate().map(|(i, s)| (s.name.as_str(), i)).collect();
+        if index.len() != self.steps.len() {
+            let mut seen = BTreeSet::new();
+            for step in &self.steps {
+                if !seen.insert(&step.name) {
+                    errors.push(format!("two steps are named `{}`", step.name));
+                }
+            }
+        }
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        let mut needs = vec![BTreeSet::new(); self.steps.len()];
+        for (i, step) in self.steps.iter().enumerate() {
+            for (part, source) in [("prompt", Some(&step.prompt)), ("system", step.system.as_ref())]
+            {
+                let Some(source) = source else { continue };
+                let name = format!("{}.{part}", step.name);
+                if let Err(e) = env.add_template_owned(name.clone(), source.clone()) {
+                    errors.push(format!(
+                        "step `{}`: the {part} template is not valid: {e}",
+                        step.name
+                    ));
+                    continue;
+                }
+                let template = env.get_template(&name).expect("just added");
+                for variable in template.undeclared_variables(true) {
+                    let root = variable.split('.').next().unwrap_or(&variable);
+                    if root == "steps" {
+                        let step_name =
+                            variable.strip_prefix("steps.").and_then(|rest| rest.split('.').next());
+                        match step_name.and_then(|n| index.get(n)) {
+                            Some(j) => {
+                                needs[i].insert(*j);
+                            }
+                            None => errors.push(format!(
+                                "step `{}` uses `{variable}`, but there is no step `{}`",
+                                step.name,
+                                step_name.unwrap_or("")
+                            )),
+                        }
+                    } else if !values.contains_key(root) {
+                        errors.push(format!(
+                            "step `{}` uses the variable `{root}`, which is not set (add it to [vars] or pass --var {root}=...)",
+                            step.name
+                        ));
+                    }
+                }
+            }
+            for need in &step.needs {
+                match index.get(need.as_str()) {
+                    Some(j) => {
+                        needs[i].insert(*j);
+                    }
+                    None => errors.push(format!(
+                        "step `{}` needs `{need}`, but there is no such step",
+                        step.name
+                    )),
+                }
+            }
+        }
+        let waves = match waves(&needs) {
+            Ok(waves) => waves,
+            Err(cycle) => {
+                let names: Vec<&str> = cycle.iter().map(|i| self.steps[*i].name.as_str()).collect();
+                errors.push(format!(
+                    "the steps depend on each other in a cycle: {}",
+                    names.join(" -> ")
+                ));
+                Vec::new()
+            }
+        };
+        errors.sort();
+        errors.dedup();
+        if errors.is_empty() {
+            Ok(Plan { workflow: self, env, vars: values, needs, waves })
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// Steps in waves: each wave's steps depend only on earlier waves. A cycle is
+/// returned as the steps on it.
+fn waves(needs: &[BTreeSet<usize>]) -> Result<Vec<Vec<usize>>, Vec<usize>> {
+    let mut done = BTreeSet::new();
+    let mut waves = Vec::new();
+    while done.len() < needs.len() {
+        let wave: Vec<usize> =
+            (0..needs.len()).filter(|i| !done.contains(i) && needs[*i].is_subset(&done)).collect();
+        if wave.is_empty() {
+            // Walk from any blocked step along unfinished needs until a step repeats.
+            let mut path =
+                vec![(0..needs.len()).find(|i| !done.contains(i)).expect("some step is left")];
+            loop {
+                let last = *path.last().expect("non-empty");
+                let next = *needs[last]
+                    .iter()
+                    .find(|j| !done.contains(*j))
+                    .expect("a blocked step has a need");
+                if let Some(start) = path.iter().position(|s| *s == next) {
+                    let mut cycle = path[start..].to_vec();
+                    cycle.push(next);
+                    return Err(cycle);
+                }
+                path.push(next);
+            }
+        }
+        done.extend(wave.iter().copied());
+        waves.push(wave);
+    }
+    Ok(waves)
+}
+
+impl Plan {
+    /// Runs the steps, wave by wave; a step whose dependency failed is skipped, saying why.
+    pub async fn run(&self, executor: &Executor) -> WorkflowResult {
+        let steps = &self.workflow.steps;
+        let mut results: Vec<Option<StepResult>> = vec![None; steps.len()];
+        for wave in &self.waves {
+            let mut tasks = Vec::new();
+            for &i in wave {
+                let failed: Vec<&str> = self.needs[i]
+                    .iter()
+                    .filter(|j| results[**j].as_ref().is_none_or(|r| r.text.is_none()))
+                    .map(|j| steps[*j].name.as_str())
+                    .collect();
+                if !failed.is_empty() {
+                    let error = format!("skipped: it needs {}, which failed", failed.join(", "));
+                    results[i] = Some(StepResult {
+                        name: steps[i].name.clone(),
+                        text: None,
+                        error: Some(error),
+                    });
+                    continue;
+                }
+                match self.request(i, &results) {
+                    Ok(request) => tasks.push(Task::with_id(i.to_string(), request)),
+                    Err(error) => {
+                        results[i] = Some(StepResult {
+                            name: steps[i].name.clone(),
+                            text: None,
+                            error: Some(error),
+                        })
+                    }
+                }
+            }
+            let report = executor.run(tasks).await;
+            for result in report.results {
+                let i: usize = result.id.as_str().parse().expect("ids are step indices");
+                results[i] = Some(StepResult {
+                    name: steps[i].name.clone(),
+                    text: result.outcome.text().map(str::to_owned),
+                    error: super::failure(&result.outcome),
+                });
+            }
+        }
+        let depended_on: BTreeSet<usize> = self.needs.iter().flatten().copied().collect();
+        WorkflowResult {
+            outputs: (0..steps.len())
+                .filter(|i| !depended_on.contains(i))
+                .map(|i| steps[i].name.clone())
+                .collect(),
+            steps: results.into_iter().map(|r| r.expect("every step is run or skipped")).collect(),
+        }
+    }
+
+    fn request(&self, i: usize, results: &[Option<StepResult>]) -> Result<Request, String> {
+        let step = &self.workflow.steps[i];
+        let done: BTreeMap<&str, &str> = results
+            .iter()
+            .flatten()
+            .filter_map(|r| Some((r.name.as_str(), r.text.as_deref()?)))
+            .collect();
+        let context =
+            minijinja::context! { steps => done, ..minijinja::Value::from_serialize(&self.vars) };
+        let render = |part: &str| {
+            self.env
+                .get_template(&format!("{}.{part}", step.name))
+                .and_then(|t| t.render(&context))
+                .map_err(|e| format!("cannot render the {part} of step `{}`: {e}", step.name))
+        };
+        let mut request = Request::user(render("prompt")?);
+        if step.system.is_some() {
+            request = request.with_system(render("system")?);
+        }
+        request.max_tokens = step.max_tokens;
+        request.temperature = step.temperature;
+        Ok(request)
+    }
+}

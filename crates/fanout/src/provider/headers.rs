@@ -12,6 +12,25 @@ use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 
+/// Header names of the limit, remaining and reset of requests, then tokens.
+/// Spelled out: they are looked up on every answer.
+const OPENAI_NAMES: [[&str; 3]; 2] = [
+    ["x-ratelimit-limit-requests", "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests"],
+    ["x-ratelimit-limit-tokens", "x-ratelimit-remaining-tokens", "x-ratelimit-reset-tokens"],
+];
+const ANTHROPIC_NAMES: [[&str; 3]; 2] = [
+    [
+        "anthropic-ratelimit-requests-limit",
+        "anthropic-ratelimit-requests-remaining",
+        "anthropic-ratelimit-requests-reset",
+    ],
+    [
+        "anthropic-ratelimit-tokens-limit",
+        "anthropic-ratelimit-tokens-remaining",
+        "anthropic-ratelimit-tokens-reset",
+    ],
+];
+
 /// One dimension of a provider's budget (requests or tokens).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Budget {
@@ -47,28 +66,29 @@ impl RateLimit {
     /// into a duration. Returns `None` when no rate-limit header is present.
     pub fn from_headers(headers: &HeaderMap, now: SystemTime) -> Option<Self> {
         let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim);
-        let number = |name: String| text(&name).and_then(|v| v.parse().ok());
-        let budget = |dimension: &str| {
+        let number = |name: &str| text(name).and_then(|v| v.parse().ok());
+        let budget = |dimension: usize| {
+            let [limit, remaining, reset] = OPENAI_NAMES[dimension];
             let openai = Budget {
-                limit: number(format!("x-ratelimit-limit-{dimension}")),
-                remaining: number(format!("x-ratelimit-remaining-{dimension}")),
-                reset: text(&format!("x-ratelimit-reset-{dimension}")).and_then(parse_duration),
+                limit: number(limit),
+                remaining: number(remaining),
+                reset: text(reset).and_then(parse_duration),
             };
             if !openai.is_empty() {
                 return openai;
             }
+            let [limit, remaining, reset] = ANTHROPIC_NAMES[dimension];
             Budget {
-                limit: number(format!("anthropic-ratelimit-{dimension}-limit")),
-                remaining: number(format!("anthropic-ratelimit-{dimension}-remaining")),
-                reset: text(&format!("anthropic-ratelimit-{dimension}-reset"))
-                    .and_then(|at| parse_reset_time(at, now)),
+                limit: number(limit),
+                remaining: number(remaining),
+                reset: text(reset).and_then(|at| parse_reset_time(at, now)),
             }
         };
         let retry_after = text("retry-after-ms")
             .and_then(|ms| ms.parse::<f64>().ok())
             .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok())
             .or_else(|| text("retry-after").and_then(|v| parse_retry_after(v, now)));
-        let parsed = Self { retry_after, requests: budget("requests"), tokens: budget("tokens") };
+        let parsed = Self { retry_after, requests: budget(0), tokens: budget(1) };
         (!parsed.is_empty()).then_some(parsed)
     }
 

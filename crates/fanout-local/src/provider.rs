@@ -1,0 +1,149 @@
+//! [`LocalModel`]: the embedded model as a [`fanout::Provider`].
+
+use std::hash::{Hash, Hasher};
+use std::path::Path;
+use std::sync::Arc;
+
+use fanout::{Provider, ProviderError, Request, Response, Usage};
+
+use crate::LocalError;
+use crate::chat::ChatTemplate;
+use crate::engine::{Engine, EngineOptions, FinishReason, GenerationRequest};
+use crate::gguf::{GgufFile, ModelConfig};
+use crate::model::Model;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::ChatTokenizer;
+
+/// How a [`LocalModel`] runs and what a request gets when it names no value.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalOptions {
+    pub engine: EngineOptions,
+    /// Answer length when a request gives no `max_tokens`.
+    pub default_max_tokens: u32,
+    /// Sampling when a request gives no temperature / top-p.
+    pub default_sampling: SamplingParams,
+}
+
+impl Default for LocalOptions {
+    fn default() -> Self {
+        Self { engine: EngineOptions::default(), default_max_tokens: 256, default_sampling: SamplingParams::default() }
+    }
+}
+
+/// A GGUF model loaded in this process, answering chat requests.
+#[derive(Debug, Clone)]
+pub struct LocalModel {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    config: ModelConfig,
+    tokenizer: Arc<ChatTokenizer>,
+    template: ChatTemplate,
+    engine: Engine,
+    options: LocalOptions,
+}
+
+impl LocalModel {
+    /// Loads the weights (dequantized to f32, see the crate's notes on precision)
+    /// and starts the scheduler thread.
+    pub fn load(path: &Path, options: LocalOptions) -> Result<Self, LocalError> {
+        let gguf = GgufFile::open(path)?;
+        let tokenizer = Arc::new(ChatTokenizer::from_gguf(&gguf)?);
+        let template = ChatTemplate::from_gguf(&gguf, &tokenizer)?;
+        let model = Model::load(&gguf)?;
+        let config = model.config.clone();
+        let name = gguf
+            .optional_string("general.name")
+            .map(str::to_owned)
+            .or_else(|| path.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "local".to_owned());
+        let engine = Engine::start(model, tokenizer.clone(), options.engine.clone())?;
+        Ok(Self { inner: Arc::new(Inner { name, config, tokenizer, template, engine, options }) })
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.inner.config
+    }
+
+    pub fn tokenizer(&self) -> &ChatTokenizer {
+        &self.inner.tokenizer
+    }
+
+    /// The prompt's token ids: the conversation through the chat template.
+    pub fn prompt_tokens(&self, request: &Request) -> Result<Vec<u32>, LocalError> {
+        let text = self.inner.template.render(&request.messages)?;
+        self.inner.tokenizer.encode(&text)
+    }
+
+    fn generation_request(&self, request: &Request, prompt: Vec<u32>, choice: u32) -> GenerationRequest {
+        let defaults = &self.inner.options.default_sampling;
+        let seed = request.seed.unwrap_or_else(|| derived_seed(request)).wrapping_add(u64::from(choice));
+        GenerationRequest {
+            prompt,
+            max_tokens: request.max_tokens.unwrap_or(self.inner.options.default_max_tokens) as usize,
+            stop: request.stop.clone(),
+            sampling: SamplingParams {
+                temperature: request.temperature.unwrap_or(defaults.temperature),
+                top_p: request.top_p.unwrap_or(defaults.top_p),
+                top_k: request.extra.get("top_k").and_then(|v| v.as_u64()).map_or(defaults.top_k, |k| k as usize),
+                seed,
+            },
+        }
+    }
+}
+
+/// Without an explicit seed, the seed follows the conversation and the sample
+/// index: the same request gives the same answer, and a vote's samples differ.
+fn derived_seed(request: &Request) -> u64 {
+    let mut hasher = std::hash::DefaultHasher::new();
+    request.messages.hash(&mut hasher);
+    request.sample_index.hash(&mut hasher);
+    hasher.finish()
+}
+
+#[async_trait::async_trait]
+impl Provider for LocalModel {
+    fn name(&self) -> &str {
+        "local"
+    }
+
+    async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+        let prompt = self.prompt_tokens(request)?;
+        let choices = request.n.unwrap_or(1).max(1);
+        let answers = futures_util::future::join_all(
+            (0..choices).map(|choice| self.inner.engine.generate(self.generation_request(request, prompt.clone(), choice))),
+        )
+        .await;
+        let mut usage = Usage { input_tokens: prompt.len() as u64, output_tokens: 0 };
+        let mut texts = Vec::with_capacity(answers.len());
+        let mut finish_reason = None;
+        for answer in answers {
+            let answer = answer?;
+            usage.output_tokens += answer.tokens.len() as u64;
+            finish_reason.get_or_insert(match answer.finish {
+                FinishReason::Stop => "stop",
+                FinishReason::Length => "length",
+            });
+            texts.push(answer.text);
+        }
+        let mut texts = texts.into_iter();
+        let mut response = Response::new(texts.next().unwrap_or_default(), usage);
+        response.other_choices = texts.collect();
+        response.finish_reason = finish_reason.map(str::to_owned);
+        response.model = Some(self.inner.name.clone());
+        Ok(response)
+    }
+
+    /// The prompt's real token count plus the answer budget.
+    fn estimate_tokens(&self, request: &Request) -> u64 {
+        let prompt = self.prompt_tokens(request).map_or(0, |p| p.len() as u64);
+        prompt + u64::from(request.max_tokens.unwrap_or(self.inner.options.default_max_tokens))
+    }
+}

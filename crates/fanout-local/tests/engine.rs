@@ -1,0 +1,135 @@
+//! The engine's mechanics on a tiny random model: batching, sampling, stops,
+//! cancellation, errors, and running under fanout's executor.
+
+mod common;
+
+use std::time::Duration;
+
+use fanout::{ErrorKind, Executor, Provider, Request, Task};
+use fanout_local::{EngineOptions, LocalOptions};
+
+fn options(max_batch: usize) -> LocalOptions {
+    LocalOptions {
+        engine: EngineOptions { threads: 1, max_batch, prefill_chunk: 16 },
+        default_max_tokens: 24,
+        ..LocalOptions::default()
+    }
+}
+
+fn sampled(prompt: &str, seed: u64) -> Request {
+    let mut request = Request::user(prompt).with_temperature(1.0).with_max_tokens(24);
+    request.seed = Some(seed);
+    request
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_does_not_depend_on_what_else_is_in_the_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let alone = common::tiny_model(&dir, options(1));
+    let batched = common::tiny_model(&dir, options(8));
+    let prompts: Vec<String> = (0..8).map(|i| format!("prompt number {i} {}", "word ".repeat(i * 5))).collect();
+    let mut expected = Vec::new();
+    for (i, prompt) in prompts.iter().enumerate() {
+        expected.push(alone.complete(&sampled(prompt, i as u64)).await.unwrap().text);
+    }
+    // All eight at once: prompts of different lengths prefill in chunks while
+    // others decode, each at its own position.
+    let together = futures_util::future::join_all(
+        prompts.iter().enumerate().map(|(i, p)| {
+            let request = sampled(p, i as u64);
+            let model = batched.clone();
+            async move { model.complete(&request).await.unwrap().text }
+        }),
+    )
+    .await;
+    assert_eq!(together, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seeds_give_diversity_and_the_same_seed_repeats() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&dir, options(4));
+    let a = model.complete(&sampled("tell me", 1)).await.unwrap().text;
+    let again = model.complete(&sampled("tell me", 1)).await.unwrap().text;
+    let b = model.complete(&sampled("tell me", 2)).await.unwrap().text;
+    assert_eq!(a, again);
+    assert_ne!(a, b);
+    // Without a seed, votes differ by sample index and a repeat is stable.
+    let vote = |index| {
+        let mut request = Request::user("vote").with_temperature(1.0).with_max_tokens(16);
+        request.sample_index = index;
+        request
+    };
+    let first = model.complete(&vote(0)).await.unwrap().text;
+    assert_eq!(first, model.complete(&vote(0)).await.unwrap().text);
+    assert_ne!(first, model.complete(&vote(1)).await.unwrap().text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_tokens_stop_sequences_and_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&dir, options(4));
+    let prompt_tokens = model.prompt_tokens(&Request::user("count")).unwrap().len() as u64;
+    let request = Request::user("count").with_temperature(0.0).with_max_tokens(12);
+    let full = model.complete(&request).await.unwrap();
+    assert_eq!(full.usage.input_tokens, prompt_tokens);
+    assert_eq!(full.finish_reason.as_deref(), Some("length"));
+    assert_eq!(full.usage.output_tokens, 12);
+    assert_eq!(model.estimate_tokens(&request), prompt_tokens + 12);
+
+    // Stop at a piece of the greedy answer: the text ends just before it.
+    let chars: Vec<char> = full.text.chars().collect();
+    let stop: String = chars[chars.len() / 2..chars.len() / 2 + 2].iter().collect();
+    let mut stopped = request.clone();
+    stopped.stop = vec![stop.clone()];
+    let answer = model.complete(&stopped).await.unwrap();
+    assert_eq!(answer.finish_reason.as_deref(), Some("stop"));
+    assert_eq!(answer.text, full.text[..full.text.find(&stop).unwrap()]);
+    assert!(answer.usage.output_tokens < 12);
+
+    // `n` choices come back as other_choices, each counted.
+    let mut several = sampled("count", 5);
+    several.n = Some(3);
+    let answer = model.complete(&several).await.unwrap();
+    assert_eq!(answer.other_choices.len(), 2);
+    // A choice may end early on a special token; each counts what it generated.
+    assert!((3..=3 * 24).contains(&answer.usage.output_tokens), "{:?}", answer.usage);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_long_a_prompt_is_a_bad_request_and_the_engine_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&dir, options(2));
+    let error = model.complete(&Request::user("word ".repeat(400))).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::BadRequest);
+    assert!(error.message().contains("tokens"), "{error}");
+    assert!(model.complete(&Request::user("still here")).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_request_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&dir, options(1));
+    // The only slot is busy with a long answer that nobody waits for...
+    let long = Request::user("long").with_temperature(0.0).with_max_tokens(200);
+    let abandoned = tokio::time::timeout(Duration::from_millis(20), model.complete(&long)).await;
+    assert!(abandoned.is_err(), "finished too soon to test abandonment");
+    // ...so the next request only gets through if that slot was freed.
+    let next = Request::user("next").with_max_tokens(4);
+    let next = tokio::time::timeout(Duration::from_secs(30), model.complete(&next));
+    assert!(next.await.expect("the slot was never freed").is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_under_the_executor_with_usage() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&dir, options(4));
+    let executor = Executor::builder(model).concurrency(6).build();
+    let tasks = (0..20).map(|i| Task::new(Request::user(format!("task {i}")).with_max_tokens(8)));
+    let report = executor.run(tasks).await;
+    assert_eq!(report.totals.succeeded, 20, "{:?}", report.totals);
+    let answered: u64 = report.results.iter().map(|r| r.outcome.usage().output_tokens).sum();
+    assert_eq!(report.totals.usage.output_tokens, answered);
+    assert!(answered > 20 && answered <= 20 * 8, "{answered}");
+    assert!(report.totals.usage.input_tokens > 20 * 10);
+}

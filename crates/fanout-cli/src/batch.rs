@@ -290,7 +290,7 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
         );
     }
 
-    let mut provider = spec.settings.provider().map_err(Refusal)?;
+    let mut provider = spec.settings.provider(options.quiet).await.map_err(Refusal)?;
     if options.cache {
         let scope = format!(
             "{:?}|{}|{:?}",

@@ -10,6 +10,7 @@ mod batch;
 mod cache;
 mod input;
 mod jobs;
+mod models;
 mod output;
 mod patterns;
 mod progress;
@@ -78,6 +79,9 @@ enum Command {
     Perspectives(patterns::PerspectivesArgs),
     /// Run a workflow file of templated, parallel steps
     Run(patterns::RunArgs),
+    /// Fetch or locate the embedded local model
+    #[command(subcommand)]
+    Models(models::ModelsCommand),
 }
 
 #[derive(Debug, clap::Args)]
@@ -162,7 +166,7 @@ fn default_job_name(input: &std::path::Path) -> String {
 
 async fn ask(flags: &Flags, prompt: String, system: Option<String>) -> Result<ExitCode> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
-    let provider = settings.provider().map_err(Refusal)?;
+    let provider = settings.provider(flags.quiet).await.map_err(Refusal)?;
     let mut request = Request::user(prompt);
     if let Some(system) = system {
         request = request.with_system(system);
@@ -242,6 +246,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::MapReduce(args) => patterns::run_map_reduce(flags, args).await,
         Command::Perspectives(args) => patterns::run_perspectives(flags, args).await,
         Command::Run(args) => patterns::run_workflow(flags, args).await,
+        Command::Models(command) => {
+            let settings = Settings::resolve(flags).map_err(Refusal)?;
+            models::command(command, &settings).await.map(|()| ExitCode::SUCCESS)
+        }
         Command::Jobs(command) => match command {
             JobsCommand::List => jobs::list(&store, flags.json),
             JobsCommand::Show { name } => jobs::show(&store, &name),

@@ -20,9 +20,9 @@ use crate::input::{self, Content};
 use crate::settings::{Flags, Settings};
 use crate::template::Prompt;
 
-fn executor(flags: &Flags) -> Result<(Executor, Settings)> {
+async fn executor(flags: &Flags) -> Result<(Executor, Settings)> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
-    let provider = settings.provider().map_err(Refusal)?;
+    let provider = settings.provider(flags.quiet).await.map_err(Refusal)?;
     Ok((settings.executor(provider).build(), settings))
 }
 
@@ -111,7 +111,7 @@ impl VoteArgs {
 }
 
 pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
-    let (executor, settings) = executor(flags)?;
+    let (executor, settings) = executor(flags).await?;
     let options = args.options()?;
     let temperature = settings.temperature.unwrap_or(0.7);
     if let Some(path) = &args.input {
@@ -244,7 +244,7 @@ fn parse_section(text: &str) -> Result<(String, String), String> {
 }
 
 pub async fn run_sections(flags: &Flags, args: SectionsArgs) -> Result<ExitCode> {
-    let (executor, settings) = executor(flags)?;
+    let (executor, settings) = executor(flags).await?;
     let parts = args
         .sections
         .into_iter()
@@ -340,7 +340,7 @@ pub async fn run_map_reduce(flags: &Flags, args: MapReduceArgs) -> Result<ExitCo
     for path in &found {
         add_file(path, args.field.as_deref(), &mut documents).map_err(Refusal)?;
     }
-    let (executor, _) = executor(flags)?;
+    let (executor, _) = executor(flags).await?;
     let options = MapReduceOptions {
         chunk_tokens: args.chunk_tokens,
         overlap_tokens: args.overlap_tokens,
@@ -412,7 +412,7 @@ pub async fn run_perspectives(flags: &Flags, args: PerspectivesArgs) -> Result<E
             .filter_map(|n| perspectives::builtin(n))
             .collect();
     }
-    let (executor, _) = executor(flags)?;
+    let (executor, _) = executor(flags).await?;
     let synthesis =
         (!args.no_synthesis).then(|| args.synthesize.as_deref().unwrap_or(DEFAULT_SYNTHESIS));
     let result = perspectives(&executor, &input, &personas, synthesis).await;
@@ -438,7 +438,7 @@ pub async fn run_workflow(flags: &Flags, args: RunArgs) -> Result<ExitCode> {
     let plan = workflow.plan(&vars).map_err(|errors| {
         Refusal(anyhow!("{} is not valid:\n  {}", args.workflow.display(), errors.join("\n  ")))
     })?;
-    let (executor, _) = executor(flags)?;
+    let (executor, _) = executor(flags).await?;
     let result = plan.run(&executor).await;
     if flags.json {
         print_json(&result)?;

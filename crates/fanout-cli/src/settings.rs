@@ -27,6 +27,9 @@ use anyhow::{Context, Result, bail};
 use fanout::{Anthropic, ExecutorBuilder, HttpOptions, MockProvider, OpenAi, Price, Provider};
 use serde::{Deserialize, Serialize};
 
+/// The local provider's model name; any other `--model` value is a GGUF path.
+pub const LOCAL_MODEL: &str = "smollm2-135m-instruct";
+
 /// Which provider answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -37,6 +40,9 @@ pub enum ProviderKind {
     Anthropic,
     /// fanout's in-process mock: deterministic answers, no network (for trials and tests).
     Mock,
+    /// The embedded model (SmolLM2-135M-Instruct, or the GGUF file given as --model),
+    /// in-process and offline: the default when no provider or API key is configured.
+    Local,
 }
 
 impl ProviderKind {
@@ -44,7 +50,7 @@ impl ProviderKind {
         match self {
             Self::Openai => "OPENAI_API_KEY",
             Self::Anthropic => "ANTHROPIC_API_KEY",
-            Self::Mock => "",
+            Self::Mock | Self::Local => "",
         }
     }
 
@@ -53,6 +59,7 @@ impl ProviderKind {
             Self::Openai => "gpt-4o-mini",
             Self::Anthropic => "claude-3-5-haiku-latest",
             Self::Mock => "mock-1",
+            Self::Local => LOCAL_MODEL,
         }
     }
 }
@@ -95,6 +102,9 @@ pub struct Flags {
     pub temperature: Option<f32>,
     #[arg(long, global = true)]
     pub max_tokens: Option<u32>,
+    /// Compute threads of the local model [default: one per core]
+    #[arg(long, global = true, env = "FANOUT_THREADS")]
+    pub threads: Option<usize>,
     /// Machine-readable output: JSON results and a JSON summary
     #[arg(long, global = true)]
     pub json: bool,
@@ -129,6 +139,7 @@ struct Profile {
     retries: Option<u32>,
     temperature: Option<f32>,
     max_tokens: Option<u32>,
+    threads: Option<usize>,
     price_input: Option<f64>,
     price_output: Option<f64>,
 }
@@ -148,6 +159,9 @@ pub struct Settings {
     pub retries: u32,
     pub temperature: Option<f32>,
     pub max_tokens: Option<u32>,
+    /// Compute threads of the local model.
+    #[serde(default)]
+    pub threads: Option<usize>,
     pub price: Option<Price>,
 }
 
@@ -201,16 +215,13 @@ impl Settings {
             Some(provider) => provider,
             None if env("OPENAI_API_KEY").is_some() => ProviderKind::Openai,
             None if env("ANTHROPIC_API_KEY").is_some() => ProviderKind::Anthropic,
-            None => bail!(
-                "no provider is configured: pass --provider (openai, anthropic or mock), set OPENAI_API_KEY or \
-                 ANTHROPIC_API_KEY, or add a profile to {}",
-                default_config_path().map_or("the config file".into(), |p| p.display().to_string())
-            ),
+            // Nothing configured: the embedded model, so fanout works offline.
+            None => ProviderKind::Local,
         };
         let base_url_env = match provider {
             ProviderKind::Openai => env("OPENAI_BASE_URL"),
             ProviderKind::Anthropic => env("ANTHROPIC_BASE_URL"),
-            ProviderKind::Mock => None,
+            ProviderKind::Mock | ProviderKind::Local => None,
         };
         let price = match (profile.price_input, profile.price_output) {
             (None, None) => None,
@@ -236,13 +247,15 @@ impl Settings {
             retries: flags.retries.or(profile.retries).unwrap_or(4),
             temperature: flags.temperature.or(profile.temperature),
             max_tokens: flags.max_tokens.or(profile.max_tokens),
+            threads: flags.threads.or(profile.threads).filter(|t| *t > 0),
             price,
         })
     }
 
     /// The provider these settings describe. The key is read from the environment
-    /// variable the settings name, now: it is never stored.
-    pub fn provider(&self) -> Result<Arc<dyn Provider>> {
+    /// variable the settings name, now: it is never stored. The local model is
+    /// loaded (and fetched first if it is missing).
+    pub async fn provider(&self, quiet: bool) -> Result<Arc<dyn Provider>> {
         let key = env(&self.api_key_env);
         let http = HttpOptions { max_idle_connections: self.concurrency, ..HttpOptions::default() };
         Ok(match self.provider {
@@ -272,6 +285,7 @@ impl Settings {
                 Arc::new(builder.build()?)
             }
             ProviderKind::Mock => Arc::new(MockProvider::new()),
+            ProviderKind::Local => crate::models::load(self, quiet).await?,
         })
     }
 
@@ -303,6 +317,7 @@ impl Settings {
         self.attempt_timeout = flags.attempt_timeout.unwrap_or(self.attempt_timeout);
         self.deadline = flags.deadline.or(self.deadline);
         self.retries = flags.retries.unwrap_or(self.retries);
+        self.threads = flags.threads.filter(|t| *t > 0).or(self.threads);
         self
     }
 

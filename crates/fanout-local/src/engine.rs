@@ -47,6 +47,9 @@ pub struct GenerationRequest {
     pub max_tokens: usize,
     pub stop: Vec<String>,
     pub sampling: SamplingParams,
+    /// Keep generating through EOS and end-of-turn tokens, up to `max_tokens`
+    /// (for benchmarks that need a fixed answer length).
+    pub ignore_eos: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -263,7 +266,7 @@ impl Scheduler {
     /// Records `token` for sequence `i`; says why the sequence stops, if it does.
     fn stop_reason(&mut self, i: usize, token: u32) -> Option<FinishReason> {
         let seq = &mut self.running[i];
-        if self.tokenizer.ends_generation(token) {
+        if self.tokenizer.ends_generation(token) && !seq.job.request.ignore_eos {
             return Some(FinishReason::Stop);
         }
         seq.generated.push(token);

@@ -10,15 +10,16 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use fanout::{Provider, Request};
-//! use fanout_local::{LocalModel, LocalOptions, ModelSpec};
+//! use fanout_local::{LocalModel, LocalOptions, Locations, ModelSpec};
 //!
-//! let path = fanout_local::resolve(None, &ModelSpec::default())?;
+//! let path = fanout_local::resolve(None, &ModelSpec::default(), &Locations::from_env())?;
 //! let model = LocalModel::load(&path, LocalOptions::default())?;
 //! let answer = model.complete(&Request::user("What is the capital of France?")).await?;
 //! println!("{}", answer.text);
 //! # Ok(()) }
 //! ```
 
+mod attention;
 mod chat;
 pub mod engine;
 mod error;
@@ -26,6 +27,7 @@ mod gguf;
 mod linear;
 mod model;
 mod provider;
+mod quant;
 mod resolve;
 pub mod sampling;
 pub mod tiny;
@@ -35,5 +37,5 @@ pub use engine::{EngineOptions, FinishReason, Generation, GenerationRequest};
 pub use error::LocalError;
 pub use gguf::ModelConfig;
 pub use provider::{LocalModel, LocalOptions};
-pub use resolve::{ModelSpec, ModelSource, cache_dir, find, pull, resolve};
+pub use resolve::{Locations, ModelSource, ModelSpec, find, pull, resolve};
 pub use tokenizer::ChatTokenizer;

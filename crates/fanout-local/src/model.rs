@@ -6,13 +6,15 @@
 //! matrix is read once per step for the whole batch. Each sequence keeps its
 //! own KV cache; attention is computed row by row against that cache.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
+use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::Content;
 use candle_core::{D, DType, Device, Tensor};
 use rayon::prelude::*;
 
 use crate::LocalError;
+use crate::attention;
 use crate::gguf::{GgufFile, ModelConfig};
 use crate::linear::Linear;
 
@@ -101,7 +103,7 @@ impl Rope {
 #[derive(Debug)]
 pub struct Model {
     pub config: ModelConfig,
-    embedding: Tensor,
+    embedding: Linear,
     layers: Vec<Layer>,
     norm: Tensor,
     output: Linear,
@@ -113,30 +115,31 @@ impl Model {
         let config = ModelConfig::read(gguf)?;
         let path = gguf.path.as_path();
         let mut file = std::fs::File::open(path).map_err(|e| LocalError::io(path, e))?;
-        let mut tensor = |name: &str| read_f32(&gguf.content, &mut file, path, name);
-        let embedding = tensor("token_embd.weight")?;
+        let mut read = |name: &str| read_tensor(&gguf.content, &mut file, path, name);
+        let embedding = read("token_embd.weight")?;
         let layers = (0..config.layers)
             .map(|i| {
-                let mut weight = |part: &str| tensor(&format!("blk.{i}.{part}.weight"));
+                let mut weight = |part: &str| read(&format!("blk.{i}.{part}.weight"));
                 Ok(Layer {
-                    attn_norm: weight("attn_norm")?,
-                    q: Linear::new(weight("attn_q")?),
-                    k: Linear::new(weight("attn_k")?),
-                    v: Linear::new(weight("attn_v")?),
-                    o: Linear::new(weight("attn_output")?),
-                    ffn_norm: weight("ffn_norm")?,
-                    gate: Linear::new(weight("ffn_gate")?),
-                    up: Linear::new(weight("ffn_up")?),
-                    down: Linear::new(weight("ffn_down")?),
+                    attn_norm: weight("attn_norm")?.vector()?,
+                    q: weight("attn_q")?.linear()?,
+                    k: weight("attn_k")?.linear()?,
+                    v: weight("attn_v")?.linear()?,
+                    o: weight("attn_output")?.linear()?,
+                    ffn_norm: weight("ffn_norm")?.vector()?,
+                    gate: weight("ffn_gate")?.linear()?,
+                    up: weight("ffn_up")?.linear()?,
+                    down: weight("ffn_down")?.linear()?,
                 })
             })
             .collect::<Result<Vec<_>, LocalError>>()?;
-        let norm = tensor("output_norm.weight")?;
+        let norm = read("output_norm.weight")?.vector()?;
+        let embedding = embedding.linear()?;
         // Small models tie the output projection to the embedding table.
         let output = if gguf.content.tensor_infos.contains_key("output.weight") {
-            Linear::new(tensor("output.weight")?)
+            read("output.weight")?.linear()?
         } else {
-            Linear::new(embedding.clone())
+            embedding.clone()
         };
         let model = Self { rope: Rope::new(&config), config, embedding, layers, norm, output };
         model.check_shapes().map_err(|message| gguf.format_error(message))?;
@@ -149,13 +152,19 @@ impl Model {
         let expect = |what: &str, got: &[usize], want: &[usize]| {
             if got == want { Ok(()) } else { Err(format!("{what} has shape {got:?}, expected {want:?}")) }
         };
-        expect("token_embd.weight", self.embedding.dims(), &[c.vocab_size, c.hidden])?;
-        let layer = &self.layers[0];
-        expect("attn_q", layer.q.shape(), &[c.hidden, c.hidden])?;
-        expect("attn_k", layer.k.shape(), &[kv, c.hidden])?;
-        expect("attn_v", layer.v.shape(), &[kv, c.hidden])?;
-        expect("ffn_gate", layer.gate.shape(), &[c.feed_forward, c.hidden])?;
-        expect("ffn_down", layer.down.shape(), &[c.hidden, c.feed_forward])?;
+        expect("token_embd.weight", &self.embedding.shape(), &[c.vocab_size, c.hidden])?;
+        for layer in &self.layers {
+            expect("attn_q", &layer.q.shape(), &[c.hidden, c.hidden])?;
+            expect("attn_k", &layer.k.shape(), &[kv, c.hidden])?;
+            expect("attn_v", &layer.v.shape(), &[kv, c.hidden])?;
+            expect("attn_output", &layer.o.shape(), &[c.hidden, c.hidden])?;
+            expect("ffn_gate", &layer.gate.shape(), &[c.feed_forward, c.hidden])?;
+            expect("ffn_up", &layer.up.shape(), &[c.feed_forward, c.hidden])?;
+            expect("ffn_down", &layer.down.shape(), &[c.hidden, c.feed_forward])?;
+            expect("attn_norm", layer.attn_norm.dims(), &[c.hidden])?;
+            expect("ffn_norm", layer.ffn_norm.dims(), &[c.hidden])?;
+        }
+        expect("output", &self.output.shape(), &[c.vocab_size, c.hidden])?;
         Ok(())
     }
 
@@ -169,8 +178,7 @@ impl Model {
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let c = &self.config;
         let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
-        let ids = Tensor::from_vec(ids, rows.len(), &Device::Cpu)?;
-        let mut x = self.embedding.index_select(&ids, 0)?;
+        let mut x = self.embedding.rows(&ids)?;
         for (index, layer) in self.layers.iter().enumerate() {
             let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let mut q = layer.q.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
@@ -210,70 +218,47 @@ impl Model {
     /// already holds this step's keys and values.
     fn attention(&self, layer: usize, rows: &[Row], caches: &[KvCache], q: &[f32]) -> Vec<f32> {
         let c = &self.config;
-        let (d, group) = (c.head_dim, c.heads / c.kv_heads);
-        let kv_width = c.kv_heads * d;
-        let scale = 1.0 / (d as f32).sqrt();
+        let shape = attention::Shape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let mut out = vec![0f32; rows.len() * c.hidden];
         out.par_chunks_mut(c.hidden).zip(q.par_chunks(c.hidden)).zip(rows).for_each(|((out, q), row)| {
             let cache = &caches[row.sequence];
-            let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
-            let seen = row.position + 1;
-            let mut scores = vec![0f32; seen];
-            for head in 0..c.heads {
-                let kv_offset = (head / group) * d;
-                let q = &q[head * d..][..d];
-                for (t, score) in scores.iter_mut().enumerate() {
-                    *score = dot(q, &keys[t * kv_width + kv_offset..][..d]) * scale;
-                }
-                softmax_in_place(&mut scores);
-                let out = &mut out[head * d..][..d];
-                for (t, &weight) in scores.iter().enumerate() {
-                    let value = &values[t * kv_width + kv_offset..][..d];
-                    for (o, &v) in out.iter_mut().zip(value) {
-                        *o += weight * v;
-                    }
-                }
-            }
+            attention::attend(shape, q, &cache.keys[layer], &cache.values[layer], row.position + 1, out);
         });
         out
     }
 }
 
-fn read_f32(content: &Content, file: &mut std::fs::File, path: &Path, name: &str) -> Result<Tensor, LocalError> {
-    let format = |message: String| LocalError::Format { path: path.to_path_buf(), message };
-    let tensor = content.tensor(file, name, &Device::Cpu).map_err(|e| format(format!("tensor `{name}`: {e}")))?;
-    tensor
-        .dequantize(&Device::Cpu)
-        .and_then(|t| t.to_dtype(DType::F32))
-        .map_err(|e| format(format!("tensor `{name}` cannot be dequantized: {e}")))
+/// A tensor read from the file, with its name for error messages.
+struct Named {
+    tensor: QTensor,
+    name: String,
+    path: PathBuf,
+}
+
+impl Named {
+    fn error(&self, e: candle_core::Error) -> LocalError {
+        LocalError::Format { path: self.path.clone(), message: format!("tensor `{}`: {e}", self.name) }
+    }
+
+    fn linear(self) -> Result<Linear, LocalError> {
+        Linear::from_qtensor(&self.tensor).map_err(|e| self.error(e))
+    }
+
+    /// Norm weights: small, kept as f32.
+    fn vector(self) -> Result<Tensor, LocalError> {
+        self.tensor.dequantize(&Device::Cpu).and_then(|t| t.to_dtype(DType::F32)).map_err(|e| self.error(e))
+    }
+}
+
+fn read_tensor(content: &Content, file: &mut std::fs::File, path: &Path, name: &str) -> Result<Named, LocalError> {
+    let tensor = content.tensor(file, name, &Device::Cpu).map_err(|e| LocalError::Format {
+        path: path.to_path_buf(),
+        message: format!("tensor `{name}`: {e}"),
+    })?;
+    Ok(Named { tensor, name: name.to_owned(), path: path.to_path_buf() })
 }
 
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_div(&(mean_square + f64::from(eps))?.sqrt()?)?.broadcast_mul(weight)
-}
-
-/// A dot product with eight running sums, which the compiler turns into SIMD.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut sums = [0f32; 8];
-    let (a8, b8) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in a8.zip(b8) {
-        for i in 0..8 {
-            sums[i] += x[i] * y[i];
-        }
-    }
-    sums.iter().sum::<f32>() + tail
-}
-
-fn softmax_in_place(scores: &mut [f32]) {
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut total = 0.0;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        total += *s;
-    }
-    for s in scores.iter_mut() {
-        *s /= total;
-    }
 }

@@ -8,7 +8,7 @@ use fanout::{Provider, ProviderError, Request, Response, Usage};
 
 use crate::LocalError;
 use crate::chat::ChatTemplate;
-use crate::engine::{Engine, EngineOptions, FinishReason, GenerationRequest};
+use crate::engine::{Engine, EngineOptions, FinishReason, Generation, GenerationRequest};
 use crate::gguf::{GgufFile, ModelConfig};
 use crate::model::Model;
 use crate::sampling::SamplingParams;
@@ -76,6 +76,12 @@ impl LocalModel {
         &self.inner.tokenizer
     }
 
+    /// Runs one generation on the shared engine (the provider's `complete` in
+    /// token terms, with the time to first token).
+    pub async fn generate(&self, request: GenerationRequest) -> Result<Generation, LocalError> {
+        self.inner.engine.generate(request).await
+    }
+
     /// The prompt's token ids: the conversation through the chat template.
     pub fn prompt_tokens(&self, request: &Request) -> Result<Vec<u32>, LocalError> {
         let text = self.inner.template.render(&request.messages)?;
@@ -95,6 +101,7 @@ impl LocalModel {
                 top_k: request.extra.get("top_k").and_then(|v| v.as_u64()).map_or(defaults.top_k, |k| k as usize),
                 seed,
             },
+            ignore_eos: false,
         }
     }
 }

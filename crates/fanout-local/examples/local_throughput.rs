@@ -13,12 +13,19 @@ use std::time::Instant;
 
 use fanout::Request;
 use fanout_local::sampling::SamplingParams;
-use fanout_local::{EngineOptions, GenerationRequest, LocalModel, LocalOptions, Locations, ModelSpec};
+use fanout_local::{
+    EngineOptions, GenerationRequest, LocalModel, LocalOptions, Locations, ModelSpec,
+};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let flag = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok());
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .and_then(|v| v.parse().ok())
+    };
     let threads = flag("--threads").unwrap_or_else(fanout_local::engine::default_threads);
     let tokens: usize = flag("--tokens").unwrap_or(128);
     let levels: Vec<usize> = vec![1, 4, 8, 16];
@@ -30,7 +37,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let model = LocalModel::load(&path, options)?;
     println!("model {} · {threads} threads · {tokens} tokens per request", model.model_name());
-    println!("| concurrent | aggregate decode tok/s | per request decode tok/s | end-to-end tok/s | TTFT p50 / max (ms) | wall (s) |");
+    println!(
+        "| concurrent | aggregate decode tok/s | per request decode tok/s | end-to-end tok/s | TTFT p50 / max (ms) | wall (s) |"
+    );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     // Warm-up: page in the weights and size the allocators.
     run(&model, 2, 16).await?;
@@ -39,7 +48,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let results = run(&model, concurrent, tokens).await?;
         let wall = started.elapsed().as_secs_f64();
         let generated: usize = results.iter().map(|g| g.tokens.len()).sum();
-        let mut ttft: Vec<f64> = results.iter().map(|g| g.time_to_first_token.as_secs_f64() * 1000.0).collect();
+        let mut ttft: Vec<f64> =
+            results.iter().map(|g| g.time_to_first_token.as_secs_f64() * 1000.0).collect();
         ttft.sort_by(f64::total_cmp);
         let last_first_token = ttft[ttft.len() - 1] / 1000.0;
         let decode = (generated - concurrent) as f64 / (wall - last_first_token);
@@ -54,8 +64,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-async fn run(model: &LocalModel, concurrent: usize, tokens: usize) -> Result<Vec<fanout_local::Generation>, fanout_local::LocalError> {
-    let topics = ["rivers", "bread", "bicycles", "volcanoes", "libraries", "bees", "trains", "glaciers"];
+async fn run(
+    model: &LocalModel,
+    concurrent: usize,
+    tokens: usize,
+) -> Result<Vec<fanout_local::Generation>, fanout_local::LocalError> {
+    let topics =
+        ["rivers", "bread", "bicycles", "volcanoes", "libraries", "bees", "trains", "glaciers"];
     let requests = (0..concurrent).map(|i| {
         let prompt = format!("Write a short story about {} number {i}.", topics[i % topics.len()]);
         let prompt = model.prompt_tokens(&Request::user(prompt)).expect("prompt tokens");
@@ -63,7 +78,11 @@ async fn run(model: &LocalModel, concurrent: usize, tokens: usize) -> Result<Vec
             prompt,
             max_tokens: tokens,
             stop: Vec::new(),
-            sampling: SamplingParams { temperature: 0.7, seed: i as u64, ..SamplingParams::default() },
+            sampling: SamplingParams {
+                temperature: 0.7,
+                seed: i as u64,
+                ..SamplingParams::default()
+            },
             ignore_eos: true,
         }
     });

@@ -101,7 +101,15 @@ mod avx2 {
 
         #[inline(always)]
         fn call(self) {
-            attend_with(Avx2(self.simd), self.shape, self.q, self.keys, self.values, self.seen, self.out);
+            attend_with(
+                Avx2(self.simd),
+                self.shape,
+                self.q,
+                self.keys,
+                self.values,
+                self.seen,
+                self.out,
+            );
         }
     }
 
@@ -125,7 +133,9 @@ mod avx2 {
                 odd = fma._mm256_fmadd_ps(load(&a[8..]), load(&b[8..]), odd);
             }
             let lanes: [f32; 8] = pulp::cast(avx._mm256_add_ps(even, odd));
-            ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7])) + tail
+            ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+                + tail
         }
 
         #[inline(always)]

@@ -38,7 +38,10 @@ impl ChatTemplate {
             .map_err(|e| gguf.format_error(format!("chat template does not parse: {e}")))?;
         Ok(Self {
             env,
-            bos_token: tokenizer.bos.map(|id| tokenizer.token_text(id).to_owned()).unwrap_or_default(),
+            bos_token: tokenizer
+                .bos
+                .map(|id| tokenizer.token_text(id).to_owned())
+                .unwrap_or_default(),
             eos_token: tokenizer.token_text(tokenizer.eos).to_owned(),
         })
     }
@@ -56,7 +59,8 @@ impl ChatTemplate {
                 content: &m.content,
             })
             .collect();
-        let template = self.env.get_template("chat").map_err(|e| LocalError::Template(e.to_string()))?;
+        let template =
+            self.env.get_template("chat").map_err(|e| LocalError::Template(e.to_string()))?;
         template
             .render(context! {
                 messages => messages,

@@ -7,6 +7,7 @@
 //! their reply is sent at once and their cache slot is freed for the next one.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
@@ -76,10 +77,35 @@ struct Job {
     submitted: Instant,
 }
 
+/// What the engine has done so far (counters since it started).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Forward passes run.
+    pub steps: u64,
+    /// Tokens sampled, over all sequences.
+    pub generated_tokens: u64,
+    /// Sequences answered.
+    pub finished: u64,
+    /// Sequences dropped because their caller stopped waiting.
+    pub abandoned: u64,
+    /// Sequences being decoded now.
+    pub running: u64,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    steps: AtomicU64,
+    generated_tokens: AtomicU64,
+    finished: AtomicU64,
+    abandoned: AtomicU64,
+    running: AtomicU64,
+}
+
 /// A handle to the scheduler thread; dropping the last one stops it.
 #[derive(Debug, Clone)]
 pub struct Engine {
     jobs: Sender<Job>,
+    counters: Arc<Counters>,
 }
 
 impl std::fmt::Debug for Job {
@@ -89,20 +115,44 @@ impl std::fmt::Debug for Job {
 }
 
 impl Engine {
-    pub fn start(model: Model, tokenizer: Arc<ChatTokenizer>, options: EngineOptions) -> Result<Self, LocalError> {
+    pub fn start(
+        model: Model,
+        tokenizer: Arc<ChatTokenizer>,
+        options: EngineOptions,
+    ) -> Result<Self, LocalError> {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(options.threads.max(1))
             .thread_name(|i| format!("fanout-local-{i}"))
             .build()
             .map_err(|e| LocalError::Engine(format!("cannot start compute threads: {e}")))?;
         let (jobs, inbox) = std::sync::mpsc::channel();
+        let counters = Arc::new(Counters::default());
+        let scheduler = Scheduler {
+            model,
+            tokenizer,
+            options,
+            pool,
+            counters: counters.clone(),
+            waiting: Default::default(),
+            running: Vec::new(),
+            caches: Vec::new(),
+        };
         std::thread::Builder::new()
             .name("fanout-local-scheduler".into())
-            .spawn(move || {
-                Scheduler::new(model, tokenizer, options, pool).run(&inbox);
-            })
+            .spawn(move || scheduler.run(&inbox))
             .map_err(|e| LocalError::Engine(format!("cannot start the scheduler thread: {e}")))?;
-        Ok(Self { jobs })
+        Ok(Self { jobs, counters })
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let c = &self.counters;
+        EngineStats {
+            steps: c.steps.load(Ordering::Relaxed),
+            generated_tokens: c.generated_tokens.load(Ordering::Relaxed),
+            finished: c.finished.load(Ordering::Relaxed),
+            abandoned: c.abandoned.load(Ordering::Relaxed),
+            running: c.running.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues a request; the answer arrives when its sequence stops. Dropping
@@ -112,7 +162,9 @@ impl Engine {
         self.jobs
             .send(Job { request, reply, submitted: Instant::now() })
             .map_err(|_| LocalError::Engine("the model's scheduler has stopped".into()))?;
-        answer.await.map_err(|_| LocalError::Engine("the model's scheduler stopped before answering".into()))?
+        answer.await.map_err(|_| {
+            LocalError::Engine("the model's scheduler stopped before answering".into())
+        })?
     }
 }
 
@@ -137,17 +189,14 @@ struct Scheduler {
     options: EngineOptions,
     /// The forward pass runs on these threads (candle's matmul and the attention).
     pool: rayon::ThreadPool,
+    counters: Arc<Counters>,
     waiting: std::collections::VecDeque<Job>,
     running: Vec<Sequence>,
     caches: Vec<KvCache>,
 }
 
 impl Scheduler {
-    fn new(model: Model, tokenizer: Arc<ChatTokenizer>, options: EngineOptions, pool: rayon::ThreadPool) -> Self {
-        Self { model, tokenizer, options, pool, waiting: Default::default(), running: Vec::new(), caches: Vec::new() }
-    }
-
-    fn run(&mut self, inbox: &Receiver<Job>) {
+    fn run(mut self, inbox: &Receiver<Job>) {
         loop {
             // Idle: block for work. Busy: take whatever has arrived, without waiting.
             if self.running.is_empty() && self.waiting.is_empty() {
@@ -161,7 +210,11 @@ impl Scheduler {
                 match inbox.try_recv() {
                     Ok(job) => self.waiting.push_back(job),
                     Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) if self.running.is_empty() && self.waiting.is_empty() => return,
+                    Err(TryRecvError::Disconnected)
+                        if self.running.is_empty() && self.waiting.is_empty() =>
+                    {
+                        return;
+                    }
                     Err(TryRecvError::Disconnected) => break,
                 }
             }
@@ -180,6 +233,7 @@ impl Scheduler {
         while i < self.running.len() {
             if self.running[i].job.reply.is_closed() {
                 self.retire(i);
+                self.counters.abandoned.fetch_add(1, Ordering::Relaxed);
             } else {
                 i += 1;
             }
@@ -192,14 +246,24 @@ impl Scheduler {
             let Some(job) = self.waiting.pop_front() else { break };
             let prompt = job.request.prompt.len();
             if prompt == 0 || prompt >= context {
-                let message = format!("the prompt is {prompt} tokens; this model reads 1 to {} tokens", context - 1);
+                let message = format!(
+                    "the prompt is {prompt} tokens; this model reads 1 to {} tokens",
+                    context - 1
+                );
                 let _ = job.reply.send(Err(LocalError::PromptTooLong(message)));
                 continue;
             }
             let sampler = Sampler::new(job.request.sampling.clone());
-            self.running.push(Sequence { job, sampler, fed: 0, generated: Vec::new(), first_token: None });
+            self.running.push(Sequence {
+                job,
+                sampler,
+                fed: 0,
+                generated: Vec::new(),
+                first_token: None,
+            });
             self.caches.push(KvCache::new(&self.model.config));
         }
+        self.counters.running.store(self.running.len() as u64, Ordering::Relaxed);
     }
 
     fn step(&mut self) {
@@ -250,16 +314,26 @@ impl Scheduler {
         for (logits, &i) in logits.iter().zip(&sampled) {
             let seq = &mut self.running[i];
             let token = seq.sampler.sample(logits);
+            self.counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
             seq.first_token.get_or_insert_with(|| seq.job.submitted.elapsed());
             if let Some(reason) = self.stop_reason(i, token) {
                 finished.push((i, reason));
             }
         }
+        self.counters.steps.fetch_add(1, Ordering::Relaxed);
+        self.counters.finished.fetch_add(finished.len() as u64, Ordering::Relaxed);
         // Retire from the back so earlier indices stay valid.
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, reason) in finished {
             let seq = self.retire(i);
-            let _ = seq.job.reply.send(Ok(finish(seq.generated, seq.job.request.prompt.len(), seq.first_token, reason, &self.tokenizer, &seq.job.request.stop)));
+            let _ = seq.job.reply.send(Ok(finish(
+                seq.generated,
+                seq.job.request.prompt.len(),
+                seq.first_token,
+                reason,
+                &self.tokenizer,
+                &seq.job.request.stop,
+            )));
         }
     }
 
@@ -277,13 +351,17 @@ impl Scheduler {
                 return Some(FinishReason::Stop);
             }
         }
-        let at_context_end = request.prompt.len() + seq.generated.len() >= self.model.config.context_length;
-        (seq.generated.len() >= request.max_tokens || at_context_end).then_some(FinishReason::Length)
+        let at_context_end =
+            request.prompt.len() + seq.generated.len() >= self.model.config.context_length;
+        (seq.generated.len() >= request.max_tokens || at_context_end)
+            .then_some(FinishReason::Length)
     }
 
     fn retire(&mut self, i: usize) -> Sequence {
         self.caches.swap_remove(i);
-        self.running.swap_remove(i)
+        let sequence = self.running.swap_remove(i);
+        self.counters.running.store(self.running.len() as u64, Ordering::Relaxed);
+        sequence
     }
 }
 
@@ -300,5 +378,11 @@ fn finish(
     if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
         text.truncate(cut);
     }
-    Generation { text, tokens, prompt_tokens, finish, time_to_first_token: first_token.unwrap_or_default() }
+    Generation {
+        text,
+        tokens,
+        prompt_tokens,
+        finish,
+        time_to_first_token: first_token.unwrap_or_default(),
+    }
 }

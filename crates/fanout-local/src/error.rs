@@ -7,9 +7,15 @@ use fanout::{ErrorKind, ProviderError};
 pub enum LocalError {
     /// No model file where one was looked for; the message says the command that fixes it.
     NotFound(String),
-    Io { path: PathBuf, error: std::io::Error },
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
     /// The file is not a GGUF model fanout can run.
-    Format { path: PathBuf, message: String },
+    Format {
+        path: PathBuf,
+        message: String,
+    },
     /// Fetching the model failed.
     Download(String),
     Tokenizer(String),
@@ -27,7 +33,9 @@ impl LocalError {
 impl std::fmt::Display for LocalError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::NotFound(message) | Self::Download(message) | Self::Engine(message) => f.write_str(message),
+            Self::NotFound(message) | Self::Download(message) | Self::Engine(message) => {
+                f.write_str(message)
+            }
             Self::Io { path, error } => write!(f, "{}: {error}", path.display()),
             Self::Format { path, message } => write!(f, "{}: {message}", path.display()),
             Self::Tokenizer(message) => write!(f, "tokenizer: {message}"),
@@ -42,7 +50,9 @@ impl std::error::Error for LocalError {}
 impl From<LocalError> for ProviderError {
     fn from(error: LocalError) -> Self {
         let kind = match &error {
-            LocalError::PromptTooLong(_) | LocalError::Template(_) | LocalError::Tokenizer(_) => ErrorKind::BadRequest,
+            LocalError::PromptTooLong(_) | LocalError::Template(_) | LocalError::Tokenizer(_) => {
+                ErrorKind::BadRequest
+            }
             LocalError::NotFound(_) => ErrorKind::NotFound,
             _ => ErrorKind::Server,
         };

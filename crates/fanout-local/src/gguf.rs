@@ -31,7 +31,9 @@ impl GgufFile {
     }
 
     fn get(&self, key: &str) -> Result<&Value, LocalError> {
-        self.metadata().get(key).ok_or_else(|| self.format_error(format!("metadata key `{key}` is missing")))
+        self.metadata()
+            .get(key)
+            .ok_or_else(|| self.format_error(format!("metadata key `{key}` is missing")))
     }
 
     pub fn format_error(&self, message: String) -> LocalError {
@@ -41,7 +43,10 @@ impl GgufFile {
     pub fn string(&self, key: &str) -> Result<&str, LocalError> {
         match self.get(key)? {
             Value::String(s) => Ok(s),
-            other => Err(self.format_error(format!("metadata key `{key}` is {:?}, not a string", other.value_type()))),
+            other => Err(self.format_error(format!(
+                "metadata key `{key}` is {:?}, not a string",
+                other.value_type()
+            ))),
         }
     }
 
@@ -59,7 +64,9 @@ impl GgufFile {
             .or_else(|_| value.to_u32().map(u64::from))
             .or_else(|_| value.to_i32().map(|v| v.max(0) as u64))
             .map(|v| v as usize)
-            .map_err(|_| self.format_error(format!("metadata key `{key}` is not an unsigned integer")))
+            .map_err(|_| {
+                self.format_error(format!("metadata key `{key}` is not an unsigned integer"))
+            })
     }
 
     pub fn optional_u32(&self, key: &str) -> Option<u32> {
@@ -68,7 +75,9 @@ impl GgufFile {
     }
 
     pub fn f32(&self, key: &str) -> Result<f32, LocalError> {
-        self.get(key)?.to_f32().map_err(|_| self.format_error(format!("metadata key `{key}` is not a float")))
+        self.get(key)?
+            .to_f32()
+            .map_err(|_| self.format_error(format!("metadata key `{key}` is not a float")))
     }
 
     pub fn array(&self, key: &str) -> Result<&[Value], LocalError> {
@@ -112,11 +121,15 @@ impl ModelConfig {
         let heads = gguf.usize(&key("attention.head_count"))?;
         let kv_heads = gguf.usize(&key("attention.head_count_kv")).unwrap_or(heads);
         if heads == 0 || hidden % heads != 0 || kv_heads == 0 || heads % kv_heads != 0 {
-            return Err(gguf.format_error(format!("inconsistent attention shape: {heads} heads, {kv_heads} kv heads, width {hidden}")));
+            return Err(gguf.format_error(format!(
+                "inconsistent attention shape: {heads} heads, {kv_heads} kv heads, width {hidden}"
+            )));
         }
         let head_dim = hidden / heads;
         if head_dim % 2 != 0 {
-            return Err(gguf.format_error(format!("head dimension {head_dim} is odd; rotary embeddings need pairs")));
+            return Err(gguf.format_error(format!(
+                "head dimension {head_dim} is odd; rotary embeddings need pairs"
+            )));
         }
         let vocab_size = match gguf.usize(&key("vocab_size")) {
             Ok(size) => size,

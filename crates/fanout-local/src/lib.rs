@@ -33,7 +33,7 @@ pub mod sampling;
 pub mod tiny;
 mod tokenizer;
 
-pub use engine::{EngineOptions, FinishReason, Generation, GenerationRequest};
+pub use engine::{EngineOptions, EngineStats, FinishReason, Generation, GenerationRequest};
 pub use error::LocalError;
 pub use gguf::ModelConfig;
 pub use provider::{LocalModel, LocalOptions};

@@ -36,7 +36,11 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(config: &ModelConfig) -> Self {
-        Self { keys: vec![Vec::new(); config.layers], values: vec![Vec::new(); config.layers], len: 0 }
+        Self {
+            keys: vec![Vec::new(); config.layers],
+            values: vec![Vec::new(); config.layers],
+            len: 0,
+        }
     }
 
     /// Positions cached so far: the position of the sequence's next token.
@@ -150,7 +154,11 @@ impl Model {
         let c = &self.config;
         let kv = c.kv_heads * c.head_dim;
         let expect = |what: &str, got: &[usize], want: &[usize]| {
-            if got == want { Ok(()) } else { Err(format!("{what} has shape {got:?}, expected {want:?}")) }
+            if got == want {
+                Ok(())
+            } else {
+                Err(format!("{what} has shape {got:?}, expected {want:?}"))
+            }
         };
         expect("token_embd.weight", &self.embedding.shape(), &[c.vocab_size, c.hidden])?;
         for layer in &self.layers {
@@ -185,13 +193,19 @@ impl Model {
             let mut k = layer.k.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
             let v = layer.v.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
             let kv_width = c.kv_heads * c.head_dim;
-            for ((row, q), k) in rows.iter().zip(q.chunks_exact_mut(c.hidden)).zip(k.chunks_exact_mut(kv_width)) {
+            for ((row, q), k) in
+                rows.iter().zip(q.chunks_exact_mut(c.hidden)).zip(k.chunks_exact_mut(kv_width))
+            {
                 self.rope.apply(q, row.position);
                 self.rope.apply(k, row.position);
             }
             for (i, row) in rows.iter().enumerate() {
                 let cache = &mut caches[row.sequence];
-                debug_assert_eq!(cache.keys[index].len(), row.position * kv_width, "rows must follow their cache");
+                debug_assert_eq!(
+                    cache.keys[index].len(),
+                    row.position * kv_width,
+                    "rows must follow their cache"
+                );
                 cache.keys[index].extend_from_slice(&k[i * kv_width..][..kv_width]);
                 cache.values[index].extend_from_slice(&v[i * kv_width..][..kv_width]);
             }
@@ -220,10 +234,19 @@ impl Model {
         let c = &self.config;
         let shape = attention::Shape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
         let mut out = vec![0f32; rows.len() * c.hidden];
-        out.par_chunks_mut(c.hidden).zip(q.par_chunks(c.hidden)).zip(rows).for_each(|((out, q), row)| {
-            let cache = &caches[row.sequence];
-            attention::attend(shape, q, &cache.keys[layer], &cache.values[layer], row.position + 1, out);
-        });
+        out.par_chunks_mut(c.hidden).zip(q.par_chunks(c.hidden)).zip(rows).for_each(
+            |((out, q), row)| {
+                let cache = &caches[row.sequence];
+                attention::attend(
+                    shape,
+                    q,
+                    &cache.keys[layer],
+                    &cache.values[layer],
+                    row.position + 1,
+                    out,
+                );
+            },
+        );
         out
     }
 }
@@ -237,7 +260,10 @@ struct Named {
 
 impl Named {
     fn error(&self, e: candle_core::Error) -> LocalError {
-        LocalError::Format { path: self.path.clone(), message: format!("tensor `{}`: {e}", self.name) }
+        LocalError::Format {
+            path: self.path.clone(),
+            message: format!("tensor `{}`: {e}", self.name),
+        }
     }
 
     fn linear(self) -> Result<Linear, LocalError> {
@@ -246,11 +272,19 @@ impl Named {
 
     /// Norm weights: small, kept as f32.
     fn vector(self) -> Result<Tensor, LocalError> {
-        self.tensor.dequantize(&Device::Cpu).and_then(|t| t.to_dtype(DType::F32)).map_err(|e| self.error(e))
+        self.tensor
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.to_dtype(DType::F32))
+            .map_err(|e| self.error(e))
     }
 }
 
-fn read_tensor(content: &Content, file: &mut std::fs::File, path: &Path, name: &str) -> Result<Named, LocalError> {
+fn read_tensor(
+    content: &Content,
+    file: &mut std::fs::File,
+    path: &Path,
+    name: &str,
+) -> Result<Named, LocalError> {
     let tensor = content.tensor(file, name, &Device::Cpu).map_err(|e| LocalError::Format {
         path: path.to_path_buf(),
         message: format!("tensor `{name}`: {e}"),

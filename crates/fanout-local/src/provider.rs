@@ -8,7 +8,9 @@ use fanout::{Provider, ProviderError, Request, Response, Usage};
 
 use crate::LocalError;
 use crate::chat::ChatTemplate;
-use crate::engine::{Engine, EngineOptions, FinishReason, Generation, GenerationRequest};
+use crate::engine::{
+    Engine, EngineOptions, EngineStats, FinishReason, Generation, GenerationRequest,
+};
 use crate::gguf::{GgufFile, ModelConfig};
 use crate::model::Model;
 use crate::sampling::SamplingParams;
@@ -26,7 +28,11 @@ pub struct LocalOptions {
 
 impl Default for LocalOptions {
     fn default() -> Self {
-        Self { engine: EngineOptions::default(), default_max_tokens: 256, default_sampling: SamplingParams::default() }
+        Self {
+            engine: EngineOptions::default(),
+            default_max_tokens: 256,
+            default_sampling: SamplingParams::default(),
+        }
     }
 }
 
@@ -82,23 +88,39 @@ impl LocalModel {
         self.inner.engine.generate(request).await
     }
 
+    /// Counters of the engine's work so far.
+    pub fn stats(&self) -> EngineStats {
+        self.inner.engine.stats()
+    }
+
     /// The prompt's token ids: the conversation through the chat template.
     pub fn prompt_tokens(&self, request: &Request) -> Result<Vec<u32>, LocalError> {
         let text = self.inner.template.render(&request.messages)?;
         self.inner.tokenizer.encode(&text)
     }
 
-    fn generation_request(&self, request: &Request, prompt: Vec<u32>, choice: u32) -> GenerationRequest {
+    fn generation_request(
+        &self,
+        request: &Request,
+        prompt: Vec<u32>,
+        choice: u32,
+    ) -> GenerationRequest {
         let defaults = &self.inner.options.default_sampling;
-        let seed = request.seed.unwrap_or_else(|| derived_seed(request)).wrapping_add(u64::from(choice));
+        let seed =
+            request.seed.unwrap_or_else(|| derived_seed(request)).wrapping_add(u64::from(choice));
         GenerationRequest {
             prompt,
-            max_tokens: request.max_tokens.unwrap_or(self.inner.options.default_max_tokens) as usize,
+            max_tokens: request.max_tokens.unwrap_or(self.inner.options.default_max_tokens)
+                as usize,
             stop: request.stop.clone(),
             sampling: SamplingParams {
                 temperature: request.temperature.unwrap_or(defaults.temperature),
                 top_p: request.top_p.unwrap_or(defaults.top_p),
-                top_k: request.extra.get("top_k").and_then(|v| v.as_u64()).map_or(defaults.top_k, |k| k as usize),
+                top_k: request
+                    .extra
+                    .get("top_k")
+                    .and_then(|v| v.as_u64())
+                    .map_or(defaults.top_k, |k| k as usize),
                 seed,
             },
             ignore_eos: false,
@@ -124,9 +146,9 @@ impl Provider for LocalModel {
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
         let prompt = self.prompt_tokens(request)?;
         let choices = request.n.unwrap_or(1).max(1);
-        let answers = futures_util::future::join_all(
-            (0..choices).map(|choice| self.inner.engine.generate(self.generation_request(request, prompt.clone(), choice))),
-        )
+        let answers = futures_util::future::join_all((0..choices).map(|choice| {
+            self.inner.engine.generate(self.generation_request(request, prompt.clone(), choice))
+        }))
         .await;
         let mut usage = Usage { input_tokens: prompt.len() as u64, output_tokens: 0 };
         let mut texts = Vec::with_capacity(answers.len());

@@ -42,7 +42,8 @@ impl BlockMatrix {
         let blocks = rows * cols / BLOCK;
         let mut quants = Vec::with_capacity(rows * cols);
         let mut scales = Vec::with_capacity(blocks);
-        let half_at = |bytes: &[u8], at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
+        let half_at =
+            |bytes: &[u8], at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
         match tensor.dtype() {
             GgmlDType::Q4_1 => {
                 // d: f16, m: f16, 16 bytes of nibbles: low nibbles are values 0..16, high 16..32.
@@ -144,8 +145,16 @@ impl RowTask<'_> {
                 let scales = &m.scales[row * blocks..][..blocks];
                 let out = &mut self.out[offset * self.batch + start..][..tile];
                 match tile {
-                    8 => out.copy_from_slice(&kernel.dot(std::array::from_fn::<_, 8, _>(|t| x(start + t)), quants, scales)),
-                    4 => out.copy_from_slice(&kernel.dot(std::array::from_fn::<_, 4, _>(|t| x(start + t)), quants, scales)),
+                    8 => out.copy_from_slice(&kernel.dot(
+                        std::array::from_fn::<_, 8, _>(|t| x(start + t)),
+                        quants,
+                        scales,
+                    )),
+                    4 => out.copy_from_slice(&kernel.dot(
+                        std::array::from_fn::<_, 4, _>(|t| x(start + t)),
+                        quants,
+                        scales,
+                    )),
                     _ => out.copy_from_slice(&kernel.dot([x(start)], quants, scales)),
                 }
             }
@@ -162,16 +171,26 @@ mod portable {
     pub struct Portable;
 
     impl DotTiles for Portable {
-    fn dot<const T: usize>(self, xs: [&[f32]; T], quants: &[i8], scales: &[[f32; 2]]) -> [f32; T] {
-        let mut sums = [0f32; T];
-        for (block, (q, &[scale, offset])) in quants.chunks_exact(BLOCK).zip(scales).enumerate() {
-            for (sum, x) in sums.iter_mut().zip(&xs) {
-                let x = &x[block * BLOCK..][..BLOCK];
-                *sum += q.iter().zip(x).map(|(&q, &x)| (f32::from(q) * scale + offset) * x).sum::<f32>();
+        fn dot<const T: usize>(
+            self,
+            xs: [&[f32]; T],
+            quants: &[i8],
+            scales: &[[f32; 2]],
+        ) -> [f32; T] {
+            let mut sums = [0f32; T];
+            for (block, (q, &[scale, offset])) in quants.chunks_exact(BLOCK).zip(scales).enumerate()
+            {
+                for (sum, x) in sums.iter_mut().zip(&xs) {
+                    let x = &x[block * BLOCK..][..BLOCK];
+                    *sum += q
+                        .iter()
+                        .zip(x)
+                        .map(|(&q, &x)| (f32::from(q) * scale + offset) * x)
+                        .sum::<f32>();
+                }
             }
+            sums
         }
-        sums
-    }
     }
 }
 
@@ -206,7 +225,12 @@ mod avx2 {
 
     impl DotTiles for Avx2 {
         #[inline(always)]
-        fn dot<const T: usize>(self, xs: [&[f32]; T], quants: &[i8], scales: &[[f32; 2]]) -> [f32; T] {
+        fn dot<const T: usize>(
+            self,
+            xs: [&[f32]; T],
+            quants: &[i8],
+            scales: &[[f32; 2]],
+        ) -> [f32; T] {
             dot_tile(self.0, xs, quants, scales)
         }
     }
@@ -217,7 +241,12 @@ mod avx2 {
     }
 
     #[inline(always)]
-    fn dot_tile<const T: usize>(simd: V3, xs: [&[f32]; T], quants: &[i8], scales: &[[f32; 2]]) -> [f32; T] {
+    fn dot_tile<const T: usize>(
+        simd: V3,
+        xs: [&[f32]; T],
+        quants: &[i8],
+        scales: &[[f32; 2]],
+    ) -> [f32; T] {
         let (avx, avx2, fma, sse2) = (simd.avx, simd.avx2, simd.fma, simd.sse2);
         let mut even = [avx._mm256_setzero_ps(); T];
         let mut odd = [avx._mm256_setzero_ps(); T];
@@ -255,7 +284,8 @@ mod avx2 {
         let mut sums = [0f32; T];
         for t in 0..T {
             let lanes: [f32; 8] = pulp::cast(avx._mm256_add_ps(even[t], odd[t]));
-            sums[t] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
+            sums[t] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
         }
         sums
     }
@@ -266,7 +296,11 @@ impl CustomOp1 for BlockMatrix {
         "block-quantized-matmul"
     }
 
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        storage: &CpuStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let CpuStorage::F32(values) = storage else {
             candle_core::bail!("block-quantized matmul takes f32 input");
         };
@@ -298,7 +332,13 @@ mod tests {
         for batch in [1, 3, 4, 7] {
             let x: Vec<f32> = (0..batch * cols).map(|_| rng.f32() - 0.5).collect();
             let xt = Tensor::from_vec(x.clone(), (batch, cols), &Device::Cpu).unwrap();
-            let expected = xt.matmul(&dense.t().unwrap()).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            let expected = xt
+                .matmul(&dense.t().unwrap())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             let got = matrix.matmul(&x, batch);
             for (g, e) in got.iter().zip(&expected) {
                 assert!((g - e).abs() < 1e-4, "{dtype:?} batch {batch}: {g} vs {e}");

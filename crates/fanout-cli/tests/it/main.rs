@@ -5,6 +5,7 @@ mod batch;
 mod config;
 mod crash;
 mod jobs;
+mod local;
 mod patterns;
 
 use std::path::{Path, PathBuf};
@@ -50,7 +51,12 @@ impl Home {
             .current_dir(self.dir.path())
             .env("HOME", self.dir.path())
             .env("FANOUT_HOME", self.path("home"))
-            .env("XDG_CONFIG_HOME", self.path("config"));
+            .env("XDG_CONFIG_HOME", self.path("config"))
+            .env("FANOUT_CACHE_DIR", self.path("models"))
+            // The local model is never fetched in tests: the hub address refuses,
+            // and no Python (so no installed package, no pip) is found.
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .env("FANOUT_PYTHON", self.path("no-python"));
         for name in [
             "OPENAI_API_KEY",
             "OPENAI_BASE_URL",
@@ -62,6 +68,8 @@ impl Home {
             "FANOUT_CONFIG",
             "FANOUT_STORE",
             "XDG_DATA_HOME",
+            "XDG_CACHE_HOME",
+            "FANOUT_THREADS",
         ] {
             command.env_remove(name);
         }

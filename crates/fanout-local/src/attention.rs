@@ -42,23 +42,36 @@ fn attend_with<K: Kernels>(
     let group = shape.heads / shape.kv_heads;
     let kv_width = shape.kv_heads * d;
     let scale = 1.0 / (d as f32).sqrt();
-    let mut scores = vec![0f32; seen];
+    // The query heads that share a key/value head go together: each cached
+    // key and value is read once per group, not once per head.
+    let mut scores = vec![0f32; group * seen];
     out.fill(0.0);
-    for head in 0..shape.heads {
-        let kv_offset = (head / group) * d;
-        let q = &q[head * d..][..d];
-        for (t, score) in scores.iter_mut().enumerate() {
-            *score = kernels.dot(q, &keys[t * kv_width + kv_offset..][..d]) * scale;
+    for kv_head in 0..shape.kv_heads {
+        let kv_offset = kv_head * d;
+        let heads = kv_head * group..(kv_head + 1) * group;
+        for t in 0..seen {
+            let key = &keys[t * kv_width + kv_offset..][..d];
+            for (g, head) in heads.clone().enumerate() {
+                scores[g * seen + t] = kernels.dot(&q[head * d..][..d], key) * scale;
+            }
         }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut total = 0.0;
-        for score in scores.iter_mut() {
-            *score = (*score - max).exp();
-            total += *score;
+        for scores in scores.chunks_exact_mut(seen) {
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut total = 0.0;
+            for score in scores.iter_mut() {
+                *score = (*score - max).exp();
+                total += *score;
+            }
+            for score in scores.iter_mut() {
+                *score /= total;
+            }
         }
-        let out = &mut out[head * d..][..d];
-        for (t, &weight) in scores.iter().enumerate() {
-            kernels.scaled_add(out, weight / total, &values[t * kv_width + kv_offset..][..d]);
+        let out = &mut out[heads.start * d..heads.end * d];
+        for t in 0..seen {
+            let value = &values[t * kv_width + kv_offset..][..d];
+            for (g, out) in out.chunks_exact_mut(d).enumerate() {
+                kernels.scaled_add(out, scores[g * seen + t], value);
+            }
         }
     }
 }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
 use tokio::sync::oneshot;
 
 use crate::LocalError;
@@ -310,10 +311,23 @@ impl Scheduler {
                 return;
             }
         };
-        let mut finished = Vec::new();
+        // Sampling reads the whole vocabulary per sequence: spread it over the threads.
+        let mut logits_of: Vec<Option<&[f32]>> = vec![None; self.running.len()];
         for (logits, &i) in logits.iter().zip(&sampled) {
+            logits_of[i] = Some(logits);
+        }
+        let running = &mut self.running;
+        let tokens: Vec<Option<u32>> = self.pool.install(|| {
+            running
+                .par_iter_mut()
+                .zip(logits_of)
+                .map(|(seq, logits)| logits.map(|logits| seq.sampler.sample(logits)))
+                .collect()
+        });
+        let mut finished = Vec::new();
+        for (i, token) in tokens.into_iter().enumerate() {
+            let Some(token) = token else { continue };
             let seq = &mut self.running[i];
-            let token = seq.sampler.sample(logits);
             self.counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
             seq.first_token.get_or_insert_with(|| seq.job.submitted.elapsed());
             if let Some(reason) = self.stop_reason(i, token) {

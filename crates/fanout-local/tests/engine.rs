@@ -137,6 +137,32 @@ async fn an_abandoned_request_frees_its_slot() {
     assert_eq!(model.stats().finished, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_request_joins_while_another_is_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&dir, options(4));
+    let long = GenerationRequest {
+        prompt: model.prompt_tokens(&Request::user("long")).unwrap(),
+        max_tokens: 3000,
+        stop: Vec::new(),
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        ignore_eos: true,
+    };
+    let long = tokio::spawn({
+        let model = model.clone();
+        async move { model.generate(long).await }
+    });
+    assert!(wait_for(|| model.stats().generated_tokens > 0).await);
+    // Admitted next to the running sequence and answered long before it ends.
+    let short = model.complete(&Request::user("short").with_max_tokens(3)).await.unwrap();
+    assert!(short.usage.output_tokens <= 3);
+    let stats = model.stats();
+    assert_eq!((stats.finished, stats.running), (1, 1), "{stats:?}");
+    let long = long.await.unwrap().unwrap();
+    assert_eq!(long.tokens.len(), 3000);
+    assert_eq!(long.finish, fanout_local::FinishReason::Length);
+}
+
 /// Polls the engine's counters (it runs on its own thread, in real time).
 async fn wait_for(condition: impl Fn() -> bool) -> bool {
     for _ in 0..10_000 {

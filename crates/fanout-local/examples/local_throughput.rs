@@ -37,7 +37,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             None => vec![1, 4, 8, 16],
         };
     let explicit = args.first().filter(|a| !a.starts_with("--")).map(String::as_str);
-    let path = fanout_local::resolve(explicit, &ModelSpec::default(), &Locations::from_env())?;
+    let (path, _) = fanout_local::resolve(explicit, &ModelSpec::default(), &Locations::from_env())?;
     let options = LocalOptions {
         engine: EngineOptions { threads, max_batch: 16, ..EngineOptions::default() },
         ..LocalOptions::default()

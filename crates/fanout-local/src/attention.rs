@@ -93,11 +93,10 @@ impl Kernels for Portable {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use core::arch::x86_64::__m256;
-
     use pulp::x86::V3;
 
     use super::{Kernels, Shape, attend_with};
+    use crate::lanes::{load8, sum8};
 
     pub struct Attend<'a> {
         pub simd: V3,
@@ -129,11 +128,6 @@ mod avx2 {
     #[derive(Clone, Copy)]
     struct Avx2(V3);
 
-    #[inline(always)]
-    fn load(x: &[f32]) -> __m256 {
-        pulp::cast(*<&[f32; 8]>::try_from(x).expect("eight floats"))
-    }
-
     impl Kernels for Avx2 {
         #[inline(always)]
         fn dot(self, a: &[f32], b: &[f32]) -> f32 {
@@ -142,13 +136,10 @@ mod avx2 {
             let (a8, b8) = (a.chunks_exact(16), b.chunks_exact(16));
             let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
             for (a, b) in a8.zip(b8) {
-                even = fma._mm256_fmadd_ps(load(&a[..8]), load(&b[..8]), even);
-                odd = fma._mm256_fmadd_ps(load(&a[8..]), load(&b[8..]), odd);
+                even = fma._mm256_fmadd_ps(load8(&a[..8]), load8(&b[..8]), even);
+                odd = fma._mm256_fmadd_ps(load8(&a[8..]), load8(&b[8..]), odd);
             }
-            let lanes: [f32; 8] = pulp::cast(avx._mm256_add_ps(even, odd));
-            ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-                + tail
+            sum8(avx._mm256_add_ps(even, odd)) + tail
         }
 
         #[inline(always)]
@@ -159,7 +150,7 @@ mod avx2 {
             let mut vs = v.chunks_exact(8);
             for (o, v) in (&mut outs).zip(&mut vs) {
                 let o: &mut [f32; 8] = o.try_into().expect("eight floats");
-                *o = pulp::cast(fma._mm256_fmadd_ps(w, load(v), pulp::cast(*o)));
+                *o = pulp::cast(fma._mm256_fmadd_ps(w, load8(v), pulp::cast(*o)));
             }
             for (o, &v) in outs.into_remainder().iter_mut().zip(vs.remainder()) {
                 *o += weight * v;

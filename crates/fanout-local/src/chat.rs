@@ -38,11 +38,8 @@ impl ChatTemplate {
             .map_err(|e| gguf.format_error(format!("chat template does not parse: {e}")))?;
         Ok(Self {
             env,
-            bos_token: tokenizer
-                .bos
-                .map(|id| tokenizer.token_text(id).to_owned())
-                .unwrap_or_default(),
-            eos_token: tokenizer.token_text(tokenizer.eos).to_owned(),
+            bos_token: tokenizer.bos.map(|id| tokenizer.token_text(id)).unwrap_or_default(),
+            eos_token: tokenizer.token_text(tokenizer.eos),
         })
     }
 

@@ -182,6 +182,24 @@ impl Sequence {
     fn prefilling(&self) -> bool {
         self.fed < self.job.request.prompt.len()
     }
+
+    /// Sends the answer: the generated text, ending before the earliest stop sequence.
+    fn answer(self, finish: FinishReason, tokenizer: &ChatTokenizer) {
+        let request = &self.job.request;
+        let mut text = tokenizer.decode(&self.generated);
+        if let Some(cut) = request.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(cut);
+        }
+        let generation = Generation {
+            text,
+            prompt_tokens: request.prompt.len(),
+            tokens: self.generated,
+            finish,
+            time_to_first_token: self.first_token.unwrap_or_default(),
+        };
+        // A caller that stopped waiting has nothing to receive it.
+        let _ = self.job.reply.send(Ok(generation));
+    }
 }
 
 struct Scheduler {
@@ -339,15 +357,7 @@ impl Scheduler {
         // Retire from the back so earlier indices stay valid.
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, reason) in finished {
-            let seq = self.retire(i);
-            let _ = seq.job.reply.send(Ok(finish(
-                seq.generated,
-                seq.job.request.prompt.len(),
-                seq.first_token,
-                reason,
-                &self.tokenizer,
-                &seq.job.request.stop,
-            )));
+            self.retire(i).answer(reason, &self.tokenizer);
         }
     }
 
@@ -376,27 +386,5 @@ impl Scheduler {
         let sequence = self.running.swap_remove(i);
         self.counters.running.store(self.running.len() as u64, Ordering::Relaxed);
         sequence
-    }
-}
-
-fn finish(
-    tokens: Vec<u32>,
-    prompt_tokens: usize,
-    first_token: Option<Duration>,
-    finish: FinishReason,
-    tokenizer: &ChatTokenizer,
-    stop: &[String],
-) -> Generation {
-    let mut text = tokenizer.decode(&tokens);
-    // The answer ends before the earliest stop sequence.
-    if let Some(cut) = stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-        text.truncate(cut);
-    }
-    Generation {
-        text,
-        tokens,
-        prompt_tokens,
-        finish,
-        time_to_first_token: first_token.unwrap_or_default(),
     }
 }

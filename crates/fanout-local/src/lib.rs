@@ -12,7 +12,7 @@
 //! use fanout::{Provider, Request};
 //! use fanout_local::{LocalModel, LocalOptions, Locations, ModelSpec};
 //!
-//! let path = fanout_local::resolve(None, &ModelSpec::default(), &Locations::from_env())?;
+//! let (path, _) = fanout_local::resolve(None, &ModelSpec::default(), &Locations::from_env())?;
 //! let model = LocalModel::load(&path, LocalOptions::default())?;
 //! let answer = model.complete(&Request::user("What is the capital of France?")).await?;
 //! println!("{}", answer.text);
@@ -24,6 +24,8 @@ mod chat;
 pub mod engine;
 mod error;
 mod gguf;
+#[cfg(target_arch = "x86_64")]
+mod lanes;
 mod linear;
 mod model;
 mod provider;

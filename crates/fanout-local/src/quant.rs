@@ -207,11 +207,12 @@ mod portable {
 /// the tile's running sums.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use core::arch::x86_64::{__m128i, __m256};
+    use core::arch::x86_64::__m128i;
 
     use pulp::x86::V3;
 
     use super::{BLOCK, DotTiles, RowTask, WeightRow};
+    use crate::lanes::{load8, sum8};
 
     pub struct Rows<'a> {
         pub simd: V3,
@@ -229,11 +230,6 @@ mod avx2 {
 
     #[derive(Clone, Copy)]
     struct Avx2(V3);
-
-    #[inline(always)]
-    fn load8(x: &[f32]) -> __m256 {
-        pulp::cast(*<&[f32; 8]>::try_from(x).expect("eight floats"))
-    }
 
     impl DotTiles for Avx2 {
         #[inline(always)]
@@ -263,11 +259,7 @@ mod avx2 {
                     sums[t] = fma._mm256_fmadd_ps(w3, load8(&x[24..32]), s);
                 }
             }
-            sums.map(|sum| {
-                let lanes: [f32; 8] = pulp::cast(sum);
-                ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                    + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
-            })
+            sums.map(sum8)
         }
     }
 }

@@ -113,14 +113,15 @@ pub fn find(
     Ok(None)
 }
 
-/// The model's path, or an error that says the one command that fixes it.
+/// The model's path and where it was found, or an error that says the one
+/// command that fixes it.
 pub fn resolve(
     explicit: Option<&str>,
     spec: &ModelSpec,
     places: &Locations,
-) -> Result<PathBuf, LocalError> {
+) -> Result<(PathBuf, ModelSource), LocalError> {
     match find(explicit, spec, places)? {
-        Some((path, _)) => Ok(path),
+        Some(found) => Ok(found),
         None => Err(LocalError::NotFound(format!(
             "no local model: {} is not in {} nor in an installed `{}` Python package. Run `fanout models pull` to fetch it (or pass a GGUF file with --model PATH)",
             spec.file_name,

@@ -36,7 +36,6 @@ pub struct ChatTokenizer {
     pub eos: u32,
     pub bos: Option<u32>,
     pub add_bos: bool,
-    tokens: Vec<String>,
 }
 
 impl ChatTokenizer {
@@ -92,7 +91,6 @@ impl ChatTokenizer {
             add_bos: gguf.optional_bool("tokenizer.ggml.add_bos_token").unwrap_or(false),
             eos,
             inner,
-            tokens,
         })
     }
 
@@ -124,12 +122,8 @@ impl ChatTokenizer {
     }
 
     /// The token's text as the vocabulary spells it (for templates: `bos_token`).
-    pub fn token_text(&self, id: u32) -> &str {
-        self.tokens.get(id as usize).map_or("", String::as_str)
-    }
-
-    pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
+    pub fn token_text(&self, id: u32) -> String {
+        self.inner.id_to_token(id).unwrap_or_default()
     }
 }
 

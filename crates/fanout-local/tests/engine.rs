@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use fanout::{ErrorKind, Executor, Provider, Request, Task};
 use fanout_local::sampling::SamplingParams;
-use fanout_local::{EngineOptions, GenerationRequest, LocalOptions};
+use fanout_local::{
+    EngineOptions, Generation, GenerationRequest, LocalError, LocalModel, LocalOptions,
+};
 
 fn options(max_batch: usize) -> LocalOptions {
     LocalOptions {
@@ -111,20 +113,7 @@ async fn an_abandoned_request_frees_its_slot() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_model(&dir, options(1));
     // The only slot is taken by a 4,000-token answer that nobody will wait for.
-    let prompt = model.prompt_tokens(&Request::user("long")).unwrap();
-    let long = GenerationRequest {
-        prompt,
-        max_tokens: 4000,
-        stop: Vec::new(),
-        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
-        ignore_eos: true,
-    };
-    let waiting = tokio::spawn({
-        let model = model.clone();
-        async move { model.generate(long).await }
-    });
-    let started = wait_for(|| model.stats().generated_tokens > 0).await;
-    assert!(started, "the long answer never started");
+    let waiting = start_long_answer(&model, 4000).await;
     waiting.abort();
     assert!(wait_for(|| model.stats().abandoned == 1).await, "{:?}", model.stats());
     let stats = model.stats();
@@ -141,18 +130,7 @@ async fn an_abandoned_request_frees_its_slot() {
 async fn a_new_request_joins_while_another_is_decoding() {
     let dir = tempfile::tempdir().unwrap();
     let model = common::tiny_model(&dir, options(4));
-    let long = GenerationRequest {
-        prompt: model.prompt_tokens(&Request::user("long")).unwrap(),
-        max_tokens: 3000,
-        stop: Vec::new(),
-        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
-        ignore_eos: true,
-    };
-    let long = tokio::spawn({
-        let model = model.clone();
-        async move { model.generate(long).await }
-    });
-    assert!(wait_for(|| model.stats().generated_tokens > 0).await);
+    let long = start_long_answer(&model, 3000).await;
     // Admitted next to the running sequence and answered long before it ends.
     let short = model.complete(&Request::user("short").with_max_tokens(3)).await.unwrap();
     assert!(short.usage.output_tokens <= 3);
@@ -161,6 +139,26 @@ async fn a_new_request_joins_while_another_is_decoding() {
     let long = long.await.unwrap().unwrap();
     assert_eq!(long.tokens.len(), 3000);
     assert_eq!(long.finish, fanout_local::FinishReason::Length);
+}
+
+/// Starts a greedy answer of exactly `tokens` tokens and waits until it is decoding.
+async fn start_long_answer(
+    model: &LocalModel,
+    tokens: usize,
+) -> tokio::task::JoinHandle<Result<Generation, LocalError>> {
+    let request = GenerationRequest {
+        prompt: model.prompt_tokens(&Request::user("long")).unwrap(),
+        max_tokens: tokens,
+        stop: Vec::new(),
+        sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
+        ignore_eos: true,
+    };
+    let answer = tokio::spawn({
+        let model = model.clone();
+        async move { model.generate(request).await }
+    });
+    assert!(wait_for(|| model.stats().generated_tokens > 0).await, "the long answer never started");
+    answer
 }
 
 /// Polls the engine's counters (it runs on its own thread, in real time).

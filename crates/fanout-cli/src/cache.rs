@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
-use fanout::{ErrorKind, Provider, ProviderError, Request, Response};
+use fanout::{Check, ErrorKind, Progress, Provider, ProviderError, Request, Response};
 use fanout_store::Store;
 use sha2::{Digest, Sha256};
 
@@ -39,6 +39,14 @@ impl Provider for Cached {
     }
 
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+        self.complete_observed(request, &Progress::new()).await
+    }
+
+    async fn complete_observed(
+        &self,
+        request: &Request,
+        progress: &Progress,
+    ) -> Result<Response, ProviderError> {
         let key = self.key(request);
         let stored = self.store.lock().unwrap().cache_get(&key);
         if let Ok(Some(json)) = stored
@@ -46,12 +54,16 @@ impl Provider for Cached {
         {
             return Ok(response);
         }
-        let response = self.inner.complete(request).await?;
+        let response = self.inner.complete_observed(request, progress).await?;
         let json = serde_json::to_string(&response).expect("a response serializes");
         self.store.lock().unwrap().cache_put(&key, &json).map_err(|e| {
             ProviderError::new(ErrorKind::Server, format!("the answer could not be cached: {e}"))
         })?;
         Ok(response)
+    }
+
+    async fn check(&self) -> Check {
+        self.inner.check().await
     }
 
     fn estimate_tokens(&self, request: &Request) -> u64 {

@@ -131,5 +131,15 @@ pub fn summary(totals: &Totals) -> String {
         "calls / retries / 429s",
         format!("{} / {} / {}", totals.calls, totals.retries, totals.rate_limited),
     );
+    row("hedges sent / won", format!("{} / {}", totals.hedges, totals.hedges_won));
+    if totals.estimated_usage.total() > 0 {
+        row(
+            "tokens estimated",
+            format!(
+                "{} / {} (the provider reported no usage)",
+                totals.estimated_usage.input_tokens, totals.estimated_usage.output_tokens
+            ),
+        );
+    }
     table.to_string()
 }

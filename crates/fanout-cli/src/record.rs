@@ -24,6 +24,7 @@ pub fn to_record(result: &TaskResult) -> Option<Record> {
             record.answer = Some(response.text.clone());
             record.input_tokens = response.usage.input_tokens;
             record.output_tokens = response.usage.output_tokens;
+            record.usage_estimated = response.usage_estimated;
             record.latency_ms = Some(success.latency.as_secs_f64() * 1000.0);
             record.finish_reason = response.finish_reason.clone();
             record.model = response.model.clone();
@@ -60,6 +61,7 @@ pub fn to_outcome(record: Record) -> Outcome {
                     input_tokens: record.input_tokens,
                     output_tokens: record.output_tokens,
                 },
+                usage_estimated: record.usage_estimated,
                 finish_reason: record.finish_reason,
                 model: record.model,
                 request_id: record.request_id,
@@ -114,6 +116,7 @@ mod tests {
             response: Response {
                 text: "7/10".into(),
                 usage: Usage { input_tokens: 30, output_tokens: 4 },
+                usage_estimated: true,
                 finish_reason: Some("stop".into()),
                 ..Response::default()
             },

@@ -16,6 +16,9 @@
 //! tpm = 200000
 //! price_input = 0.15               # per million tokens
 //! price_output = 0.60
+//! hedge = true                     # duplicate stragglers (default); false turns it off
+//! hedge_budget = 0.05              # at most this share of extra calls
+//! hedge_after = 10.0               # seconds without a sign of life [default: learned]
 //! ```
 
 use std::collections::BTreeMap;
@@ -24,7 +27,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use fanout::{Anthropic, ExecutorBuilder, HttpOptions, MockProvider, OpenAi, Price, Provider};
+use fanout::{
+    Anthropic, ExecutorBuilder, HedgePolicy, HttpOptions, MockProvider, OpenAi, Price, Provider,
+};
 use serde::{Deserialize, Serialize};
 
 /// The local provider's model name; any other `--model` value is a GGUF path.
@@ -105,6 +110,19 @@ pub struct Flags {
     /// Compute threads of the local model [default: one per core]
     #[arg(long, global = true, env = "FANOUT_THREADS")]
     pub threads: Option<usize>,
+    /// Duplicate calls that straggle (on by default): past the learned p95 (and
+    /// twice the median) without a sign of life, within the hedge budget
+    #[arg(long, global = true, overrides_with = "no_hedge")]
+    pub hedge: bool,
+    /// Never duplicate a call
+    #[arg(long, global = true)]
+    pub no_hedge: bool,
+    /// Extra calls hedging may add, as a share of all calls [default: 0.05]
+    #[arg(long, global = true, value_name = "SHARE")]
+    pub hedge_budget: Option<f64>,
+    /// Seconds without a sign of life after which a call is hedged [default: learned]
+    #[arg(long, global = true, value_name = "SECS")]
+    pub hedge_after: Option<f64>,
     /// Machine-readable output: JSON results and a JSON summary
     #[arg(long, global = true)]
     pub json: bool,
@@ -142,6 +160,9 @@ struct Profile {
     threads: Option<usize>,
     price_input: Option<f64>,
     price_output: Option<f64>,
+    hedge: Option<bool>,
+    hedge_budget: Option<f64>,
+    hedge_after: Option<f64>,
 }
 
 /// Everything resolved: what to call and how.
@@ -163,6 +184,32 @@ pub struct Settings {
     #[serde(default)]
     pub threads: Option<usize>,
     pub price: Option<Price>,
+    /// Hedging of stragglers; `None` is off.
+    #[serde(default = "Hedging::default_on")]
+    pub hedge: Option<Hedging>,
+}
+
+/// How stragglers are hedged.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Hedging {
+    /// Extra calls, as a share of all calls.
+    pub budget: f64,
+    /// Seconds without a sign of life; `None` learns it from the run.
+    pub after: Option<f64>,
+}
+
+impl Hedging {
+    fn default_on() -> Option<Self> {
+        Some(Self { budget: HedgePolicy::default().budget, after: None })
+    }
+
+    fn policy(self) -> HedgePolicy {
+        let policy = match self.after {
+            Some(after) => HedgePolicy::after(Duration::from_secs_f64(after.max(0.0))),
+            None => HedgePolicy::default(),
+        };
+        policy.with_budget(self.budget)
+    }
 }
 
 fn default_config_path() -> Option<PathBuf> {
@@ -188,6 +235,26 @@ fn read_config(path: &Path) -> Result<ConfigFile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
+}
+
+/// Flags over the profile over the default (on, learned threshold, 5%).
+fn hedging(flags: &Flags, profile: &Profile) -> Result<Option<Hedging>> {
+    let on = if flags.no_hedge {
+        false
+    } else if flags.hedge {
+        true
+    } else {
+        profile.hedge.unwrap_or(true)
+    };
+    let budget = flags.hedge_budget.or(profile.hedge_budget);
+    if let Some(budget) = budget.filter(|b| !(0.0..=1.0).contains(b)) {
+        bail!("--hedge-budget must be a share between 0 and 1, not {budget}");
+    }
+    let default = Hedging::default_on().expect("on by default");
+    Ok(on.then(|| Hedging {
+        budget: budget.unwrap_or(default.budget),
+        after: flags.hedge_after.or(profile.hedge_after),
+    }))
 }
 
 fn env(name: &str) -> Option<String> {
@@ -223,6 +290,7 @@ impl Settings {
             ProviderKind::Anthropic => env("ANTHROPIC_BASE_URL"),
             ProviderKind::Mock | ProviderKind::Local => None,
         };
+        let hedge = hedging(flags, &profile)?;
         let price = match (profile.price_input, profile.price_output) {
             (None, None) => None,
             (input, output) => Some(Price {
@@ -249,6 +317,7 @@ impl Settings {
             max_tokens: flags.max_tokens.or(profile.max_tokens),
             threads: flags.threads.or(profile.threads).filter(|t| *t > 0),
             price,
+            hedge,
         })
     }
 
@@ -305,7 +374,7 @@ impl Settings {
         if let Some(price) = self.price {
             builder = builder.price(price);
         }
-        builder
+        builder.hedge(self.hedge.map(Hedging::policy))
     }
 
     /// Takes the run limits (not what shapes answers) given as flags now: a
@@ -318,6 +387,14 @@ impl Settings {
         self.deadline = flags.deadline.or(self.deadline);
         self.retries = flags.retries.unwrap_or(self.retries);
         self.threads = flags.threads.filter(|t| *t > 0).or(self.threads);
+        if flags.no_hedge {
+            self.hedge = None;
+        } else if flags.hedge || flags.hedge_budget.is_some() || flags.hedge_after.is_some() {
+            let mut hedge = self.hedge.or(Hedging::default_on()).expect("on");
+            hedge.budget = flags.hedge_budget.unwrap_or(hedge.budget);
+            hedge.after = flags.hedge_after.or(hedge.after);
+            self.hedge = Some(hedge);
+        }
         self
     }
 

@@ -4,7 +4,7 @@ use std::hash::{Hash, Hasher};
 use std::path::Path;
 use std::sync::Arc;
 
-use fanout::{Provider, ProviderError, Request, Response, Usage};
+use fanout::{Check, Provider, ProviderError, Request, Response, Usage};
 
 use crate::LocalError;
 use crate::chat::ChatTemplate;
@@ -168,6 +168,11 @@ impl Provider for LocalModel {
         response.finish_reason = finish_reason.map(str::to_owned);
         response.model = Some(self.inner.name.clone());
         Ok(response)
+    }
+
+    /// In-process: no key to be wrong, and the model was loaded before any run.
+    async fn check(&self) -> Check {
+        Check::Ready
     }
 
     /// The prompt's real token count plus the answer budget.

@@ -123,6 +123,8 @@ pub struct Record {
     pub request_id: Option<String>,
     /// Seconds since the Unix epoch.
     pub finished_at: i64,
+    /// Whether the token counts are estimates: the provider reported none.
+    pub usage_estimated: bool,
 }
 
 impl Record {
@@ -176,7 +178,8 @@ pub struct Store {
 
 const JOB_COLUMNS: &str = "id, name, input, fingerprint, settings, total, created_at, updated_at";
 const RECORD_COLUMNS: &str = "idx, task_id, status, answer, error_kind, error_message, error_status, \
-     input_tokens, output_tokens, latency_ms, attempts, finish_reason, model, request_id, finished_at";
+     input_tokens, output_tokens, latency_ms, attempts, finish_reason, model, request_id, finished_at, \
+     usage_estimated";
 
 fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let settings: String = row.get(4)?;
@@ -209,6 +212,7 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         model: row.get(12)?,
         request_id: row.get(13)?,
         finished_at: row.get(14)?,
+        usage_estimated: row.get(15)?,
     })
 }
 
@@ -346,7 +350,7 @@ impl Store {
             let mut insert = transaction
                 .prepare_cached(&format!(
                     "INSERT OR REPLACE INTO tasks (job_id, {RECORD_COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
                 ))
                 .context(context)?;
             for r in records {
@@ -368,6 +372,7 @@ impl Store {
                         r.model,
                         r.request_id,
                         r.finished_at,
+                        r.usage_estimated,
                     ])
                     .context(context)?;
             }
@@ -385,6 +390,32 @@ impl Store {
             ))
             .and_then(|mut s| s.query_row(params![job, index as i64], record_from_row).optional())
             .context(|| format!("cannot read the result of task {index}"))
+    }
+
+    /// Calls `each` with the records of a job whose index is in `from..to`, in
+    /// index order.
+    pub fn each_record_between<E: From<StoreError>>(
+        &self,
+        job: i64,
+        from: u64,
+        to: u64,
+        mut each: impl FnMut(Record) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let context = || format!("cannot read the results of tasks {from} to {to}");
+        let mut statement = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {RECORD_COLUMNS} FROM tasks WHERE job_id = ?1 AND idx >= ?2 AND idx < ?3 \
+                 ORDER BY idx"
+            ))
+            .context(context)?;
+        let rows = statement
+            .query_map(params![job, from as i64, to as i64], record_from_row)
+            .context(context)?;
+        for row in rows {
+            each(row.context(context)?)?;
+        }
+        Ok(())
     }
 
     /// Calls `each` with every record of a job, in index order, without holding

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     model         TEXT,
     request_id    TEXT,
     finished_at   INTEGER NOT NULL,
+    usage_estimated INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cache (
@@ -47,5 +48,21 @@ pub(crate) fn prepare(conn: &Connection) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.execute_batch(SCHEMA)
+    conn.execute_batch(SCHEMA)?;
+    add_missing_columns(conn)
+}
+
+/// Columns added after the first release, added to stores made before them.
+const ADDED_COLUMNS: [(&str, &str); 1] = [("usage_estimated", "INTEGER NOT NULL DEFAULT 0")];
+
+fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
+    let mut statement = conn.prepare("SELECT name FROM pragma_table_info('tasks')")?;
+    let present: Vec<String> =
+        statement.query_map([], |row| row.get(0))?.collect::<rusqlite::Result<_>>()?;
+    for (name, definition) in ADDED_COLUMNS {
+        if !present.iter().any(|p| p == name) {
+            conn.execute_batch(&format!("ALTER TABLE tasks ADD COLUMN {name} {definition}"))?;
+        }
+    }
+    Ok(())
 }

@@ -44,10 +44,10 @@ pub use exec::hedge::{HedgeAfter, HedgePolicy};
 pub use exec::limit::Rate;
 pub use exec::report::{Latency, Price, Report, Totals};
 pub use exec::retry::RetryPolicy;
-pub use exec::{Executor, ExecutorBuilder, Results};
+pub use exec::{Executor, ExecutorBuilder, HeldResult, HeldResults, Results, Slot};
 pub use provider::{
-    Anthropic, Behavior, ErrorKind, HttpOptions, Message, MockProvider, OpenAi, Provider,
-    ProviderError, RateLimit, Request, Response, ResponseFormat, Role, Usage,
+    Anthropic, Behavior, Check, ErrorKind, HttpOptions, Message, MockProvider, OpenAi, Progress,
+    Provider, ProviderError, RateLimit, Request, Response, ResponseFormat, Role, Usage,
 };
 pub use task::{NotRun, Outcome, Status, Success, Task, TaskId, TaskResult, Timeout};
 pub use tokio_util::sync::CancellationToken;

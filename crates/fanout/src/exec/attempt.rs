@@ -6,7 +6,10 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use tokio::time::{Instant, sleep, timeout};
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
@@ -14,7 +17,7 @@ use super::breaker::CircuitBreaker;
 use super::event::Event;
 use super::hedge::Hedger;
 use super::limit::Permit;
-use crate::provider::{ErrorKind, ProviderError, Request, Response};
+use crate::provider::{ErrorKind, Progress, ProviderError, Request, Response};
 use crate::task::{NotRun, Outcome, Success, TaskId, TaskResult, Timeout};
 
 /// Why a run stopped before its tasks were done.
@@ -55,6 +58,8 @@ pub(crate) struct Run {
     pub seed: u64,
     pub started: Instant,
     pub deadline: Option<Instant>,
+    /// Whether results keep their call's slot until the receiver drops it.
+    pub hold_slots: bool,
 }
 
 impl Run {
@@ -73,7 +78,7 @@ pub(crate) async fn run_task(
     id: TaskId,
     request: Arc<Request>,
     permit: Permit,
-) -> TaskResult {
+) -> (TaskResult, Option<Permit>) {
     // Read by the cancellation branch while the attempts future is dropped.
     let attempts = AtomicU32::new(0);
     let work =
@@ -99,7 +104,6 @@ pub(crate) async fn run_task(
             },
         },
     };
-    drop(permit);
     run.exec.emit(|| Event::Finished {
         index,
         id: id.clone(),
@@ -108,7 +112,9 @@ pub(crate) async fn run_task(
         usage: outcome.usage(),
         latency: outcome.success().map(|s| s.latency),
     });
-    TaskResult { index, id, outcome }
+    // The slot is freed here, unless the receiver frees it once the result is safe.
+    let permit = run.hold_slots.then_some(permit);
+    (TaskResult { index, id, outcome }, permit)
 }
 
 fn panicked(panic: &(dyn std::any::Any + Send)) -> ProviderError {
@@ -137,6 +143,10 @@ async fn attempt_until_done(
         fastrand::Rng::with_seed(run.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut first_sent = None;
     let mut attempt = 0;
+    // Rate-limit answers are counted apart: they are a wait, not a failure, and
+    // must not use up the attempts meant for errors.
+    let mut failed_attempts = 0;
+    let mut rate_limited_attempts = 0;
     loop {
         if let Some(cause) = run.breaker.cause() {
             let error = cause.clone();
@@ -153,31 +163,37 @@ async fn attempt_until_done(
         let first_sent = *first_sent.get_or_insert(sent);
         exec.emit(|| Event::Started { index, id: id.clone(), attempt });
         let generation = exec.limits.concurrency.generation();
-        let answer = call_with_hedge(run, index, id, request, reserved, attempt);
-        let result = match exec.config.attempt_timeout {
-            None => answer.await,
-            Some(limit) => {
-                timeout(limit, answer).await.unwrap_or_else(|_| Err(attempt_timed_out(limit)))
-            }
-        };
-        match result {
-            Ok(response) => {
-                if let Some(limit) = exec.limits.on_success(reserved, launch, &response) {
+        let call = Call { run, index, id, request, reserved, attempt };
+        match call.watched().await {
+            Ok(answer) => {
+                if let Some(limit) = exec.limits.on_success(reserved, launch, &answer.response) {
+                    exec.emit(|| Event::ConcurrencyChanged { limit });
+                }
+                if let Some(limit) = exec.limits.concurrency.on_latency(answer.first_sign) {
                     exec.emit(|| Event::ConcurrencyChanged { limit });
                 }
                 run.breaker.record_success();
                 if let Some(hedger) = &run.hedger {
-                    hedger.record(sent.elapsed());
+                    hedger.record(answer.first_sign);
                 }
                 let latency = first_sent.elapsed();
-                return Outcome::Succeeded(Success { response, latency, attempts: attempt });
+                return Outcome::Succeeded(Success {
+                    response: answer.response,
+                    latency,
+                    attempts: attempt,
+                });
             }
             Err(error) => {
-                if error.is_rate_limited() {
+                let count = if error.is_rate_limited() {
                     run.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
-                }
+                    rate_limited_attempts += 1;
+                    rate_limited_attempts
+                } else {
+                    failed_attempts += 1;
+                    failed_attempts
+                };
                 run.breaker.record_failure(&error);
-                let delay = exec.config.retry.delay_after(&error, attempt, &mut rng);
+                let delay = exec.config.retry.delay_after(&error, count, &mut rng);
                 let reaction = exec.limits.on_error(&error, launch, generation, delay);
                 if let Some(duration) = reaction.paused_for {
                     exec.emit(|| Event::Paused { duration, error: error.clone() });
@@ -198,52 +214,146 @@ async fn attempt_until_done(
 
 fn attempt_timed_out(limit: Duration) -> ProviderError {
     let secs = limit.as_secs_f64();
-    ProviderError::new(ErrorKind::Timeout, format!("no answer within {secs:.3}s"))
+    ProviderError::new(ErrorKind::Timeout, format!("no sign of an answer for {secs:.3}s"))
 }
 
-/// One attempt, hedged if it runs past the hedging threshold.
-async fn call_with_hedge(
-    run: &Run,
+/// A successful attempt, and how soon it first showed life (its first streamed
+/// bytes, or the whole answer when it did not stream).
+struct Answer {
+    response: Response,
+    first_sign: Duration,
+}
+
+enum Watch {
+    Answered(Result<Answer, ProviderError>),
+    /// No sign of life for longer than the hedging threshold.
+    Straggling,
+}
+
+/// One attempt of a task: the call, and a hedge of it if it straggles.
+struct Call<'a> {
+    run: &'a Run,
     index: usize,
-    id: &TaskId,
-    request: &Request,
+    id: &'a TaskId,
+    request: &'a Request,
     reserved: u64,
     attempt: u32,
-) -> Result<Response, ProviderError> {
-    let provider = &run.exec.provider;
-    let primary = provider.complete(request);
-    let Some(hedger) = &run.hedger else { return primary.await };
-    hedger.count_call();
-    let Some(after) = hedger.threshold() else { return primary.await };
-    tokio::pin!(primary);
-    tokio::select! {
-        result = &mut primary => return result,
-        () = sleep(after) => {}
-    }
-    if !hedger.try_spend() {
-        return primary.await;
-    }
-    // The hedge queues for a slot and budget like any call; the primary may
-    // answer first, which makes the hedge unnecessary.
-    let _slot = tokio::select! {
-        result = &mut primary => {
-            hedger.refund();
+}
+
+impl Call<'_> {
+    /// Sends the attempt and watches it. A call that has shown no life (no
+    /// byte yet, or a stream that stopped) for longer than the learned hedging
+    /// threshold gets a duplicate, within the budget and every limit; the first
+    /// success wins and the other call is dropped, which cancels it. A call that
+    /// streams steadily is never hedged or cut, however long its answer.
+    async fn watched(&self) -> Result<Answer, ProviderError> {
+        let provider = &self.run.exec.provider;
+        let progress = Progress::new();
+        let primary = self.bounded(provider.complete_observed(self.request, &progress), &progress);
+        tokio::pin!(primary);
+        let Some(hedger) = &self.run.hedger else { return primary.await };
+        hedger.count_call();
+        if let Watch::Answered(result) = self.watch(hedger, &progress, primary.as_mut()).await {
             return result;
         }
-        slot = run.exec.limits.admit_extra(reserved) => slot,
-    };
-    run.exec.emit(|| Event::Hedged { index, id: id.clone(), attempt });
-    let hedge = provider.complete(request);
-    tokio::pin!(hedge);
-    // The first success wins; a failure waits for the other call's answer.
-    tokio::select! {
-        result = &mut primary => match result {
-            Ok(response) => Ok(response),
-            Err(_) => hedge.await,
-        },
-        result = &mut hedge => match result {
-            Ok(response) => Ok(response),
-            Err(_) => primary.await,
-        },
+        if !hedger.try_spend() {
+            return primary.await;
+        }
+        // The hedge queues for a slot and budget like any call; the primary may
+        // answer first, which makes the hedge unnecessary.
+        let _slot = tokio::select! {
+            biased;
+            result = &mut primary => {
+                hedger.refund();
+                return result;
+            }
+            slot = self.run.exec.limits.admit_extra(self.reserved) => slot,
+        };
+        self.run.exec.emit(|| Event::Hedged {
+            index: self.index,
+            id: self.id.clone(),
+            attempt: self.attempt,
+        });
+        let hedge_progress = Progress::new();
+        let hedge = self
+            .bounded(provider.complete_observed(self.request, &hedge_progress), &hedge_progress);
+        tokio::pin!(hedge);
+        // The first success wins; a failure waits for the other call's answer.
+        let winner = tokio::select! {
+            result = &mut primary => match result {
+                Ok(answer) => Ok(answer),
+                Err(_) => hedge.await,
+            },
+            result = &mut hedge => match result {
+                Ok(answer) => {
+                    hedger.record_win();
+                    Ok(answer)
+                }
+                Err(_) => primary.await,
+            },
+        };
+        winner
+    }
+
+    /// Waits until the call answers or straggles.
+    async fn watch<F>(&self, hedger: &Hedger, progress: &Progress, mut call: Pin<&mut F>) -> Watch
+    where
+        F: Future<Output = Result<Answer, ProviderError>>,
+    {
+        loop {
+            // Registered before the threshold is read, so a threshold learned
+            // meanwhile is not missed.
+            let learned = hedger.learned();
+            let threshold = hedger.threshold();
+            let straggling_at = threshold.map(|t| progress.last_sign_of_life() + t);
+            tokio::select! {
+                biased;
+                result = call.as_mut() => return Watch::Answered(result),
+                () = sleep_until_or_never(straggling_at) => {
+                    let now = Instant::now();
+                    if let Some(t) = hedger.threshold()
+                        && now >= progress.last_sign_of_life() + t
+                    {
+                        return Watch::Straggling;
+                    }
+                }
+                () = learned, if threshold.is_none() => {}
+            }
+        }
+    }
+
+    /// The provider's call, cut once it has shown no life for the attempt
+    /// timeout, with its first sign of life measured.
+    async fn bounded(
+        &self,
+        call: impl Future<Output = Result<Response, ProviderError>>,
+        progress: &Progress,
+    ) -> Result<Answer, ProviderError> {
+        tokio::pin!(call);
+        let limit = self.run.exec.config.attempt_timeout;
+        loop {
+            let cut_at = limit.map(|l| progress.last_sign_of_life() + l);
+            tokio::select! {
+                biased;
+                result = &mut call => {
+                    let first_sign = progress.first_activity().unwrap_or_else(|| progress.sent().elapsed());
+                    return result.map(|response| Answer { response, first_sign });
+                }
+                () = sleep_until_or_never(cut_at) => {
+                    if let Some(limit) = limit
+                        && Instant::now() >= progress.last_sign_of_life() + limit
+                    {
+                        return Err(attempt_timed_out(limit));
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_or_never(at: Option<Instant>) {
+    match at {
+        Some(at) => sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }

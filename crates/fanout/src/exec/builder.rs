@@ -54,10 +54,14 @@ impl fmt::Debug for Config {
 
 /// Builds an [`Executor`].
 ///
-/// Defaults: concurrency 16, no RPM or TPM limit, [`RetryPolicy::default`]
-/// (5 attempts), 120 s per attempt, no task timeout, no deadline, circuit
-/// breaker after 3 fatal answers with a probe window of the same size until the
-/// first success, no hedging.
+/// Defaults: concurrency 16 (adapting to 429s, timeouts and latency growth), no
+/// RPM or TPM limit of its own (limits the provider reports in its headers are
+/// learned and paced to), [`RetryPolicy::default`] (5 attempts for errors; 429s
+/// are waited out without counting), an attempt is cut after 120 s without a
+/// sign of life, no task timeout, no deadline, circuit breaker after 3 fatal
+/// answers with a probe window of the same size until the provider's
+/// [`check`](crate::Provider::check) or first success proves it, and hedging of
+/// stragglers past the learned p95 within 5% extra calls ([`HedgePolicy::default`]).
 #[must_use]
 pub struct ExecutorBuilder {
     provider: Arc<dyn Provider>,
@@ -87,7 +91,7 @@ impl ExecutorBuilder {
                 deadline: None,
                 cancel: CancellationToken::new(),
                 drain: CancellationToken::new(),
-                hedge: None,
+                hedge: Some(HedgePolicy::default()),
                 breaker_threshold: 3,
                 probe: true,
                 price: None,
@@ -138,7 +142,9 @@ impl ExecutorBuilder {
         self
     }
 
-    /// Time limit for one attempt; an attempt that runs out is retried.
+    /// How long one attempt may go without a sign of life before it is cut and
+    /// retried: the whole answer when the provider does not stream, the next
+    /// bytes when it does (so a long answer streaming steadily is never cut).
     pub fn attempt_timeout(mut self, limit: Option<Duration>) -> Self {
         self.config.attempt_timeout = limit;
         self
@@ -172,6 +178,7 @@ impl ExecutorBuilder {
         self
     }
 
+    /// Hedging of stragglers; `None` turns it off.
     pub fn hedge(mut self, policy: Option<HedgePolicy>) -> Self {
         self.config.hedge = policy;
         self
@@ -221,6 +228,13 @@ impl ExecutorBuilder {
         let probe = (config.probe && config.breaker_threshold > 0)
             .then_some(config.breaker_threshold as usize);
         let limits = Limits::new(config.concurrency, probe, config.rpm, config.tpm);
-        Executor { shared: Arc::new(Shared { provider: self.provider, config, limits }) }
+        Executor {
+            shared: Arc::new(Shared {
+                provider: self.provider,
+                config,
+                limits,
+                checked: std::sync::OnceLock::new(),
+            }),
+        }
     }
 }

@@ -15,13 +15,27 @@ use tokio::task::JoinSet;
 use tokio::time::sleep_until;
 
 use super::attempt::{Run, Stop, run_task};
+use super::limit::Permit;
 use super::order::ReorderBuffer;
 use super::report::{Tally, Totals};
+use super::{Delivery, Slot};
 use crate::task::{NotRun, Outcome, Task, TaskId, TaskResult, Work};
+
+/// How finished results are handed out.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Release {
+    /// As they finish.
+    Unordered,
+    /// As they finish, each with the slot its call used, for the receiver to free.
+    Held,
+    /// In task order, tasks running at most `window` ahead of the first result
+    /// not yet released.
+    Ordered { window: usize },
+}
 
 /// Where finished results go: straight out, or through a reorder buffer.
 struct Output {
-    sender: mpsc::Sender<TaskResult>,
+    sender: mpsc::Sender<Delivery>,
     order: Option<Ordered>,
     tally: Tally,
 }
@@ -37,15 +51,17 @@ impl Output {
         self.order.as_ref().is_none_or(|o| index < o.buffer.released() + o.window)
     }
 
-    /// Returns false once nobody is listening.
-    async fn accept(&mut self, result: TaskResult) -> bool {
+    /// Takes a finished result and the slot its call used (none for a task
+    /// that made no call). Returns false once nobody is listening.
+    async fn accept(&mut self, result: TaskResult, slot: Option<Permit>) -> bool {
         self.tally.add(&result);
+        let slot = slot.map(|permit| Slot { _permit: permit });
         let Some(ordered) = &mut self.order else {
-            return self.sender.send(result).await.is_ok();
+            return self.sender.send(Delivery { result, slot }).await.is_ok();
         };
         ordered.buffer.insert(result.index, result);
         while let Some(next) = ordered.buffer.pop() {
-            if self.sender.send(next).await.is_err() {
+            if self.sender.send(Delivery { result: next, slot: None }).await.is_err() {
                 return false;
             }
         }
@@ -61,22 +77,22 @@ enum End {
     Abandoned,
 }
 
-/// Runs `tasks` to the end, sending each result to `sender`; `order_window`
-/// releases them in task order. Returns the totals.
+/// Runs `tasks` to the end, sending each result to `sender` as `release`
+/// says. Returns the totals.
 pub(crate) async fn drive<S>(
     run: Arc<Run>,
     tasks: S,
-    sender: mpsc::Sender<TaskResult>,
-    order_window: Option<usize>,
+    sender: mpsc::Sender<Delivery>,
+    release: Release,
 ) -> Totals
 where
     S: Stream<Item = Task>,
 {
-    let mut output = Output {
-        sender,
-        order: order_window.map(|window| Ordered { buffer: ReorderBuffer::new(), window }),
-        tally: Tally::new(),
+    let order = match release {
+        Release::Ordered { window } => Some(Ordered { buffer: ReorderBuffer::new(), window }),
+        Release::Unordered | Release::Held => None,
     };
+    let mut output = Output { sender, order, tally: Tally::new() };
     let mut tasks = pin!(tasks.fuse());
     let mut in_flight = JoinSet::new();
     let mut next_index = 0;
@@ -108,7 +124,7 @@ where
                 slot = None;
             }
             Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => match joined {
-                Ok(result) => if !output.accept(result).await { break End::Abandoned },
+                Ok((result, permit)) => if !output.accept(result, permit).await { break End::Abandoned },
                 // Tasks catch their own panics and are never aborted, so this is
                 // only reachable while the runtime shuts down.
                 Err(error) => tracing::error!(%error, "a task ended without a result"),
@@ -128,7 +144,7 @@ where
                         }
                         Work::Settled(outcome) => {
                             drop(permit);
-                            if !output.accept(TaskResult { index, id, outcome: *outcome }).await {
+                            if !output.accept(TaskResult { index, id, outcome: *outcome }, None).await {
                                 break End::Abandoned;
                             }
                         }
@@ -156,8 +172,8 @@ where
             run.cancel.cancel();
             // In-flight tasks see the cancellation and return at once.
             while let Some(joined) = in_flight.join_next().await {
-                if let Ok(result) = joined
-                    && !output.accept(result).await
+                if let Ok((result, permit)) = joined
+                    && !output.accept(result, permit).await
                 {
                     return finish(&run, output.tally);
                 }
@@ -170,7 +186,7 @@ where
         while let Some(Task { id, .. }) = tasks.next().await {
             let id = id.unwrap_or_else(|| TaskId::from(next_index));
             let outcome = Outcome::NotRun(reason.clone());
-            if !output.accept(TaskResult { index: next_index, id, outcome }).await {
+            if !output.accept(TaskResult { index: next_index, id, outcome }, None).await {
                 break;
             }
             next_index += 1;
@@ -187,5 +203,6 @@ fn finish(run: &Run, tally: Tally) -> Totals {
     totals.retries = run.counters.retries.load(Relaxed);
     totals.rate_limited = run.counters.rate_limited.load(Relaxed);
     totals.hedges = run.hedger.as_ref().map_or(0, |h| h.hedges());
+    totals.hedges_won = run.hedger.as_ref().map_or(0, |h| h.wins());
     totals
 }

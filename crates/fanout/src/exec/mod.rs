@@ -5,9 +5,17 @@
 //! buckets, retries what is retryable, honours 429 pauses across all tasks, and
 //! reports one [`Outcome`](crate::Outcome) per task:
 //! - [`Executor::run`] returns a [`Report`] in task order;
-//! - [`Executor::stream`] yields results as they finish;
+//! - [`Executor::stream`] yields results as they finish: nothing ever waits for
+//!   a slow task but that task's own result;
+//! - [`Executor::stream_held`] does the same, each result holding its call's
+//!   concurrency slot until the receiver drops it (once the result is stored),
+//!   so calls in flight plus results not yet safe never exceed the concurrency;
 //! - [`Executor::stream_ordered`] yields them in task order as soon as the prefix
-//!   is complete, holding back at most the order window.
+//!   is complete. To bound memory without a store it *throttles launches*: tasks
+//!   run at most the order window ahead of the first unreleased result, so a
+//!   slow task holds back the ones after its window. For ordered output without
+//!   that, take [`Executor::stream`] and reorder through durable storage (as
+//!   `fanout batch` does with its job store).
 //!
 //! Limits (concurrency, RPM, TPM, the 429 pause) belong to the executor and are
 //! shared by all its runs; the circuit breaker, deadline and counters belong to
@@ -34,12 +42,13 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::provider::Provider;
+use crate::provider::{Check, Provider};
 use crate::task::{Task, TaskResult};
 use attempt::{Counters, Run};
 use breaker::CircuitBreaker;
 use builder::Config;
 pub use builder::ExecutorBuilder;
+use driver::Release;
 use event::Event;
 use hedge::Hedger;
 use limit::Limits;
@@ -50,6 +59,8 @@ struct Shared {
     provider: Arc<dyn Provider>,
     config: Config,
     limits: Limits,
+    /// Set once the provider's check has been started.
+    checked: OnceLock<()>,
 }
 
 impl fmt::Debug for Shared {
@@ -100,7 +111,8 @@ impl Executor {
         self.shared.limits.concurrency.limit()
     }
 
-    fn start_run(&self) -> Arc<Run> {
+    fn start_run(&self, release: Release) -> Arc<Run> {
+        self.check_provider_once();
         let config = &self.shared.config;
         let started = Instant::now();
         Arc::new(Run {
@@ -114,7 +126,27 @@ impl Executor {
             seed: config.seed.unwrap_or_else(|| fastrand::u64(..)),
             started,
             deadline: config.deadline.map(|limit| started + limit),
+            hold_slots: matches!(release, Release::Held),
         })
+    }
+
+    /// While the probe window is closed, asks the provider (once per executor)
+    /// whether its credentials and model are good: a yes opens the window at
+    /// once, so a healthy run does not wait one latency for its first answer.
+    /// Runs beside the probe calls, so it never delays them.
+    fn check_provider_once(&self) {
+        if self.shared.limits.concurrency.is_proven() || self.shared.checked.set(()).is_err() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let shared = Arc::clone(&self.shared);
+        runtime.spawn(async move {
+            if shared.provider.check().await == Check::Ready
+                && let Some(limit) = shared.limits.concurrency.prove()
+            {
+                shared.emit(|| Event::ConcurrencyChanged { limit });
+            }
+        });
     }
 
     fn channel_capacity(&self) -> usize {
@@ -138,11 +170,12 @@ impl Executor {
         S: Stream<Item = Task>,
     {
         let (sender, mut receiver) = mpsc::channel(self.channel_capacity());
-        let driver = driver::drive(self.start_run(), tasks, sender, None);
+        let driver =
+            driver::drive(self.start_run(Release::Unordered), tasks, sender, Release::Unordered);
         let collect = async {
             let mut results = Vec::new();
-            while let Some(result) = receiver.recv().await {
-                results.push(result);
+            while let Some(delivery) = receiver.recv().await {
+                results.push(delivery.result);
             }
             results
         };
@@ -157,43 +190,91 @@ impl Executor {
     where
         S: Stream<Item = Task> + Send + 'static,
     {
-        self.spawn_run(tasks, None)
+        Results(self.spawn_run(tasks, Release::Unordered))
+    }
+
+    /// Like [`Self::stream`], but each result keeps the concurrency slot its
+    /// call used until the [`HeldResult`] is dropped. Drop it once the result is
+    /// safe (committed to a store): then a crash can lose at most `concurrency`
+    /// calls — those in flight and those finished but not yet stored together.
+    /// Results with no call behind them (settled tasks, tasks not run) hold none.
+    pub fn stream_held<S>(&self, tasks: S) -> HeldResults
+    where
+        S: Stream<Item = Task> + Send + 'static,
+    {
+        HeldResults(self.spawn_run(tasks, Release::Held))
     }
 
     /// Like [`Self::stream`], but yields results in task order, each as soon as
-    /// every earlier one is out. Tasks run at most the order window ahead of the
-    /// first unreleased result, so memory stays bounded when one task is slow.
+    /// every earlier one is out. This throttles launches: tasks run at most the
+    /// order window ahead of the first unreleased result, so memory stays
+    /// bounded when one task is slow — and while it is slow, the tasks past its
+    /// window wait. Use it where the results cannot be stored and reordered
+    /// (see the module documentation).
     pub fn stream_ordered<S>(&self, tasks: S) -> Results
     where
         S: Stream<Item = Task> + Send + 'static,
     {
         let config = &self.shared.config;
         let window = config.order_window.unwrap_or(config.concurrency.saturating_mul(4).max(64));
-        self.spawn_run(tasks, Some(window))
+        Results(self.spawn_run(tasks, Release::Ordered { window }))
     }
 
-    fn spawn_run<S>(&self, tasks: S, order_window: Option<usize>) -> Results
+    fn spawn_run<S>(&self, tasks: S, release: Release) -> Background
     where
         S: Stream<Item = Task> + Send + 'static,
     {
         let (sender, receiver) = mpsc::channel(self.channel_capacity());
-        let driver = tokio::spawn(driver::drive(self.start_run(), tasks, sender, order_window));
-        Results { receiver, driver }
+        let driver = tokio::spawn(driver::drive(self.start_run(release), tasks, sender, release));
+        Background { receiver, driver }
     }
 }
 
-/// Results of a background run, as a [`Stream`].
+/// A finished result on its way out, with the slot its call used when held.
 #[derive(Debug)]
-pub struct Results {
-    receiver: mpsc::Receiver<TaskResult>,
+pub(crate) struct Delivery {
+    result: TaskResult,
+    slot: Option<Slot>,
+}
+
+/// The concurrency slot a finished call used; freed when dropped.
+#[derive(Debug)]
+pub struct Slot {
+    /// Held only to be dropped.
+    _permit: limit::Permit,
+}
+
+/// A result from [`Executor::stream_held`]: drop `slot` (or the whole value)
+/// once the result is safe.
+#[derive(Debug)]
+#[must_use = "dropping it at once frees the slot before the result is safe"]
+pub struct HeldResult {
+    pub result: TaskResult,
+    /// `None` for results with no call behind them.
+    pub slot: Option<Slot>,
+}
+
+#[derive(Debug)]
+struct Background {
+    receiver: mpsc::Receiver<Delivery>,
     driver: JoinHandle<Totals>,
 }
 
-impl Results {
-    /// The run's totals, once it has ended; results not yet read are discarded.
-    pub async fn totals(mut self) -> Totals {
+impl Background {
+    async fn totals(mut self) -> Totals {
         while self.receiver.recv().await.is_some() {}
         (&mut self.driver).await.unwrap_or_default()
+    }
+}
+
+/// Results of a background run, as a [`Stream`]. Dropping it cancels the run.
+#[derive(Debug)]
+pub struct Results(Background);
+
+impl Results {
+    /// The run's totals, once it has ended; results not yet read are discarded.
+    pub async fn totals(self) -> Totals {
+        self.0.totals().await
     }
 }
 
@@ -201,6 +282,28 @@ impl Stream for Results {
     type Item = TaskResult;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<TaskResult>> {
-        self.receiver.poll_recv(cx)
+        self.0.receiver.poll_recv(cx).map(|d| d.map(|d| d.result))
+    }
+}
+
+/// Results of [`Executor::stream_held`], as a [`Stream`]. Dropping it cancels the run.
+#[derive(Debug)]
+pub struct HeldResults(Background);
+
+impl HeldResults {
+    /// The run's totals, once it has ended; results not yet read are discarded.
+    pub async fn totals(self) -> Totals {
+        self.0.totals().await
+    }
+}
+
+impl Stream for HeldResults {
+    type Item = HeldResult;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<HeldResult>> {
+        self.0
+            .receiver
+            .poll_recv(cx)
+            .map(|d| d.map(|d| HeldResult { result: d.result, slot: d.slot }))
     }
 }

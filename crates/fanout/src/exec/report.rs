@@ -51,6 +51,8 @@ pub struct Totals {
     pub not_run: usize,
     /// Tokens of the successful answers.
     pub usage: Usage,
+    /// The part of `usage` that the provider did not report and was estimated.
+    pub estimated_usage: Usage,
     /// `usage` priced, when the executor was given a price.
     pub cost: Option<f64>,
     #[serde(serialize_with = "millis")]
@@ -61,7 +63,9 @@ pub struct Totals {
     pub retries: u64,
     /// Answers that were 429s.
     pub rate_limited: u64,
+    /// Duplicate calls sent for stragglers, and how many of them answered first.
     pub hedges: u64,
+    pub hedges_won: u64,
 }
 
 impl Totals {
@@ -120,6 +124,9 @@ impl Tally {
         }
         if let Some(success) = result.outcome.success() {
             totals.usage += success.response.usage;
+            if success.response.usage_estimated {
+                totals.estimated_usage += success.response.usage;
+            }
             self.latency_max = self.latency_max.max(success.latency);
             let micros = success.latency.as_micros().max(1) as u64;
             // Auto-resizing, so no value is out of range.

@@ -2,6 +2,9 @@
 //!
 //! Only retryable errors are retried ([`ErrorKind::is_retryable`]): rate limits,
 //! overload, server errors, timeouts, connection errors and malformed answers.
+//! A rate limit is a wait, never a failure: 429s are retried however many there
+//! are (the deadline or task timeout, if any, bounds the waiting), and they do
+//! not use up the attempts meant for errors.
 //! The delay is exponential backoff with full jitter (uniform between zero and
 //! `min(max_delay, base_delay * 2^(retry - 1))`), unless the provider said how
 //! long to wait, which always wins.
@@ -43,17 +46,20 @@ impl RetryPolicy {
         ceiling.mul_f64(rng.f64())
     }
 
-    /// How long to wait before the next attempt, after `attempt` attempts ended
-    /// in `error`; `None` when the task should stop here.
+    /// How long to wait before the next attempt, when `error` ended the
+    /// `count`-th attempt that failed this way (rate limits and other errors are
+    /// counted apart); `None` when the task should stop here.
     pub fn delay_after(
         &self,
         error: &ProviderError,
-        attempt: u32,
+        count: u32,
         rng: &mut fastrand::Rng,
     ) -> Option<Duration> {
-        if !error.is_retryable() || attempt >= self.max_attempts {
+        let exhausted = count >= self.max_attempts && !error.is_rate_limited();
+        if !error.is_retryable() || exhausted {
             return None;
         }
+        let attempt = count;
         Some(error.retry_after().unwrap_or_else(|| self.backoff(attempt, rng)))
     }
 }
@@ -100,5 +106,10 @@ mod tests {
         assert_eq!(policy.delay_after(&quota, 1, &mut rng), None);
         let limited = ProviderError::from_status(429, "").with_retry_after(Duration::from_secs(42));
         assert_eq!(policy.delay_after(&limited, 1, &mut rng), Some(Duration::from_secs(42)));
+        assert_eq!(
+            policy.delay_after(&limited, 1_000, &mut rng),
+            Some(Duration::from_secs(42)),
+            "a rate limit is a wait, however often it comes"
+        );
     }
 }

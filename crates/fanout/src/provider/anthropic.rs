@@ -16,7 +16,10 @@ use serde_json::{Value, json};
 
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
 use super::http::{Endpoint, decimal, header, request_id};
-use super::{ErrorKind, Provider, ProviderError, RateLimit, Request, Response, Role, Usage, sse};
+use super::{
+    Check, ErrorKind, Progress, Provider, ProviderError, RateLimit, Request, Response, Role, Usage,
+    sse,
+};
 
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
 pub const API_VERSION: &str = "2023-06-01";
@@ -31,7 +34,9 @@ impl HttpApi for Anthropic {
     const ENV: (&'static str, &'static str) = ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY");
 
     fn connect(settings: HttpSettings) -> Result<Self, ProviderError> {
-        let url = format!("{}/v1/messages", settings.base_url.trim_end_matches('/'));
+        let base = settings.base_url.trim_end_matches('/');
+        let url = format!("{base}/v1/messages");
+        let model_url = format!("{base}/v1/models/{}", settings.model);
         let mut headers = HeaderMap::new();
         if let Some(key) = &settings.api_key {
             headers.insert("x-api-key", key.header("")?);
@@ -39,7 +44,7 @@ impl HttpApi for Anthropic {
         let (name, value) = header("anthropic-version", API_VERSION);
         headers.insert(name, value);
         let endpoint = Endpoint::new(url, headers, settings.api_key, &settings.http)?;
-        Ok(Self { endpoint, model: settings.model, stream: settings.stream })
+        Ok(Self { endpoint, model_url, model: settings.model, stream: settings.stream })
     }
 }
 
@@ -47,6 +52,8 @@ impl HttpApi for Anthropic {
 #[derive(Clone, Debug)]
 pub struct Anthropic {
     endpoint: Endpoint,
+    /// Describes the configured model: the cheap [`Provider::check`].
+    model_url: String,
     model: String,
     stream: bool,
 }
@@ -167,6 +174,7 @@ fn response(
         text,
         other_choices: Vec::new(),
         usage,
+        usage_estimated: false,
         finish_reason: stop_reason,
         model,
         request_id: request_id(headers),
@@ -191,11 +199,13 @@ pub(crate) fn parse_message(body: &[u8], headers: &HeaderMap) -> Result<Response
     Ok(response(text, usage, message.stop_reason, message.model, headers))
 }
 
-/// Assembles a streamed answer from the body's bytes, however they are split.
+/// Assembles a streamed answer from the body's bytes, however they are split,
+/// marking `progress` at every event.
 pub(crate) async fn assemble_stream<S, B, E>(
     endpoint: &Endpoint,
     body: S,
     headers: &HeaderMap,
+    progress: &Progress,
 ) -> Result<Response, ProviderError>
 where
     S: futures_util::Stream<Item = Result<B, E>> + Send + 'static,
@@ -208,6 +218,7 @@ where
     let mut stopped = false;
     while let Some(event) = events.next().await {
         let event = event?;
+        progress.mark();
         if event.event == "ping" || event.data.is_empty() {
             continue;
         }
@@ -263,10 +274,24 @@ impl Provider for Anthropic {
     }
 
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+        self.complete_observed(request, &Progress::new()).await
+    }
+
+    /// Asks for the configured model's description, which needs a good key.
+    async fn check(&self) -> Check {
+        self.endpoint.check(&self.model_url).await
+    }
+
+    async fn complete_observed(
+        &self,
+        request: &Request,
+        progress: &Progress,
+    ) -> Result<Response, ProviderError> {
         let answer = self.endpoint.post(&self.body(request)).await?;
         if self.stream {
             let headers = answer.headers().clone();
-            return assemble_stream(&self.endpoint, answer.bytes_stream(), &headers).await;
+            return assemble_stream(&self.endpoint, answer.bytes_stream(), &headers, progress)
+                .await;
         }
         let headers = answer.headers().clone();
         let body = self.endpoint.body(answer).await?;
@@ -302,7 +327,7 @@ mod tests {
         .unwrap();
         let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        runtime.block_on(assemble_stream(&endpoint, body, &HeaderMap::new()))
+        runtime.block_on(assemble_stream(&endpoint, body, &HeaderMap::new(), &Progress::new()))
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde::Deserialize;
 
-use super::{ErrorKind, ProviderError, RateLimit};
+use super::{Check, ErrorKind, ProviderError, RateLimit};
 
 /// Connection settings for the HTTP providers.
 #[derive(Clone, Debug)]
@@ -121,6 +121,30 @@ impl Endpoint {
         let headers = response.headers().clone();
         let body = response.bytes().await.unwrap_or_default();
         Err(self.answer_error(status.as_u16(), &headers, &body))
+    }
+
+    /// Asks `url` (beside the endpoint, with its authentication) whether the
+    /// credentials and model are good: a success says yes, 401/403 says no, and
+    /// anything else (a server without that route, a network error) cannot tell.
+    pub(crate) async fn check(&self, url: &str) -> Check {
+        let sent = self
+            .client
+            .get(url)
+            .headers(self.headers.clone())
+            .timeout(Duration::from_secs(10))
+            .send()
+            .await;
+        let Ok(response) = sent else { return Check::Unknown };
+        let status = response.status();
+        if status.is_success() {
+            return Check::Ready;
+        }
+        if !matches!(status.as_u16(), 401 | 403) {
+            return Check::Unknown;
+        }
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap_or_default();
+        Check::Refused(self.answer_error(status.as_u16(), &headers, &body))
     }
 
     /// Reads a whole successful body.

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{ErrorKind, Provider, ProviderError, Request, Response, Usage};
+use super::{ErrorKind, Progress, Provider, ProviderError, Request, Response, Usage};
 use crate::tokens;
 
 /// What one mocked call does.
@@ -42,6 +42,14 @@ enum Action {
     Respond(Response),
     Fail(ProviderError),
     Hang,
+    /// Streams `chunks` parts, one every `every`, then answers `text`; or stops
+    /// streaming for good after `stall_after` parts.
+    Stream {
+        text: String,
+        chunks: u32,
+        every: Duration,
+        stall_after: Option<u32>,
+    },
 }
 
 impl Behavior {
@@ -81,6 +89,24 @@ impl Behavior {
     /// Never answers; only a timeout, the deadline or cancellation ends the call.
     pub fn hang() -> Self {
         Self { latency: None, action: Action::Hang }
+    }
+
+    /// Streams: after the latency, `chunks` parts of the answer arrive one every
+    /// `every` (each marks the attempt's [`Progress`]), then the answer is `text`.
+    pub fn stream(text: impl Into<String>, chunks: u32, every: Duration) -> Self {
+        let action = Action::Stream { text: text.into(), chunks, every, stall_after: None };
+        Self { latency: None, action }
+    }
+
+    /// Like [`Self::stream`], but the stream stops for good after `parts` parts.
+    pub fn stall_after(parts: u32, every: Duration) -> Self {
+        let action = Action::Stream {
+            text: String::new(),
+            chunks: u32::MAX,
+            every,
+            stall_after: Some(parts),
+        };
+        Self { latency: None, action }
     }
 
     /// Takes this long instead of the provider's latency.
@@ -280,6 +306,14 @@ impl Provider for MockProvider {
     }
 
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+        self.complete_observed(request, &Progress::new()).await
+    }
+
+    async fn complete_observed(
+        &self,
+        request: &Request,
+        progress: &Progress,
+    ) -> Result<Response, ProviderError> {
         let number = self.stats.calls.fetch_add(1, Ordering::AcqRel) + 1;
         let _in_flight = InFlight::enter(&self.stats);
         if let Some(log) = self.stats.log.lock().unwrap().as_mut() {
@@ -295,18 +329,29 @@ impl Provider for MockProvider {
             tokio::time::sleep(latency).await;
         }
         let action = behavior.map_or_else(|| Action::Reply((self.reply)(request)), |b| b.action);
+        let reply = |text: String| {
+            let usage = Usage {
+                input_tokens: tokens::estimate_prompt(request),
+                output_tokens: tokens::estimate_text(&text),
+            };
+            Ok(Response {
+                finish_reason: Some("stop".into()),
+                model: request.model.clone(),
+                ..Response::new(text, usage)
+            })
+        };
         match action {
-            Action::Reply(text) => {
-                let usage = Usage {
-                    input_tokens: tokens::estimate_prompt(request),
-                    output_tokens: tokens::estimate_text(&text),
-                };
-                Ok(Response {
-                    finish_reason: Some("stop".into()),
-                    model: request.model.clone(),
-                    ..Response::new(text, usage)
-                })
+            Action::Stream { text, chunks, every, stall_after } => {
+                for part in 0..chunks {
+                    if stall_after == Some(part) {
+                        std::future::pending::<()>().await;
+                    }
+                    progress.mark();
+                    tokio::time::sleep(every).await;
+                }
+                reply(text)
             }
+            Action::Reply(text) => reply(text),
             Action::Respond(response) => Ok(response),
             Action::Fail(error) => Err(error),
             Action::Hang => std::future::pending().await,

@@ -17,6 +17,7 @@ pub mod headers;
 mod http;
 pub mod mock;
 pub mod openai;
+mod progress;
 mod request;
 mod sse;
 
@@ -27,9 +28,21 @@ pub use headers::RateLimit;
 pub use http::HttpOptions;
 pub use mock::{Behavior, MockProvider};
 pub use openai::OpenAi;
+pub use progress::Progress;
 pub use request::{Message, Request, Response, ResponseFormat, Role, Usage};
 
 use crate::tokens;
+
+/// What a provider's [`Provider::check`] found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Check {
+    /// The credentials work and the model is there.
+    Ready,
+    /// It could not tell (no cheap check, or an inconclusive answer).
+    Unknown,
+    /// The provider refused: a bad key or an unknown model.
+    Refused(ProviderError),
+}
 
 /// Something that answers chat requests: an HTTP API, a local model, a mock.
 #[async_trait::async_trait]
@@ -39,6 +52,26 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Makes one attempt. Dropping the future cancels the call.
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError>;
+
+    /// Makes one attempt, marking `progress` as parts of the answer arrive, so
+    /// the executor can tell a call that streams steadily from one that is
+    /// stuck. Providers that stream implement it; the default ignores `progress`.
+    async fn complete_observed(
+        &self,
+        request: &Request,
+        progress: &Progress,
+    ) -> Result<Response, ProviderError> {
+        let _ = progress;
+        self.complete(request).await
+    }
+
+    /// A cheap check, before the first calls, that the credentials and the model
+    /// are good (e.g. listing the models). [`Check::Ready`] lets the executor
+    /// start at full concurrency at once instead of probing with a few calls;
+    /// the default cannot tell.
+    async fn check(&self) -> Check {
+        Check::Unknown
+    }
 
     /// The tokens the request may consume at most (prompt + maximum output), which
     /// the executor reserves against a TPM limit before the call. Providers with a
@@ -56,6 +89,18 @@ impl<P: Provider + ?Sized> Provider for std::sync::Arc<P> {
 
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
         (**self).complete(request).await
+    }
+
+    async fn complete_observed(
+        &self,
+        request: &Request,
+        progress: &Progress,
+    ) -> Result<Response, ProviderError> {
+        (**self).complete_observed(request, progress).await
+    }
+
+    async fn check(&self) -> Check {
+        (**self).check().await
     }
 
     fn estimate_tokens(&self, request: &Request) -> u64 {

@@ -17,7 +17,8 @@ use serde_json::{Value, json};
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
 use super::http::{Endpoint, decimal, header, request_id};
 use super::{
-    ErrorKind, Provider, ProviderError, RateLimit, Request, Response, ResponseFormat, Usage, sse,
+    Check, ErrorKind, Progress, Provider, ProviderError, RateLimit, Request, Response,
+    ResponseFormat, Usage, sse,
 };
 use crate::tokens;
 
@@ -31,7 +32,9 @@ impl HttpApi for OpenAi {
     const ENV: (&'static str, &'static str) = ("OPENAI_BASE_URL", "OPENAI_API_KEY");
 
     fn connect(settings: HttpSettings) -> Result<Self, ProviderError> {
-        let url = format!("{}/chat/completions", settings.base_url.trim_end_matches('/'));
+        let base = settings.base_url.trim_end_matches('/');
+        let url = format!("{base}/chat/completions");
+        let model_url = format!("{base}/models/{}", settings.model);
         let mut headers = HeaderMap::new();
         if let Some(key) = &settings.api_key {
             headers.insert(http::header::AUTHORIZATION, key.header("Bearer ")?);
@@ -39,7 +42,7 @@ impl HttpApi for OpenAi {
         let (name, value) = header("accept", "application/json, text/event-stream");
         headers.insert(name, value);
         let endpoint = Endpoint::new(url, headers, settings.api_key, &settings.http)?;
-        Ok(Self { endpoint, model: settings.model, stream: settings.stream })
+        Ok(Self { endpoint, model_url, model: settings.model, stream: settings.stream })
     }
 }
 
@@ -47,6 +50,8 @@ impl HttpApi for OpenAi {
 #[derive(Clone, Debug)]
 pub struct OpenAi {
     endpoint: Endpoint,
+    /// Describes the configured model: the cheap [`Provider::check`].
+    model_url: String,
     model: String,
     stream: bool,
 }
@@ -192,8 +197,11 @@ impl Assembly {
         index
     }
 
+    /// Every choice has a finish reason: the answer is whole. A stream cut off
+    /// early (some servers end a stream with `[DONE]` when a second request
+    /// arrives) has none, and its text must not pass for the answer.
     fn finished(&self) -> bool {
-        self.finish_reasons.iter().any(Option::is_some)
+        !self.finish_reasons.is_empty() && self.finish_reasons.iter().all(Option::is_some)
     }
 
     fn into_response(
@@ -209,11 +217,13 @@ impl Assembly {
             ));
         };
         let other_choices: Vec<String> = texts.collect();
-        let usage = usage_or_estimate(self.usage, request, &text, &other_choices);
+        let (usage, usage_estimated) =
+            usage_or_estimate(self.usage, request, &text, &other_choices);
         Ok(Response {
             text,
             other_choices,
             usage,
+            usage_estimated,
             finish_reason: self.finish_reasons.into_iter().next().flatten(),
             model: self.model,
             request_id: request_id(headers),
@@ -222,21 +232,25 @@ impl Assembly {
     }
 }
 
-/// Servers that report no usage get an estimate, so TPM accounting still works.
+/// Servers that report no usage (some ignore `stream_options.include_usage`)
+/// get an estimate, so TPM accounting still works; the flag says it is one, so
+/// nobody is billed on a guess unknowingly.
 fn usage_or_estimate(
     usage: Option<WireUsage>,
     request: &Request,
     text: &str,
     others: &[String],
-) -> Usage {
+) -> (Usage, bool) {
     let usage = usage.unwrap_or(WireUsage { prompt_tokens: None, completion_tokens: None });
-    Usage {
+    let estimated = usage.prompt_tokens.is_none() || usage.completion_tokens.is_none();
+    let usage = Usage {
         input_tokens: usage.prompt_tokens.unwrap_or_else(|| tokens::estimate_prompt(request)),
         output_tokens: usage.completion_tokens.unwrap_or_else(|| {
             tokens::estimate_text(text)
                 + others.iter().map(|t| tokens::estimate_text(t)).sum::<u64>()
         }),
-    }
+    };
+    (usage, estimated)
 }
 
 fn malformed(what: &str, error: impl std::fmt::Display) -> ProviderError {
@@ -262,12 +276,15 @@ pub(crate) fn parse_completion(
     assembly.into_response(request, headers)
 }
 
-/// Assembles a streamed answer from the body's bytes, however they are split.
+/// Assembles a streamed answer from the body's bytes, however they are split,
+/// marking `progress` at every event. A stream that ends before every choice
+/// has its finish reason is malformed (and retried), `[DONE]` or not.
 pub(crate) async fn assemble_stream<S, B, E>(
     endpoint: &Endpoint,
     body: S,
     request: &Request,
     headers: &HeaderMap,
+    progress: &Progress,
 ) -> Result<Response, ProviderError>
 where
     S: futures_util::Stream<Item = Result<B, E>> + Send + 'static,
@@ -276,11 +293,10 @@ where
 {
     let mut events = std::pin::pin!(sse::events(endpoint, body));
     let mut assembly = Assembly::default();
-    let mut done = false;
     while let Some(event) = events.next().await {
         let data = event?.data;
+        progress.mark();
         if data.trim() == "[DONE]" {
-            done = true;
             break;
         }
         if let Some(error) = endpoint.body_error(data.as_bytes()) {
@@ -302,10 +318,10 @@ where
             }
         }
     }
-    if !done && !assembly.finished() {
+    if !assembly.finished() {
         return Err(ProviderError::new(
             ErrorKind::MalformedResponse,
-            "the stream ended before the answer did",
+            "the stream ended before the answer did (no finish_reason)",
         ));
     }
     assembly.into_response(request, headers)
@@ -318,11 +334,24 @@ impl Provider for OpenAi {
     }
 
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+        self.complete_observed(request, &Progress::new()).await
+    }
+
+    /// Asks for the configured model's description, which needs a good key.
+    async fn check(&self) -> Check {
+        self.endpoint.check(&self.model_url).await
+    }
+
+    async fn complete_observed(
+        &self,
+        request: &Request,
+        progress: &Progress,
+    ) -> Result<Response, ProviderError> {
         let response = self.endpoint.post(&self.body(request)).await?;
         if self.stream {
             let headers = response.headers().clone();
-            return assemble_stream(&self.endpoint, response.bytes_stream(), request, &headers)
-                .await;
+            let body = response.bytes_stream();
+            return assemble_stream(&self.endpoint, body, request, &headers, progress).await;
         }
         let headers = response.headers().clone();
         let body = self.endpoint.body(response).await?;
@@ -341,7 +370,7 @@ mod tests {
         "data: {\"id\":\"c1\",\"model\":\"gpt-x\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\r\n\r\n",
         "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n",
         "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo ✓\"}},{\"index\":1,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
-        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"},{\"index\":1,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
         "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":3}}\n\n",
         "data: [DONE]\n\n",
     );
@@ -354,7 +383,13 @@ mod tests {
     fn assemble(chunks: Vec<Vec<u8>>) -> Result<Response, ProviderError> {
         let body = futures_util::stream::iter(chunks.into_iter().map(Ok::<_, std::io::Error>));
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        runtime.block_on(assemble_stream(&endpoint(), body, &Request::user("q"), &HeaderMap::new()))
+        runtime.block_on(assemble_stream(
+            &endpoint(),
+            body,
+            &Request::user("q"),
+            &HeaderMap::new(),
+            &Progress::new(),
+        ))
     }
 
     fn split(bytes: &[u8], points: &[usize]) -> Vec<Vec<u8>> {
@@ -390,6 +425,19 @@ mod tests {
         let error = assemble(vec![truncated.as_bytes().to_vec()]).unwrap_err();
         assert_eq!(error.kind(), ErrorKind::MalformedResponse);
         assert!(error.message().contains("ended before"), "{error}");
+        // Cut off with [DONE] and no finish reason (llama-cpp-python does this to
+        // a stream when a second request arrives): not an answer.
+        let cut = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let error = assemble(vec![cut.as_bytes().to_vec()]).unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::MalformedResponse);
+        let one_of_two = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"},\"finish_reason\":\"stop\"},{\"index\":1,\"delta\":{\"content\":\"b\"}}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        assert!(assemble(vec![one_of_two.as_bytes().to_vec()]).is_err(), "choice 1 never finished");
         let garbage = assemble(vec![b"data: {not json}\n\n".to_vec()]).unwrap_err();
         assert_eq!(garbage.kind(), ErrorKind::MalformedResponse);
         let in_band = b"data: {\"error\":{\"message\":\"overloaded\",\"type\":\"server_error\",\"code\":null}}\n\n";
@@ -403,7 +451,8 @@ mod tests {
         let response =
             parse_completion(minimal, &Request::user("abcdefgh"), &HeaderMap::new()).unwrap();
         assert_eq!(response.text, "hi");
-        assert_eq!(response.usage, Usage { input_tokens: 6, output_tokens: 1 }, "estimated");
+        assert_eq!(response.usage, Usage { input_tokens: 6, output_tokens: 1 });
+        assert!(response.usage_estimated);
         let legacy = br#"{"choices":[{"text":"old style","finish_reason":"length"}],"usage":{"prompt_tokens":3}}"#;
         let response = parse_completion(legacy, &Request::user("q"), &HeaderMap::new()).unwrap();
         assert_eq!((response.text.as_str(), response.usage.input_tokens), ("old style", 3));

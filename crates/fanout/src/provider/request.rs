@@ -152,6 +152,10 @@ pub struct Response {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_choices: Vec<String>,
     pub usage: Usage,
+    /// Whether `usage` is an estimate (the provider reported none) rather than
+    /// the provider's own count.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub usage_estimated: bool,
     /// Why generation stopped (`stop`, `length`, ...), as the provider said it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finish_reason: Option<String>,

@@ -58,8 +58,10 @@ async fn p95_threshold_is_learned_from_successes() {
     let executor = Executor::builder(mock).concurrency(10).hedge(Some(HedgePolicy::p95())).build();
     let report = executor.run(prompts(400)).await;
     assert_eq!(report.totals.succeeded, 400);
-    // p0 straggles before 20 samples exist; the later ones are hedged near p95.
-    assert_eq!(report.results[0].outcome.success().unwrap().latency, secs(10));
+    // p0 straggles before 20 samples exist, and is hedged as soon as the
+    // threshold is learned; the later ones are hedged near p95.
+    let first = report.results[0].outcome.success().unwrap().latency;
+    assert!(first < secs(1), "the first-wave straggler was rescued: {first:?}");
     let rescued = (20..400)
         .step_by(20)
         .filter(|&i| report.results[i].outcome.success().unwrap().latency < secs(1))

@@ -16,7 +16,8 @@ fn openai(server: &MockServer) -> OpenAi {
 }
 
 /// A server limited to 50 requests a second (burst 5) and an executor told
-/// nothing about it: 429s pause every task, and every task still succeeds.
+/// nothing about it: the limit is learned from the answers' headers and paced
+/// to, the few 429s pause every task, and every task succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_429_storm_ends_with_every_task_succeeded() {
     let config = Config { rpm: Some(Limit { per_minute: 3000, burst: 5 }), ..Config::default() };
@@ -25,7 +26,7 @@ async fn a_429_storm_ends_with_every_task_succeeded() {
     let report = executor.run(prompts(150)).await;
     let stats = server.stats();
     assert_eq!(report.totals.succeeded, 150, "{:?} {stats:?}", report.totals);
-    assert!(stats.count(429) > 0, "it was a storm: {stats:?}");
+    assert!(stats.count(429) <= 3, "the headers' limit was paced to: {stats:?}");
     assert_eq!(stats.count(200), 150);
     assert_eq!(report.totals.rate_limited, stats.count(429));
 }

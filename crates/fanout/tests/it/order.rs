@@ -33,9 +33,11 @@ proptest! {
     ) {
         paused_runtime().block_on(async {
             let n = latencies.len();
+            // Scripts answer once per prompt: no hedge may take a task's answer.
             let executor = Executor::builder(scripted(&latencies))
                 .concurrency(concurrency)
                 .order_window(window)
+                .hedge(None)
                 .build();
             let ordered: Vec<_> = executor.stream_ordered(task_stream(n)).collect().await;
             let indices: Vec<_> = ordered.iter().map(|r| r.index).collect();
@@ -45,12 +47,12 @@ proptest! {
                 prop_assert_eq!(result.outcome.text(), Some(expected.as_str()));
             }
 
-            let executor = Executor::builder(scripted(&latencies)).concurrency(concurrency).build();
+            let executor = Executor::builder(scripted(&latencies)).concurrency(concurrency).hedge(None).build();
             let report = executor.run(prompts(n)).await;
             let indices: Vec<_> = report.results.iter().map(|r| r.index).collect();
             prop_assert_eq!(&indices, &(0..n).collect::<Vec<_>>());
 
-            let executor = Executor::builder(scripted(&latencies)).concurrency(concurrency).build();
+            let executor = Executor::builder(scripted(&latencies)).concurrency(concurrency).hedge(None).build();
             let mut unordered: Vec<_> = executor.stream(task_stream(n)).map(|r| r.index).collect().await;
             unordered.sort_unstable();
             prop_assert_eq!(unordered, (0..n).collect::<Vec<_>>());

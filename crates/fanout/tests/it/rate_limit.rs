@@ -85,51 +85,48 @@ async fn concurrency_shrinks_on_429s_and_grows_back() {
     assert!(mock.max_in_flight() <= 16);
 }
 
-/// A provider that enforces a fixed window of `per_window` requests and reports
-/// its remaining budget, like OpenAI's x-ratelimit headers.
-struct WindowServer {
-    per_window: u64,
-    window: Duration,
-    start: Instant,
-    used: Mutex<(u64, u64)>,
+/// A provider that meters a per-minute limit as a token bucket holding only a
+/// few seconds' worth, and reports it as OpenAI does: the limit per minute, what
+/// remains, and the time until the bucket is full.
+struct BucketServer {
+    per_minute: u64,
+    capacity: f64,
+    level: Mutex<(f64, Instant)>,
     rejected: AtomicU64,
 }
 
 #[async_trait::async_trait]
-impl Provider for WindowServer {
+impl Provider for BucketServer {
     fn name(&self) -> &str {
-        "window"
+        "bucket"
     }
 
     async fn complete(&self, _: &Request) -> Result<Response, ProviderError> {
         // Counted on arrival, answered after the latency, as real servers do.
-        let elapsed = self.start.elapsed();
-        let window = (elapsed.as_nanos() / self.window.as_nanos()) as u64;
-        let reset = self.window * (window as u32 + 1) - elapsed;
-        let remaining = {
-            let mut used = self.used.lock().unwrap();
-            if used.0 != window {
-                *used = (window, 0);
-            }
-            let admitted = used.1 < self.per_window;
-            used.1 += u64::from(admitted);
-            admitted.then(|| self.per_window - used.1)
+        let per_second = self.per_minute as f64 / 60.0;
+        let (admitted, level) = {
+            let mut state = self.level.lock().unwrap();
+            let now = Instant::now();
+            let level = (state.0 + (now - state.1).as_secs_f64() * per_second).min(self.capacity);
+            let admitted = level >= 1.0;
+            *state = (if admitted { level - 1.0 } else { level }, now);
+            (admitted, state.0)
         };
         tokio::time::sleep(ms(100)).await;
-        let headers = |remaining| RateLimit {
+        let rate_limit = RateLimit {
             requests: Budget {
-                limit: Some(self.per_window),
-                remaining: Some(remaining),
-                reset: Some(reset),
+                limit: Some(self.per_minute),
+                remaining: Some(level as u64),
+                reset: Some(Duration::from_secs_f64((self.capacity - level) / per_second)),
             },
             ..RateLimit::default()
         };
-        let Some(remaining) = remaining else {
+        if !admitted {
             self.rejected.fetch_add(1, Ordering::Relaxed);
-            return Err(ProviderError::from_status(429, "over").with_rate_limit(headers(0)));
-        };
+            return Err(ProviderError::from_status(429, "over").with_rate_limit(rate_limit));
+        }
         let mut response = Response::new("ok", Usage::default());
-        response.rate_limit = Some(headers(remaining));
+        response.rate_limit = Some(rate_limit);
         Ok(response)
     }
 }
@@ -138,18 +135,18 @@ impl Provider for WindowServer {
 /// executor from drawing 429s.
 #[tokio::test(start_paused = true)]
 async fn reported_budget_paces_the_executor_without_429s() {
-    let server = std::sync::Arc::new(WindowServer {
-        per_window: 5,
-        window: secs(10),
-        start: Instant::now(),
-        used: Mutex::new((0, 0)),
+    // 60 a minute, spent at most 5 at once.
+    let server = std::sync::Arc::new(BucketServer {
+        per_minute: 60,
+        capacity: 5.0,
+        level: Mutex::new((5.0, Instant::now())),
         rejected: AtomicU64::new(0),
     });
     let executor = Executor::builder(server.clone()).concurrency(3).probe(false).build();
     let report = executor.run(prompts(20)).await;
     assert_eq!(report.totals.succeeded, 20);
     assert_eq!(server.rejected.load(Ordering::Relaxed), 0, "{:?}", report.totals);
-    // Four windows of five; the last starts at 30 s.
+    // Five at once, then one a second: the last of the other 15 starts at 15 s.
     let wall = report.totals.wall;
-    assert!(wall >= secs(30) && wall < secs(31), "{wall:?}");
+    assert!(wall >= secs(15) && wall < secs(16), "{wall:?}");
 }

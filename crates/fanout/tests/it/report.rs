@@ -20,7 +20,8 @@ async fn totals_count_tokens_cost_and_latency_percentiles() {
     }
     mock.script("p100", [Behavior::fail(ProviderError::from_status(400, "bad"))]);
     let price = Price { input_per_million: 2.0, output_per_million: 10.0 };
-    let executor = Executor::builder(mock).concurrency(101).probe(false).price(price).build();
+    let executor =
+        Executor::builder(mock).concurrency(101).probe(false).hedge(None).price(price).build();
     let report = executor.run(prompts(101)).await;
     let totals = &report.totals;
     assert_eq!((totals.tasks, totals.succeeded, totals.failed), (101, 100, 1));

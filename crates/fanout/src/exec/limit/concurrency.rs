@@ -9,8 +9,22 @@
 //! A burst of 429s from calls launched under the same limit halves it once, not
 //! once per 429: each attempt carries the limit's *generation* at launch, and
 //! only an answer from the current generation may shrink it again.
+//!
+//! Self-hosted servers (llama.cpp, vLLM, Ollama) queue instead of answering
+//! 429, so the limit also listens for congestion they do not announce:
+//! - *latency growth*, in the manner of TCP Vegas and Netflix's gradient
+//!   limit: the median first-sign-of-life latency of each window of successes
+//!   is compared with the lowest seen (the no-queue baseline, which drifts up
+//!   slowly so a workload that is simply slower is not mistaken for a queue).
+//!   When the median passes twice the baseline while the limit is in use, the
+//!   limit shrinks in proportion (by half at most);
+//! - *attempt timeouts*, when they are common (over a fifth of recent answers,
+//!   as a moving average): a server still working on abandoned calls must not
+//!   get their retries on top. A rare timeout is an isolated fault and is left
+//!   to the retry alone.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -29,6 +43,46 @@ struct State {
     proven: bool,
     successes_toward_increase: usize,
     generation: u64,
+    latency: LatencyWindow,
+    /// Moving average of the share of answers that were attempt timeouts.
+    timeout_share: f64,
+}
+
+/// Successes per latency window.
+const LATENCY_WINDOW: usize = 16;
+/// A window's median may be this many times the baseline before it counts as a queue.
+const LATENCY_TOLERANCE: f64 = 2.0;
+/// How far the baseline moves toward a higher window median, per window.
+const BASELINE_DRIFT: f64 = 0.05;
+/// Weight of the newest answer in the timeout share.
+const TIMEOUT_WEIGHT: f64 = 0.1;
+/// Timeout share above which timeouts count as congestion.
+const TIMEOUT_CONGESTION: f64 = 0.2;
+
+#[derive(Debug, Default)]
+struct LatencyWindow {
+    samples: Vec<Duration>,
+    baseline: Option<Duration>,
+}
+
+impl LatencyWindow {
+    /// Adds a sample; at the end of a window, returns its median over the baseline.
+    fn add(&mut self, sample: Duration) -> Option<f64> {
+        self.samples.push(sample);
+        if self.samples.len() < LATENCY_WINDOW {
+            return None;
+        }
+        self.samples.sort_unstable();
+        let median = self.samples[self.samples.len() / 2];
+        self.samples.clear();
+        let baseline = self.baseline.unwrap_or(median);
+        self.baseline = Some(if median < baseline {
+            median
+        } else {
+            baseline + (median - baseline).mul_f64(BASELINE_DRIFT)
+        });
+        Some(median.as_secs_f64() / baseline.as_secs_f64().max(1e-6))
+    }
 }
 
 /// A slot under the limit; returning it may retire it if the limit shrank.
@@ -64,6 +118,8 @@ impl AdaptiveConcurrency {
                 proven: initial == max,
                 successes_toward_increase: 0,
                 generation: 0,
+                latency: LatencyWindow::default(),
+                timeout_share: 0.0,
             })),
         }
     }
@@ -90,9 +146,26 @@ impl AdaptiveConcurrency {
         self.state.lock().unwrap().generation
     }
 
+    /// Whether the probe window has opened.
+    pub(crate) fn is_proven(&self) -> bool {
+        self.state.lock().unwrap().proven
+    }
+
+    /// Opens the probe window (the provider is known to work). Returns the new
+    /// limit if it changed.
+    pub(crate) fn prove(&self) -> Option<usize> {
+        let mut state = self.state.lock().unwrap();
+        if state.proven {
+            return None;
+        }
+        state.proven = true;
+        self.set_limit(&mut state, self.max)
+    }
+
     /// Returns the new limit if it changed.
     pub(crate) fn on_success(&self) -> Option<usize> {
         let mut state = self.state.lock().unwrap();
+        state.timeout_share *= 1.0 - TIMEOUT_WEIGHT;
         if !state.proven {
             state.proven = true;
             return self.set_limit(&mut state, self.max);
@@ -113,13 +186,43 @@ impl AdaptiveConcurrency {
     /// Returns the new limit if it changed.
     pub(crate) fn on_backpressure(&self, generation: u64) -> Option<usize> {
         let mut state = self.state.lock().unwrap();
+        self.shrink(&mut state, generation, 0.5)
+    }
+
+    /// An attempt launched at `generation` timed out; counts as congestion when
+    /// timeouts are common. Returns the new limit if it changed.
+    pub(crate) fn on_timeout(&self, generation: u64) -> Option<usize> {
+        let mut state = self.state.lock().unwrap();
+        state.timeout_share = state.timeout_share * (1.0 - TIMEOUT_WEIGHT) + TIMEOUT_WEIGHT;
+        if state.timeout_share <= TIMEOUT_CONGESTION {
+            return None;
+        }
+        self.shrink(&mut state, generation, 0.5)
+    }
+
+    /// Learns from how soon a successful attempt first showed life. Returns the
+    /// new limit if it changed.
+    pub(crate) fn on_latency(&self, sample: Duration) -> Option<usize> {
+        let mut state = self.state.lock().unwrap();
+        let ratio = state.latency.add(sample)?;
+        // Latency that grows while we leave slots unused is not our queue.
+        let in_use = state.limit.saturating_sub(self.semaphore.available_permits());
+        if ratio <= LATENCY_TOLERANCE || in_use * 10 < state.limit * 9 {
+            return None;
+        }
+        let generation = state.generation;
+        self.shrink(&mut state, generation, (LATENCY_TOLERANCE / ratio).max(0.5))
+    }
+
+    /// Multiplies the limit by `factor`, once per generation.
+    fn shrink(&self, state: &mut State, generation: u64, factor: f64) -> Option<usize> {
         if generation != state.generation {
             return None;
         }
         state.generation += 1;
         state.successes_toward_increase = 0;
-        let halved = (state.limit / 2).max(1);
-        self.set_limit(&mut state, halved)
+        let shrunk = ((state.limit as f64 * factor) as usize).clamp(1, state.limit);
+        self.set_limit(state, shrunk)
     }
 
     fn set_limit(&self, state: &mut State, new: usize) -> Option<usize> {
@@ -169,6 +272,49 @@ mod tests {
         let now: Vec<_> = std::iter::from_fn(|| c.try_acquire()).collect();
         assert_eq!(now.len(), 4, "four permits were retired as they came back");
         assert_eq!(c.on_backpressure(c.generation()), Some(2));
+    }
+
+    #[tokio::test]
+    async fn common_timeouts_shrink_the_limit_and_rare_ones_do_not() {
+        let c = AdaptiveConcurrency::new(16, None);
+        // One timeout in twenty answers is a fault, not congestion.
+        for i in 0..100 {
+            if i % 20 == 0 {
+                assert_eq!(c.on_timeout(c.generation()), None, "answer {i}");
+            } else {
+                c.on_success();
+            }
+        }
+        assert_eq!(c.limit(), 16);
+        // Timeouts of calls launched together shrink the limit once.
+        let generation = c.generation();
+        let changes: Vec<_> = (0..3).map(|_| c.on_timeout(generation)).collect();
+        assert_eq!(changes, [None, Some(8), None], "the second timeout in a row is congestion");
+    }
+
+    #[tokio::test]
+    async fn latency_growth_under_full_use_shrinks_the_limit() {
+        let c = AdaptiveConcurrency::new(10, None);
+        let held: Vec<_> = (0..10).map(|_| c.try_acquire().unwrap()).collect();
+        let ms = Duration::from_millis;
+        for _ in 0..LATENCY_WINDOW {
+            assert_eq!(c.on_latency(ms(100)), None, "the first window sets the baseline");
+        }
+        for _ in 0..LATENCY_WINDOW - 1 {
+            assert_eq!(c.on_latency(ms(150)), None);
+        }
+        assert_eq!(c.on_latency(ms(150)), None, "1.5 times the baseline is within tolerance");
+        let changes: Vec<_> = (0..LATENCY_WINDOW).filter_map(|_| c.on_latency(ms(300))).collect();
+        // Three times the baseline (drifted to ~102.5 ms): shrink to 2/2.93 of 10.
+        assert_eq!(changes, [6]);
+        drop(held);
+        // With slots unused, slow answers are not our queue.
+        let idle = AdaptiveConcurrency::new(10, None);
+        for latency in [100, 400] {
+            for _ in 0..LATENCY_WINDOW {
+                assert_eq!(idle.on_latency(ms(latency)), None);
+            }
+        }
     }
 
     #[tokio::test]

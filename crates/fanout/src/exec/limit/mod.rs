@@ -172,7 +172,8 @@ impl Limits {
     /// Learns from a failed attempt, launched as `launch` while the concurrency
     /// limit was at `generation`. A 429 pauses every
     /// task until the provider's time (or `fallback`, the retry delay, when it
-    /// gave none); any push-back narrows the concurrency limit.
+    /// gave none); any push-back narrows the concurrency limit, and so do
+    /// attempt timeouts when they are common.
     pub(crate) fn on_error(
         &self,
         error: &ProviderError,
@@ -182,6 +183,10 @@ impl Limits {
     ) -> Reaction {
         self.observe(error.rate_limit(), launch);
         let mut reaction = Reaction::default();
+        if error.is_timeout() {
+            reaction.new_limit = self.concurrency.on_timeout(generation);
+            return reaction;
+        }
         if !error.kind().is_backpressure() {
             return reaction;
         }

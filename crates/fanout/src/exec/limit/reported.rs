@@ -1,10 +1,16 @@
-//! Pacing by the budget the provider reports (x-ratelimit-remaining-*).
+//! Pacing by the budget the provider reports (x-ratelimit-* and
+//! anthropic-ratelimit-* headers), for requests and for tokens.
 //!
-//! Each answer may say how many requests and tokens remain and when the window
-//! resets. Launches spend from that reported remainder; when it is used up the
-//! next launches wait for the reset instead of drawing a 429. At the reset the
-//! window is assumed full again (at the reported limit) until the next answer
-//! says otherwise.
+//! Both vendors document their limits as token buckets that refill
+//! continuously at the stated per-minute limit. Each answer says how much
+//! remains and how long until the bucket is full again, so the refill rate is
+//! the limit over a minute (or slower, when the reset says what is missing takes
+//! longer: a daily limit) and the bucket's real capacity is what remains plus
+//! what refills until the reset — which also holds for servers that meter a
+//! minute's limit by the second. Launches spend from that learned bucket and
+//! wait, at its refill rate, for what they need, so the provider's limit is
+//! paced to with no `--rpm`/`--tpm` given and 429s stay rare. When no limit is
+//! stated, the remainder is spent and then waited out until the reset.
 //!
 //! A remainder is stale by the time it arrives: the provider counted it when
 //! *that* request arrived, before the ones launched after it. Every launch is
@@ -37,35 +43,60 @@ struct State {
     tokens: Option<Window>,
 }
 
+/// What is known of one of the provider's buckets.
 #[derive(Clone, Copy, Debug)]
 struct Window {
-    remaining: f64,
-    limit: Option<f64>,
-    reset_at: Instant,
-    period: Duration,
+    /// What is left, as of `at`.
+    level: f64,
+    at: Instant,
+    refill: Refill,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Refill {
+    /// Continuously, at the stated limit per minute, up to `capacity`.
+    Continuous { per_second: f64, capacity: f64 },
+    /// Unknown rate: all at once at the reset, after which nothing is known.
+    AtReset(Instant),
 }
 
 impl Window {
     fn observed(budget: &Budget, launched_since: f64, now: Instant) -> Option<Self> {
-        let (remaining, reset) = (budget.remaining?, budget.reset?);
-        Some(Self {
-            remaining: (remaining as f64 - launched_since).max(0.0),
-            limit: budget.limit.map(|l| l as f64),
-            reset_at: now + reset,
-            period: reset,
-        })
+        let (remaining, reset) = (budget.remaining? as f64, budget.reset?);
+        let refill = match budget.limit.filter(|l| *l > 0) {
+            Some(limit) => {
+                // A minute's limit refills at most limit/60 a second; a bucket
+                // that empties over a longer window (a daily limit) says so by
+                // its reset: what is missing refills by then.
+                let per_minute = limit as f64 / 60.0;
+                let missing = (limit as f64 - remaining).max(1.0);
+                let per_second = match reset.as_secs_f64() {
+                    secs if secs > 0.0 => per_minute.min(missing / secs),
+                    _ => per_minute,
+                };
+                let capacity =
+                    (remaining + reset.as_secs_f64() * per_second).clamp(remaining, limit as f64);
+                Refill::Continuous { per_second, capacity: capacity.max(1.0) }
+            }
+            None => Refill::AtReset(now + reset),
+        };
+        Some(Self { level: (remaining - launched_since).max(0.0), at: now, refill })
     }
 
-    /// Refills the window if its reset has passed; `None` once nothing is known.
+    /// Brings the level up to `now`; `None` once nothing is known.
     fn current(slot: &mut Option<Self>, now: Instant) -> Option<&mut Self> {
         let window = slot.as_mut()?;
-        if now >= window.reset_at {
-            let Some(limit) = window.limit else {
+        match window.refill {
+            Refill::Continuous { per_second, capacity } => {
+                let elapsed = now.saturating_duration_since(window.at).as_secs_f64();
+                window.level = (window.level + elapsed * per_second).min(capacity);
+                window.at = now;
+            }
+            Refill::AtReset(reset) if now >= reset => {
                 *slot = None;
                 return None;
-            };
-            window.remaining = limit;
-            window.reset_at = now + window.period.max(Duration::from_millis(1));
+            }
+            Refill::AtReset(_) => {}
         }
         slot.as_mut()
     }
@@ -73,7 +104,18 @@ impl Window {
     /// When `cost` can be spent: `None` if now.
     fn wait_for(slot: &mut Option<Self>, cost: f64, now: Instant) -> Option<Instant> {
         let window = Self::current(slot, now)?;
-        (window.remaining < cost).then_some(window.reset_at)
+        match window.refill {
+            // A cost above the whole bucket goes once the bucket is full.
+            Refill::Continuous { per_second, capacity } => {
+                let shortfall = cost.min(capacity) - window.level;
+                (shortfall > 1e-9).then(|| now + Duration::from_secs_f64(shortfall / per_second))
+            }
+            Refill::AtReset(reset) => (window.level < cost).then_some(reset),
+        }
+    }
+
+    fn spend(&mut self, cost: f64) {
+        self.level -= cost;
     }
 }
 
@@ -104,10 +146,10 @@ impl ReportedBudget {
             return Err(until);
         }
         if let Some(window) = &mut state.requests {
-            window.remaining -= 1.0;
+            window.spend(1.0);
         }
         if let Some(window) = &mut state.tokens {
-            window.remaining -= tokens;
+            window.spend(tokens);
         }
         state.launched.requests += 1.0;
         state.launched.tokens += tokens;
@@ -119,32 +161,61 @@ impl ReportedBudget {
 mod tests {
     use super::*;
 
-    fn requests_left(remaining: u64) -> RateLimit {
+    fn requests_left(limit: Option<u64>, remaining: u64, reset: Duration) -> RateLimit {
         RateLimit {
-            requests: Budget {
-                limit: Some(10),
-                remaining: Some(remaining),
-                reset: Some(Duration::from_secs(5)),
-            },
+            requests: Budget { limit, remaining: Some(remaining), reset: Some(reset) },
             ..RateLimit::default()
         }
     }
 
     #[tokio::test(start_paused = true)]
-    async fn waits_for_reset_when_reported_budget_is_spent() {
+    async fn paces_to_the_stated_limit_at_its_refill_rate() {
         let budget = ReportedBudget::default();
         let now = Instant::now();
         let first = budget.try_spend(100, now).expect("nothing reported yet");
-        budget.observe(&requests_left(2), first, now);
+        // 60 a minute, 2 left, full again in 8 s: a bucket of 10 refilling at 1/s.
+        budget.observe(&requests_left(Some(60), 2, Duration::from_secs(8)), first, now);
         assert!(budget.try_spend(100, now).is_ok());
         assert!(budget.try_spend(100, now).is_ok());
-        let reset = now + Duration::from_secs(5);
-        assert_eq!(budget.try_spend(100, now), Err(reset));
-        // At the reset the window is full again, at the reported limit.
+        assert_eq!(budget.try_spend(100, now), Err(now + Duration::from_secs(1)));
+        let later = now + Duration::from_secs(1);
+        assert!(budget.try_spend(100, later).is_ok());
+        // After a long idle time the bucket is full at its capacity, not the limit.
+        let idle = later + Duration::from_secs(600);
         for _ in 0..10 {
-            assert!(budget.try_spend(100, reset).is_ok());
+            assert!(budget.try_spend(100, idle).is_ok());
         }
-        assert_eq!(budget.try_spend(100, reset), Err(reset + Duration::from_secs(5)));
+        assert_eq!(budget.try_spend(100, idle), Err(idle + Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn tokens_are_paced_and_an_oversized_cost_waits_for_a_full_bucket() {
+        let budget = ReportedBudget::default();
+        let now = Instant::now();
+        let first = budget.try_spend(0, now).unwrap();
+        let tokens = RateLimit {
+            tokens: Budget {
+                limit: Some(6_000),
+                remaining: Some(0),
+                reset: Some(Duration::from_secs(5)),
+            },
+            ..RateLimit::default()
+        };
+        // 100 tokens a second, capacity 500.
+        budget.observe(&tokens, first, now);
+        assert_eq!(budget.try_spend(200, now), Err(now + Duration::from_secs(2)));
+        assert_eq!(budget.try_spend(900, now), Err(now + Duration::from_secs(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_stated_limit_the_remainder_lasts_until_the_reset() {
+        let budget = ReportedBudget::default();
+        let now = Instant::now();
+        let first = budget.try_spend(1, now).unwrap();
+        budget.observe(&requests_left(None, 1, Duration::from_secs(5)), first, now);
+        assert!(budget.try_spend(1, now).is_ok());
+        assert_eq!(budget.try_spend(1, now), Err(now + Duration::from_secs(5)));
+        assert!(budget.try_spend(1, now + Duration::from_secs(5)).is_ok(), "unknown again");
     }
 
     #[tokio::test(start_paused = true)]
@@ -155,7 +226,7 @@ mod tests {
         let _second = budget.try_spend(1, now).unwrap();
         let _third = budget.try_spend(1, now).unwrap();
         // The first request saw 3 left; the two launched after it used two of them.
-        budget.observe(&requests_left(3), first, now);
+        budget.observe(&requests_left(None, 3, Duration::from_secs(5)), first, now);
         assert!(budget.try_spend(1, now).is_ok());
         assert!(budget.try_spend(1, now).is_err());
     }

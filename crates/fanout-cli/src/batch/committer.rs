@@ -1,0 +1,196 @@
+//! The committer: the one owner of the job's store writes, the output file and
+//! the progress line, on a thread of its own (SQLite blocks).
+//!
+//! Results arrive as they finish — the executor never waits for a slow row —
+//! and are committed at once, in groups: whatever finished while the previous
+//! commit ran goes into the next one, so the window a crash can lose is one
+//! commit, and throughput is the store's, not a timer's. Each result keeps its
+//! call's concurrency slot until it is committed, so a `kill -9` loses at most
+//! `concurrency` calls in all, in flight or finished.
+//!
+//! The store is the reorder buffer: the output is written in input order as its
+//! prefix completes. Results ahead of a slow row stay in memory up to a budget;
+//! past it, the stored ones are dropped from memory and read back from the store
+//! when the prefix reaches them. Memory is bounded whatever the head's lag.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use fanout::{HeldResult, HeldResults, TaskId, TaskResult, Totals};
+use fanout_store::{Finished, Store};
+use futures_util::{FutureExt, StreamExt};
+
+use super::Ending;
+use super::job::OpenJob;
+use crate::output::Output;
+use crate::progress::Progress;
+use crate::record::{to_outcome, to_record};
+
+/// The most results committed in one transaction.
+const MAX_GROUP: usize = 4096;
+/// The most results written out per read from the store.
+const MAX_READ_BACK: u64 = 4096;
+
+pub struct Committer {
+    store: Store,
+    job: i64,
+    /// Results restored from an earlier run: already stored, never again.
+    restored: Finished,
+    output: Output,
+    progress: Progress,
+    ending: Ending,
+    order: StoreOrder,
+}
+
+/// What ends a committer's work.
+pub struct Committed {
+    pub ending: Ending,
+    pub totals: Totals,
+}
+
+impl Committer {
+    /// `in_memory`: how many results ahead of the first unwritten one to keep
+    /// in memory before reading them back from the store instead.
+    pub fn new(open: OpenJob, output: Output, progress: Progress, in_memory: usize) -> Self {
+        Self {
+            store: open.store,
+            job: open.job.id,
+            restored: open.finished,
+            output,
+            progress,
+            ending: Ending::default(),
+            order: StoreOrder::new(in_memory),
+        }
+    }
+
+    /// Commits and writes every result of `results` on a thread of its own.
+    pub async fn run(self, results: HeldResults) -> Result<Committed> {
+        let runtime = tokio::runtime::Handle::current();
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("fanout-committer".into())
+            .spawn(move || {
+                let _ = done.send(self.commit_all(&runtime, results));
+            })
+            .context("cannot start the committer thread")?;
+        finished.await.context("the committer thread stopped")?
+    }
+
+    fn commit_all(
+        mut self,
+        runtime: &tokio::runtime::Handle,
+        mut results: HeldResults,
+    ) -> Result<Committed> {
+        let mut group = Vec::new();
+        while let Some(first) = runtime.block_on(results.next()) {
+            group.push(first);
+            // Whatever else has finished meanwhile joins this commit.
+            while group.len() < MAX_GROUP {
+                match results.next().now_or_never() {
+                    Some(Some(next)) => group.push(next),
+                    _ => break,
+                }
+            }
+            self.commit(&mut group)?;
+        }
+        let totals = runtime.block_on(results.totals());
+        self.order.write_ready(&self.store, self.job, &mut self.output)?;
+        self.output.flush().context("cannot write the output")?;
+        self.store.set_total(self.job, totals.tasks as u64)?;
+        self.progress.finish();
+        Ok(Committed { ending: self.ending, totals })
+    }
+
+    fn commit(&mut self, group: &mut Vec<HeldResult>) -> Result<()> {
+        let mut stored = Vec::with_capacity(group.len());
+        let records: Vec<_> = group
+            .iter()
+            .filter_map(|held| {
+                let index = held.result.index as u64;
+                if self.restored.contains(index) {
+                    stored.push(true);
+                    return None;
+                }
+                let record = to_record(&held.result);
+                stored.push(record.is_some());
+                record
+            })
+            .collect();
+        if !records.is_empty() {
+            self.store.record(self.job, &records)?;
+        }
+        for (held, stored) in group.drain(..).zip(stored) {
+            // Safe now: the slot may go to the next call.
+            let HeldResult { result, slot } = held;
+            drop(slot);
+            self.progress.record(&result);
+            self.ending.add(&result.outcome);
+            self.order.insert(result, stored);
+        }
+        self.order.write_ready(&self.store, self.job, &mut self.output)?;
+        self.output.flush().context("cannot write the output")
+    }
+}
+
+/// Writes results in input order, reading back from the store those it did
+/// not keep in memory.
+struct StoreOrder {
+    /// The first index not yet written out.
+    next: u64,
+    /// Indices that have a result, kept or stored.
+    done: Finished,
+    kept: BTreeMap<u64, TaskResult>,
+    in_memory: usize,
+}
+
+impl StoreOrder {
+    fn new(in_memory: usize) -> Self {
+        Self { next: 0, done: Finished::default(), kept: BTreeMap::new(), in_memory }
+    }
+
+    /// `stored`: whether the result can be read back from the store. Results
+    /// that cannot (runs cut short) are always kept: there are at most as many
+    /// as were in flight when the run stopped.
+    fn insert(&mut self, result: TaskResult, stored: bool) {
+        let index = result.index as u64;
+        self.done.insert(index);
+        let next_up = index == self.next;
+        if next_up || !stored || self.kept.len() < self.in_memory {
+            self.kept.insert(index, result);
+        }
+    }
+
+    fn write_ready(&mut self, store: &Store, job: i64, output: &mut Output) -> Result<()> {
+        while self.done.contains(self.next) {
+            if let Some(result) = self.kept.remove(&self.next) {
+                output.write(&result).context("cannot write the output")?;
+                self.next += 1;
+                continue;
+            }
+            // A run of results that were committed but not kept.
+            let mut end = self.next;
+            while end - self.next < MAX_READ_BACK
+                && self.done.contains(end)
+                && !self.kept.contains_key(&end)
+            {
+                end += 1;
+            }
+            store.each_record_between(job, self.next, end, |record| -> Result<()> {
+                let result = TaskResult {
+                    index: record.index as usize,
+                    id: TaskId::from(record.task_id.clone()),
+                    outcome: to_outcome(record),
+                };
+                output.write(&result).context("cannot write the output")
+            })?;
+            self.next = end;
+        }
+        Ok(())
+    }
+}
+
+/// How many results to keep in memory ahead of the output: a few rounds of
+/// the concurrency, and never so few that reading back dominates.
+pub fn memory_budget(concurrency: usize) -> usize {
+    concurrency.saturating_mul(4).max(1024)
+}

@@ -1,0 +1,257 @@
+//! `fanout batch`: a prompt template over every row of a file, as a durable job.
+//!
+//! The data path, one way through: the job is opened or resumed ([`job`]),
+//! input rows become tasks ([`rows`]), the executor runs them and hands each
+//! result over as it finishes, and the [`committer`] stores it, frees its slot
+//! and writes the output in input order from the store. Every finished task is
+//! committed before it is written out or counted anywhere, so a crash loses
+//! nothing finished and never pays for it twice: running the same job again (or
+//! `fanout jobs resume`) restores the finished results from the store and calls
+//! only for the rest.
+
+mod committer;
+mod job;
+mod rows;
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use fanout::{CancellationToken, Executor, NotRun, Outcome, Timeout};
+use fanout_store::Store;
+use serde::{Deserialize, Serialize};
+
+use crate::Refusal;
+use crate::cache::Cached;
+use crate::input::Format;
+use crate::output::{Output, OutputFormat};
+use crate::progress::{self, Progress};
+use crate::settings::Settings;
+use crate::template::Prompt;
+use committer::{Committed, Committer};
+use job::Opened;
+
+/// What a job was started with: enough to run it again.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Spec {
+    pub input: PathBuf,
+    pub format: Format,
+    pub prompt: Option<String>,
+    pub system: Option<String>,
+    pub id_field: Option<String>,
+    pub output_format: OutputFormat,
+    pub settings: Settings,
+}
+
+/// How this run goes, beyond the job's spec.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub job: String,
+    pub store: PathBuf,
+    pub output: Option<PathBuf>,
+    pub retry_failed: bool,
+    pub cache: bool,
+    pub quiet: bool,
+    pub json: bool,
+    /// After the first Ctrl-C, how long in-flight calls may take to finish.
+    pub grace: Duration,
+}
+
+/// How the results ended, for the exit code.
+#[derive(Default)]
+pub struct Ending {
+    failed: u64,
+    unfinished: u64,
+    cannot_succeed: Option<String>,
+}
+
+impl Ending {
+    fn add(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Succeeded(_) => {}
+            Outcome::Failed { .. } | Outcome::TimedOut { timeout: Timeout::Task, .. } => {
+                self.failed += 1
+            }
+            Outcome::NotRun(NotRun::CircuitOpen(cause)) => {
+                self.unfinished += 1;
+                self.cannot_succeed.get_or_insert_with(|| cause.to_string());
+            }
+            _ => self.unfinished += 1,
+        }
+    }
+
+    /// 0 all succeeded; 3 some failed; 4 stopped before finishing; 5 the job cannot succeed.
+    fn code(&self) -> ExitCode {
+        ExitCode::from(if self.cannot_succeed.is_some() {
+            5
+        } else if self.unfinished > 0 {
+            4
+        } else if self.failed > 0 {
+            3
+        } else {
+            0
+        })
+    }
+}
+
+/// Ctrl-C once: stop launching and let in-flight calls finish within the grace
+/// period. Twice (or when the grace runs out): cancel them.
+fn handle_interrupts(
+    drain: CancellationToken,
+    cancel: CancellationToken,
+    grace: Duration,
+    interrupted: Arc<AtomicBool>,
+) {
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_err() {
+            return;
+        }
+        interrupted.store(true, Ordering::Relaxed);
+        eprintln!(
+            "\nfanout: stopping: no new calls; in-flight calls may finish within {:.0} s (Ctrl-C again to cancel them)",
+            grace.as_secs_f64()
+        );
+        drain.cancel();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => eprintln!("fanout: cancelling in-flight calls"),
+            () = tokio::time::sleep(grace) => {}
+        }
+        cancel.cancel();
+    });
+}
+
+fn open_output(path: Option<&Path>) -> Result<Box<dyn Write + Send>> {
+    Ok(match path {
+        Some(path) => Box::new(BufWriter::new(
+            File::create(path)
+                .with_context(|| format!("cannot create output {}", path.display()))?,
+        )),
+        None => Box::new(BufWriter::new(std::io::stdout())),
+    })
+}
+
+pub fn resume_command(options: &RunOptions) -> String {
+    let mut command = format!("fanout jobs resume {}", options.job);
+    if options.store != crate::settings::default_store() {
+        command.push_str(&format!(" --store {}", options.store.display()));
+    }
+    if let Some(output) = &options.output {
+        command.push_str(&format!(" -o {}", output.display()));
+    }
+    command
+}
+
+/// The prompt template, checked before any call (a syntax error is exit 2).
+fn prompt(spec: &Spec) -> Result<Option<Arc<Prompt>>> {
+    match (&spec.prompt, spec.format) {
+        (Some(template), _) => {
+            Ok(Some(Arc::new(Prompt::new(template, spec.system.as_deref()).map_err(Refusal)?)))
+        }
+        (None, Format::OpenaiBatch) => Ok(None),
+        (None, _) => Err(Refusal(anyhow::anyhow!(
+            "batch needs --prompt or --prompt-file (or OpenAI Batch input)"
+        ))
+        .into()),
+    }
+}
+
+/// Ctrl-C's tokens, and whether it was pressed.
+struct Interrupts {
+    drain: CancellationToken,
+    cancel: CancellationToken,
+    pressed: Arc<AtomicBool>,
+}
+
+impl Interrupts {
+    fn install(grace: Duration) -> Self {
+        let interrupts = Self {
+            drain: CancellationToken::new(),
+            cancel: CancellationToken::new(),
+            pressed: Arc::new(AtomicBool::new(false)),
+        };
+        handle_interrupts(
+            interrupts.drain.clone(),
+            interrupts.cancel.clone(),
+            grace,
+            Arc::clone(&interrupts.pressed),
+        );
+        interrupts
+    }
+}
+
+/// The provider (behind the cache when asked) and the executor over it.
+async fn executor(
+    spec: &Spec,
+    options: &RunOptions,
+    progress: &Progress,
+    interrupts: &Interrupts,
+) -> Result<Executor> {
+    let mut provider = spec.settings.provider(options.quiet).await.map_err(Refusal)?;
+    if options.cache {
+        let scope = format!(
+            "{:?}|{}|{:?}",
+            spec.settings.provider, spec.settings.model, spec.settings.base_url
+        );
+        provider = Arc::new(Cached::new(provider, scope, &options.store)?);
+    }
+    Ok(spec
+        .settings
+        .executor(provider)
+        .drain_token(interrupts.drain.clone())
+        .cancel_token(interrupts.cancel.clone())
+        .on_event(progress.events())
+        .build())
+}
+
+/// Runs a job: every row from the input, through the executor, to the store,
+/// then to the output in input order.
+pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
+    let prompt = prompt(&spec)?;
+    let open = match job::open(&spec, &options)? {
+        Opened::Ready(open) => *open,
+        Opened::Empty => {
+            eprintln!("fanout: {} is empty: there is nothing to do", spec.input.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    if !open.finished.is_empty() && !options.quiet {
+        eprintln!(
+            "fanout: job `{}`: {} tasks already finished; running the rest",
+            open.job.name,
+            open.finished.len()
+        );
+    }
+    let progress = Progress::new(open.lines, options.quiet, spec.settings.price);
+    let interrupts = Interrupts::install(options.grace);
+    let executor = executor(&spec, &options, &progress, &interrupts).await?;
+    let restore = Store::open(&options.store)?;
+    let tasks =
+        rows::tasks(&spec, prompt, restore, open.job.id, open.finished.clone()).map_err(Refusal)?;
+    let results = executor.stream_held(futures_util::stream::iter(tasks));
+    let output = Output::new(spec.output_format, open_output(options.output.as_deref())?)?;
+    let in_memory = committer::memory_budget(spec.settings.concurrency);
+    let Committed { ending, totals } =
+        Committer::new(open, output, progress, in_memory).run(results).await?;
+
+    if options.json {
+        eprintln!("{}", serde_json::to_string(&totals).expect("totals serialize"));
+    } else if !options.quiet {
+        eprintln!("{}", progress::summary(&totals));
+    }
+    if let Some(cause) = &ending.cannot_succeed {
+        eprintln!("fanout: stopped: the job cannot succeed: {cause}");
+    }
+    if ending.unfinished > 0 || interrupts.pressed.load(Ordering::Relaxed) {
+        eprintln!(
+            "fanout: {} tasks did not finish; resume with: {}",
+            ending.unfinished,
+            resume_command(&options)
+        );
+    }
+    Ok(ending.code())
+}

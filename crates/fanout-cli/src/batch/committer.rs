@@ -194,3 +194,110 @@ impl StoreOrder {
 pub fn memory_budget(concurrency: usize) -> usize {
     concurrency.saturating_mul(4).max(1024)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use fanout::{Outcome, Response, Success, Usage};
+    use fanout_store::Fingerprint;
+
+    use super::*;
+    use crate::output::OutputFormat;
+
+    /// Output that the test can read back.
+    #[derive(Clone, Default)]
+    struct Written(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Written {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Written {
+        fn ids(&self) -> Vec<String> {
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            text.lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string())
+                .map(|id| id.trim_matches('"').to_owned())
+                .collect()
+        }
+    }
+
+    fn succeeded(index: usize) -> TaskResult {
+        let response = Response::new(format!("answer {index}"), Usage::default());
+        let success = Success { response, latency: Duration::from_millis(5), attempts: 1 };
+        TaskResult {
+            index,
+            id: TaskId::from(format!("row-{index}")),
+            outcome: Outcome::Succeeded(success),
+        }
+    }
+
+    /// The head row hangs while 5,000 later rows finish: at most the memory
+    /// budget of them is held, the rest are read back from the store, and the
+    /// output comes out whole and in input order once the head is in.
+    #[test]
+    fn a_slow_head_is_reordered_through_the_store_in_bounded_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("fanout.db")).unwrap();
+        let job =
+            store.create_job("j", "in", &Fingerprint::default(), &serde_json::json!({})).unwrap();
+        let written = Written::default();
+        let mut output = Output::new(OutputFormat::Jsonl, Box::new(written.clone())).unwrap();
+        let mut order = StoreOrder::new(100);
+        for index in 1..=5_000 {
+            let result = succeeded(index);
+            store.record(job.id, &[to_record(&result).unwrap()]).unwrap();
+            order.insert(result, true);
+            order.write_ready(&store, job.id, &mut output).unwrap();
+            assert!(order.kept.len() <= 100, "kept {} at row {index}", order.kept.len());
+        }
+        assert!(written.ids().is_empty(), "nothing passes the slow head");
+        let head = succeeded(0);
+        store.record(job.id, &[to_record(&head).unwrap()]).unwrap();
+        order.insert(head, true);
+        order.write_ready(&store, job.id, &mut output).unwrap();
+        output.flush().unwrap();
+        let expected: Vec<String> = (0..=5_000).map(|i| format!("row-{i}")).collect();
+        assert_eq!(written.ids(), expected);
+        assert!(order.kept.is_empty());
+    }
+
+    /// Results that are not stored (a run cut short) are always kept, so they
+    /// still reach the output in their place.
+    #[test]
+    fn unstored_results_are_kept_in_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("fanout.db")).unwrap();
+        let written = Written::default();
+        let mut output = Output::new(OutputFormat::Jsonl, Box::new(written.clone())).unwrap();
+        let mut order = StoreOrder::new(1);
+        for index in [3, 2, 1] {
+            let cut = Outcome::Cancelled { attempts: 1 };
+            order.insert(
+                TaskResult { index, id: TaskId::from(format!("row-{index}")), outcome: cut },
+                false,
+            );
+        }
+        order.insert(
+            TaskResult {
+                index: 0,
+                id: TaskId::from("row-0"),
+                outcome: Outcome::Cancelled { attempts: 0 },
+            },
+            false,
+        );
+        order.write_ready(&store, 1, &mut output).unwrap();
+        output.flush().unwrap();
+        assert_eq!(written.ids(), ["row-0", "row-1", "row-2", "row-3"]);
+    }
+}

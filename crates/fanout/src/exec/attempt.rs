@@ -41,6 +41,8 @@ pub(crate) struct Counters {
     pub calls: AtomicU64,
     pub retries: AtomicU64,
     pub rate_limited: AtomicU64,
+    pub hedges: AtomicU64,
+    pub hedges_won: AtomicU64,
 }
 
 /// State of one run, shared by its tasks.
@@ -53,7 +55,6 @@ pub(crate) struct Run {
     pub drain: CancellationToken,
     pub stop: OnceLock<Stop>,
     pub breaker: CircuitBreaker,
-    pub hedger: Option<Hedger>,
     pub counters: Counters,
     pub seed: u64,
     pub started: Instant,
@@ -173,7 +174,7 @@ async fn attempt_until_done(
                     exec.emit(|| Event::ConcurrencyChanged { limit });
                 }
                 run.breaker.record_success();
-                if let Some(hedger) = &run.hedger {
+                if let Some(hedger) = &exec.hedger {
                     hedger.record(answer.first_sign);
                 }
                 let latency = first_sent.elapsed();
@@ -251,7 +252,7 @@ impl Call<'_> {
         let progress = Progress::new();
         let primary = self.bounded(provider.complete_observed(self.request, &progress), &progress);
         tokio::pin!(primary);
-        let Some(hedger) = &self.run.hedger else { return primary.await };
+        let Some(hedger) = &self.run.exec.hedger else { return primary.await };
         hedger.count_call();
         if let Watch::Answered(result) = self.watch(hedger, &progress, primary.as_mut()).await {
             return result;
@@ -269,6 +270,7 @@ impl Call<'_> {
             }
             slot = self.run.exec.limits.admit_extra(self.reserved) => slot,
         };
+        self.run.counters.hedges.fetch_add(1, Ordering::Relaxed);
         self.run.exec.emit(|| Event::Hedged {
             index: self.index,
             id: self.id.clone(),
@@ -286,7 +288,7 @@ impl Call<'_> {
             },
             result = &mut hedge => match result {
                 Ok(answer) => {
-                    hedger.record_win();
+                    self.run.counters.hedges_won.fetch_add(1, Ordering::Relaxed);
                     Ok(answer)
                 }
                 Err(_) => primary.await,

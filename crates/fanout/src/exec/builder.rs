@@ -228,11 +228,13 @@ impl ExecutorBuilder {
         let probe = (config.probe && config.breaker_threshold > 0)
             .then_some(config.breaker_threshold as usize);
         let limits = Limits::new(config.concurrency, probe, config.rpm, config.tpm);
+        let hedger = config.hedge.map(super::hedge::Hedger::new);
         Executor {
             shared: Arc::new(Shared {
                 provider: self.provider,
                 config,
                 limits,
+                hedger,
                 checked: std::sync::OnceLock::new(),
             }),
         }

@@ -202,7 +202,7 @@ fn finish(run: &Run, tally: Tally) -> Totals {
     totals.calls = run.counters.calls.load(Relaxed);
     totals.retries = run.counters.retries.load(Relaxed);
     totals.rate_limited = run.counters.rate_limited.load(Relaxed);
-    totals.hedges = run.hedger.as_ref().map_or(0, |h| h.hedges());
-    totals.hedges_won = run.hedger.as_ref().map_or(0, |h| h.wins());
+    totals.hedges = run.counters.hedges.load(Relaxed);
+    totals.hedges_won = run.counters.hedges_won.load(Relaxed);
     totals
 }

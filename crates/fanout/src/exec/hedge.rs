@@ -36,7 +36,8 @@ pub enum HedgeAfter {
 /// costs more than it saves for any model behind a network.
 pub const MIN_LEARNED_THRESHOLD: Duration = Duration::from_millis(50);
 
-/// Hedging settings. The default hedges past the learned p95 within 5% extra calls.
+/// Hedging settings; the threshold is learned per executor (across its runs),
+/// the budget spent per executor. The default hedges past the learned p95 within 5% extra calls.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HedgePolicy {
     pub after: HedgeAfter,
@@ -85,7 +86,6 @@ pub(crate) struct Hedger {
     policy: HedgePolicy,
     calls: AtomicU64,
     hedges: AtomicU64,
-    wins: AtomicU64,
     latencies: Mutex<Latencies>,
     /// Woken once, when a quantile threshold is first known.
     learned: Notify,
@@ -108,7 +108,6 @@ impl Hedger {
             policy,
             calls: AtomicU64::new(0),
             hedges: AtomicU64::new(0),
-            wins: AtomicU64::new(0),
             latencies: Mutex::new(Latencies { micros, threshold }),
             learned: Notify::new(),
         }
@@ -117,19 +116,6 @@ impl Hedger {
     /// Counts a primary call toward the budget.
     pub(crate) fn count_call(&self) {
         self.calls.fetch_add(1, Ordering::AcqRel);
-    }
-
-    pub(crate) fn hedges(&self) -> u64 {
-        self.hedges.load(Ordering::Acquire)
-    }
-
-    /// Hedges that answered before their primary.
-    pub(crate) fn wins(&self) -> u64 {
-        self.wins.load(Ordering::Acquire)
-    }
-
-    pub(crate) fn record_win(&self) {
-        self.wins.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Completes once a threshold is known (at once if it already is, when

@@ -59,6 +59,8 @@ struct Shared {
     provider: Arc<dyn Provider>,
     config: Config,
     limits: Limits,
+    /// Learns what a straggler is from every run of the executor.
+    hedger: Option<Hedger>,
     /// Set once the provider's check has been started.
     checked: OnceLock<()>,
 }
@@ -121,7 +123,6 @@ impl Executor {
             drain: config.drain.child_token(),
             stop: OnceLock::new(),
             breaker: CircuitBreaker::new(config.breaker_threshold),
-            hedger: config.hedge.map(Hedger::new),
             counters: Counters::default(),
             seed: config.seed.unwrap_or_else(|| fastrand::u64(..)),
             started,

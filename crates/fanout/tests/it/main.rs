@@ -15,6 +15,7 @@ mod patterns;
 mod rate_limit;
 mod report;
 mod retry;
+mod stragglers;
 mod timeouts;
 
 use std::sync::{Arc, Mutex};

@@ -12,7 +12,7 @@ use serde_json::json;
 use std::net::SocketAddr;
 
 use crate::answer;
-use crate::server::{Budgets, Call, Plan, State};
+use crate::server::{Budgets, Call, Cut, Plan, State};
 use crate::wire::{self, Content, Frame, WireMessage};
 
 #[derive(Debug, Deserialize)]
@@ -134,12 +134,13 @@ async fn answer_messages(state: &State, request: MessagesRequest) -> Response {
                 r#"{{"id":"msg_mock_{id}","type":"message","content":[{{"type":"text","text":"trunc"#
             ),
         ),
-        Plan::Answer { choices, prompt_tokens, completion_tokens, budgets } => {
+        Plan::Answer { choices, prompt_tokens, completion_tokens, budgets, cut } => {
             let mut headers = rate_limit_headers(&budgets);
             headers.push(request_id);
             let text = choices.into_iter().next().unwrap_or_default();
             if request.stream {
-                return stream(state, id, &model, &text, prompt_tokens, completion_tokens, headers);
+                let tokens = (prompt_tokens, completion_tokens);
+                return stream(state, id, &model, &text, tokens, headers, cut);
             }
             tokio::time::sleep(state.generation_time(completion_tokens)).await;
             let body = json!({
@@ -152,7 +153,7 @@ async fn answer_messages(state: &State, request: MessagesRequest) -> Response {
                 "stop_sequence": null,
                 "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens},
             });
-            wire::json(StatusCode::OK, headers, body.to_string())
+            wire::cut_json(headers, body.to_string(), cut, state.config.hang)
         }
     }
 }
@@ -162,9 +163,9 @@ fn stream(
     id: u64,
     model: &str,
     text: &str,
-    input_tokens: u64,
-    output_tokens: u64,
+    (input_tokens, output_tokens): (u64, u64),
     headers: Vec<(&'static str, String)>,
+    cut: Option<Cut>,
 ) -> Response {
     let now = Duration::ZERO;
     let event =
@@ -198,6 +199,7 @@ fn stream(
         "usage": {"output_tokens": output_tokens}}),
     ));
     frames.push(event("message_stop", json!({"type": "message_stop"})));
+    wire::cut_frames(&mut frames, cut, state.config.hang);
     wire::event_stream(headers, frames)
 }
 

@@ -41,9 +41,19 @@ pub struct Config {
     pub tpm: Option<Limit>,
     /// Share of requests answered HTTP 500.
     pub error_rate: f64,
-    /// Share of requests that hang for `hang` before answering.
+    /// Share of requests that hang for `hang` before answering normally: the
+    /// heavy tail (e.g. 2% of calls taking 10 s).
     pub hang_rate: f64,
     pub hang: Duration,
+    /// Share of answers that stall: a stream stops after its first piece for
+    /// `hang`, then goes on; a JSON answer sends half its body, then waits.
+    pub stall_rate: f64,
+    /// Share of answers whose connection is reset after the first bytes.
+    pub reset_rate: f64,
+    /// Requests processed at once; the rest queue, as self-hosted servers
+    /// (llama.cpp, vLLM, Ollama) do instead of answering 429. A request whose
+    /// client gave up keeps its place until its work would be done, as theirs do.
+    pub capacity: Option<usize>,
     /// Share of requests answered 200 with a truncated JSON body.
     pub malformed_rate: f64,
     /// Seeds latency jitter, faults and weighted answers.
@@ -67,6 +77,9 @@ impl Default for Config {
             error_rate: 0.0,
             hang_rate: 0.0,
             hang: Duration::from_secs(30),
+            stall_rate: 0.0,
+            reset_rate: 0.0,
+            capacity: None,
             malformed_rate: 0.0,
             seed: 0,
             model: "mock-1".into(),

@@ -1,7 +1,8 @@
 //! An OpenAI- and Anthropic-compatible mock LLM server for tests and benchmarks.
 //!
 //! It speaks `POST /v1/chat/completions` (JSON and SSE streaming, `n` choices),
-//! `POST /v1/messages` (Anthropic, JSON and SSE), `GET /v1/models`, and
+//! `POST /v1/messages` (Anthropic, JSON and SSE), `GET /v1/models` (and
+//! `/v1/models/{id}`), and
 //! `GET /stats` (requests by status, most in flight, client connections; `POST /stats/reset`
 //! zeroes it). Its behaviour comes from a [`Config`]: latency with jitter,
 //! generation speed, deterministic or weighted answers, RPM and TPM buckets that
@@ -107,6 +108,7 @@ fn router(state: Arc<State>) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models))
+        .route("/v1/models/{model}", get(model))
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset))
         .with_state(state)
@@ -117,6 +119,16 @@ async fn models(Shared(state): Shared<Arc<State>>) -> axum::Json<serde_json::Val
         "object": "list",
         "data": [{"id": state.config.model, "object": "model", "created": 0, "owned_by": "fanout-mock"}],
     }))
+}
+
+/// One model's description (OpenAI's and Anthropic's `GET /v1/models/{id}`),
+/// which clients use to check their key: the mock serves any model asked for.
+async fn model(
+    axum::extract::Path(model): axum::extract::Path<String>,
+) -> axum::Json<serde_json::Value> {
+    axum::Json(
+        serde_json::json!({"id": model, "object": "model", "created": 0, "owned_by": "fanout-mock"}),
+    )
 }
 
 async fn stats(Shared(state): Shared<Arc<State>>) -> axum::Json<StatsSnapshot> {

@@ -45,11 +45,22 @@ struct Args {
     /// Share of requests answered HTTP 500, in [0, 1].
     #[arg(long, default_value_t = 0.0)]
     error_rate: f64,
-    /// Share of requests that hang for --hang-ms before answering.
+    /// Share of requests that hang for --hang-ms before answering normally
+    /// (a heavy tail: `--hang-rate 0.02 --hang-ms 10000` is 2% of calls taking 10 s).
     #[arg(long, default_value_t = 0.0)]
     hang_rate: f64,
     #[arg(long, default_value_t = 30_000)]
     hang_ms: u64,
+    /// Share of answers that stall after their first bytes for --hang-ms, then go on.
+    #[arg(long, default_value_t = 0.0)]
+    stall_rate: f64,
+    /// Share of answers whose connection is reset after their first bytes.
+    #[arg(long, default_value_t = 0.0)]
+    reset_rate: f64,
+    /// Requests processed at once; the rest queue (as llama.cpp or vLLM do), and
+    /// abandoned ones are still computed.
+    #[arg(long)]
+    capacity: Option<usize>,
     /// Share of requests answered 200 with truncated JSON.
     #[arg(long, default_value_t = 0.0)]
     malformed_rate: f64,
@@ -95,6 +106,8 @@ async fn main() {
         ("error-rate", args.error_rate),
         ("hang-rate", args.hang_rate),
         ("malformed-rate", args.malformed_rate),
+        ("stall-rate", args.stall_rate),
+        ("reset-rate", args.reset_rate),
     ] {
         if let Err(message) = check_rate(name, rate) {
             eprintln!("fanout-mock: {message}");
@@ -111,6 +124,9 @@ async fn main() {
         error_rate: args.error_rate,
         hang_rate: args.hang_rate,
         hang: Duration::from_millis(args.hang_ms),
+        stall_rate: args.stall_rate,
+        reset_rate: args.reset_rate,
+        capacity: args.capacity,
         malformed_rate: args.malformed_rate,
         seed: args.seed,
         model: args.model,

@@ -11,7 +11,7 @@ use serde_json::json;
 use std::net::SocketAddr;
 
 use crate::answer;
-use crate::server::{Budgets, Call, Plan, State, go_duration};
+use crate::server::{Budgets, Call, Cut, Plan, State, go_duration};
 use crate::wire::{self, Frame, WireMessage};
 
 #[derive(Debug, Deserialize)]
@@ -90,9 +90,7 @@ async fn answer_chat(state: &State, request: ChatRequest) -> Response {
     let call =
         Call { messages, prompt, n: request.n.unwrap_or(1).clamp(1, 128), seed: request.seed };
     let (plan, wait) = state.decide(&call);
-    if !wait.is_zero() {
-        tokio::time::sleep(wait).await;
-    }
+    state.work(wait).await;
     let id = state.next_id();
     let request_id = ("x-request-id", format!("req_mock_{id}"));
     let model = if request.model.is_empty() { state.config.model.clone() } else { request.model };
@@ -128,7 +126,7 @@ async fn answer_chat(state: &State, request: ChatRequest) -> Response {
                 r#"{{"id":"chatcmpl-mock-{id}","object":"chat.completion","choices":[{{"index":0,"message":{{"content":"trunc"#
             ),
         ),
-        Plan::Answer { choices, prompt_tokens, completion_tokens, budgets } => {
+        Plan::Answer { choices, prompt_tokens, completion_tokens, budgets, cut } => {
             let mut headers = rate_limit_headers(&budgets);
             headers.push(request_id);
             let usage = json!({
@@ -138,14 +136,8 @@ async fn answer_chat(state: &State, request: ChatRequest) -> Response {
             });
             if request.stream {
                 let include_usage = request.stream_options.is_some_and(|o| o.include_usage);
-                return stream(
-                    state,
-                    id,
-                    &model,
-                    &choices,
-                    include_usage.then_some(usage),
-                    headers,
-                );
+                let usage = include_usage.then_some(usage);
+                return stream(state, id, &model, &choices, usage, headers, cut);
             }
             tokio::time::sleep(state.generation_time(completion_tokens)).await;
             let choices: Vec<_> = choices
@@ -167,7 +159,7 @@ async fn answer_chat(state: &State, request: ChatRequest) -> Response {
                 "choices": choices,
                 "usage": usage,
             });
-            wire::json(StatusCode::OK, headers, body.to_string())
+            wire::cut_json(headers, body.to_string(), cut, state.config.hang)
         }
     }
 }
@@ -179,6 +171,7 @@ fn stream(
     choices: &[String],
     usage: Option<serde_json::Value>,
     headers: Vec<(&'static str, String)>,
+    cut: Option<Cut>,
 ) -> Response {
     let chunk = |choices: serde_json::Value, extra: Option<(&str, serde_json::Value)>| {
         let mut body = json!({
@@ -214,5 +207,6 @@ fn stream(
         frames.push(Frame::data(now, None, &chunk(json!([]), Some(("usage", usage)))));
     }
     frames.push(Frame::data(now, None, "[DONE]"));
+    wire::cut_frames(&mut frames, cut, state.config.hang);
     wire::event_stream(headers, frames)
 }

@@ -1,7 +1,9 @@
 //! The shared decision for every request: rate limits, faults, latency, answers.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 
 use crate::answer;
 use crate::bucket::{Bucket, Verdict};
@@ -39,12 +41,30 @@ impl Budgets {
     }
 }
 
+/// What goes wrong with an answer on its way out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// Stops after the first bytes for the hang time, then goes on.
+    Stall,
+    /// The connection is reset after the first bytes.
+    Reset,
+}
+
 #[derive(Debug)]
 pub(crate) enum Plan {
-    RateLimited { budgets: Budgets, dimension: &'static str },
+    RateLimited {
+        budgets: Budgets,
+        dimension: &'static str,
+    },
     ServerError,
     Malformed,
-    Answer { choices: Vec<String>, prompt_tokens: u64, completion_tokens: u64, budgets: Budgets },
+    Answer {
+        choices: Vec<String>,
+        prompt_tokens: u64,
+        completion_tokens: u64,
+        budgets: Budgets,
+        cut: Option<Cut>,
+    },
 }
 
 #[derive(Debug)]
@@ -54,6 +74,8 @@ pub(crate) struct State {
     rpm: Option<Mutex<Bucket>>,
     tpm: Option<Mutex<Bucket>>,
     ids: std::sync::atomic::AtomicU64,
+    /// The server-side queue, when the capacity is limited.
+    slots: Option<Arc<Semaphore>>,
     pub stats: Stats,
 }
 
@@ -64,6 +86,7 @@ impl State {
             rpm: config.rpm.map(|l| Mutex::new(Bucket::new(l))),
             tpm: config.tpm.map(|l| Mutex::new(Bucket::new(l))),
             ids: std::sync::atomic::AtomicU64::new(1),
+            slots: config.capacity.map(|c| Arc::new(Semaphore::new(c.max(1)))),
             stats: Stats::default(),
             config,
         }
@@ -75,6 +98,23 @@ impl State {
             Some(tps) => Duration::from_secs_f64(tokens as f64 / tps),
             None => Duration::ZERO,
         }
+    }
+
+    /// Takes `wait` of work: in a slot of the server's capacity, when it has
+    /// one, queueing for it first. The work goes on when the client gives up.
+    pub(crate) async fn work(&self, wait: Duration) {
+        let Some(slots) = &self.slots else {
+            if !wait.is_zero() {
+                tokio::time::sleep(wait).await;
+            }
+            return;
+        };
+        let slots = Arc::clone(slots);
+        let work = tokio::spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            tokio::time::sleep(wait).await;
+        });
+        let _ = work.await;
     }
 
     pub(crate) fn next_id(&self) -> u64 {
@@ -123,12 +163,18 @@ impl State {
             return (Plan::ServerError, wait);
         }
         threshold += config.hang_rate;
+        let mut cut = None;
         if fault < threshold {
             wait += config.hang;
         } else if fault < threshold + config.malformed_rate {
             return (Plan::Malformed, wait);
+        } else if fault < threshold + config.malformed_rate + config.stall_rate {
+            cut = Some(Cut::Stall);
+        } else if fault < threshold + config.malformed_rate + config.stall_rate + config.reset_rate
+        {
+            cut = Some(Cut::Reset);
         }
-        (Plan::Answer { choices, prompt_tokens, completion_tokens, budgets }, wait)
+        (Plan::Answer { choices, prompt_tokens, completion_tokens, budgets, cut }, wait)
     }
 }
 

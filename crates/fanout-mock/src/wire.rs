@@ -1,6 +1,5 @@
 //! Pieces both APIs' handlers share: request text extraction, responses, SSE bodies.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +9,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use crate::server::State;
+use crate::server::{Cut, State};
 
 /// Message content: a string, or a list of parts of which the text ones count.
 #[derive(Debug, Default, Deserialize)]
@@ -78,36 +77,86 @@ fn extend(map: &mut HeaderMap, headers: Vec<(&'static str, String)>) {
     }
 }
 
-/// One server-sent event, already framed, and how long to wait before sending it.
+/// One piece of a body, already framed, and how long to wait before sending
+/// it; `None` resets the connection instead.
 pub(crate) struct Frame {
     pub delay: Duration,
-    pub bytes: Bytes,
+    pub bytes: Option<Bytes>,
 }
 
 impl Frame {
+    pub(crate) fn reset() -> Self {
+        Self { delay: Duration::ZERO, bytes: None }
+    }
+
+    pub(crate) fn raw(delay: Duration, bytes: impl Into<Bytes>) -> Self {
+        Self { delay, bytes: Some(bytes.into()) }
+    }
+
     pub(crate) fn data(delay: Duration, event: Option<&str>, data: &str) -> Self {
         let text = match event {
             Some(event) => format!("event: {event}\ndata: {data}\n\n"),
             None => format!("data: {data}\n\n"),
         };
-        Self { delay, bytes: Bytes::from(text) }
+        Self { delay, bytes: Some(Bytes::from(text)) }
     }
 }
 
-/// A `text/event-stream` answer that sends each frame after its delay.
-pub(crate) fn event_stream(headers: Vec<(&'static str, String)>, frames: Vec<Frame>) -> Response {
+/// A body that sends each frame after its delay.
+fn framed(frames: Vec<Frame>) -> Body {
     let stream = futures_util::stream::unfold(frames.into_iter(), |mut frames| async move {
         let frame = frames.next()?;
         if !frame.delay.is_zero() {
             tokio::time::sleep(frame.delay).await;
         }
-        Some((Ok::<_, Infallible>(frame.bytes), frames))
+        let item = frame.bytes.ok_or_else(|| std::io::Error::other("injected connection reset"));
+        Some((item, frames))
     });
+    Body::from_stream(stream)
+}
+
+/// A `text/event-stream` answer that sends each frame after its delay.
+pub(crate) fn event_stream(headers: Vec<(&'static str, String)>, frames: Vec<Frame>) -> Response {
     let mut map = HeaderMap::new();
     map.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     map.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     extend(&mut map, headers);
-    (StatusCode::OK, map, Body::from_stream(stream)).into_response()
+    (StatusCode::OK, map, framed(frames)).into_response()
+}
+
+/// Applies `cut` to a stream's frames: after the first piece, a stall of `hang`
+/// or a reset.
+pub(crate) fn cut_frames(frames: &mut Vec<Frame>, cut: Option<Cut>, hang: Duration) {
+    match cut {
+        None => {}
+        Some(Cut::Stall) if frames.len() > 2 => frames[2].delay += hang,
+        Some(Cut::Reset) => {
+            frames.truncate(2);
+            frames.push(Frame::reset());
+        }
+        Some(Cut::Stall) => {}
+    }
+}
+
+/// A JSON answer, with `cut` applied: half the body, then a stall or a reset.
+pub(crate) fn cut_json(
+    headers: Vec<(&'static str, String)>,
+    body: String,
+    cut: Option<Cut>,
+    hang: Duration,
+) -> Response {
+    let Some(cut) = cut else { return json(StatusCode::OK, headers, body) };
+    let half = body.len() / 2;
+    let (first, rest) =
+        (Bytes::from(body[..half].to_owned()), Bytes::from(body[half..].to_owned()));
+    let frames = match cut {
+        Cut::Stall => vec![Frame::raw(Duration::ZERO, first), Frame::raw(hang, rest)],
+        Cut::Reset => vec![Frame::raw(Duration::ZERO, first), Frame::reset()],
+    };
+    let mut map = HeaderMap::new();
+    map.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    extend(&mut map, headers);
+    (StatusCode::OK, map, framed(frames)).into_response()
 }
 
 /// Splits an answer into streaming pieces (a word each, with its space).

@@ -225,12 +225,6 @@ struct Answer {
     first_sign: Duration,
 }
 
-enum Watch {
-    Answered(Result<Answer, ProviderError>),
-    /// No sign of life for longer than the hedging threshold.
-    Straggling,
-}
-
 /// One attempt of a task: the call, and a hedge of it if it straggles.
 struct Call<'a> {
     run: &'a Run,
@@ -254,7 +248,7 @@ impl Call<'_> {
         tokio::pin!(primary);
         let Some(hedger) = &self.run.exec.hedger else { return primary.await };
         hedger.count_call();
-        if let Watch::Answered(result) = self.watch(hedger, &progress, primary.as_mut()).await {
+        if let Some(result) = self.watch(hedger, &progress, primary.as_mut()).await {
             return result;
         }
         if !hedger.try_spend() {
@@ -297,8 +291,14 @@ impl Call<'_> {
         winner
     }
 
-    /// Waits until the call answers or straggles.
-    async fn watch<F>(&self, hedger: &Hedger, progress: &Progress, mut call: Pin<&mut F>) -> Watch
+    /// Waits until the call answers (its result) or straggles (`None`: no sign
+    /// of life for longer than the hedging threshold).
+    async fn watch<F>(
+        &self,
+        hedger: &Hedger,
+        progress: &Progress,
+        mut call: Pin<&mut F>,
+    ) -> Option<Result<Answer, ProviderError>>
     where
         F: Future<Output = Result<Answer, ProviderError>>,
     {
@@ -310,13 +310,13 @@ impl Call<'_> {
             let straggling_at = threshold.map(|t| progress.last_sign_of_life() + t);
             tokio::select! {
                 biased;
-                result = call.as_mut() => return Watch::Answered(result),
+                result = call.as_mut() => return Some(result),
                 () = sleep_until_or_never(straggling_at) => {
                     let now = Instant::now();
                     if let Some(t) = hedger.threshold()
                         && now >= progress.last_sign_of_life() + t
                     {
-                        return Watch::Straggling;
+                        return None;
                     }
                 }
                 () = learned, if threshold.is_none() => {}

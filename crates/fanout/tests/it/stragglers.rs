@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use fanout::{
-    Behavior, Check, Event, Executor, HedgePolicy, MockProvider, Outcome, Progress, Provider,
-    ProviderError, Request, Response, Task, Timeout,
+    Behavior, Check, Event, Executor, MockProvider, Outcome, Progress, Provider, ProviderError,
+    Request, Response, Task, Timeout,
 };
 use futures_util::StreamExt;
 use tokio::time::Instant;

@@ -263,6 +263,39 @@ mod tests {
         assert_eq!(budgets.tokens.unwrap().limit, 6_000);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_limited_capacity_queues_and_computes_abandoned_calls() {
+        let state = Arc::new(State::new(Config { capacity: Some(1), ..Config::default() }));
+        let start = tokio::time::Instant::now();
+        // The first client gives up after 100 ms; its call still takes the slot for 1 s.
+        let abandoned =
+            tokio::time::timeout(Duration::from_millis(100), state.work(Duration::from_secs(1)));
+        assert!(abandoned.await.is_err());
+        let (a, b) =
+            tokio::join!(state.work(Duration::from_secs(1)), state.work(Duration::from_secs(1)));
+        let ((), ()) = (a, b);
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_secs(3),
+            "one at a time, the abandoned one first"
+        );
+    }
+
+    #[test]
+    fn stalls_and_resets_are_drawn_at_their_rates() {
+        let state = State::new(Config { stall_rate: 0.1, reset_rate: 0.2, ..Config::default() });
+        let cuts: Vec<_> = (0..10_000)
+            .filter_map(|_| match state.decide(&call("x")).0 {
+                Plan::Answer { cut, .. } => cut,
+                _ => None,
+            })
+            .collect();
+        let stalls = cuts.iter().filter(|c| **c == Cut::Stall).count();
+        let resets = cuts.iter().filter(|c| **c == Cut::Reset).count();
+        assert!((800..1_200).contains(&stalls), "{stalls}");
+        assert!((1_800..2_200).contains(&resets), "{resets}");
+    }
+
     #[test]
     fn n_choices_each_get_an_answer() {
         let state = State::new(Config::default());

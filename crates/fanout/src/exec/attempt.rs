@@ -5,7 +5,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use futures_util::FutureExt;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use std::future::Future;
 use std::pin::Pin;
 
@@ -235,102 +236,100 @@ struct Call<'a> {
     attempt: u32,
 }
 
+/// The most calls one attempt may have racing: the primary and two hedges, for
+/// when a hedge straggles too (at 2% stragglers, one hedge in fifty does).
+const MAX_RACING: usize = 3;
+
+/// The calls of one attempt, racing; each says whether it was a hedge.
+type Racing<'a> = FuturesUnordered<Pin<Box<dyn Future<Output = Raced> + Send + 'a>>>;
+
+struct Raced {
+    hedge: bool,
+    result: Result<Answer, ProviderError>,
+}
+
 impl Call<'_> {
     /// Sends the attempt and watches it. A call that has shown no life (no
     /// byte yet, or a stream that stopped) for longer than the learned hedging
-    /// threshold gets a duplicate, within the budget and every limit; the first
-    /// success wins and the other call is dropped, which cancels it. A call that
-    /// streams steadily is never hedged or cut, however long its answer.
+    /// threshold gets a duplicate, within the budget and every limit — and so
+    /// does a duplicate that straggles too, up to [`MAX_RACING`] calls. The
+    /// first success wins and the others are dropped, which cancels them. A
+    /// call that streams steadily is never hedged or cut, however long its answer.
     async fn watched(&self) -> Result<Answer, ProviderError> {
-        let provider = &self.run.exec.provider;
-        let progress = Progress::new();
-        let primary = self.bounded(provider.complete_observed(self.request, &progress), &progress);
-        tokio::pin!(primary);
-        let Some(hedger) = &self.run.exec.hedger else { return primary.await };
+        let primary = Arc::new(Progress::new());
+        let Some(hedger) = &self.run.exec.hedger else { return self.bounded(&primary).await };
         hedger.count_call();
-        if let Some(result) = self.watch(hedger, &progress, primary.as_mut()).await {
-            return result;
-        }
-        if !hedger.try_spend() {
-            return primary.await;
-        }
-        // The hedge queues for a slot and budget like any call; the primary may
-        // answer first, which makes the hedge unnecessary.
-        let _slot = tokio::select! {
-            biased;
-            result = &mut primary => {
-                hedger.refund();
-                return result;
-            }
-            slot = self.run.exec.limits.admit_extra(self.reserved) => slot,
-        };
-        self.run.counters.hedges.fetch_add(1, Ordering::Relaxed);
-        self.run.exec.emit(|| Event::Hedged {
-            index: self.index,
-            id: self.id.clone(),
-            attempt: self.attempt,
-        });
-        let hedge_progress = Progress::new();
-        let hedge = self
-            .bounded(provider.complete_observed(self.request, &hedge_progress), &hedge_progress);
-        tokio::pin!(hedge);
-        // The first success wins; a failure waits for the other call's answer.
-        let winner = tokio::select! {
-            result = &mut primary => match result {
-                Ok(answer) => Ok(answer),
-                Err(_) => hedge.await,
-            },
-            result = &mut hedge => match result {
-                Ok(answer) => {
-                    self.run.counters.hedges_won.fetch_add(1, Ordering::Relaxed);
-                    Ok(answer)
-                }
-                Err(_) => primary.await,
-            },
-        };
-        winner
-    }
-
-    /// Waits until the call answers (its result) or straggles (`None`: no sign
-    /// of life for longer than the hedging threshold).
-    async fn watch<F>(
-        &self,
-        hedger: &Hedger,
-        progress: &Progress,
-        mut call: Pin<&mut F>,
-    ) -> Option<Result<Answer, ProviderError>>
-    where
-        F: Future<Output = Result<Answer, ProviderError>>,
-    {
+        let mut racing: Racing<'_> = FuturesUnordered::new();
+        let watched = Arc::clone(&primary);
+        racing.push(Box::pin(async move {
+            Raced { hedge: false, result: self.bounded(&primary).await }
+        }));
+        let mut watched = Some(watched);
         loop {
-            // Registered before the threshold is read, so a threshold learned
-            // meanwhile is not missed.
-            let learned = hedger.learned();
-            let threshold = hedger.threshold();
-            let straggling_at = threshold.map(|t| progress.last_sign_of_life() + t);
+            let straggler = watched.as_deref().filter(|_| racing.len() < MAX_RACING);
             tokio::select! {
                 biased;
-                result = call.as_mut() => return Some(result),
-                () = sleep_until_or_never(straggling_at) => {
-                    let now = Instant::now();
-                    if let Some(t) = hedger.threshold()
-                        && now >= progress.last_sign_of_life() + t
-                    {
-                        return None;
+                Some(raced) = racing.next() => {
+                    if let Some(done) = self.settle(raced, racing.is_empty()) {
+                        return done;
                     }
+                    continue;
                 }
-                () = learned, if threshold.is_none() => {}
+                () = straggles(hedger, straggler) => {}
             }
+            if !hedger.try_spend() {
+                watched = None;
+                continue;
+            }
+            // The hedge queues for a slot and budget like any call; an answer
+            // meanwhile makes it unnecessary.
+            let admitted = self.run.exec.limits.admit_extra(self.reserved);
+            tokio::pin!(admitted);
+            let slot = loop {
+                tokio::select! {
+                    biased;
+                    Some(raced) = racing.next() => {
+                        if let Some(done) = self.settle(raced, racing.is_empty()) {
+                            hedger.refund();
+                            return done;
+                        }
+                    }
+                    slot = &mut admitted => break slot,
+                }
+            };
+            self.run.counters.hedges.fetch_add(1, Ordering::Relaxed);
+            self.run.exec.emit(|| Event::Hedged {
+                index: self.index,
+                id: self.id.clone(),
+                attempt: self.attempt,
+            });
+            let hedge = Arc::new(Progress::new());
+            watched = Some(Arc::clone(&hedge));
+            racing.push(Box::pin(async move {
+                let _slot = slot;
+                Raced { hedge: true, result: self.bounded(&hedge).await }
+            }));
         }
     }
 
-    /// The provider's call, cut once it has shown no life for the attempt
+    /// The attempt's result once a call has answered: its success, or its
+    /// failure when no other call is left racing; `None` to wait for the others.
+    fn settle(&self, raced: Raced, last: bool) -> Option<Result<Answer, ProviderError>> {
+        match raced.result {
+            Ok(answer) => {
+                if raced.hedge {
+                    self.run.counters.hedges_won.fetch_add(1, Ordering::Relaxed);
+                }
+                Some(Ok(answer))
+            }
+            Err(error) => last.then_some(Err(error)),
+        }
+    }
+
+    /// One call to the provider, cut once it has shown no life for the attempt
     /// timeout, with its first sign of life measured.
-    async fn bounded(
-        &self,
-        call: impl Future<Output = Result<Response, ProviderError>>,
-        progress: &Progress,
-    ) -> Result<Answer, ProviderError> {
+    async fn bounded(&self, progress: &Progress) -> Result<Answer, ProviderError> {
+        let call = self.run.exec.provider.complete_observed(self.request, progress);
         tokio::pin!(call);
         let limit = self.run.exec.config.attempt_timeout;
         loop {
@@ -353,6 +352,27 @@ impl Call<'_> {
     }
 }
 
+/// Completes once the call behind `progress` has shown no sign of life for
+/// longer than the hedging threshold; never for `None`.
+async fn straggles(hedger: &Hedger, progress: Option<&Progress>) {
+    let Some(progress) = progress else { return std::future::pending().await };
+    loop {
+        // Registered before the threshold is read, so a threshold learned
+        // meanwhile is not missed.
+        let learned = hedger.learned();
+        let Some(threshold) = hedger.threshold() else {
+            learned.await;
+            continue;
+        };
+        sleep_until(progress.last_sign_of_life() + threshold).await;
+        // The threshold and the last sign of life may have moved meanwhile.
+        if let Some(threshold) = hedger.threshold()
+            && Instant::now() >= progress.last_sign_of_life() + threshold
+        {
+            return;
+        }
+    }
+}
 async fn sleep_until_or_never(at: Option<Instant>) {
     match at {
         Some(at) => sleep_until(at).await,

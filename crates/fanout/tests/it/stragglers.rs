@@ -72,6 +72,22 @@ async fn stragglers_are_hedged_by_default_within_the_budget() {
     assert!(slowest < secs(1), "{slowest:?}");
 }
 
+/// A hedge that draws the slow tail too gets a hedge of its own: one 10 s call
+/// in the race does not bound the task.
+#[tokio::test(start_paused = true)]
+async fn a_straggling_hedge_is_hedged_again() {
+    let mock = MockProvider::new().with_latency(ms(100));
+    let slow = || Behavior::reply("slow").after(secs(10));
+    mock.script("p0", [slow(), slow()]);
+    let executor = Executor::builder(mock.clone()).concurrency(10).build();
+    let report = executor.run(prompts(100)).await;
+    assert_eq!(report.totals.succeeded, 100);
+    let first = report.results[0].outcome.success().unwrap();
+    assert!(first.latency < secs(1), "{:?}", first.latency);
+    assert_eq!(first.response.text, "mock answer: p0", "the second hedge answered");
+    assert_eq!((report.totals.hedges, report.totals.hedges_won), (2, 1));
+}
+
 /// A long answer streaming steadily is never hedged nor cut by the attempt
 /// timeout, however long it takes; a stream that stalls is hedged.
 #[tokio::test(start_paused = true)]

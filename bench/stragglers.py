@@ -19,17 +19,16 @@ requests (and 429s / 500s), succeeded / failed, and fanout's hedges.
 
 import argparse
 import json
-import os
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-MOCK = ROOT / "target/release/fanout-mock"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from providers import ROOT, Mock, ensure_openai  # noqa: E402
+
 FANOUT = ROOT / "target/release/fanout"
 
 SCENARIOS = {
@@ -41,23 +40,9 @@ SCENARIOS = {
         2_000, 100, [], 2.0, True,
     ),
     "overhead": (["--latency-ms", "100"], 10_000, 500, [], 2.0, False),
-    "tokens": (["--latency-ms", "100", "--tpm", "30000", "--tpm-burst", "30000"], 600, 16, [], None, True),
+    "tokens": (["--latency-ms", "100", "--tpm", "30000"], 600, 16, [], 24.0, True),
     "queue": (["--latency-ms", "1000", "--capacity", "2"], 24, 8, ["--attempt-timeout", "2"], 12.0, False),
 }
-
-
-class Mock:
-    def __init__(self, flags):
-        self.process = subprocess.Popen([str(MOCK), "--port", "0", *flags], stdout=subprocess.PIPE, text=True)
-        self.url = self.process.stdout.readline().split()[-1]
-
-    def stats(self):
-        with urllib.request.urlopen(self.url + "/stats") as answer:
-            return json.load(answer)
-
-    def close(self):
-        self.process.terminate()
-        self.process.wait()
 
 
 def rows_file(directory, n):
@@ -157,10 +142,7 @@ def main():
     parser.add_argument("--out")
     args = parser.parse_args()
     subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "fanout-cli", "-p", "fanout-mock"], cwd=ROOT, check=True)
-    try:
-        import openai  # noqa: F401
-    except ImportError:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "openai"], check=True)
+    ensure_openai()
     rows = []
     for name in args.scenario or [*SCENARIOS, "kill9"]:
         rows.extend(kill9() if name == "kill9" else scenario(name))

@@ -6,13 +6,12 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use fanout::{TaskId, TaskResult};
 use fanout_store::{JobSummary, Store};
 
 use crate::Refusal;
 use crate::batch::{self, RunOptions, Spec};
 use crate::output::{Output, OutputFormat};
-use crate::record::to_outcome;
+use crate::record::to_result;
 use crate::settings::Flags;
 
 fn when(seconds: i64) -> String {
@@ -109,12 +108,7 @@ pub fn export(
     };
     let mut writer = Output::new(format, sink)?;
     store.each_record(job.id, |record| -> Result<()> {
-        let result = TaskResult {
-            index: record.index as usize,
-            id: TaskId::from(record.task_id.clone()),
-            outcome: to_outcome(record),
-        };
-        writer.write(&result).context("cannot write the export")
+        writer.write(&to_result(record)).context("cannot write the export")
     })?;
     writer.flush()?;
     Ok(ExitCode::SUCCESS)

@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use fanout::{
-    ErrorKind, NotRun, Outcome, ProviderError, Response, Success, TaskResult, Timeout, Usage,
+    ErrorKind, NotRun, Outcome, ProviderError, Response, Success, TaskId, TaskResult, Timeout,
+    Usage,
 };
 use fanout_store::Record;
 
@@ -49,6 +50,15 @@ pub fn to_record(result: &TaskResult) -> Option<Record> {
 
 fn kind_name(kind: ErrorKind) -> String {
     serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// The result a record stands for, with its task's place and id.
+pub fn to_result(record: Record) -> TaskResult {
+    TaskResult {
+        index: record.index as usize,
+        id: TaskId::from(record.task_id.clone()),
+        outcome: to_outcome(record),
+    }
 }
 
 /// The outcome a record stands for (a result restored on resume).
@@ -108,7 +118,6 @@ pub fn error_text(outcome: &Outcome) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fanout::TaskId;
 
     #[test]
     fn finished_results_round_trip_and_unfinished_are_not_recorded() {

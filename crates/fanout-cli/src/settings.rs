@@ -198,9 +198,17 @@ pub struct Hedging {
     pub after: Option<f64>,
 }
 
+impl Default for Hedging {
+    /// The library's default: a learned threshold, 5% extra calls at most.
+    fn default() -> Self {
+        Self { budget: HedgePolicy::default().budget, after: None }
+    }
+}
+
 impl Hedging {
+    /// Jobs stored before hedging was a setting hedge by default too.
     fn default_on() -> Option<Self> {
-        Some(Self { budget: HedgePolicy::default().budget, after: None })
+        Some(Self::default())
     }
 
     fn policy(self) -> HedgePolicy {
@@ -250,9 +258,8 @@ fn hedging(flags: &Flags, profile: &Profile) -> Result<Option<Hedging>> {
     if let Some(budget) = budget.filter(|b| !(0.0..=1.0).contains(b)) {
         bail!("--hedge-budget must be a share between 0 and 1, not {budget}");
     }
-    let default = Hedging::default_on().expect("on by default");
     Ok(on.then(|| Hedging {
-        budget: budget.unwrap_or(default.budget),
+        budget: budget.unwrap_or(Hedging::default().budget),
         after: flags.hedge_after.or(profile.hedge_after),
     }))
 }
@@ -390,7 +397,7 @@ impl Settings {
         if flags.no_hedge {
             self.hedge = None;
         } else if flags.hedge || flags.hedge_budget.is_some() || flags.hedge_after.is_some() {
-            let mut hedge = self.hedge.or(Hedging::default_on()).expect("on");
+            let mut hedge = self.hedge.unwrap_or_default();
             hedge.budget = flags.hedge_budget.unwrap_or(hedge.budget);
             hedge.after = flags.hedge_after.or(hedge.after);
             self.hedge = Some(hedge);

@@ -168,10 +168,9 @@ async fn attempt_until_done(
         let call = Call { run, index, id, request, reserved, attempt };
         match call.watched().await {
             Ok(answer) => {
-                if let Some(limit) = exec.limits.on_success(reserved, launch, &answer.response) {
-                    exec.emit(|| Event::ConcurrencyChanged { limit });
-                }
-                if let Some(limit) = exec.limits.concurrency.on_latency(answer.first_sign) {
+                let changed =
+                    exec.limits.on_success(reserved, launch, &answer.response, answer.first_sign);
+                if let Some(limit) = changed {
                     exec.emit(|| Event::ConcurrencyChanged { limit });
                 }
                 run.breaker.record_success();

@@ -162,13 +162,19 @@ impl AdaptiveConcurrency {
         self.set_limit(&mut state, self.max)
     }
 
-    /// Returns the new limit if it changed.
-    pub(crate) fn on_success(&self) -> Option<usize> {
+    /// A successful attempt that first showed life after `latency`. Returns
+    /// the new limit if it changed.
+    pub(crate) fn on_success(&self, latency: Duration) -> Option<usize> {
         let mut state = self.state.lock().unwrap();
         state.timeout_share *= 1.0 - TIMEOUT_WEIGHT;
         if !state.proven {
             state.proven = true;
             return self.set_limit(&mut state, self.max);
+        }
+        if let Some(ratio) = state.latency.add(latency)
+            && let Some(shrunk) = self.on_latency_window(&mut state, ratio)
+        {
+            return Some(shrunk);
         }
         if state.limit >= self.max {
             return None;
@@ -200,18 +206,16 @@ impl AdaptiveConcurrency {
         self.shrink(&mut state, generation, 0.5)
     }
 
-    /// Learns from how soon a successful attempt first showed life. Returns the
-    /// new limit if it changed.
-    pub(crate) fn on_latency(&self, sample: Duration) -> Option<usize> {
-        let mut state = self.state.lock().unwrap();
-        let ratio = state.latency.add(sample)?;
+    /// At the end of a latency window whose median is `ratio` times the
+    /// baseline: shrinks the limit if that is a queue of ours.
+    fn on_latency_window(&self, state: &mut State, ratio: f64) -> Option<usize> {
         // Latency that grows while we leave slots unused is not our queue.
         let in_use = state.limit.saturating_sub(self.semaphore.available_permits());
         if ratio <= LATENCY_TOLERANCE || in_use * 10 < state.limit * 9 {
             return None;
         }
         let generation = state.generation;
-        self.shrink(&mut state, generation, (LATENCY_TOLERANCE / ratio).max(0.5))
+        self.shrink(state, generation, (LATENCY_TOLERANCE / ratio).max(0.5))
     }
 
     /// Multiplies the limit by `factor`, once per generation.
@@ -254,7 +258,7 @@ mod tests {
         let a = c.acquire().await;
         let _b = c.acquire().await;
         assert!(c.try_acquire().is_none(), "probe window is 2");
-        assert_eq!(c.on_success(), Some(10));
+        assert_eq!(c.on_success(Duration::ZERO), Some(10));
         let rest: Vec<_> = (0..8).map(|_| c.try_acquire().expect("opened")).collect();
         assert!(c.try_acquire().is_none());
         drop((a, rest));
@@ -282,7 +286,7 @@ mod tests {
             if i % 20 == 0 {
                 assert_eq!(c.on_timeout(c.generation()), None, "answer {i}");
             } else {
-                c.on_success();
+                c.on_success(Duration::ZERO);
             }
         }
         assert_eq!(c.limit(), 16);
@@ -298,13 +302,13 @@ mod tests {
         let held: Vec<_> = (0..10).map(|_| c.try_acquire().unwrap()).collect();
         let ms = Duration::from_millis;
         for _ in 0..LATENCY_WINDOW {
-            assert_eq!(c.on_latency(ms(100)), None, "the first window sets the baseline");
+            assert_eq!(c.on_success(ms(100)), None, "the first window sets the baseline");
         }
         for _ in 0..LATENCY_WINDOW - 1 {
-            assert_eq!(c.on_latency(ms(150)), None);
+            assert_eq!(c.on_success(ms(150)), None);
         }
-        assert_eq!(c.on_latency(ms(150)), None, "1.5 times the baseline is within tolerance");
-        let changes: Vec<_> = (0..LATENCY_WINDOW).filter_map(|_| c.on_latency(ms(300))).collect();
+        assert_eq!(c.on_success(ms(150)), None, "1.5 times the baseline is within tolerance");
+        let changes: Vec<_> = (0..LATENCY_WINDOW).filter_map(|_| c.on_success(ms(300))).collect();
         // Three times the baseline (drifted to ~102.5 ms): shrink to 2/2.93 of 10.
         assert_eq!(changes, [6]);
         drop(held);
@@ -312,7 +316,7 @@ mod tests {
         let idle = AdaptiveConcurrency::new(10, None);
         for latency in [100, 400] {
             for _ in 0..LATENCY_WINDOW {
-                assert_eq!(idle.on_latency(ms(latency)), None);
+                assert_eq!(idle.on_success(ms(latency)), None);
             }
         }
     }
@@ -322,11 +326,11 @@ mod tests {
         let c = AdaptiveConcurrency::new(4, None);
         c.on_backpressure(c.generation());
         assert_eq!(c.limit(), 2);
-        assert_eq!(c.on_success(), None);
-        assert_eq!(c.on_success(), Some(3));
-        let changes: Vec<_> = (0..3).filter_map(|_| c.on_success()).collect();
+        assert_eq!(c.on_success(Duration::ZERO), None);
+        assert_eq!(c.on_success(Duration::ZERO), Some(3));
+        let changes: Vec<_> = (0..3).filter_map(|_| c.on_success(Duration::ZERO)).collect();
         assert_eq!(changes, [4]);
-        let changes: Vec<_> = (0..10).filter_map(|_| c.on_success()).collect();
+        let changes: Vec<_> = (0..10).filter_map(|_| c.on_success(Duration::ZERO)).collect();
         assert!(changes.is_empty(), "capped at max");
         let all: Vec<_> = std::iter::from_fn(|| c.try_acquire()).collect();
         assert_eq!(all.len(), 4);

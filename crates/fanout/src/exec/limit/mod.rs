@@ -149,13 +149,16 @@ impl Limits {
         permit
     }
 
-    /// Learns from a successful answer: its usage corrects the TPM reservation,
-    /// its headers the reported budget, and it may widen the concurrency limit.
+    /// Learns from a successful answer that first showed life after `latency`:
+    /// its usage corrects the TPM reservation, its headers the reported budget,
+    /// and it may widen (or, when latency says a queue grew, narrow) the
+    /// concurrency limit.
     pub(crate) fn on_success(
         &self,
         reserved: u64,
         launch: Launch,
         response: &Response,
+        latency: Duration,
     ) -> Option<usize> {
         if let Some(bucket) = &self.tokens {
             let used = response.usage.total();
@@ -166,7 +169,7 @@ impl Limits {
             }
         }
         self.observe(response.rate_limit.as_ref(), launch);
-        self.concurrency.on_success()
+        self.concurrency.on_success(latency)
     }
 
     /// Learns from a failed attempt, launched as `launch` while the concurrency

@@ -14,9 +14,10 @@
 //! when the prefix reaches them. Memory is bounded whatever the head's lag.
 
 use std::collections::BTreeMap;
+use std::io::ErrorKind;
 
 use anyhow::{Context, Result};
-use fanout::{HeldResult, HeldResults, TaskId, TaskResult, Totals};
+use fanout::{CancellationToken, HeldResult, HeldResults, TaskResult, Totals};
 use fanout_store::{Finished, Store};
 use futures_util::{FutureExt, StreamExt};
 
@@ -24,7 +25,7 @@ use super::Ending;
 use super::job::OpenJob;
 use crate::output::Output;
 use crate::progress::Progress;
-use crate::record::{to_outcome, to_record};
+use crate::record::{to_record, to_result};
 
 /// The most results committed in one transaction.
 const MAX_GROUP: usize = 4096;
@@ -40,18 +41,31 @@ pub struct Committer {
     progress: Progress,
     ending: Ending,
     order: StoreOrder,
+    /// Cancelled when the output's reader has gone: no new calls start.
+    drain: CancellationToken,
+    output_closed: bool,
 }
 
 /// What ends a committer's work.
 pub struct Committed {
     pub ending: Ending,
     pub totals: Totals,
+    /// The output was a pipe whose reader left (`| head`): the run stopped
+    /// launching, and what finished is in the store.
+    pub output_closed: bool,
 }
 
 impl Committer {
     /// `in_memory`: how many results ahead of the first unwritten one to keep
     /// in memory before reading them back from the store instead.
-    pub fn new(open: OpenJob, output: Output, progress: Progress, in_memory: usize) -> Self {
+    /// `drain` stops new calls when the output's reader goes away.
+    pub fn new(
+        open: OpenJob,
+        output: Output,
+        progress: Progress,
+        in_memory: usize,
+        drain: CancellationToken,
+    ) -> Self {
         Self {
             store: open.store,
             job: open.job.id,
@@ -60,6 +74,8 @@ impl Committer {
             progress,
             ending: Ending::default(),
             order: StoreOrder::new(in_memory),
+            drain,
+            output_closed: false,
         }
     }
 
@@ -94,11 +110,10 @@ impl Committer {
             self.commit(&mut group)?;
         }
         let totals = runtime.block_on(results.totals());
-        self.order.write_ready(&self.store, self.job, &mut self.output)?;
-        self.output.flush().context("cannot write the output")?;
+        self.write_out()?;
         self.store.set_total(self.job, totals.tasks as u64)?;
         self.progress.finish();
-        Ok(Committed { ending: self.ending, totals })
+        Ok(Committed { ending: self.ending, totals, output_closed: self.output_closed })
     }
 
     fn commit(&mut self, group: &mut Vec<HeldResult>) -> Result<()> {
@@ -127,9 +142,34 @@ impl Committer {
             self.ending.add(&result.outcome);
             self.order.insert(result, stored);
         }
-        self.order.write_ready(&self.store, self.job, &mut self.output)?;
-        self.output.flush().context("cannot write the output")
+        self.write_out()
     }
+
+    /// Writes what is ready. A reader that went away (a closed pipe) is no
+    /// error: nothing more is written or launched, and results go on being stored.
+    fn write_out(&mut self) -> Result<()> {
+        if self.output_closed {
+            return Ok(());
+        }
+        let written = self
+            .order
+            .write_ready(&self.store, self.job, &mut self.output)
+            .and_then(|()| self.output.flush().context("cannot write the output"));
+        match written {
+            Err(error) if is_broken_pipe(&error) => {
+                self.output_closed = true;
+                self.drain.cancel();
+                Ok(())
+            }
+            other => other,
+        }
+    }
+}
+
+fn is_broken_pipe(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == ErrorKind::BrokenPipe)
+    })
 }
 
 /// Writes results in input order, reading back from the store those it did
@@ -176,12 +216,7 @@ impl StoreOrder {
                 end += 1;
             }
             store.each_record_between(job, self.next, end, |record| -> Result<()> {
-                let result = TaskResult {
-                    index: record.index as usize,
-                    id: TaskId::from(record.task_id.clone()),
-                    outcome: to_outcome(record),
-                };
-                output.write(&result).context("cannot write the output")
+                output.write(&to_result(record)).context("cannot write the output")
             })?;
             self.next = end;
         }
@@ -201,7 +236,7 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use fanout::{Outcome, Response, Success, Usage};
+    use fanout::{Outcome, Response, Success, TaskId, Usage};
     use fanout_store::Fingerprint;
 
     use super::*;

@@ -235,8 +235,13 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     let results = executor.stream_held(futures_util::stream::iter(tasks));
     let output = Output::new(spec.output_format, open_output(options.output.as_deref())?)?;
     let in_memory = committer::memory_budget(spec.settings.concurrency);
-    let Committed { ending, totals } =
-        Committer::new(open, output, progress, in_memory).run(results).await?;
+    let committer = Committer::new(open, output, progress, in_memory, interrupts.drain.clone());
+    let Committed { ending, totals, output_closed } = committer.run(results).await?;
+    if output_closed {
+        // `fanout batch ... | head`: a quiet end, as for any command in a pipe;
+        // every finished result is in the store.
+        return Ok(ExitCode::SUCCESS);
+    }
 
     if options.json {
         eprintln!("{}", serde_json::to_string(&totals).expect("totals serialize"));

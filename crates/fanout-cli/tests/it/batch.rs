@@ -209,3 +209,29 @@ fn stdout_carries_results_and_stderr_the_summary() {
         "no progress bar off a terminal: {message}"
     );
 }
+
+/// `fanout batch ... | head -1`: when the reader goes, the run ends quietly
+/// with 0, launches nothing more, and what finished is in the store.
+#[test]
+fn a_closed_pipe_ends_quietly_and_keeps_what_finished() {
+    use std::io::BufRead;
+    let home = Home::new();
+    home.write("rows.jsonl", crate::rows(20_000));
+    let mut child = home
+        .fanout()
+        .args(["--provider", "mock", "-q", "batch", "rows.jsonl", "--prompt", "Grade: {{ essay }}"])
+        .args(["--id", "id", "--job", "piped"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.contains("\"id\":\"row-0\""), "{first}");
+    let output = child.wait_with_output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(stderr(&output), "", "a quiet end");
+    let db = rusqlite::Connection::open(home.store()).unwrap();
+    let stored: i64 = db.query_row("SELECT count(*) FROM tasks", [], |row| row.get(0)).unwrap();
+    assert!(stored >= 1 && stored < 20_000, "{stored} stored: the run stopped launching");
+}

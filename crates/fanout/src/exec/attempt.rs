@@ -255,15 +255,16 @@ impl Call<'_> {
     /// first success wins and the others are dropped, which cancels them. A
     /// call that streams steadily is never hedged or cut, however long its answer.
     async fn watched(&self) -> Result<Answer, ProviderError> {
-        let primary = Arc::new(Progress::new());
-        let Some(hedger) = &self.run.exec.hedger else { return self.bounded(&primary).await };
+        let Some(hedger) = &self.run.exec.hedger else {
+            return self.bounded(&Progress::new()).await;
+        };
         hedger.count_call();
+        let primary = Arc::new(Progress::new());
+        let mut watched = Some(Arc::clone(&primary));
         let mut racing: Racing<'_> = FuturesUnordered::new();
-        let watched = Arc::clone(&primary);
         racing.push(Box::pin(async move {
             Raced { hedge: false, result: self.bounded(&primary).await }
         }));
-        let mut watched = Some(watched);
         loop {
             let straggler = watched.as_deref().filter(|_| racing.len() < MAX_RACING);
             tokio::select! {

@@ -1,10 +1,16 @@
-//! Token estimates for limits that must be charged before the provider answers.
+//! Token counts: estimates for limits that must be charged before the provider
+//! answers, and counts for usage a server did not report.
 //!
 //! The estimate is deliberately simple (about four characters a token, plus a
 //! few tokens of framing per message): the executor reserves it against the TPM
 //! budget before a call and corrects it with the usage the provider reports.
+//! When a server reports no usage, [`count_prompt`] and [`count_text`] count
+//! with the model's real tokenizer where one is known (OpenAI's models, through
+//! tiktoken) and estimate otherwise.
 
-use crate::provider::Request;
+use tiktoken_rs::{ChatCompletionRequestMessage, CoreBPE};
+
+use crate::provider::{Request, Role};
 
 /// Output tokens assumed for a request that sets no `max_tokens`.
 pub const DEFAULT_OUTPUT_ESTIMATE: u32 = 256;
@@ -28,6 +34,51 @@ pub fn estimate_request(request: &Request) -> u64 {
     estimate_prompt(request) + u64::from(request.max_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE))
 }
 
+/// The tokenizer of `model`, when tiktoken knows it. Its tables are loaded
+/// once, on first use, so runs whose servers report usage never pay for them.
+fn tokenizer(model: &str) -> Option<&'static CoreBPE> {
+    let known = tiktoken_rs::tokenizer::get_tokenizer(model)?;
+    tiktoken_rs::bpe_for_tokenizer(known).ok()
+}
+
+/// How many tokens `text` is for `model`: exact with a known tokenizer,
+/// estimated otherwise.
+pub fn count_text(model: Option<&str>, text: &str) -> u64 {
+    match model.and_then(tokenizer) {
+        Some(bpe) => bpe.count_ordinary(text) as u64,
+        None => estimate_text(text),
+    }
+}
+
+/// How many prompt tokens the request's messages are for `model`, framing
+/// included, as OpenAI counts chat prompts; estimated for unknown models.
+pub fn count_prompt(model: Option<&str>, request: &Request) -> u64 {
+    let Some(model) = model.filter(|m| tokenizer(m).is_some()) else {
+        return estimate_prompt(request);
+    };
+    let messages: Vec<ChatCompletionRequestMessage> = request
+        .messages
+        .iter()
+        .map(|m| ChatCompletionRequestMessage {
+            role: role_name(m.role).to_owned(),
+            content: Some(m.content.clone()),
+            ..Default::default()
+        })
+        .collect();
+    // Models whose tokenizer has no chat framing (gpt-2, the old completion
+    // models) are estimated.
+    tiktoken_rs::num_tokens_from_messages(model, &messages)
+        .map_or_else(|_| estimate_prompt(request), |count| count as u64)
+}
+
+fn role_name(role: Role) -> &'static str {
+    match role {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -42,5 +93,18 @@ mod tests {
         assert_eq!(estimate_request(&request), 154);
         let unbounded = Request::user("");
         assert_eq!(estimate_request(&unbounded), 4 + u64::from(DEFAULT_OUTPUT_ESTIMATE));
+    }
+
+    #[test]
+    fn known_models_are_counted_with_their_tokenizer() {
+        // o200k_base: "Hello world" is two tokens; a chat prompt adds 3 per
+        // message, the role's own token and 3 for the reply's priming.
+        assert_eq!(count_text(Some("gpt-4o-mini"), "Hello world"), 2);
+        assert_eq!(count_prompt(Some("gpt-4o-mini"), &Request::user("Hello world")), 3 + 1 + 2 + 3);
+        // A model tiktoken does not know is estimated, as is no model at all.
+        assert_eq!(count_text(Some("smollm2-135m"), "Hello world"), 3);
+        assert_eq!(count_text(None, "Hello world"), 3);
+        let request = Request::user("Hello world");
+        assert_eq!(count_prompt(Some("llama-3"), &request), estimate_prompt(&request));
     }
 }

@@ -217,8 +217,11 @@ impl Assembly {
             ));
         };
         let other_choices: Vec<String> = texts.collect();
+        // Usage the server left out is counted with the tokenizer of the
+        // model that answered, where tiktoken knows it.
+        let model = self.model.as_deref().or(request.model.as_deref());
         let (usage, usage_estimated) =
-            usage_or_estimate(self.usage, request, &text, &other_choices);
+            usage_or_count(self.usage, model, request, &text, &other_choices);
         Ok(Response {
             text,
             other_choices,
@@ -233,10 +236,11 @@ impl Assembly {
 }
 
 /// Servers that report no usage (some ignore `stream_options.include_usage`)
-/// get an estimate, so TPM accounting still works; the flag says it is one, so
-/// nobody is billed on a guess unknowingly.
-fn usage_or_estimate(
+/// get a count made here, so TPM accounting still works; the flag says it is
+/// not the server's own, so nobody is billed on a guess unknowingly.
+fn usage_or_count(
     usage: Option<WireUsage>,
+    model: Option<&str>,
     request: &Request,
     text: &str,
     others: &[String],
@@ -244,10 +248,12 @@ fn usage_or_estimate(
     let usage = usage.unwrap_or(WireUsage { prompt_tokens: None, completion_tokens: None });
     let estimated = usage.prompt_tokens.is_none() || usage.completion_tokens.is_none();
     let usage = Usage {
-        input_tokens: usage.prompt_tokens.unwrap_or_else(|| tokens::estimate_prompt(request)),
+        input_tokens: usage.prompt_tokens.unwrap_or_else(|| tokens::count_prompt(model, request)),
         output_tokens: usage.completion_tokens.unwrap_or_else(|| {
-            tokens::estimate_text(text)
-                + others.iter().map(|t| tokens::estimate_text(t)).sum::<u64>()
+            std::iter::once(text)
+                .chain(others.iter().map(String::as_str))
+                .map(|choice| tokens::count_text(model, choice))
+                .sum()
         }),
     };
     (usage, estimated)
@@ -461,6 +467,24 @@ mod tests {
         let error =
             parse_completion(b"<html>", &Request::user("q"), &HeaderMap::new()).unwrap_err();
         assert_eq!(error.kind(), ErrorKind::MalformedResponse);
+    }
+
+    #[test]
+    fn usage_a_stream_leaves_out_is_counted_with_the_models_tokenizer() {
+        // llama-cpp-python ignores stream_options.include_usage: no usage chunk.
+        let without_usage = concat!(
+            "data: {\"model\":\"gpt-4o-mini\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hello world\"},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let response = assemble(vec![without_usage.as_bytes().to_vec()]).unwrap();
+        // o200k_base: the prompt "q" is 1 token + 3 framing + 1 role + 3
+        // priming; "Hello world" is 2 tokens (chars/4 would say 2 and 3).
+        assert_eq!(response.usage, Usage { input_tokens: 8, output_tokens: 2 });
+        assert!(response.usage_estimated, "a count made here is not the server's");
+        let unknown_model = without_usage.replace("gpt-4o-mini", "smollm2");
+        let response = assemble(vec![unknown_model.into_bytes()]).unwrap();
+        assert_eq!(response.usage, Usage { input_tokens: 5, output_tokens: 3 });
+        assert!(response.usage_estimated);
     }
 
     proptest! {

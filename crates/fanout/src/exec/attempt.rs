@@ -83,8 +83,11 @@ pub(crate) async fn run_task(
 ) -> (TaskResult, Option<Permit>) {
     // Read by the cancellation branch while the attempts future is dropped.
     let attempts = AtomicU32::new(0);
+    // Empty while the task waits to retry (see `attempt_until_done`).
+    let mut slot = Some(permit);
     let work =
-        AssertUnwindSafe(attempt_until_done(&run, index, &id, &request, &attempts)).catch_unwind();
+        AssertUnwindSafe(attempt_until_done(&run, index, &id, &request, &attempts, &mut slot))
+            .catch_unwind();
     let bounded = async {
         match run.exec.config.task_timeout {
             Some(limit) => timeout(limit, work).await.ok(),
@@ -115,7 +118,7 @@ pub(crate) async fn run_task(
         latency: outcome.success().map(|s| s.latency),
     });
     // The slot is freed here, unless the receiver frees it once the result is safe.
-    let permit = run.hold_slots.then_some(permit);
+    let permit = slot.filter(|_| run.hold_slots);
     (TaskResult { index, id, outcome }, permit)
 }
 
@@ -134,6 +137,7 @@ async fn attempt_until_done(
     id: &TaskId,
     request: &Request,
     attempts: &AtomicU32,
+    slot: &mut Option<Permit>,
 ) -> Outcome {
     let exec = &*run.exec;
     let reserved = exec.provider.estimate_tokens(request);
@@ -206,8 +210,19 @@ async fn attempt_until_done(
                     return Outcome::Failed { error, attempts: attempt };
                 };
                 run.counters.retries.fetch_add(1, Ordering::Relaxed);
+                let rate_limited = error.is_rate_limited();
                 exec.emit(|| Event::Retrying { index, id: id.clone(), attempt, error, delay });
-                sleep(delay).await;
+                if rate_limited {
+                    // The shared pause holds every task back; the retry keeps
+                    // its slot so it goes out the moment the pause ends.
+                    sleep(delay).await;
+                } else {
+                    // Waiting to retry holds no slot, so a limit that shrank
+                    // holds retries back too; the retry then goes ahead of new work.
+                    *slot = None;
+                    sleep(delay).await;
+                    *slot = Some(exec.limits.concurrency.acquire_for_retry().await);
+                }
             }
         }
     }

@@ -4,7 +4,7 @@
 //! receiver has the result safe, and rate limits waited out.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use fanout::{
     Behavior, Check, Event, Executor, MockProvider, Outcome, Progress, Provider, ProviderError,
@@ -229,4 +229,87 @@ async fn a_good_check_opens_the_probe_window_at_once() {
     let executor = Executor::builder(unchecked).concurrency(50).hedge(None).build();
     let report = executor.run(prompts(500)).await;
     assert!(report.totals.wall >= ms(1_100), "the probe costs a latency without a check");
+}
+
+/// A server that queues instead of answering 429: when attempt timeouts are
+/// common they shrink the limit, and the retries wait for its slots (ahead of
+/// new rows) instead of all going out again onto the server at once.
+#[tokio::test(start_paused = true)]
+async fn timeouts_that_shrink_the_limit_hold_retries_back() {
+    /// Counts how many calls after the first wave are in flight at once.
+    struct Gauge {
+        mock: MockProvider,
+        calls: AtomicU64,
+        in_flight: Arc<AtomicU64>,
+        most_retries_at_once: AtomicU64,
+    }
+
+    struct Leaving(Arc<AtomicU64>);
+
+    impl Drop for Leaving {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    #[async_trait::async_trait]
+    impl Provider for Gauge {
+        fn name(&self) -> &str {
+            "gauge"
+        }
+
+        async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+            self.complete_observed(request, &Progress::new()).await
+        }
+
+        async fn complete_observed(
+            &self,
+            request: &Request,
+            progress: &Progress,
+        ) -> Result<Response, ProviderError> {
+            let number = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+            let _leaving = Leaving(Arc::clone(&self.in_flight));
+            if number > 8 {
+                self.most_retries_at_once.fetch_max(now, Ordering::SeqCst);
+            }
+            self.mock.complete_observed(request, progress).await
+        }
+    }
+
+    // The first wave hangs (the server is busy with a queue); later calls take 1 s.
+    let mock = MockProvider::new()
+        .with_latency(secs(1))
+        .with_rule(|call| (call.number <= 8).then(Behavior::hang));
+    let provider = Arc::new(Gauge {
+        mock,
+        calls: AtomicU64::new(0),
+        in_flight: Arc::new(AtomicU64::new(0)),
+        most_retries_at_once: AtomicU64::new(0),
+    });
+    let recorder = Recorder::default();
+    let executor = recorder
+        .attach(
+            Executor::builder_for(provider.clone())
+                .concurrency(8)
+                .probe(false)
+                .hedge(None)
+                .attempt_timeout(Some(secs(2))),
+        )
+        .build();
+    let report = executor.run(prompts(8)).await;
+    assert_eq!(report.totals.succeeded, 8);
+    assert_eq!(report.totals.calls, 16, "one retry each");
+    let limits: Vec<usize> = recorder
+        .events()
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            Event::ConcurrencyChanged { limit } => Some(limit),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(limits.first(), Some(&4), "common timeouts halve the limit: {limits:?}");
+    // Without giving slots back, all eight retries would go out within the
+    // backoff and overlap for their whole second.
+    assert!(provider.most_retries_at_once.load(Ordering::SeqCst) <= 4);
 }

@@ -32,7 +32,11 @@ async fn hung_attempt_times_out_and_is_retried() {
 #[tokio::test(start_paused = true)]
 async fn task_timeout_bounds_all_attempts() {
     let mock = MockProvider::new().with_rule(|_| Some(Behavior::hang()));
+    // Sixteen slots without a probe window: the timeouts halve the limit, which
+    // still leaves a slot for every retry.
     let executor = Executor::builder(mock.clone())
+        .concurrency(16)
+        .probe(false)
         .attempt_timeout(Some(secs(2)))
         .task_timeout(Some(secs(5)))
         .max_attempts(100)

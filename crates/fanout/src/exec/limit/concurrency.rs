@@ -22,17 +22,51 @@
 //!   as a moving average): a server still working on abandoned calls must not
 //!   get their retries on top. A rare timeout is an isolated fault and is left
 //!   to the retry alone.
+//!
+//! A task whose attempt timed out gives its slot back while it waits to retry,
+//! and takes one again ahead of new tasks ([`AdaptiveConcurrency::acquire_for_retry`]):
+//! a limit that shrank then holds its retries back too, instead of every
+//! retry going out at once onto a server that is still working, and a retry
+//! still never waits behind rows that have not started.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 
 #[derive(Debug)]
 pub(crate) struct AdaptiveConcurrency {
     semaphore: Arc<Semaphore>,
     max: usize,
     state: Arc<Mutex<State>>,
+    retries: RetryQueue,
+}
+
+/// Retries waiting for a slot; new work waits while there are any.
+#[derive(Debug, Default)]
+struct RetryQueue {
+    waiting: AtomicUsize,
+    /// Notified whenever `waiting` changes.
+    changed: Notify,
+}
+
+/// One retry counted in the queue while it waits, however the wait ends.
+struct InRetryQueue<'a>(&'a RetryQueue);
+
+impl<'a> InRetryQueue<'a> {
+    fn enter(queue: &'a RetryQueue) -> Self {
+        queue.waiting.fetch_add(1, Ordering::SeqCst);
+        queue.changed.notify_waiters();
+        Self(queue)
+    }
+}
+
+impl Drop for InRetryQueue<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
+    }
 }
 
 #[derive(Debug)]
@@ -121,10 +155,43 @@ impl AdaptiveConcurrency {
                 latency: LatencyWindow::default(),
                 timeout_share: 0.0,
             })),
+            retries: RetryQueue::default(),
         }
     }
 
+    /// A slot for new work (a task's first attempt, a hedge): it waits while
+    /// any retry does, so retries go first.
     pub(crate) async fn acquire(&self) -> Permit {
+        loop {
+            let changed = self.retries.changed.notified();
+            tokio::pin!(changed);
+            // Registered before the count is read, so no change is missed.
+            changed.as_mut().enable();
+            if self.retries.waiting.load(Ordering::SeqCst) > 0 {
+                changed.await;
+                continue;
+            }
+            tokio::select! {
+                biased;
+                // A retry began to wait: leave the semaphore's queue to it.
+                () = &mut changed => {}
+                permit = self.take_slot() => {
+                    if self.retries.waiting.load(Ordering::SeqCst) == 0 {
+                        return permit;
+                    }
+                    // Dropped, the slot goes to the retry queued behind us.
+                }
+            }
+        }
+    }
+
+    /// A slot for a task's retry, ahead of new work.
+    pub(crate) async fn acquire_for_retry(&self) -> Permit {
+        let _queued = InRetryQueue::enter(&self.retries);
+        self.take_slot().await
+    }
+
+    async fn take_slot(&self) -> Permit {
         let permit = Arc::clone(&self.semaphore)
             .acquire_owned()
             .await
@@ -319,6 +386,29 @@ mod tests {
                 assert_eq!(idle.on_success(ms(latency)), None);
             }
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_take_freed_slots_before_new_work() {
+        let c = Arc::new(AdaptiveConcurrency::new(1, None));
+        let held = c.acquire().await;
+        let new_work = tokio::spawn({
+            let c = Arc::clone(&c);
+            async move { c.acquire().await }
+        });
+        tokio::task::yield_now().await;
+        // The retry asks after the new work, and still goes first.
+        let retry = tokio::spawn({
+            let c = Arc::clone(&c);
+            async move { c.acquire_for_retry().await }
+        });
+        tokio::task::yield_now().await;
+        drop(held);
+        let retried = retry.await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!new_work.is_finished(), "new work waits while the retry holds the slot");
+        drop(retried);
+        new_work.await.unwrap();
     }
 
     #[tokio::test]

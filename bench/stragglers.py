@@ -6,7 +6,10 @@ with the Python peer (bench/peer.py: asyncio.gather + openai), in one run.
 Scenarios (issue "One slow call never holds the rest back"):
 - tail:     2,000 rows at -c 100, 100 ms answers, 2% take 10 s then answer;
 - faults:   2,000 rows at -c 100, 2% HTTP 500, 1% hang 30 s, 1% malformed JSON;
-- overhead: 10,000 rows at -c 500, 100 ms answers (the peer is left out: 40 s);
+- overhead: 10,000 rows at -c 500, 100 ms answers (the peer is left out: 40 s),
+            beside the same calls through the library alone (examples/openai_load)
+            and through bare reqwest (openai_load --bare): the floor of the HTTP
+            stack on this machine, which shares its 2 cores with the server;
 - tokens:   600 rows against a server limited to 30,000 tokens per minute, which
             says so only in its x-ratelimit-* headers (fanout is given no --tpm);
 - queue:    24 rows at -c 8 with --attempt-timeout 2 against a server that
@@ -27,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from providers import ROOT, Mock, ensure_openai  # noqa: E402
+from providers import LOAD, ROOT, Mock, build, ensure_openai  # noqa: E402
 
 FANOUT = ROOT / "target/release/fanout"
 
@@ -72,6 +75,13 @@ def run_fanout(url, rows, concurrency, extra, directory):
             "hedges_won": totals.get("hedges_won"), "calls": totals.get("calls")}
 
 
+def run_load(url, n, concurrency, *flags):
+    """The library alone, or (with --bare) reqwest alone: examples/openai_load."""
+    done = subprocess.run([str(LOAD), "--base-url", url + "/v1", "--n", str(n), "--concurrency", str(concurrency),
+                           *flags], capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_peer(url, n, concurrency):
     done = subprocess.run([sys.executable, str(ROOT / "bench/peer.py"), "--base-url", url + "/v1", "--n", str(n),
                            "--concurrency", str(concurrency)], capture_output=True, text=True)
@@ -86,6 +96,9 @@ def scenario(name):
         clients = [("fanout", lambda url: run_fanout(url, path, concurrency, extra, directory))]
         if with_peer:
             clients.append(("python openai", lambda url: run_peer(url, n, concurrency)))
+        if name == "overhead":
+            clients.append(("fanout library", lambda url: run_load(url, n, concurrency)))
+            clients.append(("bare reqwest (floor)", lambda url: run_load(url, n, concurrency, "--bare")))
         for client, run in clients:
             mock = Mock(flags)
             try:
@@ -141,7 +154,8 @@ def main():
     parser.add_argument("--scenario", action="append", choices=[*SCENARIOS, "kill9"])
     parser.add_argument("--out")
     args = parser.parse_args()
-    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "fanout-cli", "-p", "fanout-mock"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "fanout-cli"], cwd=ROOT, check=True)
+    build()
     ensure_openai()
     rows = []
     for name in args.scenario or [*SCENARIOS, "kill9"]:

@@ -378,7 +378,8 @@ impl Store {
             }
         }
         transaction
-            .execute("UPDATE jobs SET updated_at = ?2 WHERE id = ?1", params![job, now()])
+            .prepare_cached("UPDATE jobs SET updated_at = ?2 WHERE id = ?1")
+            .and_then(|mut update| update.execute(params![job, now()]))
             .context(context)?;
         transaction.commit().context(context)
     }

@@ -4,10 +4,15 @@
 //! ```text
 //! cargo run --release -p fanout --example openai_load -- \
 //!     --base-url http://127.0.0.1:8080/v1 --n 10000 --concurrency 500 [--rpm 6000] \
-//!     [--attempt-timeout-ms 2000] [--max-attempts 5] [--no-probe]
+//!     [--attempt-timeout-ms 2000] [--max-attempts 5] [--no-probe] [--bare]
 //! ```
+//!
+//! `--bare` sends the same requests with reqwest alone (a semaphore, no
+//! executor, no retries): the floor any reqwest-based client pays on this
+//! machine, against which `bench/stragglers.py` measures fanout's overhead.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use fanout::{Executor, HttpOptions, OpenAi, Request};
 
@@ -19,6 +24,7 @@ struct Args {
     attempt_timeout: Option<Duration>,
     max_attempts: u32,
     probe: bool,
+    bare: bool,
 }
 
 fn parse() -> Result<Args, String> {
@@ -30,11 +36,13 @@ fn parse() -> Result<Args, String> {
         attempt_timeout: Some(Duration::from_secs(120)),
         max_attempts: 5,
         probe: true,
+        bare: false,
     };
     let mut words = std::env::args().skip(1);
     while let Some(flag) = words.next() {
-        if flag == "--no-probe" {
-            args.probe = false;
+        if flag == "--no-probe" || flag == "--bare" {
+            args.probe &= flag != "--no-probe";
+            args.bare |= flag == "--bare";
             continue;
         }
         let value = words.next().ok_or(format!("{flag} needs a value"))?;
@@ -64,6 +72,9 @@ async fn main() {
         eprintln!("openai_load: {message}");
         std::process::exit(2);
     });
+    if args.bare {
+        return bare(&args).await;
+    }
     let http = HttpOptions { max_idle_connections: args.concurrency, ..HttpOptions::default() };
     let provider = OpenAi::builder("mock-1")
         .base_url(&args.base_url)
@@ -89,6 +100,50 @@ async fn main() {
         "calls": totals.calls,
         "retries": totals.retries,
         "rate_limited": totals.rate_limited,
+    });
+    println!("{line}");
+}
+
+/// The same calls with reqwest alone: each waits for one of `concurrency`
+/// slots, posts, reads and parses the answer.
+async fn bare(args: &Args) {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let url = reqwest::Url::parse(&format!("{}/chat/completions", args.base_url)).unwrap();
+    let slots = Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+    let start = Instant::now();
+    let mut calls = tokio::task::JoinSet::new();
+    for i in 0..args.n {
+        let (client, url, slots) = (client.clone(), url.clone(), Arc::clone(&slots));
+        calls.spawn(async move {
+            let _slot = slots.acquire_owned().await.unwrap();
+            let body = serde_json::json!({
+                "model": "mock-1",
+                "messages": [{"role": "user", "content": format!("Summarize item {i} in one sentence.")}],
+            });
+            let answer = client
+                .post(url)
+                .bearer_auth("sk-mock")
+                .header("content-type", "application/json")
+                .body(serde_json::to_vec(&body).unwrap())
+                .send()
+                .await
+                .ok()?;
+            let bytes = answer.error_for_status().ok()?.bytes().await.ok()?;
+            serde_json::from_slice::<serde_json::Value>(&bytes).ok()
+        });
+    }
+    let succeeded = calls.join_all().await.into_iter().flatten().count();
+    let line = serde_json::json!({
+        "succeeded": succeeded,
+        "failed": args.n - succeeded,
+        "wall_s": start.elapsed().as_secs_f64(),
+        "calls": args.n,
     });
     println!("{line}");
 }

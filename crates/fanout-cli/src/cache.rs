@@ -66,6 +66,10 @@ impl Provider for Cached {
         self.inner.check().await
     }
 
+    fn estimate_prompt_tokens(&self, request: &Request) -> u64 {
+        self.inner.estimate_prompt_tokens(request)
+    }
+
     fn estimate_tokens(&self, request: &Request) -> u64 {
         self.inner.estimate_tokens(request)
     }

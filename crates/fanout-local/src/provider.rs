@@ -175,9 +175,14 @@ impl Provider for LocalModel {
         Check::Ready
     }
 
+    /// The prompt's real token count.
+    fn estimate_prompt_tokens(&self, request: &Request) -> u64 {
+        self.prompt_tokens(request).map_or(0, |p| p.len() as u64)
+    }
+
     /// The prompt's real token count plus the answer budget.
     fn estimate_tokens(&self, request: &Request) -> u64 {
-        let prompt = self.prompt_tokens(request).map_or(0, |p| p.len() as u64);
-        prompt + u64::from(request.max_tokens.unwrap_or(self.inner.options.default_max_tokens))
+        self.estimate_prompt_tokens(request)
+            + u64::from(request.max_tokens.unwrap_or(self.inner.options.default_max_tokens))
     }
 }

@@ -31,7 +31,13 @@ pub fn estimate_prompt(request: &Request) -> u64 {
 /// The most a request can consume: its prompt plus its maximum output. This is
 /// what the TPM limiter reserves before the call.
 pub fn estimate_request(request: &Request) -> u64 {
-    estimate_prompt(request) + u64::from(request.max_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE))
+    estimate_prompt(request) + max_output(request)
+}
+
+/// The most output tokens the request allows: its `max_tokens`, or
+/// [`DEFAULT_OUTPUT_ESTIMATE`].
+pub fn max_output(request: &Request) -> u64 {
+    u64::from(request.max_tokens.unwrap_or(DEFAULT_OUTPUT_ESTIMATE))
 }
 
 /// The tokenizer of `model`, when tiktoken knows it. Its tables are loaded

@@ -140,8 +140,7 @@ async fn attempt_until_done(
     slot: &mut Option<Permit>,
 ) -> Outcome {
     let exec = &*run.exec;
-    let reserved = exec.provider.estimate_tokens(request);
-    if let Err(error) = exec.limits.check_fits(reserved) {
+    if let Err(error) = exec.limits.check_fits(exec.limits.reservation(&*exec.provider, request)) {
         return Outcome::Failed { error, attempts: 0 };
     }
     // Seeded per task, so a run's jitter does not depend on scheduling.
@@ -161,6 +160,8 @@ async fn attempt_until_done(
                 _ => Outcome::Failed { error, attempts: attempt },
             };
         }
+        // Reserved anew for each attempt: the output allowance learns meanwhile.
+        let reserved = exec.limits.reservation(&*exec.provider, request);
         let launch = exec.limits.admit(reserved).await;
         attempt += 1;
         attempts.store(attempt, Ordering::Release);
@@ -172,8 +173,13 @@ async fn attempt_until_done(
         let call = Call { run, index, id, request, reserved, attempt };
         match call.watched().await {
             Ok(answer) => {
-                let changed =
-                    exec.limits.on_success(reserved, launch, &answer.response, answer.first_sign);
+                let changed = exec.limits.on_success(
+                    request,
+                    reserved,
+                    launch,
+                    &answer.response,
+                    answer.first_sign,
+                );
                 if let Some(limit) = changed {
                     exec.emit(|| Event::ConcurrencyChanged { limit });
                 }

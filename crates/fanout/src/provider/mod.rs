@@ -73,11 +73,18 @@ pub trait Provider: Send + Sync + 'static {
         Check::Unknown
     }
 
+    /// The request's prompt tokens. Providers with a real tokenizer can be
+    /// exact; the default estimates.
+    fn estimate_prompt_tokens(&self, request: &Request) -> u64 {
+        tokens::estimate_prompt(request)
+    }
+
     /// The tokens the request may consume at most (prompt + maximum output), which
-    /// the executor reserves against a TPM limit before the call. Providers with a
-    /// real tokenizer can be exact; the default estimates.
+    /// the executor reserves against a TPM limit before the call (for a request
+    /// without `max_tokens`, once it has seen answers, it reserves the prompt
+    /// and the longest recent answer instead).
     fn estimate_tokens(&self, request: &Request) -> u64 {
-        tokens::estimate_request(request)
+        self.estimate_prompt_tokens(request) + tokens::max_output(request)
     }
 }
 
@@ -101,6 +108,10 @@ impl<P: Provider + ?Sized> Provider for std::sync::Arc<P> {
 
     async fn check(&self) -> Check {
         (**self).check().await
+    }
+
+    fn estimate_prompt_tokens(&self, request: &Request) -> u64 {
+        (**self).estimate_prompt_tokens(request)
     }
 
     fn estimate_tokens(&self, request: &Request) -> u64 {

@@ -2,7 +2,7 @@ use fanout::{Behavior, ErrorKind, Executor, MockProvider, Outcome, Request, Resp
 use proptest::prelude::*;
 use tokio::time::Instant;
 
-use crate::{ms, paused_runtime, prompts};
+use crate::{ms, paused_runtime, prompts, secs};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
@@ -127,6 +127,37 @@ async fn tpm_reservations_are_corrected_by_reported_usage() {
     // 20 x 1005 tokens, 6000 at once, then 100 a second: the last starts at 141 s.
     let elapsed = start.elapsed().as_secs_f64();
     assert!((140.9..141.1).contains(&elapsed), "{elapsed}");
+}
+
+/// Without `max_tokens`, a call reserves a long answer until answers have been
+/// seen; then the prompt and the longest recent answer, so short answers are
+/// not paced as if they were long.
+#[tokio::test(start_paused = true)]
+async fn tpm_reservations_without_max_tokens_learn_the_answers_length() {
+    let short_answers = || {
+        MockProvider::new().with_latency(secs(1)).with_rule(|_| {
+            let usage = Usage { input_tokens: 5, output_tokens: 5 };
+            Some(Behavior::respond(Response::new("short", usage)))
+        })
+    };
+    // 600 tokens at once, then 10 a second.
+    let executor = |mock| Executor::builder(mock).concurrency(5).tpm(600).hedge(None).build();
+    let cold = executor(short_answers());
+    let start = Instant::now();
+    let report = cold.run(prompts(20)).await;
+    assert_eq!(report.totals.succeeded, 20);
+    let cold_wall = start.elapsed();
+    // 5 + 256 tokens reserved for each of the first wave: two fit, the third
+    // waits for the refill (and has reserved its place in line).
+    assert!(cold_wall > secs(15), "{cold_wall:?}");
+
+    let warm = executor(short_answers());
+    assert!(warm.run(prompts(1)).await.totals.succeeded == 1);
+    let start = Instant::now();
+    let report = warm.run(prompts(20)).await;
+    assert_eq!(report.totals.succeeded, 20);
+    // 10 tokens reserved each: five at a time, four waves of a second.
+    assert_eq!(start.elapsed(), secs(4));
 }
 
 #[tokio::test(start_paused = true)]

@@ -6,6 +6,7 @@
 
 mod bucket;
 mod concurrency;
+mod output;
 mod pause;
 mod reported;
 
@@ -13,10 +14,11 @@ use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until};
 
-use crate::provider::{ErrorKind, ProviderError, RateLimit, Response};
+use crate::provider::{ErrorKind, Provider, ProviderError, RateLimit, Request, Response};
 pub(crate) use concurrency::{AdaptiveConcurrency, Permit};
 
 use bucket::TokenBucket;
+use output::OutputAllowance;
 use pause::SharedPause;
 use reported::{Launch, ReportedBudget};
 
@@ -56,6 +58,7 @@ pub(crate) struct Limits {
     tokens: Option<TokenBucket>,
     pause: SharedPause,
     reported: ReportedBudget,
+    output: OutputAllowance,
 }
 
 /// Gives reserved bucket tokens back if the wait for them is abandoned.
@@ -91,6 +94,17 @@ impl Limits {
             tokens: tpm.map(|r| TokenBucket::new(r.per_minute, r.burst)),
             pause: SharedPause::default(),
             reported: ReportedBudget::default(),
+            output: OutputAllowance::default(),
+        }
+    }
+
+    /// The tokens to reserve for `request`: the provider's estimate of the
+    /// most it may consume, or, for a request without `max_tokens` once
+    /// answers have been seen, its prompt and the longest recent answer.
+    pub(crate) fn reservation(&self, provider: &dyn Provider, request: &Request) -> u64 {
+        match (request.max_tokens, self.output.tokens()) {
+            (None, Some(learned)) => provider.estimate_prompt_tokens(request) + learned,
+            _ => provider.estimate_tokens(request),
         }
     }
 
@@ -150,16 +164,21 @@ impl Limits {
     }
 
     /// Learns from a successful answer that first showed life after `latency`:
-    /// its usage corrects the TPM reservation, its headers the reported budget,
+    /// its usage corrects the TPM reservation (and, without `max_tokens`, the
+    /// output allowance of later reservations), its headers the reported budget,
     /// and it may widen (or, when latency says a queue grew, narrow) the
     /// concurrency limit.
     pub(crate) fn on_success(
         &self,
+        request: &Request,
         reserved: u64,
         launch: Launch,
         response: &Response,
         latency: Duration,
     ) -> Option<usize> {
+        if request.max_tokens.is_none() {
+            self.output.record(response.usage.output_tokens);
+        }
         if let Some(bucket) = &self.tokens {
             let used = response.usage.total();
             if used > reserved {

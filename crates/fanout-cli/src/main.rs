@@ -8,6 +8,7 @@
 
 mod batch;
 mod cache;
+mod exit;
 mod input;
 mod jobs;
 mod models;
@@ -25,8 +26,9 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use fanout::{Outcome, Request};
+use fanout::Request;
 
+use exit::{Ending, Exit};
 use settings::{Flags, Settings};
 
 /// An error in what the user asked for, found before any call: exit code 2.
@@ -176,26 +178,16 @@ async fn ask(flags: &Flags, prompt: String, system: Option<String>) -> Result<Ex
     let report = settings.executor(provider).build().run([request]).await;
     let result = &report.results[0];
     if flags.json {
-        println!("{}", serde_json::to_string(result)?);
+        println!("{}", output::result_line(result));
+    } else if let Some(text) = result.outcome.text() {
+        println!("{text}");
     }
-    match &result.outcome {
-        Outcome::Succeeded(success) => {
-            if !flags.json {
-                println!("{}", success.response.text);
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        other => {
-            let message = record::error_text(other).unwrap_or_default();
-            eprintln!("fanout: {message}");
-            let code = match other {
-                Outcome::Failed { error, .. } if error.kind().is_fatal_for_job() => 5,
-                Outcome::Failed { .. } | Outcome::TimedOut { .. } => 3,
-                _ => 4,
-            };
-            Ok(ExitCode::from(code))
-        }
+    if let Some(message) = result.outcome.describe() {
+        eprintln!("fanout: {message}");
     }
+    let mut ending = Ending::default();
+    ending.add(&result.outcome);
+    Ok(ending.exit().into())
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -276,7 +268,7 @@ fn main() -> ExitCode {
         Err(error) => {
             let refused = error.downcast_ref::<Refusal>().is_some();
             eprintln!("fanout: {error:#}");
-            ExitCode::from(if refused { 2 } else { 1 })
+            (if refused { Exit::Refused } else { Exit::Error }).into()
         }
     }
 }

@@ -5,8 +5,6 @@ use std::io::{self, Write};
 use fanout::{Outcome, TaskResult};
 use serde_json::{Value, json};
 
-use crate::record::error_text;
-
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
 )]
@@ -38,6 +36,34 @@ fn status_name(outcome: &Outcome) -> String {
         .unwrap_or_default()
 }
 
+/// A result as one JSON object: the schema of `batch`'s JSONL output, and of
+/// every other command's `--json` result.
+pub fn result_line(result: &TaskResult) -> Value {
+    let outcome = &result.outcome;
+    let error = match outcome {
+        Outcome::Failed { error, .. } => json!({
+            "kind": error.kind(), "message": error.message(), "status": error.status(),
+        }),
+        other => other.describe().map_or(Value::Null, |message| json!({"message": message})),
+    };
+    json!({
+        "id": result.id,
+        "status": status_name(outcome),
+        "answer": outcome.text(),
+        "error": error,
+        "model": outcome.success().and_then(|s| s.response.model.as_deref()),
+        "finish_reason": outcome.success().and_then(|s| s.response.finish_reason.as_deref()),
+        "usage": outcome.usage(),
+        "attempts": outcome.attempts(),
+        "latency_ms": latency_ms(outcome),
+    })
+}
+
+/// A success's latency in milliseconds, to a tenth.
+fn latency_ms(outcome: &Outcome) -> Option<f64> {
+    outcome.success().map(|s| (s.latency.as_secs_f64() * 1e4).round() / 10.0)
+}
+
 impl Output {
     pub fn new(format: OutputFormat, sink: Box<dyn Write + Send>) -> io::Result<Self> {
         let sink = match format {
@@ -59,41 +85,22 @@ impl Output {
 
     pub fn write(&mut self, result: &TaskResult) -> io::Result<()> {
         let outcome = &result.outcome;
-        let usage = outcome.usage();
-        let latency_ms = outcome.success().map(|s| (s.latency.as_secs_f64() * 1e4).round() / 10.0);
         match self.format {
-            OutputFormat::Jsonl => {
-                let error = match outcome {
-                    Outcome::Failed { error, .. } => json!({
-                        "kind": error.kind(), "message": error.message(), "status": error.status(),
-                    }),
-                    other => {
-                        error_text(other).map_or(Value::Null, |message| json!({"message": message}))
-                    }
-                };
-                self.line(&json!({
-                    "id": result.id,
-                    "status": status_name(outcome),
-                    "answer": outcome.text(),
-                    "error": error,
-                    "usage": usage,
-                    "attempts": outcome.attempts(),
-                    "latency_ms": latency_ms,
-                }))
-            }
+            OutputFormat::Jsonl => self.line(&result_line(result)),
             OutputFormat::Csv => {
                 let Sink::Csv(writer) = &mut self.sink else {
                     unreachable!("made with the CSV format")
                 };
+                let usage = outcome.usage();
                 writer.write_record([
                     result.id.to_string(),
                     status_name(outcome),
                     outcome.text().unwrap_or_default().to_owned(),
-                    error_text(outcome).unwrap_or_default(),
+                    outcome.describe().unwrap_or_default(),
                     usage.input_tokens.to_string(),
                     usage.output_tokens.to_string(),
                     outcome.attempts().to_string(),
-                    latency_ms.map(|l| l.to_string()).unwrap_or_default(),
+                    latency_ms(outcome).map(|l| l.to_string()).unwrap_or_default(),
                 ])?;
                 Ok(())
             }
@@ -161,7 +168,7 @@ fn openai_batch_line(result: &TaskResult) -> Value {
                 "id": id,
                 "custom_id": result.id,
                 "response": null,
-                "error": {"code": code, "message": error_text(other)},
+                "error": {"code": code, "message": other.describe()},
             })
         }
     }

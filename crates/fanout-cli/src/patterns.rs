@@ -10,12 +10,15 @@ use fanout::pattern::extract::Extractor;
 use fanout::pattern::map_reduce::{Document, MapReduceOptions, map_reduce};
 use fanout::pattern::perspectives::{self, DEFAULT_SYNTHESIS, Persona, perspectives};
 use fanout::pattern::sections::{Section, SectionsResult, sections};
-use fanout::pattern::vote::{EarlyStop, Rule, VoteOptions, distinct, most_consistent, vote};
+use fanout::pattern::vote::{
+    EarlyStop, Rule, Sample, VoteOptions, distinct, most_consistent, vote,
+};
 use fanout::pattern::workflow::Workflow;
-use fanout::{Executor, Request};
+use fanout::{Executor, Failure, Request};
 use serde::Serialize;
 
 use crate::Refusal;
+use crate::exit::{Ending, Exit};
 use crate::input::{self, Content};
 use crate::settings::{Flags, Settings};
 use crate::template::Prompt;
@@ -24,6 +27,31 @@ async fn executor(flags: &Flags) -> Result<(Executor, Settings)> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
     let provider = settings.provider(flags.quiet).await.map_err(Refusal)?;
     Ok((settings.executor(provider).build(), settings))
+}
+
+/// Says every failure on stderr, named (even when stdout is JSON or shows it
+/// too); the exit code follows from all of them.
+fn conclude<'a>(ending: &mut Ending, failures: impl IntoIterator<Item = (String, &'a Failure)>) {
+    for (what, failure) in failures {
+        eprintln!("fanout: {what}: {failure}");
+        ending.add_failure(failure);
+    }
+}
+
+/// A vote's exit: no consensus is a failure; failed samples alone are not
+/// (the vote stands on the others) unless they say the job cannot succeed.
+fn vote_exit(consensus: bool, samples: &Ending) -> Exit {
+    if samples.cannot_succeed.is_some() {
+        Exit::CannotSucceed
+    } else if consensus {
+        Exit::Success
+    } else {
+        Exit::SomeFailed
+    }
+}
+
+fn sample_failures(samples: &[Sample]) -> impl Iterator<Item = (String, &Failure)> {
+    samples.iter().filter_map(|s| Some((format!("sample {}", s.index), s.error.as_ref()?)))
 }
 
 fn print_json(value: &impl Serialize) -> Result<()> {
@@ -118,12 +146,16 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
         let prompt = Prompt::new(&args.prompt, args.system.as_deref()).map_err(Refusal)?;
         let format = input::detect(path, None).map_err(Refusal)?;
         let mut no_consensus = false;
+        let mut samples = Ending::default();
         for row in input::rows(path, format, args.id_field.clone()).map_err(Refusal)? {
             let line = match row.content {
                 Content::Fields(fields) => match prompt.render(&fields, row.line) {
                     Ok(request) => {
                         let result = vote(&executor, &request, &options).await;
                         no_consensus |= !result.consensus;
+                        let failures = sample_failures(&result.samples)
+                            .map(|(what, failure)| (format!("{} {what}", row.id), failure));
+                        conclude(&mut samples, failures);
                         serde_json::json!({"id": row.id, "winner": result.winner, "consensus": result.consensus,
                             "agreement": result.agreement, "distribution": result.distribution, "calls": result.calls})
                     }
@@ -136,7 +168,7 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
             };
             println!("{line}");
         }
-        return Ok(if no_consensus { ExitCode::from(3) } else { ExitCode::SUCCESS });
+        return Ok(vote_exit(!no_consensus, &samples).into());
     }
     let request = request(&settings, args.prompt.clone(), args.system.as_deref());
     if args.judge {
@@ -146,11 +178,10 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
         } else if let Some(text) = &result.text {
             println!("{text}");
         }
-        if let Some(error) = &result.error {
-            eprintln!("fanout: {error}");
-            return Ok(ExitCode::from(3));
-        }
-        return Ok(ExitCode::SUCCESS);
+        let mut ending = Ending::default();
+        conclude(&mut ending, sample_failures(&result.samples));
+        conclude(&mut ending, result.error.iter().map(|e| ("judge".to_owned(), e)));
+        return Ok(vote_exit(result.error.is_none(), &ending).into());
     }
     if args.distinct {
         let budget = args.budget.unwrap_or(args.samples * 3);
@@ -168,7 +199,7 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
                 result.options.len(),
                 result.calls
             );
-            return Ok(ExitCode::from(3));
+            return Ok(Exit::SomeFailed.into());
         }
         return Ok(ExitCode::SUCCESS);
     }
@@ -196,7 +227,9 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
             }
         }
     }
-    Ok(if result.consensus { ExitCode::SUCCESS } else { ExitCode::from(3) })
+    let mut samples = Ending::default();
+    conclude(&mut samples, sample_failures(&result.samples));
+    Ok(vote_exit(result.consensus, &samples).into())
 }
 
 fn print_parts(result: &SectionsResult, json: bool) -> Result<ExitCode> {
@@ -208,7 +241,10 @@ fn print_parts(result: &SectionsResult, json: bool) -> Result<ExitCode> {
                 "## {} ({})\n{}\n",
                 part.name,
                 part.id,
-                part.text.as_deref().unwrap_or_else(|| part.error.as_deref().unwrap_or(""))
+                part.text
+                    .clone()
+                    .or_else(|| part.error.as_ref().map(ToString::to_string))
+                    .unwrap_or_default()
             );
         }
         if let Some(synthesis) = &result.synthesis {
@@ -216,14 +252,19 @@ fn print_parts(result: &SectionsResult, json: bool) -> Result<ExitCode> {
                 "## synthesis\n{}",
                 synthesis
                     .text
-                    .as_deref()
-                    .unwrap_or_else(|| synthesis.error.as_deref().unwrap_or(""))
+                    .clone()
+                    .or_else(|| synthesis.error.as_ref().map(ToString::to_string))
+                    .unwrap_or_default()
             );
         }
     }
-    let failed = result.parts.iter().any(|p| p.text.is_none())
-        || result.synthesis.as_ref().is_some_and(|s| s.text.is_none());
-    Ok(if failed { ExitCode::from(3) } else { ExitCode::SUCCESS })
+    let mut ending = Ending::default();
+    let parts =
+        result.parts.iter().filter_map(|p| Some((format!("`{}`", p.name), p.error.as_ref()?)));
+    let synthesis =
+        result.synthesis.iter().filter_map(|s| Some(("synthesis".to_owned(), s.error.as_ref()?)));
+    conclude(&mut ending, parts.chain(synthesis));
+    Ok(ending.exit().into())
 }
 
 #[derive(Debug, clap::Args)]
@@ -359,16 +400,15 @@ pub async fn run_map_reduce(flags: &Flags, args: MapReduceArgs) -> Result<ExitCo
                 result.levels.len(),
                 result.levels.len().saturating_sub(1)
             );
-            for (ids, error) in &result.failures {
-                eprintln!("failed: {}: {error}", ids.join(", "));
-            }
         }
     }
-    Ok(if result.answer.is_some() && result.failures.is_empty() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
-    })
+    let mut ending = Ending::default();
+    conclude(&mut ending, result.failures.iter().map(|(ids, failure)| (ids.join(", "), failure)));
+    if result.answer.is_none() && result.failures.is_empty() {
+        eprintln!("fanout: no answer");
+        ending.failed += 1;
+    }
+    Ok(ending.exit().into())
 }
 
 #[derive(Debug, clap::Args)]
@@ -449,20 +489,16 @@ pub async fn run_workflow(flags: &Flags, args: RunArgs) -> Result<ExitCode> {
             }
             println!(
                 "{}",
-                step.text.as_deref().unwrap_or_else(|| step.error.as_deref().unwrap_or(""))
-            );
-        }
-        for step in result.steps.iter().filter(|s| s.text.is_none()) {
-            eprintln!(
-                "fanout: step `{}`: {}",
-                step.name,
-                step.error.as_deref().unwrap_or("failed")
+                step.text
+                    .clone()
+                    .or_else(|| step.error.as_ref().map(ToString::to_string))
+                    .unwrap_or_default()
             );
         }
     }
-    Ok(if result.steps.iter().all(|s| s.text.is_some()) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(3)
-    })
+    let mut ending = Ending::default();
+    let failures =
+        result.steps.iter().filter_map(|s| Some((format!("step `{}`", s.name), s.error.as_ref()?)));
+    conclude(&mut ending, failures);
+    Ok(ending.exit().into())
 }

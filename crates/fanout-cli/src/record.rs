@@ -3,8 +3,7 @@
 use std::time::Duration;
 
 use fanout::{
-    ErrorKind, NotRun, Outcome, ProviderError, Response, Success, TaskId, TaskResult, Timeout,
-    Usage,
+    ErrorKind, Outcome, ProviderError, Response, Success, TaskId, TaskResult, Timeout, Usage,
 };
 use fanout_store::Record;
 
@@ -98,26 +97,10 @@ pub fn to_outcome(record: Record) -> Outcome {
     }
 }
 
-/// A short text for a result's error, if it has one.
-pub fn error_text(outcome: &Outcome) -> Option<String> {
-    match outcome {
-        Outcome::Succeeded(_) => None,
-        Outcome::Failed { error, .. } => Some(error.to_string()),
-        Outcome::TimedOut { timeout: Timeout::Task, .. } => Some("the task ran out of time".into()),
-        Outcome::TimedOut { timeout: Timeout::Deadline, .. } => {
-            Some("cut off by the deadline".into())
-        }
-        Outcome::Cancelled { .. } => Some("cancelled".into()),
-        Outcome::NotRun(NotRun::CircuitOpen(cause)) => {
-            Some(format!("not run: the job cannot succeed: {cause}"))
-        }
-        Outcome::NotRun(reason) => Some(reason.to_string()),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fanout::NotRun;
 
     #[test]
     fn finished_results_round_trip_and_unfinished_are_not_recorded() {

@@ -49,5 +49,5 @@ pub use provider::{
     Anthropic, Behavior, Check, ErrorKind, HttpOptions, Message, MockProvider, OpenAi, Progress,
     Provider, ProviderError, RateLimit, Request, Response, ResponseFormat, Role, Usage,
 };
-pub use task::{NotRun, Outcome, Status, Success, Task, TaskId, TaskResult, Timeout};
+pub use task::{Failure, NotRun, Outcome, Status, Success, Task, TaskId, TaskResult, Timeout};
 pub use tokio_util::sync::CancellationToken;

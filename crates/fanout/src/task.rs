@@ -141,8 +141,9 @@ impl fmt::Display for NotRun {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Success {
     pub response: Response,
-    /// From the task's first launch to its answer, retries included.
-    #[serde(serialize_with = "serialize_millis")]
+    /// From the task's first launch to its answer, retries included;
+    /// serialized as `latency_ms`, like every command's results.
+    #[serde(rename = "latency_ms", serialize_with = "serialize_millis")]
     pub latency: Duration,
     pub attempts: u32,
 }
@@ -210,6 +211,28 @@ impl Outcome {
         self.success().map(|s| s.response.usage).unwrap_or_default()
     }
 
+    /// What went wrong, in words, for an outcome that is not a success: the
+    /// one text every command and pattern shows for it.
+    pub fn describe(&self) -> Option<String> {
+        match self {
+            Self::Succeeded(_) => None,
+            Self::Failed { error, .. } => Some(error.to_string()),
+            Self::TimedOut { timeout: Timeout::Task, .. } => {
+                Some("the task ran out of time".into())
+            }
+            Self::TimedOut { timeout: Timeout::Deadline, .. } => {
+                Some("cut off by the deadline".into())
+            }
+            Self::Cancelled { .. } => Some("cancelled".into()),
+            Self::NotRun(reason) => Some(reason.to_string()),
+        }
+    }
+
+    /// The outcome as a [`Failure`], unless it is a success.
+    pub fn failure(&self) -> Option<Failure> {
+        (!self.is_success()).then(|| Failure::Task(Box::new(self.clone())))
+    }
+
     pub fn attempts(&self) -> u32 {
         match self {
             Self::Succeeded(s) => s.attempts,
@@ -218,6 +241,43 @@ impl Outcome {
             | Self::Cancelled { attempts } => *attempts,
             Self::NotRun(_) => 0,
         }
+    }
+}
+
+/// Why a pattern's step has no answer. The task's outcome is kept whole, so
+/// its kind (a bad key, a deadline) still decides what the caller does; it
+/// serializes as its description.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Failure {
+    /// The task ended without an answer (boxed: an outcome is large).
+    Task(Box<Outcome>),
+    /// The pattern found no answer in what came back (the judge named no
+    /// response, no sample succeeded).
+    Pattern(String),
+}
+
+impl Failure {
+    /// The task's outcome, when a task failed.
+    pub fn outcome(&self) -> Option<&Outcome> {
+        match self {
+            Self::Task(outcome) => Some(outcome),
+            Self::Pattern(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Task(outcome) => f.write_str(&outcome.describe().unwrap_or_default()),
+            Self::Pattern(message) => f.write_str(message),
+        }
+    }
+}
+
+impl Serialize for Failure {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
     }
 }
 
@@ -231,6 +291,7 @@ pub struct TaskResult {
     pub outcome: Outcome,
 }
 
+/// Milliseconds to the microsecond (`121.85`, not `121.85022199999999`).
 fn serialize_millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_f64(d.as_secs_f64() * 1000.0)
+    s.serialize_f64(d.as_micros() as f64 / 1000.0)
 }

@@ -21,8 +21,8 @@ use fanout::{CancellationToken, HeldResult, HeldResults, TaskResult, Totals};
 use fanout_store::{Finished, Store};
 use futures_util::{FutureExt, StreamExt};
 
-use super::Ending;
 use super::job::OpenJob;
+use crate::exit::Ending;
 use crate::output::Output;
 use crate::progress::Progress;
 use crate::record::{to_record, to_result};

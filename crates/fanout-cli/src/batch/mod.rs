@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fanout::{CancellationToken, Executor, NotRun, Outcome, Timeout};
+use fanout::{CancellationToken, Executor};
 use fanout_store::Store;
 use serde::{Deserialize, Serialize};
 
@@ -60,43 +60,6 @@ pub struct RunOptions {
     pub json: bool,
     /// After the first Ctrl-C, how long in-flight calls may take to finish.
     pub grace: Duration,
-}
-
-/// How the results ended, for the exit code.
-#[derive(Default)]
-pub struct Ending {
-    failed: u64,
-    unfinished: u64,
-    cannot_succeed: Option<String>,
-}
-
-impl Ending {
-    fn add(&mut self, outcome: &Outcome) {
-        match outcome {
-            Outcome::Succeeded(_) => {}
-            Outcome::Failed { .. } | Outcome::TimedOut { timeout: Timeout::Task, .. } => {
-                self.failed += 1
-            }
-            Outcome::NotRun(NotRun::CircuitOpen(cause)) => {
-                self.unfinished += 1;
-                self.cannot_succeed.get_or_insert_with(|| cause.to_string());
-            }
-            _ => self.unfinished += 1,
-        }
-    }
-
-    /// 0 all succeeded; 3 some failed; 4 stopped before finishing; 5 the job cannot succeed.
-    fn code(&self) -> ExitCode {
-        ExitCode::from(if self.cannot_succeed.is_some() {
-            5
-        } else if self.unfinished > 0 {
-            4
-        } else if self.failed > 0 {
-            3
-        } else {
-            0
-        })
-    }
 }
 
 /// Ctrl-C once: stop launching and let in-flight calls finish within the grace
@@ -258,5 +221,5 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
             resume_command(&options)
         );
     }
-    Ok(ending.code())
+    Ok(ending.exit().into())
 }

@@ -27,7 +27,7 @@ async fn flags_override_env_override_profile() {
             let output = run(command).await;
             assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
             let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-            result["response"]["model"].as_str().unwrap().to_owned()
+            result["model"].as_str().unwrap().to_owned()
         }
     };
     // OPENAI_BASE_URL (env) beats the profile's unreachable base_url.

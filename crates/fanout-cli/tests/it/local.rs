@@ -18,8 +18,8 @@ fn with_nothing_configured_the_local_model_answers() {
         home.fanout().env("FANOUT_MODEL", &model).args(["--json", "ask", "hi"]).output().unwrap();
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(result["response"]["model"], "tiny-random-llama");
-    assert!(result["response"]["usage"]["input_tokens"].as_u64().unwrap() > 5, "{result}");
+    assert_eq!(result["model"], "tiny-random-llama");
+    assert!(result["usage"]["input_tokens"].as_u64().unwrap() > 5, "{result}");
 
     // A batch over every row, in parallel, with the row's fields in the prompt.
     home.write("essays.jsonl", "{\"id\":\"a\",\"essay\":\"Trees help.\"}\n{\"id\":\"b\",\"essay\":\"Cats nap.\"}\n{\"id\":\"c\",\"essay\":\"Rain falls.\"}\n");
@@ -88,7 +88,7 @@ async fn an_api_key_in_the_environment_chooses_that_provider() {
     let output = run(command).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let result: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(result["response"]["model"], "gpt-4o-mini");
+    assert_eq!(result["model"], "gpt-4o-mini");
 }
 
 #[test]

@@ -4,6 +4,7 @@
 mod batch;
 mod config;
 mod crash;
+mod exit_codes;
 mod jobs;
 mod local;
 mod patterns;

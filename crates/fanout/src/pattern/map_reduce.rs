@@ -9,7 +9,7 @@ use std::collections::BTreeSet;
 use serde::Serialize;
 
 use crate::tokens::estimate_text;
-use crate::{Executor, Request, Task};
+use crate::{Executor, Failure, Request, Task};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Document {
@@ -63,7 +63,7 @@ pub struct MapReduceResult {
     /// Level 0 holds the mapped chunks; each later level, one round of collapsing.
     pub levels: Vec<Vec<Summary>>,
     /// Chunks or groups that failed: their ids and why.
-    pub failures: Vec<(Vec<String>, String)>,
+    pub failures: Vec<(Vec<String>, Failure)>,
 }
 
 /// Splits a document into chunks of about `chunk_tokens`, overlapping by about
@@ -139,16 +139,16 @@ fn groups(summaries: Vec<Summary>, budget: usize) -> Vec<Vec<Summary>> {
 async fn run_all(
     executor: &Executor,
     prompts: Vec<(Vec<String>, String)>,
-    failures: &mut Vec<(Vec<String>, String)>,
+    failures: &mut Vec<(Vec<String>, Failure)>,
 ) -> Vec<Summary> {
     let tasks: Vec<Task> =
         prompts.iter().map(|(_, p)| Task::new(Request::user(p.clone()))).collect();
     let report = executor.run(tasks).await;
     let mut out = Vec::new();
     for (result, (sources, _)) in report.results.iter().zip(prompts) {
-        match result.outcome.text() {
-            Some(text) => out.push(Summary { sources, text: text.to_owned() }),
-            None => failures.push((sources, super::failure(&result.outcome).unwrap_or_default())),
+        match (result.outcome.text(), result.outcome.failure()) {
+            (Some(text), _) => out.push(Summary { sources, text: text.to_owned() }),
+            (None, failure) => failures.extend(failure.map(|failure| (sources, failure))),
         }
     }
     out

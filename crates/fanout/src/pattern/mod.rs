@@ -17,16 +17,3 @@ pub mod perspectives;
 pub mod sections;
 pub mod vote;
 pub mod workflow;
-
-use crate::Outcome;
-
-/// Why a task gave no answer, in words; `None` for a success.
-pub fn failure(outcome: &Outcome) -> Option<String> {
-    match outcome {
-        Outcome::Succeeded(_) => None,
-        Outcome::Failed { error, .. } => Some(error.to_string()),
-        Outcome::TimedOut { .. } => Some("timed out".into()),
-        Outcome::Cancelled { .. } => Some("cancelled".into()),
-        Outcome::NotRun(reason) => Some(reason.to_string()),
-    }
-}

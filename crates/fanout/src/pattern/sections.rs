@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::{Executor, Request, Task};
+use crate::{Executor, Failure, Request, Task};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Section {
@@ -25,13 +25,13 @@ pub struct Part {
     /// `s1`, `s2`, ... in the order the sections were given.
     pub id: String,
     pub text: Option<String>,
-    pub error: Option<String>,
+    pub error: Option<Failure>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Synthesis {
     pub text: Option<String>,
-    pub error: Option<String>,
+    pub error: Option<Failure>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -50,7 +50,7 @@ pub fn synthesis_prompt(instructions: &str, parts: &[Part]) -> String {
             (Some(text), _) => prompt.push_str(text.trim()),
             (None, error) => prompt.push_str(&format!(
                 "[MISSING: this part has no result ({}). Say what is missing rather than guessing.]",
-                error.as_deref().unwrap_or("unknown reason")
+                error.as_ref().map_or_else(|| "unknown reason".into(), ToString::to_string)
             )),
         }
         prompt.push('\n');
@@ -78,7 +78,7 @@ pub async fn sections(
             name,
             id: result.id.to_string(),
             text: result.outcome.text().map(str::to_owned),
-            error: super::failure(&result.outcome),
+            error: result.outcome.failure(),
         })
         .collect();
     let synthesis = match synthesize {
@@ -87,10 +87,7 @@ pub async fn sections(
             let report =
                 executor.run([Request::user(synthesis_prompt(instructions, &parts))]).await;
             let outcome = &report.results[0].outcome;
-            Some(Synthesis {
-                text: outcome.text().map(str::to_owned),
-                error: super::failure(outcome),
-            })
+            Some(Synthesis { text: outcome.text().map(str::to_owned), error: outcome.failure() })
         }
     };
     SectionsResult { parts, synthesis }

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 
 use super::extract::{Extractor, normalize};
-use crate::{Executor, Outcome, Request, Task};
+use crate::{Executor, Failure, Outcome, Request, Task};
 
 /// When a vote is decided.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -82,7 +82,7 @@ pub struct Sample {
     pub text: Option<String>,
     /// The extracted answer; `None` when the sample failed or had none.
     pub answer: Option<String>,
-    pub error: Option<String>,
+    pub error: Option<Failure>,
 }
 
 /// An answer's share of the vote.
@@ -338,7 +338,7 @@ pub async fn vote(executor: &Executor, request: &Request, options: &VoteOptions)
             let index = launched - wave + result.index;
             let (text, error) = match &result.outcome {
                 Outcome::Succeeded(success) => (Some(success.response.text.clone()), None),
-                other => (None, crate::pattern::failure(other)),
+                other => (None, other.failure()),
             };
             let answer = text.as_deref().and_then(|t| options.extractor.extract(t));
             if let Some(answer) = &answer {
@@ -368,7 +368,7 @@ pub struct Consistent {
     pub text: Option<String>,
     pub samples: Vec<Sample>,
     pub judge: Option<String>,
-    pub error: Option<String>,
+    pub error: Option<Failure>,
 }
 
 /// Samples `n` answers, then asks a judge for the most consistent one.
@@ -388,7 +388,7 @@ pub async fn most_consistent(
             index: r.index,
             text: r.outcome.text().map(str::to_owned),
             answer: None,
-            error: crate::pattern::failure(&r.outcome),
+            error: r.outcome.failure(),
         })
         .collect();
     let answered: Vec<&Sample> = samples.iter().filter(|s| s.text.is_some()).collect();
@@ -398,7 +398,7 @@ pub async fn most_consistent(
             text: None,
             samples,
             judge: None,
-            error: Some("no sample succeeded".into()),
+            error: Some(Failure::Pattern("no sample succeeded".into())),
         };
     }
     let mut prompt = format!(
@@ -427,8 +427,8 @@ pub async fn most_consistent(
         answered.get(k.checked_sub(1)?).map(|s| s.index)
     });
     let error = match (&judge, pick) {
-        (None, _) => crate::pattern::failure(&judged.results[0].outcome),
-        (Some(_), None) => Some("the judge named no response".into()),
+        (None, _) => judged.results[0].outcome.failure(),
+        (Some(_), None) => Some(Failure::Pattern("the judge named no response".into())),
         _ => None,
     };
     let text =

@@ -23,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use minijinja::{Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 
-use crate::{Executor, Request, Task};
+use crate::{Executor, Failure, Request, Task};
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,7 +53,7 @@ pub struct Step {
 pub struct StepResult {
     pub name: String,
     pub text: Option<String>,
-    pub error: Option<String>,
+    pub error: Option<Failure>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize)]
@@ -221,7 +221,7 @@ impl Plan {
                     results[i] = Some(StepResult {
                         name: steps[i].name.clone(),
                         text: None,
-                        error: Some(error),
+                        error: Some(Failure::Pattern(error)),
                     });
                     continue;
                 }
@@ -231,7 +231,7 @@ impl Plan {
                         results[i] = Some(StepResult {
                             name: steps[i].name.clone(),
                             text: None,
-                            error: Some(error),
+                            error: Some(Failure::Pattern(error)),
                         })
                     }
                 }
@@ -242,7 +242,7 @@ impl Plan {
                 results[i] = Some(StepResult {
                     name: steps[i].name.clone(),
                     text: result.outcome.text().map(str::to_owned),
-                    error: super::failure(&result.outcome),
+                    error: result.outcome.failure(),
                 });
             }
         }

@@ -9,6 +9,7 @@
 mod batch;
 mod cache;
 mod exit;
+mod fingerprint;
 mod input;
 mod jobs;
 mod models;

@@ -404,12 +404,4 @@ impl Settings {
         }
         self
     }
-
-    /// What changes answers (not limits or timeouts): part of a job's fingerprint.
-    pub fn answer_settings(&self) -> String {
-        format!(
-            "{:?}|{}|{:?}|{:?}|{:?}",
-            self.provider, self.model, self.base_url, self.temperature, self.max_tokens
-        )
-    }
 }

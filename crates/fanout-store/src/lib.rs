@@ -384,6 +384,17 @@ impl Store {
         transaction.commit().context(context)
     }
 
+    /// Stores a job's fingerprint anew (written by an older version of the program).
+    pub fn set_fingerprint(&self, job: i64, fingerprint: &Fingerprint) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET fingerprint = ?2 WHERE id = ?1",
+                params![job, fingerprint.to_json()],
+            )
+            .map(drop)
+            .context(|| format!("cannot update the fingerprint of job {job}"))
+    }
+
     pub fn record_at(&self, job: i64, index: u64) -> Result<Option<Record>> {
         self.conn
             .prepare_cached(&format!(

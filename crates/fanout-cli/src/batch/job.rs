@@ -6,11 +6,12 @@ use std::io::Read;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use fanout_store::{Fingerprint, Finished, Job, Store};
+use fanout_store::{Finished, Job, Store};
 use sha2::{Digest, Sha256};
 
 use super::{RunOptions, Spec};
 use crate::Refusal;
+use crate::fingerprint;
 
 /// A job ready to run.
 pub struct OpenJob {
@@ -28,10 +29,6 @@ pub enum Opened {
     Ready(Box<OpenJob>),
     /// The input is empty: nothing to do.
     Empty,
-}
-
-fn sha256(bytes: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(bytes))
 }
 
 /// The input's hash and its number of lines, in one streaming pass.
@@ -54,23 +51,6 @@ fn scan_input(path: &Path) -> Result<(String, u64)> {
     Ok((format!("{:x}", hash.finalize()), lines + u64::from(last != b'\n')))
 }
 
-fn fingerprint(spec: &Spec, input_hash: String) -> Fingerprint {
-    let mut parts = std::collections::BTreeMap::new();
-    parts.insert("input file".to_string(), input_hash);
-    parts.insert(
-        "prompt template".to_string(),
-        sha256(spec.prompt.as_deref().unwrap_or("").as_bytes()),
-    );
-    parts.insert(
-        "system prompt".to_string(),
-        sha256(spec.system.as_deref().unwrap_or("").as_bytes()),
-    );
-    let shape =
-        format!("{:?}|{:?}|{}", spec.format, spec.id_field, spec.settings.answer_settings());
-    parts.insert("provider, model or parameters".to_string(), sha256(shape.as_bytes()));
-    Fingerprint(parts)
-}
-
 /// Finds or creates the job; refuses (exit 2) a job whose input, template or
 /// settings changed, naming what changed.
 pub fn open(spec: &Spec, options: &RunOptions) -> Result<Opened> {
@@ -85,10 +65,14 @@ pub fn open(spec: &Spec, options: &RunOptions) -> Result<Opened> {
         return Ok(Opened::Empty);
     }
     let store = Store::open(&options.store)?;
-    let fingerprint = fingerprint(spec, input_hash);
     let job = match store.job(&options.job)? {
-        Some(job) => {
-            let changed = job.fingerprint.differences(&fingerprint);
+        Some(mut job) => {
+            let (changed, upgrade) = fingerprint::job_changes(&job.fingerprint, spec, input_hash);
+            if let Some(current) = upgrade {
+                // Written by an older version: the same job, stored anew under this one.
+                store.set_fingerprint(job.id, &current)?;
+                job.fingerprint = current;
+            }
             if !changed.is_empty() && !stdin {
                 return Err(Refusal(anyhow::anyhow!(
                     "job `{}` was started with a different {}; run it with the same ones, or start a new job with another --job name",
@@ -104,7 +88,7 @@ pub fn open(spec: &Spec, options: &RunOptions) -> Result<Opened> {
             store.create_job(
                 &options.job,
                 &spec.input.display().to_string(),
-                &fingerprint,
+                &fingerprint::job(spec, input_hash),
                 &settings,
             )?
         }

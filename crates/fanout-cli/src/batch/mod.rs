@@ -156,10 +156,7 @@ async fn executor(
 ) -> Result<Executor> {
     let mut provider = spec.settings.provider(options.quiet).await.map_err(Refusal)?;
     if options.cache {
-        let scope = format!(
-            "{:?}|{}|{:?}",
-            spec.settings.provider, spec.settings.model, spec.settings.base_url
-        );
+        let scope = crate::fingerprint::cache_scope(&spec.settings);
         provider = Arc::new(Cached::new(provider, scope, &options.store)?);
     }
     Ok(spec

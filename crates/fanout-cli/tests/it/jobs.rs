@@ -91,6 +91,44 @@ async fn changed_input_is_refused_with_what_changed() {
     assert_eq!(server.stats().requests, 5);
 }
 
+/// A job stored by the first version (its fingerprint hashed Rust's `Debug`
+/// text and had no version) is the same job to this one: it resumes, and its
+/// fingerprint is stored anew under the current version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_stored_by_the_first_version_resumes() {
+    use sha2::{Digest, Sha256};
+    let server = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    home.write("rows.jsonl", crate::rows(5));
+    assert_eq!(run(batch(&home, &server, "essays", &[])).await.status.code(), Some(0));
+    let db = rusqlite::Connection::open(home.store()).unwrap();
+    let read = || -> serde_json::Value {
+        let text: String = db
+            .query_row("SELECT fingerprint FROM jobs WHERE name = 'essays'", [], |r| r.get(0))
+            .unwrap();
+        serde_json::from_str(&text).unwrap()
+    };
+    let mut fingerprint = read();
+    assert_eq!(fingerprint["fingerprint version"], "2");
+    // What the first version wrote for these settings.
+    let debug_text = format!(
+        r#"Jsonl|Some("id")|Openai|gpt-4o-mini|Some("{}")|None|None"#,
+        server.openai_base_url()
+    );
+    let object = fingerprint.as_object_mut().unwrap();
+    object.remove("fingerprint version");
+    object.insert(
+        "provider, model or parameters".into(),
+        format!("{:x}", Sha256::digest(debug_text.as_bytes())).into(),
+    );
+    db.execute("UPDATE jobs SET fingerprint = ?1 WHERE name = 'essays'", [fingerprint.to_string()])
+        .unwrap();
+    let output = run(batch(&home, &server, "essays", &[])).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(server.stats().requests, 5, "nothing was asked again");
+    assert_eq!(read()["fingerprint version"], "2");
+}
+
 /// Failed tasks stay failed on resume unless --retry-failed asks for them again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_tasks_are_retried_only_on_request() {

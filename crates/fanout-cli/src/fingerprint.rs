@@ -1,0 +1,231 @@
+//! What identifies a job and a cached answer: written out field by field under
+//! a version number and hashed with SHA-256, so renaming a Rust type, variant
+//! or field never silently refuses users' stored jobs or misses their cached
+//! answers. A new way of computing them gets a new version; jobs stored under
+//! an old one are still recognized (see [`job_changes`]).
+
+use std::collections::BTreeMap;
+
+use fanout_store::Fingerprint;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::batch::Spec;
+use crate::input::Format;
+use crate::settings::{ProviderKind, Settings};
+
+/// The current way fingerprints and cache scopes are written.
+const VERSION: &str = "2";
+/// The fingerprint part that holds [`VERSION`]; jobs of the first version have none.
+const VERSION_PART: &str = "fingerprint version";
+const SETTINGS_PART: &str = "provider, model or parameters";
+
+pub fn sha256(bytes: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(bytes))
+}
+
+/// The settings that change answers (not limits or timeouts), by name.
+#[derive(Serialize)]
+struct Answering<'a> {
+    provider: &'static str,
+    model: &'a str,
+    base_url: Option<&'a str>,
+    temperature: Option<f32>,
+    max_tokens: Option<u32>,
+}
+
+/// The job's shape beyond its texts: how rows are read, and what answers them.
+#[derive(Serialize)]
+struct Shape<'a> {
+    version: &'static str,
+    format: &'static str,
+    id_field: Option<&'a str>,
+    answering: Answering<'a>,
+}
+
+fn provider_name(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Openai => "openai",
+        ProviderKind::Anthropic => "anthropic",
+        ProviderKind::Mock => "mock",
+        ProviderKind::Local => "local",
+    }
+}
+
+fn format_name(format: Format) -> &'static str {
+    match format {
+        Format::Jsonl => "jsonl",
+        Format::Csv => "csv",
+        Format::OpenaiBatch => "openai-batch",
+    }
+}
+
+fn answering(settings: &Settings) -> Answering<'_> {
+    Answering {
+        provider: provider_name(settings.provider),
+        model: &settings.model,
+        base_url: settings.base_url.as_deref(),
+        temperature: settings.temperature,
+        max_tokens: settings.max_tokens,
+    }
+}
+
+/// The texts every version fingerprints the same way.
+fn texts(spec: &Spec, input_hash: String) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("input file".to_owned(), input_hash),
+        ("prompt template".to_owned(), sha256(spec.prompt.as_deref().unwrap_or("").as_bytes())),
+        ("system prompt".to_owned(), sha256(spec.system.as_deref().unwrap_or("").as_bytes())),
+    ])
+}
+
+/// A job's fingerprint: its input, templates and answer-shaping settings.
+pub fn job(spec: &Spec, input_hash: String) -> Fingerprint {
+    let shape = Shape {
+        version: VERSION,
+        format: format_name(spec.format),
+        id_field: spec.id_field.as_deref(),
+        answering: answering(&spec.settings),
+    };
+    let shape = serde_json::to_vec(&shape).expect("the shape serializes");
+    let mut parts = texts(spec, input_hash);
+    parts.insert(SETTINGS_PART.to_owned(), sha256(&shape));
+    parts.insert(VERSION_PART.to_owned(), VERSION.to_owned());
+    Fingerprint(parts)
+}
+
+/// The first version's fingerprint, frozen: it hashed the `Debug` text of the
+/// settings, spelled out here as it was so those jobs can still be resumed.
+fn legacy_v1(spec: &Spec, input_hash: String) -> Fingerprint {
+    let format = match spec.format {
+        Format::Jsonl => "Jsonl",
+        Format::Csv => "Csv",
+        Format::OpenaiBatch => "OpenaiBatch",
+    };
+    let provider = match spec.settings.provider {
+        ProviderKind::Openai => "Openai",
+        ProviderKind::Anthropic => "Anthropic",
+        ProviderKind::Mock => "Mock",
+        ProviderKind::Local => "Local",
+    };
+    let settings = &spec.settings;
+    let shape = format!(
+        "{format}|{:?}|{provider}|{}|{:?}|{:?}|{:?}",
+        spec.id_field, settings.model, settings.base_url, settings.temperature, settings.max_tokens
+    );
+    let mut parts = texts(spec, input_hash);
+    parts.insert(SETTINGS_PART.to_owned(), sha256(shape.as_bytes()));
+    Fingerprint(parts)
+}
+
+/// What differs between a stored job and this run (empty: the same job), and
+/// the fingerprint to store when the job was written by an older version.
+pub fn job_changes(
+    stored: &Fingerprint,
+    spec: &Spec,
+    input_hash: String,
+) -> (Vec<String>, Option<Fingerprint>) {
+    let current = job(spec, input_hash.clone());
+    if stored.0.contains_key(VERSION_PART) {
+        return (stored.differences(&current), None);
+    }
+    let changes = stored.differences(&legacy_v1(spec, input_hash));
+    let upgrade = changes.is_empty().then_some(current);
+    (changes, upgrade)
+}
+
+/// The cache's scope: which provider, endpoint and default model answered.
+pub fn cache_scope(settings: &Settings) -> String {
+    #[derive(Serialize)]
+    struct Scope<'a> {
+        version: &'static str,
+        provider: &'static str,
+        model: &'a str,
+        base_url: Option<&'a str>,
+    }
+    let scope = Scope {
+        version: VERSION,
+        provider: provider_name(settings.provider),
+        model: &settings.model,
+        base_url: settings.base_url.as_deref(),
+    };
+    serde_json::to_string(&scope).expect("the scope serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::OutputFormat;
+
+    fn spec() -> Spec {
+        let settings = Settings {
+            provider: ProviderKind::Openai,
+            model: "gpt-4o-mini".into(),
+            base_url: Some("http://127.0.0.1:8080/v1".into()),
+            api_key_env: "OPENAI_API_KEY".into(),
+            concurrency: 16,
+            rpm: None,
+            tpm: None,
+            attempt_timeout: 120.0,
+            deadline: None,
+            retries: 4,
+            temperature: Some(0.5),
+            max_tokens: Some(64),
+            threads: None,
+            price: None,
+            hedge: None,
+        };
+        Spec {
+            input: "rows.jsonl".into(),
+            format: Format::Jsonl,
+            prompt: Some("Grade: {{ essay }}".into()),
+            system: None,
+            id_field: Some("id".into()),
+            output_format: OutputFormat::Jsonl,
+            settings,
+        }
+    }
+
+    /// The serialized form is pinned: a rename that changes it fails here, not
+    /// in users' stored jobs.
+    #[test]
+    fn the_fingerprint_is_pinned() {
+        let fingerprint = job(&spec(), "abc".into());
+        let shape = concat!(
+            r#"{"version":"2","format":"jsonl","id_field":"id","answering":{"provider":"openai","#,
+            r#""model":"gpt-4o-mini","base_url":"http://127.0.0.1:8080/v1","temperature":0.5,"max_tokens":64}}"#
+        );
+        assert_eq!(
+            fingerprint.0[SETTINGS_PART],
+            sha256(shape.as_bytes()),
+            "the shape is exactly this"
+        );
+        assert_eq!(fingerprint.0[VERSION_PART], "2");
+        assert_eq!(
+            cache_scope(&spec().settings),
+            r#"{"version":"2","provider":"openai","model":"gpt-4o-mini","base_url":"http://127.0.0.1:8080/v1"}"#
+        );
+    }
+
+    /// A job stored by the first version (no version part, the Debug-text
+    /// hash) is still the same job, and gets the current fingerprint.
+    #[test]
+    fn a_job_of_the_first_version_is_recognized_and_upgraded() {
+        let spec = spec();
+        // What the first version stored for this spec.
+        let debug_text = r#"Jsonl|Some("id")|Openai|gpt-4o-mini|Some("http://127.0.0.1:8080/v1")|Some(0.5)|Some(64)"#;
+        let mut stored = texts(&spec, "abc".into());
+        stored.insert(SETTINGS_PART.into(), sha256(debug_text.as_bytes()));
+        let stored = Fingerprint(stored);
+        let (changes, upgrade) = job_changes(&stored, &spec, "abc".into());
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(upgrade, Some(job(&spec, "abc".into())));
+        // Under the current version, the same job is unchanged; another model is not.
+        let (changes, upgrade) = job_changes(&job(&spec, "abc".into()), &spec, "abc".into());
+        assert!(changes.is_empty() && upgrade.is_none());
+        let mut other = spec.clone();
+        other.settings.model = "gpt-4o".into();
+        let (changes, _) = job_changes(&stored, &other, "abc".into());
+        assert_eq!(changes, [SETTINGS_PART]);
+    }
+}

@@ -152,21 +152,6 @@ fn derived_seed(request: &Request) -> u64 {
     u64::from_le_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
 }
 
-#[cfg(test)]
-mod seed_tests {
-    use super::*;
-
-    /// Pinned: a change here changes every local answer given without a seed.
-    #[test]
-    fn the_derived_seed_is_pinned() {
-        let request = Request::user("What is 6 x 7?").with_system("Be brief.");
-        assert_eq!(derived_seed(&request), 13_314_059_006_871_129_660);
-        let mut second = request.clone();
-        second.sample_index = 1;
-        assert_ne!(derived_seed(&second), derived_seed(&request), "samples differ");
-    }
-}
-
 #[async_trait::async_trait]
 impl Provider for LocalModel {
     fn name(&self) -> &str {
@@ -214,5 +199,20 @@ impl Provider for LocalModel {
     fn estimate_tokens(&self, request: &Request) -> u64 {
         self.estimate_prompt_tokens(request)
             + u64::from(request.max_tokens.unwrap_or(self.inner.options.default_max_tokens))
+    }
+}
+
+#[cfg(test)]
+mod seed_tests {
+    use super::*;
+
+    /// Pinned: a change here changes every local answer given without a seed.
+    #[test]
+    fn the_derived_seed_is_pinned() {
+        let request = Request::user("What is 6 x 7?").with_system("Be brief.");
+        assert_eq!(derived_seed(&request), 13_314_059_006_871_129_660);
+        let mut second = request.clone();
+        second.sample_index = 1;
+        assert_ne!(derived_seed(&second), derived_seed(&request), "samples differ");
     }
 }

@@ -180,11 +180,13 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
         }
     };
     if !open.finished.is_empty() && !options.quiet {
-        eprintln!(
-            "fanout: job `{}`: {} tasks already finished; running the rest",
-            open.job.name,
-            open.finished.len()
-        );
+        let finished = open.finished.len();
+        let rest = if open.lines == Some(finished) {
+            "nothing left to run; writing the results again"
+        } else {
+            "running the rest"
+        };
+        eprintln!("fanout: job `{}`: {finished} tasks already finished; {rest}", open.job.name);
     }
     let progress = Progress::new(open.lines, options.quiet, spec.settings.price);
     let interrupts = Interrupts::install(options.grace);

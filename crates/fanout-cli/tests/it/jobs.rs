@@ -127,6 +127,18 @@ async fn a_job_stored_by_the_first_version_resumes() {
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(server.stats().requests, 5, "nothing was asked again");
     assert_eq!(read()["fingerprint version"], "2");
+    // Run again, not quietly: a finished job says there is nothing left to run.
+    let mut again = home.fanout();
+    again
+        .args(["--provider", "openai", "--base-url", &server.openai_base_url(), "batch"])
+        .arg(home.path("rows.jsonl"))
+        .args(["--prompt", "Grade: {{ essay }}", "--id", "id", "--job", "essays"]);
+    let output = run(again).await;
+    assert!(
+        stderr(&output).contains("5 tasks already finished; nothing left to run"),
+        "{}",
+        stderr(&output)
+    );
 }
 
 /// Failed tasks stay failed on resume unless --retry-failed asks for them again.

@@ -172,7 +172,34 @@ impl Endpoint {
         } else {
             ErrorKind::Connection
         };
-        ProviderError::new(kind, self.scrub(&error.to_string()))
+        // reqwest's own text stops at "error sending request"; the cause
+        // (connection refused, DNS, TLS) is further down the chain.
+        let mut message = error.to_string();
+        let mut source = std::error::Error::source(&error);
+        while let Some(cause) = source {
+            let cause_text = cause.to_string();
+            if !message.contains(&cause_text) {
+                message.push_str(": ");
+                message.push_str(&cause_text);
+            }
+            source = cause.source();
+        }
+        ProviderError::new(kind, self.scrub(&message))
+    }
+
+    /// Where a 404 came from, and a hint when the base URL looks like it lacks
+    /// the `/v1` that OpenAI-compatible servers serve under.
+    fn not_found_detail(&self) -> String {
+        let mut url = self.url.clone();
+        // A base URL may carry credentials; they stay out of errors.
+        let _ = url.set_username("");
+        let _ = url.set_password(None);
+        let hint = if url.path().contains("/v1/") {
+            ""
+        } else {
+            "; servers usually answer under /v1: does the base URL lack it?"
+        };
+        format!(" (404 at {url}{hint})")
     }
 
     /// An error for a non-2xx answer, classified from its status and body.
@@ -188,10 +215,13 @@ impl Endpoint {
             .and_then(ErrorBody::kind)
             .or_else(|| ErrorKind::from_status(status))
             .unwrap_or(ErrorKind::MalformedResponse);
-        let message = match &detail {
+        let mut message = match &detail {
             Some(detail) => detail.message.clone(),
             None => String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned(),
         };
+        if status == 404 {
+            message.push_str(&self.not_found_detail());
+        }
         let mut error = ProviderError::new(kind, self.scrub(&message)).with_status(status);
         if let Some(id) = request_id(headers) {
             error = error.with_request_id(id);

@@ -198,6 +198,26 @@ async fn malformed_answers_and_dead_servers_are_retryable() {
     let closed = OpenAi::builder("m").base_url("http://127.0.0.1:9/v1").build().unwrap();
     let error = closed.complete(&Request::user("hi")).await.unwrap_err();
     assert_eq!((error.kind(), error.is_retryable()), (ErrorKind::Connection, true));
+    // The cause is kept, not only "error sending request".
+    assert!(error.message().contains("Connection refused"), "{error}");
+}
+
+/// A 404 says which URL was tried, and hints at a missing `/v1`.
+#[tokio::test]
+async fn a_404_names_the_url_and_a_missing_v1() {
+    let server = server().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(404).set_body_string("Not Found"))
+        .mount(&server)
+        .await;
+    let without_v1 = OpenAi::builder("m").base_url(server.uri()).build().unwrap();
+    let error = without_v1.complete(&Request::user("hi")).await.unwrap_err();
+    let tried = format!("{}/chat/completions", server.uri());
+    assert!(error.message().contains(&format!("404 at {tried}")), "{error}");
+    assert!(error.message().contains("does the base URL lack it?"), "{error}");
+    let error = provider(&server).complete(&Request::user("hi")).await.unwrap_err();
+    assert!(error.message().contains("/v1/chat/completions)"), "{error}");
+    assert!(!error.message().contains("lack"), "{error}");
 }
 
 #[tokio::test]

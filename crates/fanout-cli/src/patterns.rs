@@ -95,9 +95,21 @@ pub struct VoteArgs {
     stop_rule: StopRule,
     #[arg(long, default_value_t = 0.99)]
     confidence: f64,
-    /// Consensus needs at least this many agreeing samples
-    #[arg(long)]
+    /// Consensus needs at least this many agreeing samples [default: more than
+    /// half of the votes cast]
+    #[arg(long, conflicts_with = "plurality")]
     at_least: Option<usize>,
+    /// The answer with the most votes wins, majority or not
+    #[arg(long)]
+    plurality: bool,
+    /// Answers cut off at --max-tokens vote too (by default they do not: their
+    /// last number is often one from the question)
+    #[arg(long)]
+    count_truncated: bool,
+    /// With --distinct: answers at least this similar (token-set Jaccard, 0 to 1)
+    /// are near-duplicates
+    #[arg(long, default_value_t = 0.8)]
+    similarity: f64,
     /// Weights of the samples, in order: 2,1,1
     #[arg(long, value_delimiter = ',')]
     weights: Vec<f64>,
@@ -126,7 +138,10 @@ impl VoteArgs {
         options.weights = self.weights.clone();
         if let Some(k) = self.at_least {
             options.rule = Rule::AtLeast(k);
+        } else if self.plurality {
+            options.rule = Rule::Plurality;
         }
+        options.count_truncated = self.count_truncated;
         if self.early_stop {
             options.early_stop = Some(match self.stop_rule {
                 StopRule::Certain => EarlyStop::Certain,
@@ -138,10 +153,14 @@ impl VoteArgs {
     }
 }
 
+/// The samples' temperature when --temperature is not given: samples of one
+/// prompt must differ for a vote to mean anything.
+const SAMPLE_TEMPERATURE: f32 = 0.7;
+
 pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
     let (executor, settings) = executor(flags).await?;
     let options = args.options()?;
-    let temperature = settings.temperature.unwrap_or(0.7);
+    let temperature = settings.temperature.unwrap_or(SAMPLE_TEMPERATURE);
     if let Some(path) = &args.input {
         let prompt = Prompt::new(&args.prompt, args.system.as_deref()).map_err(Refusal)?;
         let format = input::detect(path, None).map_err(Refusal)?;
@@ -157,7 +176,8 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
                             .map(|(what, failure)| (format!("{} {what}", row.id), failure));
                         conclude(&mut samples, failures);
                         serde_json::json!({"id": row.id, "winner": result.winner, "consensus": result.consensus,
-                            "agreement": result.agreement, "distribution": result.distribution, "calls": result.calls})
+                            "plurality": result.plurality, "agreement": result.agreement,
+                            "distribution": result.distribution, "calls": result.calls})
                     }
                     Err(error) => serde_json::json!({"id": row.id, "error": error}),
                 },
@@ -185,7 +205,8 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
     }
     if args.distinct {
         let budget = args.budget.unwrap_or(args.samples * 3);
-        let result = distinct(&executor, &request, args.samples, budget, 0.8, temperature).await;
+        let result =
+            distinct(&executor, &request, args.samples, budget, args.similarity, temperature).await;
         if flags.json {
             print_json(&result)?;
         } else {
@@ -207,9 +228,10 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
     if flags.json {
         print_json(&result)?;
     } else {
-        match &result.winner {
-            Some(winner) => println!("{winner}"),
-            None => println!("no consensus"),
+        match (&result.winner, &result.plurality) {
+            (Some(winner), _) => println!("{winner}"),
+            (None, Some(plurality)) => println!("no consensus (plurality: {plurality})"),
+            (None, None) => println!("no consensus"),
         }
         if !flags.quiet {
             let answered: usize = result.distribution.iter().map(|c| c.votes).sum();

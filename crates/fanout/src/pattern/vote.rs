@@ -1,7 +1,9 @@
 //! Voting: the same request N times, then consensus or diversity.
 //!
-//! - [`vote`]: extract each sample's answer and aggregate (majority, with ties
-//!   broken by first appearance and reported; at least k agreeing; weights).
+//! - [`vote`]: extract each sample's answer and aggregate (a majority of the
+//!   votes cast; or the plurality, ties broken by first appearance and
+//!   reported; or at least k agreeing; weights). An answer cut off at
+//!   `max_tokens` is no vote unless asked for.
 //!   Samples launch in waves; with early stopping the vote ends as soon as the
 //!   leader cannot be overtaken by the samples left, or, optionally, when the
 //!   Beta stopping rule of Adaptive-Consistency (arXiv:2305.11860) is confident
@@ -23,8 +25,11 @@ use crate::{Executor, Failure, Outcome, Request, Task};
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
-    /// The most votes wins.
+    /// More than half of the votes cast (by weight) must agree, else there is
+    /// no consensus (the plurality is still reported).
     Majority,
+    /// The most votes wins, majority or not.
+    Plurality,
     /// At least this many samples must agree, else there is no consensus.
     AtLeast(usize),
 }
@@ -59,6 +64,10 @@ pub struct VoteOptions {
     pub wave: Option<usize>,
     /// Used when the request sets no temperature: samples must differ.
     pub temperature: f32,
+    /// Whether an answer cut off at `max_tokens` (`finish_reason` `length`)
+    /// still votes. Off by default: a truncated answer's last number is often
+    /// one from the question ("To add 12 and 30, we ...").
+    pub count_truncated: bool,
 }
 
 impl VoteOptions {
@@ -71,6 +80,7 @@ impl VoteOptions {
             early_stop: None,
             wave: None,
             temperature: 0.7,
+            count_truncated: false,
         }
     }
 }
@@ -80,8 +90,11 @@ impl VoteOptions {
 pub struct Sample {
     pub index: usize,
     pub text: Option<String>,
-    /// The extracted answer; `None` when the sample failed or had none.
+    /// The extracted answer: its vote. `None` when the sample failed, had
+    /// none, or was cut off at `max_tokens` (unless those count).
     pub answer: Option<String>,
+    /// Cut off at `max_tokens`.
+    pub truncated: bool,
     pub error: Option<Failure>,
 }
 
@@ -98,6 +111,9 @@ pub struct VoteResult {
     /// The winning answer (`None` without consensus).
     pub winner: Option<String>,
     pub consensus: bool,
+    /// The answer with the most votes, consensus or not (ties go to the first
+    /// to appear); `None` when no sample voted.
+    pub plurality: Option<String>,
     /// Answers by weight, highest first (ties in order of first appearance).
     pub distribution: Vec<Count>,
     /// The winner's share of the weight of all answered samples.
@@ -221,6 +237,18 @@ fn decided(options: &VoteOptions, tally: &Tally, remaining: &[usize]) -> bool {
             reached || unreachable
         }
         Rule::Majority => {
+            // Settled either way whatever the rest say (a failed sample only
+            // raises the leader's share).
+            let total = tally.answered_weight + remaining_weight;
+            let majority_certain = leader_weight > total / 2.0;
+            let majority_impossible = leader_weight + remaining_weight <= total / 2.0;
+            let (_, _, others, wins_ties) = tally.top_votes();
+            let votes = Votes { leader: leader_votes, second: second_votes, others, wins_ties };
+            majority_certain
+                || majority_impossible
+                || (leader_votes > 0 && confident(options.early_stop, votes, remaining.len()))
+        }
+        Rule::Plurality => {
             let cannot_be_overtaken = leader_weight - second_weight > remaining_weight;
             let (_, _, others, wins_ties) = tally.top_votes();
             let votes = Votes { leader: leader_votes, second: second_votes, others, wins_ties };
@@ -246,10 +274,12 @@ fn result(
         .collect();
     let leader = ranked.first();
     let consensus = match options.rule {
-        Rule::Majority => leader.is_some(),
+        Rule::Majority => leader.is_some_and(|_| top_weight > tally.answered_weight / 2.0),
+        Rule::Plurality => leader.is_some(),
         Rule::AtLeast(k) => leader.is_some_and(|(_, votes, _)| *votes >= k),
     };
-    let winner = leader.filter(|_| consensus).map(|(answer, _, _)| answer.clone());
+    let plurality = leader.map(|(answer, _, _)| answer.clone());
+    let winner = plurality.clone().filter(|_| consensus);
     VoteResult {
         agreement: if tally.answered_weight > 0.0 {
             top_weight / tally.answered_weight
@@ -258,6 +288,7 @@ fn result(
         },
         winner,
         consensus,
+        plurality,
         distribution: ranked
             .into_iter()
             .map(|(answer, votes, weight)| Count { answer, votes, weight })
@@ -300,9 +331,11 @@ fn needed(options: &VoteOptions, tally: &Tally, remaining: usize) -> usize {
     let by_rule = match options.rule {
         Rule::AtLeast(k) => k.saturating_sub(leader).max(1),
         // Weighted votes: one at a time is the only safe bound.
-        Rule::Majority if !options.weights.is_empty() => 1,
+        Rule::Majority | Rule::Plurality if !options.weights.is_empty() => 1,
+        // leader + k > (cast + remaining) / 2
+        Rule::Majority => ((leader + second + others + remaining) / 2 + 1).saturating_sub(leader),
         // leader + k - second > remaining - k
-        Rule::Majority => (remaining + second).saturating_sub(leader) / 2 + 1,
+        Rule::Plurality => (remaining + second).saturating_sub(leader) / 2 + 1,
     };
     // The leader wins ties if it appeared first, or if it has no runner-up yet.
     let wins_ties = wins_ties || second == 0;
@@ -336,15 +369,22 @@ pub async fn vote(executor: &Executor, request: &Request, options: &VoteOptions)
         let mut results = executor.stream(futures_util::stream::iter(tasks));
         while let Some(result) = results.next().await {
             let index = launched - wave + result.index;
-            let (text, error) = match &result.outcome {
-                Outcome::Succeeded(success) => (Some(success.response.text.clone()), None),
-                other => (None, other.failure()),
+            let (text, truncated, error) = match &result.outcome {
+                Outcome::Succeeded(success) => {
+                    let response = &success.response;
+                    let truncated = response.finish_reason.as_deref() == Some("length");
+                    (Some(response.text.clone()), truncated, None)
+                }
+                other => (None, false, other.failure()),
             };
-            let answer = text.as_deref().and_then(|t| options.extractor.extract(t));
+            let answer = text
+                .as_deref()
+                .filter(|_| !truncated || options.count_truncated)
+                .and_then(|t| options.extractor.extract(t));
             if let Some(answer) = &answer {
                 tally.add(answer, weight(options, index), index);
             }
-            samples.push(Sample { index, text, answer, error });
+            samples.push(Sample { index, text, answer, truncated, error });
             let received: BTreeSet<usize> = samples.iter().map(|s| s.index).collect();
             let remaining: Vec<usize> = (0..n).filter(|i| !received.contains(i)).collect();
             if options.early_stop.is_some()
@@ -388,6 +428,10 @@ pub async fn most_consistent(
             index: r.index,
             text: r.outcome.text().map(str::to_owned),
             answer: None,
+            truncated: r
+                .outcome
+                .success()
+                .is_some_and(|s| s.response.finish_reason.as_deref() == Some("length")),
             error: r.outcome.failure(),
         })
         .collect();

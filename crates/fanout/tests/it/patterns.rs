@@ -7,7 +7,7 @@ use fanout::pattern::perspectives::{self, builtin, perspectives};
 use fanout::pattern::sections::{Section, sections};
 use fanout::pattern::vote::{EarlyStop, Rule, VoteOptions, distinct, most_consistent, vote};
 use fanout::pattern::workflow::Workflow;
-use fanout::{Behavior, Executor, MockProvider, ProviderError, Request};
+use fanout::{Behavior, Executor, MockProvider, ProviderError, Request, Response, Usage};
 
 use crate::ms;
 
@@ -31,8 +31,10 @@ async fn majority_vote_with_extraction() {
     let mock = voters(answers);
     let options = VoteOptions::new(9, Extractor::LastNumber);
     let result = vote(&executor(mock.clone()), &Request::user("6 x 7?"), &options).await;
-    assert_eq!(result.winner.as_deref(), Some("42"));
-    assert!(result.consensus && result.tie.is_empty() && !result.stopped_early);
+    // 4 of 8 votes is the plurality, not a majority.
+    assert_eq!((result.winner.as_deref(), result.consensus), (None, false));
+    assert_eq!(result.plurality.as_deref(), Some("42"));
+    assert!(result.tie.is_empty() && !result.stopped_early);
     let counts: Vec<(&str, usize)> =
         result.distribution.iter().map(|c| (c.answer.as_str(), c.votes)).collect();
     assert_eq!(counts, [("42", 4), ("41", 3), ("7", 1)]);
@@ -40,6 +42,44 @@ async fn majority_vote_with_extraction() {
     assert_eq!(result.samples.len(), 9);
     assert_eq!(result.samples[3].answer, None);
     assert_eq!((result.calls, mock.calls()), (9, 9));
+    let mut plurality = VoteOptions::new(9, Extractor::LastNumber);
+    plurality.rule = Rule::Plurality;
+    let result = vote(&executor(voters(answers)), &Request::user("6 x 7?"), &plurality).await;
+    assert_eq!((result.winner.as_deref(), result.consensus), (Some("42"), true));
+}
+
+/// An answer cut off at max_tokens is not a vote ("To add 12 and 30, we can
+/// use the concept of" has no answer yet), unless asked for.
+#[tokio::test(start_paused = true)]
+async fn truncated_answers_do_not_vote() {
+    let cut = || {
+        MockProvider::new().with_rule(|call| {
+            let (text, finish) = if call.number <= 2 {
+                ("To add 12 and 30, we can use the concept of", "length")
+            } else {
+                ("12 + 30 = 42", "stop")
+            };
+            let response = Response {
+                finish_reason: Some(finish.into()),
+                ..Response::new(text, Usage { input_tokens: 5, output_tokens: 10 })
+            };
+            Some(Behavior::respond(response))
+        })
+    };
+    let options = VoteOptions::new(5, Extractor::LastNumber);
+    let result = vote(&executor(cut()), &Request::user("12 + 30?"), &options).await;
+    assert_eq!((result.winner.as_deref(), result.consensus), (Some("42"), true));
+    let truncated = result.samples.iter().filter(|s| s.truncated).count();
+    assert_eq!(truncated, 2);
+    assert!(result.samples.iter().filter(|s| s.truncated).all(|s| s.answer.is_none()));
+    assert_eq!(result.distribution.len(), 1, "only whole answers voted");
+
+    let mut counting = options.clone();
+    counting.count_truncated = true;
+    let result = vote(&executor(cut()), &Request::user("12 + 30?"), &counting).await;
+    let counts: Vec<(&str, usize)> =
+        result.distribution.iter().map(|c| (c.answer.as_str(), c.votes)).collect();
+    assert_eq!(counts, [("42", 3), ("30", 2)]);
 }
 
 /// Early stopping ends the vote once the leader cannot be overtaken. In fixed
@@ -79,14 +119,20 @@ async fn early_stop_saves_calls() {
 
 #[tokio::test(start_paused = true)]
 async fn ties_are_broken_by_first_appearance_and_reported() {
+    let mut options = VoteOptions::new(4, Extractor::Choice);
+    options.rule = Rule::Plurality;
+    let result =
+        vote(&executor(voters(&["B", "A", "A", "B"])), &Request::user("q"), &options).await;
+    assert_eq!(result.winner.as_deref(), Some("B"), "B appeared first");
+    assert_eq!(result.tie, ["B", "A"]);
+    // Under the majority rule, a tie is no consensus; the plurality says who led.
     let result = vote(
         &executor(voters(&["B", "A", "A", "B"])),
         &Request::user("q"),
         &VoteOptions::new(4, Extractor::Choice),
     )
     .await;
-    assert_eq!(result.winner.as_deref(), Some("B"), "B appeared first");
-    assert_eq!(result.tie, ["B", "A"]);
+    assert_eq!((result.winner, result.plurality.as_deref()), (None, Some("B")));
 }
 
 #[tokio::test(start_paused = true)]

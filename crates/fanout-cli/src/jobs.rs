@@ -8,11 +8,50 @@ use anyhow::{Context, Result, anyhow};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use fanout_store::{JobSummary, Store};
 
+use std::path::PathBuf;
+
 use crate::Refusal;
-use crate::batch::{self, RunOptions, Spec};
+use crate::batch::{self, JobRunArgs, RunOptions, Spec};
 use crate::output::{Output, OutputFormat};
 use crate::record::to_result;
-use crate::settings::Flags;
+use crate::settings::{self, Flags};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum JobsCommand {
+    /// List jobs with their progress
+    List,
+    /// Show a job's settings, fingerprint and counts
+    Show { name: String },
+    /// Write a job's finished results
+    Export {
+        name: String,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+        #[arg(long, value_enum)]
+        output_format: Option<OutputFormat>,
+    },
+    /// Remove a job and its results
+    Rm { name: String },
+    /// Run the unfinished tasks of a job
+    Resume {
+        name: String,
+        #[command(flatten)]
+        run: JobRunArgs,
+    },
+}
+
+pub async fn command(flags: &Flags, command: JobsCommand) -> Result<ExitCode> {
+    let store = flags.store.clone().unwrap_or_else(settings::default_store);
+    match command {
+        JobsCommand::List => list(&store, flags.json),
+        JobsCommand::Show { name } => show(&store, &name),
+        JobsCommand::Export { name, output, output_format } => {
+            export(&store, &name, output.as_deref(), output_format)
+        }
+        JobsCommand::Rm { name } => remove(&store, &name),
+        JobsCommand::Resume { name, run } => resume(run.options(name, flags), flags).await,
+    }
+}
 
 fn when(seconds: i64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64))
@@ -37,7 +76,7 @@ fn summary_json(summary: &JobSummary) -> serde_json::Value {
     })
 }
 
-pub fn list(store: &Path, json: bool) -> Result<ExitCode> {
+fn list(store: &Path, json: bool) -> Result<ExitCode> {
     let jobs = open(store)?.jobs()?;
     if json {
         let list: Vec<_> = jobs.iter().map(summary_json).collect();
@@ -79,7 +118,7 @@ fn find(store: &Store, name: &str) -> Result<fanout_store::Job> {
     store.job(name)?.ok_or_else(|| Refusal(anyhow!("there is no job `{name}`")).into())
 }
 
-pub fn show(store: &Path, name: &str) -> Result<ExitCode> {
+fn show(store: &Path, name: &str) -> Result<ExitCode> {
     let store = open(store)?;
     let summary = store.summary(find(&store, name)?)?;
     let mut details = summary_json(&summary);
@@ -89,7 +128,7 @@ pub fn show(store: &Path, name: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn export(
+fn export(
     store: &Path,
     name: &str,
     output: Option<&Path>,
@@ -114,7 +153,7 @@ pub fn export(
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn remove(store: &Path, name: &str) -> Result<ExitCode> {
+fn remove(store: &Path, name: &str) -> Result<ExitCode> {
     if !open(store)?.remove_job(name)? {
         return Err(Refusal(anyhow!("there is no job `{name}`")).into());
     }
@@ -124,7 +163,7 @@ pub fn remove(store: &Path, name: &str) -> Result<ExitCode> {
 
 /// Runs a job's unfinished tasks with the settings it was started with; run
 /// limits given as flags now (concurrency, rates, timeouts, deadline, retries) apply.
-pub async fn resume(options: RunOptions, flags: &Flags) -> Result<ExitCode> {
+async fn resume(options: RunOptions, flags: &Flags) -> Result<ExitCode> {
     let job = find(&open(&options.store)?, &options.job)?;
     let mut spec: Spec = serde_json::from_value(job.settings).map_err(|e| {
         Refusal(anyhow!("job `{}` was saved by another version of fanout: {e}", options.job))

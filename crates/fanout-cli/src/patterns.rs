@@ -2,12 +2,12 @@
 //! Each prints a readable result, or JSON with `--json`.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use fanout::pattern::extract::Extractor;
-use fanout::pattern::map_reduce::{Document, MapReduceOptions, map_reduce};
+use fanout::pattern::map_reduce::{MapReduceOptions, map_reduce};
 use fanout::pattern::perspectives::{self, DEFAULT_SYNTHESIS, Persona, perspectives};
 use fanout::pattern::sections::{Section, SectionsResult, sections};
 use fanout::pattern::vote::{
@@ -18,6 +18,7 @@ use fanout::{Executor, Failure, Request};
 use serde::Serialize;
 
 use crate::Refusal;
+use crate::documents;
 use crate::exit::{Ending, Exit};
 use crate::input::{self, Content};
 use crate::settings::{Flags, Settings};
@@ -340,69 +341,8 @@ pub struct MapReduceArgs {
     reduce_tokens: usize,
 }
 
-fn add_file(path: &Path, field: Option<&str>, documents: &mut Vec<Document>) -> Result<()> {
-    let id = path
-        .file_name()
-        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
-    if let Some(field) = field.filter(|_| path.extension().is_some_and(|e| e == "jsonl")) {
-        for row in input::rows(path, input::Format::Jsonl, None)? {
-            let Content::Fields(fields) = row.content else {
-                bail!("{}: {}", path.display(), "a row is not a JSON object")
-            };
-            let text = fields.get(field).and_then(|v| v.as_str()).with_context(|| {
-                format!("{} line {}: no text field `{field}`", path.display(), row.line)
-            })?;
-            documents.push(Document { id: format!("{id}:{}", row.line), text: text.to_owned() });
-        }
-        return Ok(());
-    }
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read {} as text", path.display()))?;
-    documents.push(Document { id, text });
-    Ok(())
-}
-
-/// Every file under `path` (itself, if it is a file), in name order.
-fn files(path: &Path, found: &mut Vec<PathBuf>) -> Result<()> {
-    if path.is_dir() {
-        let mut entries: Vec<PathBuf> =
-            std::fs::read_dir(path)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
-        entries.sort();
-        for entry in entries {
-            files(&entry, found)?;
-        }
-    } else {
-        found.push(path.to_path_buf());
-    }
-    Ok(())
-}
-
 pub async fn run_map_reduce(flags: &Flags, args: MapReduceArgs) -> Result<ExitCode> {
-    let mut found = Vec::new();
-    for pattern in &args.paths {
-        let path = Path::new(pattern);
-        if path.exists() {
-            files(path, &mut found).map_err(Refusal)?;
-            continue;
-        }
-        let matches: Vec<PathBuf> = glob::glob(pattern)
-            .map_err(|e| Refusal(anyhow!("bad glob `{pattern}`: {e}")))?
-            .filter_map(Result::ok)
-            .collect();
-        if matches.is_empty() {
-            return Err(Refusal(anyhow!("`{pattern}` matches no file")).into());
-        }
-        for path in matches {
-            files(&path, &mut found).map_err(Refusal)?;
-        }
-    }
-    // A file named twice (a folder and a glob over it) is one document.
-    let mut seen = std::collections::BTreeSet::new();
-    found.retain(|p| seen.insert(std::fs::canonicalize(p).unwrap_or_else(|_| p.clone())));
-    let mut documents = Vec::new();
-    for path in &found {
-        add_file(path, args.field.as_deref(), &mut documents).map_err(Refusal)?;
-    }
+    let documents = documents::gather(&args.paths, args.field.as_deref())?;
     let (executor, _) = executor(flags).await?;
     let options = MapReduceOptions {
         chunk_tokens: args.chunk_tokens,
@@ -482,7 +422,7 @@ pub async fn run_perspectives(flags: &Flags, args: PerspectivesArgs) -> Result<E
 }
 
 #[derive(Debug, clap::Args)]
-pub struct RunArgs {
+pub struct WorkflowArgs {
     /// The workflow file (TOML)
     workflow: PathBuf,
     /// NAME=VALUE for the workflow's variables; repeatable
@@ -490,7 +430,7 @@ pub struct RunArgs {
     vars: Vec<(String, String)>,
 }
 
-pub async fn run_workflow(flags: &Flags, args: RunArgs) -> Result<ExitCode> {
+pub async fn run_workflow(flags: &Flags, args: WorkflowArgs) -> Result<ExitCode> {
     let text = std::fs::read_to_string(&args.workflow)
         .with_context(|| format!("cannot read {}", args.workflow.display()))
         .map_err(Refusal)?;

@@ -9,6 +9,7 @@
 //! `fanout jobs resume`) restores the finished results from the store and calls
 //! only for the rest.
 
+mod args;
 mod committer;
 mod job;
 mod rows;
@@ -33,6 +34,7 @@ use crate::output::{Output, OutputFormat};
 use crate::progress::{self, Progress};
 use crate::settings::Settings;
 use crate::template::Prompt;
+pub use args::{BatchArgs, JobRunArgs, command};
 use committer::{Committed, Committer};
 use job::Opened;
 

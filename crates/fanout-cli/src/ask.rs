@@ -1,0 +1,44 @@
+//! `fanout ask`: one question, one answer.
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use fanout::Request;
+
+use crate::Refusal;
+use crate::exit::Ending;
+use crate::output;
+use crate::settings::{Flags, Settings};
+
+#[derive(Debug, clap::Args)]
+pub struct AskArgs {
+    prompt: String,
+    #[arg(long)]
+    system: Option<String>,
+}
+
+/// Prints the answer (or, with `--json`, the result in batch's schema); any
+/// failure goes to stderr, and the exit code says how it ended.
+pub async fn command(flags: &Flags, args: AskArgs) -> Result<ExitCode> {
+    let settings = Settings::resolve(flags).map_err(Refusal)?;
+    let provider = settings.provider(flags.quiet).await.map_err(Refusal)?;
+    let mut request = Request::user(args.prompt);
+    if let Some(system) = args.system {
+        request = request.with_system(system);
+    }
+    request.temperature = settings.temperature;
+    request.max_tokens = settings.max_tokens;
+    let report = settings.executor(provider).build().run([request]).await;
+    let result = &report.results[0];
+    if flags.json {
+        println!("{}", output::result_line(result));
+    } else if let Some(text) = result.outcome.text() {
+        println!("{text}");
+    }
+    if let Some(message) = result.outcome.describe() {
+        eprintln!("fanout: {message}");
+    }
+    let mut ending = Ending::default();
+    ending.add(&result.outcome);
+    Ok(ending.exit().into())
+}

@@ -1,0 +1,115 @@
+//! `fanout batch`'s arguments, and how a job runs this time (shared with
+//! `fanout jobs resume`).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::{RunOptions, Spec};
+use crate::Refusal;
+use crate::input;
+use crate::output::OutputFormat;
+use crate::settings::{self, Flags, Settings};
+
+#[derive(Debug, clap::Args)]
+pub struct BatchArgs {
+    /// Input file (`-` for stdin)
+    input: PathBuf,
+    /// Jinja prompt template; the row's fields are its variables: "Grade this essay: {{ essay }}"
+    #[arg(long, conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    #[arg(long)]
+    prompt_file: Option<PathBuf>,
+    /// System prompt (a template too)
+    #[arg(long)]
+    system: Option<String>,
+    /// Field that holds each row's id [default: custom_id, else the line number]
+    #[arg(long = "id")]
+    id_field: Option<String>,
+    /// Input format [default: from the extension and the first line]
+    #[arg(long, value_enum)]
+    format: Option<input::Format>,
+    /// [default: openai-batch for OpenAI Batch input, else jsonl]
+    #[arg(long, value_enum)]
+    output_format: Option<OutputFormat>,
+    /// Job name: running the same job again resumes it [default: the input's name and the time]
+    #[arg(long)]
+    job: Option<String>,
+    #[command(flatten)]
+    run: JobRunArgs,
+}
+
+/// How a job runs this time (`batch` and `jobs resume`).
+#[derive(Debug, clap::Args)]
+pub struct JobRunArgs {
+    /// Output file [default: stdout]
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// On resume, run the failed tasks again too
+    #[arg(long)]
+    retry_failed: bool,
+    /// Reuse stored answers for identical requests
+    #[arg(long)]
+    cache: bool,
+    /// Seconds in-flight calls may take to finish after Ctrl-C
+    #[arg(long, default_value_t = 30.0)]
+    grace: f64,
+}
+
+impl JobRunArgs {
+    pub fn options(self, job: String, flags: &Flags) -> RunOptions {
+        RunOptions {
+            job,
+            store: flags.store.clone().unwrap_or_else(settings::default_store),
+            output: self.output,
+            retry_failed: self.retry_failed,
+            cache: self.cache,
+            quiet: flags.quiet,
+            json: flags.json,
+            grace: Duration::from_secs_f64(self.grace.max(0.0)),
+        }
+    }
+}
+
+fn read_prompt_file(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read prompt file {}", path.display()))
+        .map_err(|e| Refusal(e).into())
+}
+
+fn default_job_name(input: &Path) -> String {
+    let stem = input.file_stem().and_then(|s| s.to_str()).filter(|s| *s != "-").unwrap_or("stdin");
+    format!("{stem}-{}", fanout_store::now())
+}
+
+/// Runs (or resumes) the job the arguments describe.
+pub async fn command(flags: &Flags, args: BatchArgs) -> Result<ExitCode> {
+    let settings = Settings::resolve(flags).map_err(Refusal)?;
+    let prompt = match &args.prompt_file {
+        Some(path) => Some(read_prompt_file(path)?),
+        None => args.prompt.clone(),
+    };
+    let format = input::detect(&args.input, args.format).map_err(Refusal)?;
+    let input = if args.input.as_os_str() == "-" {
+        args.input.clone()
+    } else {
+        std::path::absolute(&args.input).unwrap_or(args.input.clone())
+    };
+    let output_format = args.output_format.unwrap_or(match format {
+        input::Format::OpenaiBatch => OutputFormat::OpenaiBatch,
+        _ => OutputFormat::Jsonl,
+    });
+    let spec = Spec {
+        input,
+        format,
+        prompt,
+        system: args.system,
+        id_field: args.id_field,
+        output_format,
+        settings,
+    };
+    let job = args.job.unwrap_or_else(|| default_job_name(&args.input));
+    super::run(spec, args.run.options(job, flags)).await
+}

@@ -6,6 +6,7 @@ use anyhow::Result;
 use fanout::Request;
 
 use crate::Refusal;
+use crate::connect;
 use crate::exit::Ending;
 use crate::output;
 use crate::settings::{Flags, Settings};
@@ -21,14 +22,14 @@ pub struct AskArgs {
 /// failure goes to stderr, and the exit code says how it ended.
 pub async fn command(flags: &Flags, args: AskArgs) -> Result<ExitCode> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
-    let provider = settings.provider(flags.quiet).await.map_err(Refusal)?;
+    let provider = connect::provider(&settings, flags.quiet).await.map_err(Refusal)?;
     let mut request = Request::user(args.prompt);
     if let Some(system) = args.system {
         request = request.with_system(system);
     }
     request.temperature = settings.temperature;
     request.max_tokens = settings.max_tokens;
-    let report = settings.executor(provider).build().run([request]).await;
+    let report = connect::executor(&settings, provider).build().run([request]).await;
     let result = &report.results[0];
     if flags.json {
         println!("{}", output::result_line(result));

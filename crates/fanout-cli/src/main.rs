@@ -9,6 +9,7 @@
 mod ask;
 mod batch;
 mod cache;
+mod connect;
 mod documents;
 mod exit;
 mod fingerprint;

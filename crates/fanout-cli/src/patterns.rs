@@ -18,6 +18,7 @@ use fanout::{Executor, Failure, Request};
 use serde::Serialize;
 
 use crate::Refusal;
+use crate::connect;
 use crate::documents;
 use crate::exit::{Ending, Exit};
 use crate::input::{self, Content};
@@ -26,8 +27,8 @@ use crate::template::Prompt;
 
 async fn executor(flags: &Flags) -> Result<(Executor, Settings)> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
-    let provider = settings.provider(flags.quiet).await.map_err(Refusal)?;
-    Ok((settings.executor(provider).build(), settings))
+    let provider = connect::provider(&settings, flags.quiet).await.map_err(Refusal)?;
+    Ok((connect::executor(&settings, provider).build(), settings))
 }
 
 /// Says every failure on stderr, named (even when stdout is JSON or shows it

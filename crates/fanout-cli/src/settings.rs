@@ -23,13 +23,10 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use fanout::{
-    Anthropic, ExecutorBuilder, HedgePolicy, HttpOptions, MockProvider, OpenAi, Price, Provider,
-};
+use fanout::{HedgePolicy, Price};
 use serde::{Deserialize, Serialize};
 
 /// The local provider's model name; any other `--model` value is a GGUF path.
@@ -211,7 +208,7 @@ impl Hedging {
         Some(Self::default())
     }
 
-    fn policy(self) -> HedgePolicy {
+    pub fn policy(self) -> HedgePolicy {
         let policy = match self.after {
             Some(after) => HedgePolicy::after(Duration::from_secs_f64(after.max(0.0))),
             None => HedgePolicy::default(),
@@ -264,7 +261,7 @@ fn hedging(flags: &Flags, profile: &Profile) -> Result<Option<Hedging>> {
     }))
 }
 
-fn env(name: &str) -> Option<String> {
+pub fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
 
@@ -326,62 +323,6 @@ impl Settings {
             price,
             hedge,
         })
-    }
-
-    /// The provider these settings describe. The key is read from the environment
-    /// variable the settings name, now: it is never stored. The local model is
-    /// loaded (and fetched first if it is missing).
-    pub async fn provider(&self, quiet: bool) -> Result<Arc<dyn Provider>> {
-        let key = env(&self.api_key_env);
-        let http = HttpOptions { max_idle_connections: self.concurrency, ..HttpOptions::default() };
-        Ok(match self.provider {
-            ProviderKind::Openai => {
-                let mut builder = OpenAi::builder(&self.model).http(http);
-                if let Some(url) = &self.base_url {
-                    builder = builder.base_url(url);
-                } else if key.is_none() {
-                    bail!(
-                        "{} is not set: the OpenAI API needs a key (or pass --base-url for a local server)",
-                        self.api_key_env
-                    );
-                }
-                if let Some(key) = key {
-                    builder = builder.api_key(key);
-                }
-                Arc::new(builder.build()?)
-            }
-            ProviderKind::Anthropic => {
-                let Some(key) = key else {
-                    bail!("{} is not set: the Anthropic API needs a key", self.api_key_env);
-                };
-                let mut builder = Anthropic::builder(&self.model).http(http).api_key(key);
-                if let Some(url) = &self.base_url {
-                    builder = builder.base_url(url);
-                }
-                Arc::new(builder.build()?)
-            }
-            ProviderKind::Mock => Arc::new(MockProvider::new()),
-            ProviderKind::Local => crate::models::load(self, quiet).await?,
-        })
-    }
-
-    /// An executor builder with these limits, retries and timeouts.
-    pub fn executor(&self, provider: Arc<dyn Provider>) -> ExecutorBuilder {
-        let mut builder = fanout::Executor::builder_for(provider)
-            .concurrency(self.concurrency)
-            .max_attempts(self.retries.saturating_add(1))
-            .attempt_timeout(Some(Duration::from_secs_f64(self.attempt_timeout.max(0.001))))
-            .deadline(self.deadline.map(|d| Duration::from_secs_f64(d.max(0.0))));
-        if let Some(rpm) = self.rpm {
-            builder = builder.rpm(rpm);
-        }
-        if let Some(tpm) = self.tpm {
-            builder = builder.tpm(tpm);
-        }
-        if let Some(price) = self.price {
-            builder = builder.price(price);
-        }
-        builder.hedge(self.hedge.map(Hedging::policy))
     }
 
     /// Takes the run limits (not what shapes answers) given as flags now: a

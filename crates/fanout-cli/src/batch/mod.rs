@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Refusal;
 use crate::cache::Cached;
+use crate::connect;
 use crate::input::Format;
 use crate::output::{Output, OutputFormat};
 use crate::progress::{self, Progress};
@@ -156,14 +157,12 @@ async fn executor(
     progress: &Progress,
     interrupts: &Interrupts,
 ) -> Result<Executor> {
-    let mut provider = spec.settings.provider(options.quiet).await.map_err(Refusal)?;
+    let mut provider = connect::provider(&spec.settings, options.quiet).await.map_err(Refusal)?;
     if options.cache {
         let scope = crate::fingerprint::cache_scope(&spec.settings);
         provider = Arc::new(Cached::new(provider, scope, &options.store)?);
     }
-    Ok(spec
-        .settings
-        .executor(provider)
+    Ok(connect::executor(&spec.settings, provider)
         .drain_token(interrupts.drain.clone())
         .cancel_token(interrupts.cancel.clone())
         .on_event(progress.events())

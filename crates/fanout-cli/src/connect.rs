@@ -1,0 +1,68 @@
+//! Connecting the resolved settings to the work: the provider they name
+//! (reading its key from the environment only now, never storing it, and
+//! loading the local model) and an executor with their limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use fanout::{Anthropic, ExecutorBuilder, HttpOptions, MockProvider, OpenAi, Provider};
+
+use crate::models;
+use crate::settings::{Hedging, ProviderKind, Settings, env};
+
+/// The provider these settings describe. The key is read from the environment
+/// variable the settings name, now: it is never stored. The local model is
+/// loaded (and fetched first if it is missing).
+pub async fn provider(settings: &Settings, quiet: bool) -> Result<Arc<dyn Provider>> {
+    let key = env(&settings.api_key_env);
+    let http = HttpOptions { max_idle_connections: settings.concurrency, ..HttpOptions::default() };
+    Ok(match settings.provider {
+        ProviderKind::Openai => {
+            let mut builder = OpenAi::builder(&settings.model).http(http);
+            if let Some(url) = &settings.base_url {
+                builder = builder.base_url(url);
+            } else if key.is_none() {
+                bail!(
+                    "{} is not set: the OpenAI API needs a key (or pass --base-url for a local server)",
+                    settings.api_key_env
+                );
+            }
+            if let Some(key) = key {
+                builder = builder.api_key(key);
+            }
+            Arc::new(builder.build()?)
+        }
+        ProviderKind::Anthropic => {
+            let Some(key) = key else {
+                bail!("{} is not set: the Anthropic API needs a key", settings.api_key_env);
+            };
+            let mut builder = Anthropic::builder(&settings.model).http(http).api_key(key);
+            if let Some(url) = &settings.base_url {
+                builder = builder.base_url(url);
+            }
+            Arc::new(builder.build()?)
+        }
+        ProviderKind::Mock => Arc::new(MockProvider::new()),
+        ProviderKind::Local => models::load(settings, quiet).await?,
+    })
+}
+
+/// An executor builder with these limits, retries and timeouts.
+pub fn executor(settings: &Settings, provider: Arc<dyn Provider>) -> ExecutorBuilder {
+    let mut builder = fanout::Executor::builder_for(provider)
+        .concurrency(settings.concurrency)
+        .max_attempts(settings.retries.saturating_add(1))
+        .attempt_timeout(Some(Duration::from_secs_f64(settings.attempt_timeout.max(0.001))))
+        .deadline(settings.deadline.map(|d| Duration::from_secs_f64(d.max(0.0))));
+    if let Some(rpm) = settings.rpm {
+        builder = builder.rpm(rpm);
+    }
+    if let Some(tpm) = settings.tpm {
+        builder = builder.tpm(tpm);
+    }
+    if let Some(price) = settings.price {
+        builder = builder.price(price);
+    }
+    builder.hedge(settings.hedge.map(Hedging::policy))
+}

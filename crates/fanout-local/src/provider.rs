@@ -52,7 +52,8 @@ struct Inner {
 }
 
 impl LocalModel {
-    /// Loads the weights (dequantized to f32, see the crate's notes on precision)
+    /// Loads the weights (the matrices kept in the GGUF's own quantized form, the
+    /// small norm vectors as f32; see the crate's notes on precision)
     /// and starts the scheduler thread.
     pub fn load(path: &Path, options: LocalOptions) -> Result<Self, LocalError> {
         let gguf = GgufFile::open(path)?;

@@ -32,10 +32,13 @@
 //! # }
 //! ```
 
-pub mod exec;
+// One path per item: what users need is re-exported here; the modules that
+// hold the executor, the providers and the outcomes stay private. The patterns
+// and token counting are namespaced on purpose.
+mod exec;
 pub mod pattern;
-pub mod provider;
-pub mod task;
+mod provider;
+mod task;
 pub mod tokens;
 
 pub use async_trait::async_trait;
@@ -45,9 +48,13 @@ pub use exec::limit::Rate;
 pub use exec::report::{Latency, Price, Report, Totals};
 pub use exec::retry::RetryPolicy;
 pub use exec::{Executor, ExecutorBuilder, HeldResult, HeldResults, Results, Slot};
+pub use provider::anthropic::AnthropicBuilder;
+pub use provider::headers::Budget;
+pub use provider::openai::OpenAiBuilder;
 pub use provider::{
-    Anthropic, Behavior, Check, ErrorKind, HttpOptions, Message, MockProvider, OpenAi, Progress,
-    Provider, ProviderError, RateLimit, Request, Response, ResponseFormat, Role, Usage,
+    Anthropic, Behavior, Check, ErrorKind, HttpApi, HttpBuilder, HttpOptions, HttpSettings,
+    Message, MockProvider, OpenAi, Progress, Provider, ProviderError, RateLimit, Request, Response,
+    ResponseFormat, Role, Usage,
 };
 pub use task::{Failure, NotRun, Outcome, Status, Success, Task, TaskId, TaskResult, Timeout};
 pub use tokio_util::sync::CancellationToken;

@@ -9,9 +9,11 @@ use std::time::Duration;
 
 use super::headers::RateLimit;
 
-/// What went wrong, in the terms the executor acts on.
+/// What went wrong, in the terms the executor acts on. New kinds may come:
+/// match with a wildcard arm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ErrorKind {
     /// 429: too many requests or tokens for now.
     RateLimited,

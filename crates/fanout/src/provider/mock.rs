@@ -8,7 +8,7 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use fanout::provider::{Behavior, MockProvider};
+//! use fanout::{Behavior, MockProvider};
 //!
 //! let mock = MockProvider::new().with_latency(Duration::from_millis(100));
 //! // The first call for "flaky" is rate limited for 2 s, the second succeeds.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use fanout::provider::anthropic::Anthropic;
+use fanout::Anthropic;
 use fanout::{ErrorKind, Message, Provider, Request};
 use serde_json::json;
 use wiremock::matchers::{header, method, path};

@@ -4,8 +4,7 @@
 
 use std::time::Duration;
 
-use fanout::provider::anthropic::Anthropic;
-use fanout::provider::openai::OpenAi;
+use fanout::{Anthropic, OpenAi};
 use fanout::{Executor, Request, Status};
 use fanout_mock::{Config, Limit, MockServer};
 

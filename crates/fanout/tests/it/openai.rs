@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use fanout::provider::openai::OpenAi;
+use fanout::OpenAi;
 use fanout::{ErrorKind, Message, Provider, Request, ResponseFormat};
 use serde_json::json;
 use wiremock::matchers::{header, method, path};

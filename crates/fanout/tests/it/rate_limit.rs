@@ -2,7 +2,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use fanout::provider::headers::Budget;
+use fanout::Budget;
 use fanout::{
     Behavior, Event, Executor, MockProvider, Provider, ProviderError, RateLimit, Request, Response,
     Usage,

@@ -116,7 +116,9 @@ impl std::fmt::Debug for Job {
 }
 
 impl Engine {
-    pub fn start(
+    /// Starts the scheduler over a loaded model: crate-internal, since a
+    /// [`Model`] is only made by [`LocalModel::load`](crate::LocalModel::load).
+    pub(crate) fn start(
         model: Model,
         tokenizer: Arc<ChatTokenizer>,
         options: EngineOptions,

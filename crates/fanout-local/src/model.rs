@@ -47,10 +47,6 @@ impl KvCache {
     pub fn len(&self) -> usize {
         self.len
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 #[derive(Debug)]

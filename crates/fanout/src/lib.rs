@@ -32,6 +32,8 @@
 //! # }
 //! ```
 
+#![warn(missing_docs)]
+
 // One path per item: what users need is re-exported here; the modules that
 // hold the executor, the providers and the outcomes stay private. The patterns
 // and token counting are namespaced on purpose.

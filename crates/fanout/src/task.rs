@@ -15,6 +15,7 @@ use crate::provider::{ProviderError, Request, Response, Usage};
 pub struct TaskId(Arc<str>);
 
 impl TaskId {
+    /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -74,10 +75,12 @@ pub(crate) enum Work {
 }
 
 impl Task {
+    /// A task for `request`, known by its index in the input.
     pub fn new(request: Request) -> Self {
         Self { id: None, work: Work::Call(Arc::new(request)) }
     }
 
+    /// A task for `request` with the caller's own id.
     pub fn with_id(id: impl Into<TaskId>, request: Request) -> Self {
         Self { id: Some(id.into()), work: Work::Call(Arc::new(request)) }
     }
@@ -140,11 +143,13 @@ impl fmt::Display for NotRun {
 /// A successful task.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Success {
+    /// The provider's answer.
     pub response: Response,
     /// From the task's first launch to its answer, retries included;
     /// serialized as `latency_ms`, like every command's results.
     #[serde(rename = "latency_ms", serialize_with = "serialize_millis")]
     pub latency: Duration,
+    /// Attempts sent, the first included; 429s that were waited out count too.
     pub attempts: u32,
 }
 
@@ -152,20 +157,28 @@ pub struct Success {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "status")]
 pub enum Outcome {
+    /// The task got an answer.
     Succeeded(Success),
     /// The last attempt's error, after retries (if it was retryable) ran out.
     Failed {
+        /// The error that ended the last attempt.
         error: ProviderError,
+        /// Attempts sent; 0 when the request could never fit the TPM limit.
         attempts: u32,
     },
+    /// A time limit ran out before an answer arrived.
     TimedOut {
+        /// Which clock ran out.
         timeout: Timeout,
+        /// Attempts sent before time ran out.
         attempts: u32,
     },
     /// Cancelled while in flight.
     Cancelled {
+        /// Attempts sent before the cancellation.
         attempts: u32,
     },
+    /// The task was never sent, and why.
     NotRun(NotRun),
 }
 
@@ -173,14 +186,20 @@ pub enum Outcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Status {
+    /// See [`Outcome::Succeeded`].
     Succeeded,
+    /// See [`Outcome::Failed`].
     Failed,
+    /// See [`Outcome::TimedOut`].
     TimedOut,
+    /// See [`Outcome::Cancelled`].
     Cancelled,
+    /// See [`Outcome::NotRun`].
     NotRun,
 }
 
 impl Outcome {
+    /// The outcome's kind, without its payload.
     pub fn status(&self) -> Status {
         match self {
             Self::Succeeded(_) => Status::Succeeded,
@@ -191,10 +210,12 @@ impl Outcome {
         }
     }
 
+    /// Whether the task got an answer.
     pub fn is_success(&self) -> bool {
         matches!(self, Self::Succeeded(_))
     }
 
+    /// The success, unless the task ended another way.
     pub fn success(&self) -> Option<&Success> {
         match self {
             Self::Succeeded(success) => Some(success),
@@ -207,6 +228,7 @@ impl Outcome {
         self.success().map(|s| s.response.text.as_str())
     }
 
+    /// Tokens the answer consumed; zero unless the task succeeded.
     pub fn usage(&self) -> Usage {
         self.success().map(|s| s.response.usage).unwrap_or_default()
     }
@@ -233,6 +255,7 @@ impl Outcome {
         (!self.is_success()).then(|| Failure::Task(Box::new(self.clone())))
     }
 
+    /// Attempts sent for the task; 0 when it was never sent.
     pub fn attempts(&self) -> u32 {
         match self {
             Self::Succeeded(s) => s.attempts,
@@ -286,7 +309,9 @@ impl Serialize for Failure {
 pub struct TaskResult {
     /// The task's position in the input.
     pub index: usize,
+    /// The caller's id, or the index as text for a task given none.
     pub id: TaskId,
+    /// How the task ended; flattened into the result when serialized.
     #[serde(flatten)]
     pub outcome: Outcome,
 }

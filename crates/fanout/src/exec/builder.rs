@@ -113,6 +113,7 @@ impl ExecutorBuilder {
         self.rpm_limit(Rate::per_minute(per_minute))
     }
 
+    /// Requests per minute, with the burst `rate` gives.
     pub fn rpm_limit(mut self, rate: Rate) -> Self {
         self.config.rpm = Some(rate);
         self
@@ -126,11 +127,13 @@ impl ExecutorBuilder {
         self
     }
 
+    /// Tokens per minute, with the burst `rate` gives (see [`Self::tpm`]).
     pub fn tpm_limit(mut self, rate: Rate) -> Self {
         self.config.tpm = Some(rate);
         self
     }
 
+    /// When and how often failed attempts are tried again.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.config.retry = policy;
         self
@@ -145,21 +148,21 @@ impl ExecutorBuilder {
     /// How long one attempt may go without a sign of life before it is cut and
     /// retried: the whole answer when the provider does not stream, the next
     /// bytes when it does (so a long answer streaming steadily is never cut).
-    pub fn attempt_timeout(mut self, limit: Option<Duration>) -> Self {
-        self.config.attempt_timeout = limit;
+    pub fn attempt_timeout(mut self, limit: impl Into<Option<Duration>>) -> Self {
+        self.config.attempt_timeout = limit.into();
         self
     }
 
     /// Time limit for a task, all its attempts and waits together.
-    pub fn task_timeout(mut self, limit: Option<Duration>) -> Self {
-        self.config.task_timeout = limit;
+    pub fn task_timeout(mut self, limit: impl Into<Option<Duration>>) -> Self {
+        self.config.task_timeout = limit.into();
         self
     }
 
     /// Time limit for a whole run: at the deadline in-flight calls are cancelled
     /// and the run returns every finished result and a status for every other task.
-    pub fn deadline(mut self, limit: Option<Duration>) -> Self {
-        self.config.deadline = limit;
+    pub fn deadline(mut self, limit: impl Into<Option<Duration>>) -> Self {
+        self.config.deadline = limit.into();
         self
     }
 
@@ -204,6 +207,7 @@ impl ExecutorBuilder {
         self
     }
 
+    /// Calls `sink` with every [`Event`], on whichever thread produced it; keep it quick.
     pub fn on_event(mut self, sink: impl Fn(&Event) + Send + Sync + 'static) -> Self {
         self.config.events = Some(Arc::new(sink));
         self
@@ -223,6 +227,7 @@ impl ExecutorBuilder {
         self
     }
 
+    /// The executor with these settings.
     pub fn build(self) -> Executor {
         let config = self.config;
         let probe = (config.probe && config.breaker_threshold > 0)

@@ -40,6 +40,7 @@ pub const MIN_LEARNED_THRESHOLD: Duration = Duration::from_millis(50);
 /// the budget spent per executor. The default hedges past the learned p95 within 5% extra calls.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct HedgePolicy {
+    /// When a call counts as straggling.
     pub after: HedgeAfter,
     /// Hedges as a fraction of calls, at most (0.05: one extra call in twenty).
     pub budget: f64,
@@ -64,6 +65,7 @@ impl HedgePolicy {
         Self { after: HedgeAfter::Fixed(delay), budget: 0.05, min_samples: 0 }
     }
 
+    /// Spends at most this fraction of calls on hedges (negative counts as 0).
     #[must_use]
     pub fn with_budget(mut self, budget: f64) -> Self {
         self.budget = budget.max(0.0);

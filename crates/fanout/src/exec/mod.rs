@@ -95,6 +95,7 @@ impl Executor {
         Self::builder(provider).build()
     }
 
+    /// Settings for an executor on `provider`, starting from the defaults.
     pub fn builder(provider: impl Provider) -> ExecutorBuilder {
         ExecutorBuilder::new(Arc::new(provider))
     }
@@ -104,6 +105,7 @@ impl Executor {
         ExecutorBuilder::new(provider)
     }
 
+    /// The provider every call goes to.
     pub fn provider(&self) -> &dyn Provider {
         &*self.shared.provider
     }
@@ -250,6 +252,7 @@ pub struct Slot {
 #[derive(Debug)]
 #[must_use = "dropping it at once frees the slot before the result is safe"]
 pub struct HeldResult {
+    /// The task's result.
     pub result: TaskResult,
     /// `None` for results with no call behind them.
     pub slot: Option<Slot>,

@@ -11,11 +11,14 @@ use crate::task::{Outcome, Status, TaskId, TaskResult};
 /// Prices in currency units (e.g. USD) per million tokens.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
 pub struct Price {
+    /// Price of a million input (prompt) tokens.
     pub input_per_million: f64,
+    /// Price of a million output tokens.
     pub output_per_million: f64,
 }
 
 impl Price {
+    /// What `usage` costs, in the price's currency units.
     pub fn cost(&self, usage: Usage) -> f64 {
         (usage.input_tokens as f64 * self.input_per_million
             + usage.output_tokens as f64 * self.output_per_million)
@@ -26,12 +29,16 @@ impl Price {
 /// Latency of successful tasks, launch to answer, retries included.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
 pub struct Latency {
+    /// Median; like every field, serialized in milliseconds.
     #[serde(serialize_with = "millis")]
     pub p50: Duration,
+    /// 90th percentile.
     #[serde(serialize_with = "millis")]
     pub p90: Duration,
+    /// 99th percentile.
     #[serde(serialize_with = "millis")]
     pub p99: Duration,
+    /// The slowest, kept exactly.
     #[serde(serialize_with = "millis")]
     pub max: Duration,
 }
@@ -43,11 +50,17 @@ fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
 /// Counts and sums over a whole run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Totals {
+    /// Tasks in the run, one per result, settled ones included.
     pub tasks: usize,
+    /// Tasks that got an answer.
     pub succeeded: usize,
+    /// Tasks that ended with an error.
     pub failed: usize,
+    /// Tasks cut off by the task timeout or the deadline.
     pub timed_out: usize,
+    /// Tasks cancelled while in flight.
     pub cancelled: usize,
+    /// Tasks never sent (deadline, cancellation, open circuit).
     pub not_run: usize,
     /// Tokens of the successful answers.
     pub usage: Usage,
@@ -55,16 +68,20 @@ pub struct Totals {
     pub estimated_usage: Usage,
     /// `usage` priced, when the executor was given a price.
     pub cost: Option<f64>,
+    /// From the run's start to its end; serialized in milliseconds.
     #[serde(serialize_with = "millis")]
     pub wall: Duration,
+    /// Latency of the successful tasks; `None` when none succeeded.
     pub latency: Option<Latency>,
     /// Attempts sent, hedges not included.
     pub calls: u64,
+    /// Attempts that were tried again, after an error or a 429.
     pub retries: u64,
     /// Answers that were 429s.
     pub rate_limited: u64,
     /// Duplicate calls sent for stragglers, and how many of them answered first.
     pub hedges: u64,
+    /// Hedges that answered before the call they duplicated.
     pub hedges_won: u64,
 }
 
@@ -78,7 +95,9 @@ impl Totals {
 /// One result per task, in task order, and the run's totals.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {
+    /// One result per task, in task order.
     pub results: Vec<TaskResult>,
+    /// Counts and sums over the whole run.
     pub totals: Totals,
 }
 

@@ -24,7 +24,9 @@ use crate::provider::ProviderError;
 pub struct RetryPolicy {
     /// Attempts in all, the first included; 1 disables retries.
     pub max_attempts: u32,
+    /// The backoff's ceiling for the first retry, doubled for each retry after it.
     pub base_delay: Duration,
+    /// The longest backoff, however many retries came before.
     pub max_delay: Duration,
 }
 

@@ -11,25 +11,32 @@ use serde::Serialize;
 use crate::tokens::estimate_text;
 use crate::{Executor, Failure, Request, Task};
 
+/// A text to map-reduce, with the id its chunks are named after.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Document {
+    /// Names the document's chunks (`report` gives `report#1`, ...).
     pub id: String,
+    /// The document's full text.
     pub text: String,
 }
 
+/// What to ask of each chunk and of the summaries, and the token budgets.
 #[derive(Clone, Debug, PartialEq)]
 pub struct MapReduceOptions {
     /// Instructions for each chunk.
     pub map: String,
     /// Instructions for combining summaries.
     pub reduce: String,
+    /// A chunk's size, in estimated tokens (default 1500).
     pub chunk_tokens: usize,
+    /// Tokens each chunk shares with the one before it (default 100).
     pub overlap_tokens: usize,
     /// The most a reduce (or collapse) prompt's summaries may hold.
     pub reduce_tokens: usize,
 }
 
 impl MapReduceOptions {
+    /// Options with these instructions and the default budgets (chunks of 1500 tokens, 100 overlap, reduce 3000).
     pub fn new(map: impl Into<String>, reduce: impl Into<String>) -> Self {
         Self {
             map: map.into(),
@@ -41,22 +48,28 @@ impl MapReduceOptions {
     }
 }
 
+/// A piece of a document, mapped on its own.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Chunk {
     /// `doc#1`, `doc#2`, ...
     pub id: String,
+    /// The chunk's text, trimmed.
     pub text: String,
 }
 
 /// A summary and the chunks it stands for.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Summary {
+    /// Ids of the chunks the summary covers.
     pub sources: Vec<String>,
+    /// The summary itself.
     pub text: String,
 }
 
+/// What a map-reduce brings back: the answer, its sources and every level.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct MapReduceResult {
+    /// The final answer; `None` when no chunk was mapped or the last reduce failed.
     pub answer: Option<String>,
     /// Every chunk id the answer stands on.
     pub sources: Vec<String>,

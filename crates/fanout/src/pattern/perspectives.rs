@@ -10,8 +10,10 @@ use serde::{Deserialize, Serialize};
 use super::sections::{Section, SectionsResult, sections};
 use crate::{Executor, Request};
 
+/// A reviewer: a name to attribute views to, and the system prompt that makes it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Persona {
+    /// Attributes the persona's review in the synthesis.
     pub name: String,
     /// The persona's system prompt.
     pub prompt: String,
@@ -81,6 +83,7 @@ pub fn load(path: &Path) -> Result<Vec<Persona>, String> {
     Ok(personas)
 }
 
+/// Instructions for the synthesis when the caller gives none.
 pub const DEFAULT_SYNTHESIS: &str = "Several reviewers gave their views of the same input, below. Write a balanced synthesis: \
     the points they agree on, where they disagree, and a recommendation. Attribute every view to its reviewer by name.";
 

@@ -6,13 +6,17 @@ use serde::Serialize;
 
 use crate::{Executor, Failure, Request, Task};
 
+/// A named subtask.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Section {
+    /// How the section's result is labelled for the synthesizer and in the output.
     pub name: String,
+    /// What the section asks.
     pub request: Request,
 }
 
 impl Section {
+    /// A section asking `prompt` as a single user message.
     pub fn new(name: impl Into<String>, prompt: impl Into<String>) -> Self {
         Self { name: name.into(), request: Request::user(prompt) }
     }
@@ -21,22 +25,31 @@ impl Section {
 /// A section's result; exactly one of `text` and `error` is set.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Part {
+    /// The section's name.
     pub name: String,
     /// `s1`, `s2`, ... in the order the sections were given.
     pub id: String,
+    /// The section's answer, when it got one.
     pub text: Option<String>,
+    /// Why the section has no answer.
     pub error: Option<Failure>,
 }
 
+/// The synthesizer's result; exactly one of `text` and `error` is set.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Synthesis {
+    /// The synthesis, when the call got an answer.
     pub text: Option<String>,
+    /// Why there is no synthesis.
     pub error: Option<Failure>,
 }
 
+/// Every section's result, then the synthesis.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct SectionsResult {
+    /// One per section, in the order given.
     pub parts: Vec<Part>,
+    /// `None` when no synthesis was asked for.
     pub synthesis: Option<Synthesis>,
 }
 

@@ -25,37 +25,52 @@ use serde::{Deserialize, Serialize};
 
 use crate::{Executor, Failure, Request, Task};
 
+/// A workflow file: variables and the steps that use them.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workflow {
+    /// Template variables' defaults (`[vars]`); callers may override them.
     #[serde(default)]
     pub vars: BTreeMap<String, String>,
+    /// The `[[step]]` tables, in the file's order.
     #[serde(rename = "step", default)]
     pub steps: Vec<Step>,
 }
 
+/// One call of a workflow, its prompt a template.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Step {
+    /// Names the step for `{{ steps.<name> }}` and `needs`; unique in the file.
     pub name: String,
+    /// The user message, a template.
     pub prompt: String,
+    /// A system message, a template too.
     #[serde(default)]
     pub system: Option<String>,
+    /// Steps this one waits for, besides those its templates name.
     #[serde(default)]
     pub needs: Vec<String>,
+    /// Caps the step's answer, in tokens.
     #[serde(default)]
     pub max_tokens: Option<u32>,
+    /// The step's sampling temperature; `None` keeps the provider's.
     #[serde(default)]
     pub temperature: Option<f32>,
 }
 
+/// A step's result; exactly one of `text` and `error` is set.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct StepResult {
+    /// The step's name.
     pub name: String,
+    /// The step's answer, when it got one.
     pub text: Option<String>,
+    /// Why the step has no answer: it failed, its template could not be rendered, or a step it needs failed.
     pub error: Option<Failure>,
 }
 
+/// Every step's result, and which steps are the outputs.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct WorkflowResult {
     /// In the file's order.
@@ -75,6 +90,7 @@ pub struct Plan {
 }
 
 impl Workflow {
+    /// Reads a workflow from TOML; it must have at least one `[[step]]`.
     pub fn parse(text: &str) -> Result<Self, String> {
         let workflow: Self =
             toml::from_str(text).map_err(|e| format!("the workflow is not valid TOML: {e}"))?;

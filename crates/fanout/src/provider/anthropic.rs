@@ -69,6 +69,7 @@ impl Anthropic {
         HttpBuilder::from_env(model)
     }
 
+    /// The model asked when a request names none.
     pub fn model(&self) -> &str {
         &self.model
     }

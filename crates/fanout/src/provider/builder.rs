@@ -22,6 +22,7 @@ pub trait HttpApi: Sized {
     /// The variables `from_env` reads: base URL, then key.
     const ENV: (&'static str, &'static str);
 
+    /// Builds the provider from `settings`; fails on an invalid URL or key, before any call.
     fn connect(settings: HttpSettings) -> Result<Self, ProviderError>;
 }
 
@@ -65,6 +66,7 @@ impl<Api: HttpApi> HttpBuilder<Api> {
         self
     }
 
+    /// The API key; a blank one counts as none (local servers need none).
     pub fn api_key(mut self, key: impl Into<String>) -> Self {
         self.settings.api_key = ApiKey::new(Some(key.into()));
         self
@@ -76,11 +78,13 @@ impl<Api: HttpApi> HttpBuilder<Api> {
         self
     }
 
+    /// Connection settings for the HTTP client.
     pub fn http(mut self, options: HttpOptions) -> Self {
         self.settings.http = options;
         self
     }
 
+    /// The provider; fails on an invalid URL or key, before any call.
     pub fn build(self) -> Result<Api, ProviderError> {
         Api::connect(self.settings)
     }

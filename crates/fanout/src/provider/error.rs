@@ -78,6 +78,7 @@ impl ErrorKind {
         })
     }
 
+    /// A short name for the kind, as shown in error messages (`rate limited`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::RateLimited => "rate limited",
@@ -117,6 +118,7 @@ pub struct ProviderError {
 }
 
 impl ProviderError {
+    /// An error of `kind`, with no status, retry-after or request id.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
@@ -135,18 +137,21 @@ impl ProviderError {
         Self::new(kind, message).with_status(status)
     }
 
+    /// Records the HTTP status the answer came with.
     #[must_use]
     pub fn with_status(mut self, status: u16) -> Self {
         self.status = Some(status);
         self
     }
 
+    /// Records how long the provider asked us to wait before trying again.
     #[must_use]
     pub fn with_retry_after(mut self, retry_after: Duration) -> Self {
         self.retry_after = Some(retry_after);
         self
     }
 
+    /// Records the provider's id for the failed call.
     #[must_use]
     pub fn with_request_id(mut self, request_id: impl Into<String>) -> Self {
         self.request_id = Some(request_id.into());
@@ -168,14 +173,17 @@ impl ProviderError {
         self
     }
 
+    /// What went wrong, as the executor classifies it.
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }
 
+    /// What the provider (or the client) said, scrubbed of any API key.
     pub fn message(&self) -> &str {
         &self.message
     }
 
+    /// The HTTP status, when the error came with an answer.
     pub fn status(&self) -> Option<u16> {
         self.status
     }
@@ -185,22 +193,27 @@ impl ProviderError {
         self.retry_after
     }
 
+    /// The provider's id for the failed call, when it sent one.
     pub fn request_id(&self) -> Option<&str> {
         self.request_id.as_deref()
     }
 
+    /// The rate-limit headers of the failed answer, when it had any.
     pub fn rate_limit(&self) -> Option<&RateLimit> {
         self.rate_limit.as_deref()
     }
 
+    /// Whether trying the same request again may succeed.
     pub fn is_retryable(&self) -> bool {
         self.kind.is_retryable()
     }
 
+    /// Whether the attempt ran out of time (ours, or the server's 408).
     pub fn is_timeout(&self) -> bool {
         self.kind == ErrorKind::Timeout
     }
 
+    /// Whether the answer was a 429.
     pub fn is_rate_limited(&self) -> bool {
         self.kind == ErrorKind::RateLimited
     }

@@ -57,7 +57,9 @@ impl Budget {
 pub struct RateLimit {
     /// An explicit request to wait (`retry-after-ms` or `Retry-After`).
     pub retry_after: Option<Duration>,
+    /// The provider's request budget.
     pub requests: Budget,
+    /// The provider's token budget.
     pub tokens: Budget,
 }
 
@@ -92,6 +94,7 @@ impl RateLimit {
         (!parsed.is_empty()).then_some(parsed)
     }
 
+    /// Whether the answer said nothing about rate limits.
     pub fn is_empty(&self) -> bool {
         self.retry_after.is_none() && self.requests.is_empty() && self.tokens.is_empty()
     }

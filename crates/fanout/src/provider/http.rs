@@ -19,6 +19,7 @@ pub struct HttpOptions {
     /// Idle connections kept per host; set it to the executor's concurrency so
     /// every task reuses a warm connection.
     pub max_idle_connections: usize,
+    /// How long connecting to the server may take before the attempt fails.
     pub connect_timeout: Duration,
 }
 

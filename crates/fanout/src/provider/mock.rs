@@ -63,6 +63,7 @@ impl Behavior {
         Self { latency: None, action: Action::Respond(response) }
     }
 
+    /// Fails with this error.
     pub fn fail(error: ProviderError) -> Self {
         Self { latency: None, action: Action::Fail(error) }
     }
@@ -177,6 +178,7 @@ impl Default for MockProvider {
 }
 
 impl MockProvider {
+    /// A mock that answers `mock answer: <prompt>` at once, to every call.
     pub fn new() -> Self {
         Self {
             name: "mock".into(),

@@ -58,7 +58,6 @@ pub struct OpenAi {
 
 impl OpenAi {
     /// Settings with the defaults, ignoring the environment.
-    /// Settings with the defaults, ignoring the environment.
     pub fn builder(model: impl Into<String>) -> OpenAiBuilder {
         HttpBuilder::new(model)
     }
@@ -68,6 +67,7 @@ impl OpenAi {
         HttpBuilder::from_env(model)
     }
 
+    /// The model asked when a request names none.
     pub fn model(&self) -> &str {
         &self.model
     }

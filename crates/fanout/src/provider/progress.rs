@@ -38,6 +38,7 @@ impl Progress {
         self.last_micros.fetch_max(micros, Ordering::AcqRel);
     }
 
+    /// When the attempt was sent: the start of its clock.
     pub fn sent(&self) -> Instant {
         self.sent
     }

@@ -8,27 +8,35 @@ use super::headers::RateLimit;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
+    /// Instructions that frame the whole conversation.
     System,
+    /// The person asking: the prompt.
     User,
+    /// The model, for earlier answers replayed as context.
     Assistant,
 }
 
 /// One message of a chat conversation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Message {
+    /// Who said it.
     pub role: Role,
+    /// What was said, as plain text.
     pub content: String,
 }
 
 impl Message {
+    /// A system message.
     pub fn system(content: impl Into<String>) -> Self {
         Self { role: Role::System, content: content.into() }
     }
 
+    /// A user message.
     pub fn user(content: impl Into<String>) -> Self {
         Self { role: Role::User, content: content.into() }
     }
 
+    /// An assistant message: an earlier answer, given back as context.
     pub fn assistant(content: impl Into<String>) -> Self {
         Self { role: Role::Assistant, content: content.into() }
     }
@@ -44,15 +52,21 @@ pub struct Request {
     /// The model to ask; `None` uses the provider's configured model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The conversation so far, oldest first; the last user message is the prompt.
     pub messages: Vec<Message>,
+    /// Sampling temperature; higher gives more varied answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
+    /// Nucleus sampling: draw only from the likeliest tokens whose probabilities add up to this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub top_p: Option<f32>,
+    /// The most tokens the answer may have; Anthropic, which requires one, gets 1024 when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u32>,
+    /// Sequences that end generation where they appear; empty for none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub stop: Vec<String>,
+    /// Seed for sampling, for providers that support it (OpenAI-compatible ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
     /// How many choices to generate in one call (providers that support it).
@@ -78,7 +92,12 @@ pub enum ResponseFormat {
     /// Any valid JSON object.
     JsonObject,
     /// JSON that follows `schema`.
-    JsonSchema { name: String, schema: serde_json::Value },
+    JsonSchema {
+        /// The schema's name, which OpenAI requires.
+        name: String,
+        /// The JSON Schema the output must follow.
+        schema: serde_json::Value,
+    },
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -98,18 +117,21 @@ impl Request {
         self
     }
 
+    /// Asks for this model instead of the provider's configured one.
     #[must_use]
     pub fn with_model(mut self, model: impl Into<String>) -> Self {
         self.model = Some(model.into());
         self
     }
 
+    /// Caps the answer at `max_tokens` tokens.
     #[must_use]
     pub fn with_max_tokens(mut self, max_tokens: u32) -> Self {
         self.max_tokens = Some(max_tokens);
         self
     }
 
+    /// Sets the sampling temperature.
     #[must_use]
     pub fn with_temperature(mut self, temperature: f32) -> Self {
         self.temperature = Some(temperature);
@@ -126,11 +148,14 @@ impl Request {
 /// Tokens a call consumed, as the provider reported them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
+    /// Prompt tokens: everything sent.
     pub input_tokens: u64,
+    /// Tokens of the answer generated.
     pub output_tokens: u64,
 }
 
 impl Usage {
+    /// Input and output tokens together.
     pub fn total(&self) -> u64 {
         self.input_tokens + self.output_tokens
     }
@@ -151,6 +176,7 @@ pub struct Response {
     /// The other choices' texts, when the request asked for `n` > 1.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_choices: Vec<String>,
+    /// Tokens the call consumed; an estimate when `usage_estimated` is set.
     pub usage: Usage,
     /// Whether `usage` is an estimate (the provider reported none) rather than
     /// the provider's own count.
@@ -162,6 +188,7 @@ pub struct Response {
     /// The model that answered, which may differ from the one asked for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
+    /// The provider's id for the call (its `x-request-id` or `request-id` header), for support requests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_id: Option<String>,
     /// Rate-limit headers sent with the answer; the executor paces itself by them.
@@ -170,6 +197,7 @@ pub struct Response {
 }
 
 impl Response {
+    /// An answer with this text and usage, everything else unset.
     pub fn new(text: impl Into<String>, usage: Usage) -> Self {
         Self { text: text.into(), usage, ..Self::default() }
     }

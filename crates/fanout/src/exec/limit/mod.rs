@@ -25,7 +25,9 @@ use reported::{Launch, ReportedBudget};
 /// A per-minute limit and how much of it may be spent at once.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Rate {
+    /// Requests or tokens allowed per minute, refilled continuously.
     pub per_minute: u64,
+    /// The most that may be spent at once: the bucket's size.
     pub burst: u64,
 }
 
@@ -37,6 +39,7 @@ impl Rate {
         Self { per_minute, burst: per_minute.div_ceil(60).max(1) }
     }
 
+    /// Lets up to `burst` (at least 1) be spent at once.
     #[must_use]
     pub fn with_burst(mut self, burst: u64) -> Self {
         self.burst = burst.max(1);

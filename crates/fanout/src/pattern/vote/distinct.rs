@@ -20,11 +20,14 @@ pub fn similarity(a: &str, b: &str) -> f64 {
     a.intersection(&b).count() as f64 / a.union(&b).count() as f64
 }
 
+/// What [`distinct`] found: the options kept and the near-duplicates dropped.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Distinct {
+    /// The distinct answers, trimmed, in the order they arrived; at most `n`.
     pub options: Vec<String>,
     /// Samples dropped as near-duplicates of a kept option.
     pub duplicates: Vec<String>,
+    /// Samples sent, failed ones included.
     pub calls: usize,
     /// Whether the budget ran out before `n` distinct options were found.
     pub exhausted: bool,

@@ -11,9 +11,13 @@ use crate::{Executor, Failure, Request, Task};
 pub struct Consistent {
     /// Index into `samples` of the chosen answer.
     pub chosen: Option<usize>,
+    /// The chosen answer's text; `None` when nothing was chosen.
     pub text: Option<String>,
+    /// Every sample, in index order; none of them has an extracted `answer`.
     pub samples: Vec<Sample>,
+    /// The judge's reply, when it gave one.
     pub judge: Option<String>,
+    /// Why no answer was chosen: no sample succeeded, the judge failed or named none.
     pub error: Option<Failure>,
 }
 

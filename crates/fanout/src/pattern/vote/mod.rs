@@ -60,13 +60,18 @@ pub enum EarlyStop {
     Predictive(f64),
 }
 
+/// How a vote is run and decided.
 #[derive(Clone, Debug)]
 pub struct VoteOptions {
+    /// The most samples to draw.
     pub samples: usize,
+    /// Turns a sample's text into its vote.
     pub extractor: Extractor,
+    /// When the vote counts as a consensus.
     pub rule: Rule,
     /// Weight of each sample by index (missing ones weigh 1).
     pub weights: Vec<f64>,
+    /// Whether and how to stop before all samples are in; `None` runs them all.
     pub early_stop: Option<EarlyStop>,
     /// Samples launched together. `None` (the default) launches exactly as many
     /// as could decide the vote if they all agreed with the leader: no sample is
@@ -81,6 +86,7 @@ pub struct VoteOptions {
 }
 
 impl VoteOptions {
+    /// A majority vote over `samples` samples at temperature 0.7, without early stopping.
     pub fn new(samples: usize, extractor: Extractor) -> Self {
         Self {
             samples: samples.max(1),
@@ -98,28 +104,36 @@ impl VoteOptions {
 /// One sample of a vote.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Sample {
+    /// The sample's position, 0 first; weights are given by it.
     pub index: usize,
+    /// The sample's answer, when it got one.
     pub text: Option<String>,
     /// The extracted answer: its vote. `None` when the sample failed, had
     /// none, or was cut off at `max_tokens` (unless those count).
     pub answer: Option<String>,
     /// Cut off at `max_tokens`.
     pub truncated: bool,
+    /// Why the sample has no answer.
     pub error: Option<Failure>,
 }
 
 /// An answer's share of the vote.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Count {
+    /// The answer, as extracted.
     pub answer: String,
+    /// Samples that gave it.
     pub votes: usize,
+    /// Those samples' weights, summed.
     pub weight: f64,
 }
 
+/// What a vote decided, and from which samples.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct VoteResult {
     /// The winning answer (`None` without consensus).
     pub winner: Option<String>,
+    /// Whether the leader met the [`Rule`].
     pub consensus: bool,
     /// The answer with the most votes, consensus or not (ties go to the first
     /// to appear); `None` when no sample voted.
@@ -130,9 +144,11 @@ pub struct VoteResult {
     pub agreement: f64,
     /// The answers tied for the lead, when there was a tie (the first one won).
     pub tie: Vec<String>,
+    /// Every sample received, in index order; cancelled ones are left out.
     pub samples: Vec<Sample>,
     /// Samples launched (in-flight ones cancelled at an early stop included).
     pub calls: usize,
+    /// Whether early stopping ended the vote before all samples were in.
     pub stopped_early: bool,
 }
 

@@ -75,6 +75,30 @@ pub struct Flags {
     /// Profile of the config file to use
     #[arg(long, global = true, env = "FANOUT_PROFILE")]
     pub profile: Option<String>,
+    /// What to call and how: the same settings a profile may hold.
+    #[command(flatten)]
+    pub choices: Choices,
+    /// Never duplicate a call (overrides --hedge and the profile)
+    #[arg(long, global = true)]
+    pub no_hedge: bool,
+    /// Machine-readable output: JSON results and a JSON summary
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress bar and no summary
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// The job store [default: $FANOUT_HOME/fanout.db or ~/.local/share/fanout/fanout.db]
+    #[arg(long, global = true, env = "FANOUT_STORE")]
+    pub store: Option<PathBuf>,
+}
+
+/// Every setting, declared once: as a flag (`--max-tokens`) and as a config
+/// file's profile key (`max_tokens`). Flags win over the environment, which
+/// wins over the profile ([`Choices::over`]); what is still unset takes the
+/// defaults in [`Settings::resolve`].
+#[derive(Clone, Debug, Default, Deserialize, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct Choices {
     #[arg(long, global = true, value_enum, env = "FANOUT_PROVIDER")]
     pub provider: Option<ProviderKind>,
     #[arg(long, global = true, env = "FANOUT_MODEL")]
@@ -82,6 +106,10 @@ pub struct Flags {
     /// API base URL (overrides OPENAI_BASE_URL / ANTHROPIC_BASE_URL)
     #[arg(long, global = true)]
     pub base_url: Option<String>,
+    /// The environment variable that holds the API key (its name, never the key)
+    /// [default: OPENAI_API_KEY or ANTHROPIC_API_KEY]
+    #[arg(long, global = true, value_name = "VAR")]
+    pub api_key_env: Option<String>,
     /// Calls in flight at once [default: 16]
     #[arg(short = 'c', long, global = true)]
     pub concurrency: Option<usize>,
@@ -91,7 +119,7 @@ pub struct Flags {
     /// Tokens per minute (prompt + max output, corrected by reported usage)
     #[arg(long, global = true)]
     pub tpm: Option<u64>,
-    /// Seconds one attempt may take [default: 120]
+    /// Seconds one attempt may go without a sign of life [default: 120]
     #[arg(long, global = true)]
     pub attempt_timeout: Option<f64>,
     /// Seconds the whole run may take; then it stops and keeps what finished
@@ -107,28 +135,56 @@ pub struct Flags {
     /// Compute threads of the local model [default: one per core]
     #[arg(long, global = true, env = "FANOUT_THREADS")]
     pub threads: Option<usize>,
+    /// Price of a million input tokens, for the summary's cost
+    #[arg(long, global = true, value_name = "PRICE")]
+    pub price_input: Option<f64>,
+    /// Price of a million output tokens
+    #[arg(long, global = true, value_name = "PRICE")]
+    pub price_output: Option<f64>,
     /// Duplicate calls that straggle (on by default): past the learned p95 (and
-    /// twice the median) without a sign of life, within the hedge budget
-    #[arg(long, global = true, overrides_with = "no_hedge")]
-    pub hedge: bool,
-    /// Never duplicate a call
-    #[arg(long, global = true)]
-    pub no_hedge: bool,
+    /// twice the median) without a sign of life, within the hedge budget;
+    /// `--hedge=false` turns it off
+    #[arg(
+        long,
+        global = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub hedge: Option<bool>,
     /// Extra calls hedging may add, as a share of all calls [default: 0.05]
     #[arg(long, global = true, value_name = "SHARE")]
     pub hedge_budget: Option<f64>,
     /// Seconds without a sign of life after which a call is hedged [default: learned]
     #[arg(long, global = true, value_name = "SECS")]
     pub hedge_after: Option<f64>,
-    /// Machine-readable output: JSON results and a JSON summary
-    #[arg(long, global = true)]
-    pub json: bool,
-    /// No progress bar and no summary
-    #[arg(short, long, global = true)]
-    pub quiet: bool,
-    /// The job store [default: $FANOUT_HOME/fanout.db or ~/.local/share/fanout/fanout.db]
-    #[arg(long, global = true, env = "FANOUT_STORE")]
-    pub store: Option<PathBuf>,
+}
+
+impl Choices {
+    /// These choices, with `fallback`'s where these leave one unset.
+    fn over(self, fallback: Self) -> Self {
+        Self {
+            provider: self.provider.or(fallback.provider),
+            model: self.model.or(fallback.model),
+            base_url: self.base_url.or(fallback.base_url),
+            api_key_env: self.api_key_env.or(fallback.api_key_env),
+            concurrency: self.concurrency.or(fallback.concurrency),
+            rpm: self.rpm.or(fallback.rpm),
+            tpm: self.tpm.or(fallback.tpm),
+            attempt_timeout: self.attempt_timeout.or(fallback.attempt_timeout),
+            deadline: self.deadline.or(fallback.deadline),
+            retries: self.retries.or(fallback.retries),
+            temperature: self.temperature.or(fallback.temperature),
+            max_tokens: self.max_tokens.or(fallback.max_tokens),
+            threads: self.threads.or(fallback.threads),
+            price_input: self.price_input.or(fallback.price_input),
+            price_output: self.price_output.or(fallback.price_output),
+            hedge: self.hedge.or(fallback.hedge),
+            hedge_budget: self.hedge_budget.or(fallback.hedge_budget),
+            hedge_after: self.hedge_after.or(fallback.hedge_after),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -136,30 +192,7 @@ pub struct Flags {
 struct ConfigFile {
     default_profile: Option<String>,
     #[serde(default)]
-    profiles: BTreeMap<String, Profile>,
-}
-
-#[derive(Clone, Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Profile {
-    provider: Option<ProviderKind>,
-    model: Option<String>,
-    base_url: Option<String>,
-    api_key_env: Option<String>,
-    concurrency: Option<usize>,
-    rpm: Option<u64>,
-    tpm: Option<u64>,
-    attempt_timeout: Option<f64>,
-    deadline: Option<f64>,
-    retries: Option<u32>,
-    temperature: Option<f32>,
-    max_tokens: Option<u32>,
-    threads: Option<usize>,
-    price_input: Option<f64>,
-    price_output: Option<f64>,
-    hedge: Option<bool>,
-    hedge_budget: Option<f64>,
-    hedge_after: Option<f64>,
+    profiles: BTreeMap<String, Choices>,
 }
 
 /// Everything resolved: what to call and how.
@@ -242,22 +275,15 @@ fn read_config(path: &Path) -> Result<ConfigFile> {
     toml::from_str(&text).with_context(|| format!("config file {} is not valid", path.display()))
 }
 
-/// Flags over the profile over the default (on, learned threshold, 5%).
-fn hedging(flags: &Flags, profile: &Profile) -> Result<Option<Hedging>> {
-    let on = if flags.no_hedge {
-        false
-    } else if flags.hedge {
-        true
-    } else {
-        profile.hedge.unwrap_or(true)
-    };
-    let budget = flags.hedge_budget.or(profile.hedge_budget);
-    if let Some(budget) = budget.filter(|b| !(0.0..=1.0).contains(b)) {
+/// The chosen hedging over the default (on, learned threshold, 5%).
+fn hedging(choices: &Choices, off: bool) -> Result<Option<Hedging>> {
+    if let Some(budget) = choices.hedge_budget.filter(|b| !(0.0..=1.0).contains(b)) {
         bail!("--hedge-budget must be a share between 0 and 1, not {budget}");
     }
+    let on = !off && choices.hedge.unwrap_or(true);
     Ok(on.then(|| Hedging {
-        budget: budget.unwrap_or(Hedging::default().budget),
-        after: flags.hedge_after.or(profile.hedge_after),
+        budget: choices.hedge_budget.unwrap_or(Hedging::default().budget),
+        after: choices.hedge_after,
     }))
 }
 
@@ -280,22 +306,27 @@ impl Settings {
                 .get(name)
                 .cloned()
                 .with_context(|| format!("no profile `{name}` in the config file"))?,
-            None => Profile::default(),
+            None => Choices::default(),
         };
-        let provider = match flags.provider.or(profile.provider) {
+        let provider = match flags.choices.provider.or(profile.provider) {
             Some(provider) => provider,
             None if env("OPENAI_API_KEY").is_some() => ProviderKind::Openai,
             None if env("ANTHROPIC_API_KEY").is_some() => ProviderKind::Anthropic,
             // Nothing configured: the embedded model, so fanout works offline.
             None => ProviderKind::Local,
         };
-        let base_url_env = match provider {
-            ProviderKind::Openai => env("OPENAI_BASE_URL"),
-            ProviderKind::Anthropic => env("ANTHROPIC_BASE_URL"),
-            ProviderKind::Mock | ProviderKind::Local => None,
+        // The provider's own base URL variable sits between the flags and the profile.
+        let base_url_env = Choices {
+            base_url: match provider {
+                ProviderKind::Openai => env("OPENAI_BASE_URL"),
+                ProviderKind::Anthropic => env("ANTHROPIC_BASE_URL"),
+                ProviderKind::Mock | ProviderKind::Local => None,
+            },
+            ..Choices::default()
         };
-        let hedge = hedging(flags, &profile)?;
-        let price = match (profile.price_input, profile.price_output) {
+        let chosen = flags.choices.clone().over(base_url_env).over(profile);
+        let hedge = hedging(&chosen, flags.no_hedge)?;
+        let price = match (chosen.price_input, chosen.price_output) {
             (None, None) => None,
             (input, output) => Some(Price {
                 input_per_million: input.unwrap_or(0.0),
@@ -304,22 +335,18 @@ impl Settings {
         };
         Ok(Self {
             provider,
-            model: flags
-                .model
-                .clone()
-                .or(profile.model)
-                .unwrap_or_else(|| provider.default_model().into()),
-            base_url: flags.base_url.clone().or(base_url_env).or(profile.base_url),
-            api_key_env: profile.api_key_env.unwrap_or_else(|| provider.key_env().into()),
-            concurrency: flags.concurrency.or(profile.concurrency).unwrap_or(16).max(1),
-            rpm: flags.rpm.or(profile.rpm),
-            tpm: flags.tpm.or(profile.tpm),
-            attempt_timeout: flags.attempt_timeout.or(profile.attempt_timeout).unwrap_or(120.0),
-            deadline: flags.deadline.or(profile.deadline),
-            retries: flags.retries.or(profile.retries).unwrap_or(4),
-            temperature: flags.temperature.or(profile.temperature),
-            max_tokens: flags.max_tokens.or(profile.max_tokens),
-            threads: flags.threads.or(profile.threads).filter(|t| *t > 0),
+            model: chosen.model.unwrap_or_else(|| provider.default_model().into()),
+            base_url: chosen.base_url,
+            api_key_env: chosen.api_key_env.unwrap_or_else(|| provider.key_env().into()),
+            concurrency: chosen.concurrency.unwrap_or(16).max(1),
+            rpm: chosen.rpm,
+            tpm: chosen.tpm,
+            attempt_timeout: chosen.attempt_timeout.unwrap_or(120.0),
+            deadline: chosen.deadline,
+            retries: chosen.retries.unwrap_or(4),
+            temperature: chosen.temperature,
+            max_tokens: chosen.max_tokens,
+            threads: chosen.threads.filter(|t| *t > 0),
             price,
             hedge,
         })
@@ -328,21 +355,58 @@ impl Settings {
     /// Takes the run limits (not what shapes answers) given as flags now: a
     /// resumed job may run with more concurrency or another deadline.
     pub fn with_run_limits(mut self, flags: &Flags) -> Self {
-        self.concurrency = flags.concurrency.unwrap_or(self.concurrency).max(1);
-        self.rpm = flags.rpm.or(self.rpm);
-        self.tpm = flags.tpm.or(self.tpm);
-        self.attempt_timeout = flags.attempt_timeout.unwrap_or(self.attempt_timeout);
-        self.deadline = flags.deadline.or(self.deadline);
-        self.retries = flags.retries.unwrap_or(self.retries);
-        self.threads = flags.threads.filter(|t| *t > 0).or(self.threads);
-        if flags.no_hedge {
+        let now = &flags.choices;
+        self.concurrency = now.concurrency.unwrap_or(self.concurrency).max(1);
+        self.rpm = now.rpm.or(self.rpm);
+        self.tpm = now.tpm.or(self.tpm);
+        self.attempt_timeout = now.attempt_timeout.unwrap_or(self.attempt_timeout);
+        self.deadline = now.deadline.or(self.deadline);
+        self.retries = now.retries.unwrap_or(self.retries);
+        self.threads = now.threads.filter(|t| *t > 0).or(self.threads);
+        if flags.no_hedge || now.hedge == Some(false) {
             self.hedge = None;
-        } else if flags.hedge || flags.hedge_budget.is_some() || flags.hedge_after.is_some() {
+        } else if now.hedge.is_some() || now.hedge_budget.is_some() || now.hedge_after.is_some() {
             let mut hedge = self.hedge.unwrap_or_default();
-            hedge.budget = flags.hedge_budget.unwrap_or(hedge.budget);
-            hedge.after = flags.hedge_after.or(hedge.after);
+            hedge.budget = now.hedge_budget.unwrap_or(hedge.budget);
+            hedge.after = now.hedge_after.or(hedge.after);
             self.hedge = Some(hedge);
         }
         self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Command {
+        #[command(flatten)]
+        flags: Flags,
+    }
+
+    fn flags(args: &[&str]) -> Flags {
+        Command::try_parse_from(std::iter::once("fanout").chain(args.iter().copied()))
+            .unwrap()
+            .flags
+    }
+
+    /// A setting is one field: the same name as a flag and as a profile key,
+    /// and a flag wins over the profile.
+    #[test]
+    fn each_setting_is_a_flag_and_a_profile_key() {
+        let profile: Choices = toml::from_str(
+            "model = \"m-file\"\nconcurrency = 8\nmax_tokens = 64\nprice_input = 0.15\nhedge = false\n",
+        )
+        .unwrap();
+        let chosen =
+            flags(&["--model", "m-flag", "--hedge", "--price-output", "0.6"]).choices.over(profile);
+        assert_eq!(chosen.model.as_deref(), Some("m-flag"));
+        assert_eq!((chosen.concurrency, chosen.max_tokens), (Some(8), Some(64)));
+        assert_eq!((chosen.price_input, chosen.price_output), (Some(0.15), Some(0.6)));
+        assert_eq!(chosen.hedge, Some(true), "--hedge turns on what the profile turned off");
+        assert_eq!(flags(&["--hedge=false"]).choices.hedge, Some(false));
+        assert!(toml::from_str::<Choices>("modle = \"typo\"").is_err(), "unknown keys are refused");
     }
 }

@@ -45,15 +45,20 @@ pub fn default_threads() -> usize {
 /// What one request asks the engine to generate.
 #[derive(Clone, Debug)]
 pub struct GenerationRequest {
+    /// The prompt's token ids: at least 1, fewer than the context length.
     pub prompt: Vec<u32>,
+    /// Most tokens to generate; the context length also ends the answer.
     pub max_tokens: usize,
+    /// Stop sequences: the answer stops at the first one generated and ends before it.
     pub stop: Vec<String>,
+    /// How each next token is chosen.
     pub sampling: SamplingParams,
     /// Keep generating through EOS and end-of-turn tokens, up to `max_tokens`
     /// (for benchmarks that need a fixed answer length).
     pub ignore_eos: bool,
 }
 
+/// Why a sequence stopped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
     /// EOS, an end-of-turn token, or a stop sequence.
@@ -62,11 +67,17 @@ pub enum FinishReason {
     Length,
 }
 
+/// One request's answer.
 #[derive(Clone, Debug)]
 pub struct Generation {
+    /// The answer's text, special tokens left out, cut before the earliest stop sequence.
     pub text: String,
+    /// Generated token ids, without the EOS or end-of-turn token that stopped them
+    /// (a stop sequence's tokens are kept).
     pub tokens: Vec<u32>,
+    /// The prompt's length, in tokens.
     pub prompt_tokens: usize,
+    /// Why generation stopped.
     pub finish: FinishReason,
     /// From submission to the first generated token.
     pub time_to_first_token: Duration,
@@ -147,6 +158,7 @@ impl Engine {
         Ok(Self { jobs, counters })
     }
 
+    /// Counters of the engine's work so far.
     pub fn stats(&self) -> EngineStats {
         let c = &self.counters;
         EngineStats {

@@ -7,20 +7,29 @@ use fanout::{ErrorKind, ProviderError};
 pub enum LocalError {
     /// No model file where one was looked for; the message says the command that fixes it.
     NotFound(String),
+    /// Reading or writing a file or folder failed.
     Io {
+        /// The file or folder.
         path: PathBuf,
+        /// What the system reported.
         error: std::io::Error,
     },
     /// The file is not a GGUF model fanout can run.
     Format {
+        /// The model file.
         path: PathBuf,
+        /// What is wrong with it.
         message: String,
     },
     /// Fetching the model failed.
     Download(String),
+    /// The text could not be tokenized.
     Tokenizer(String),
+    /// The chat template could not render the conversation.
     Template(String),
+    /// The prompt is empty, or does not fit the model's context length.
     PromptTooLong(String),
+    /// The scheduler could not start or stopped, or a forward pass failed.
     Engine(String),
 }
 

@@ -95,20 +95,33 @@ impl GgufFile {
 /// The transformer's dimensions, read from `{arch}.*` metadata.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelConfig {
+    /// `general.architecture`: always `llama`, the one family supported.
     pub architecture: String,
+    /// Transformer blocks.
     pub layers: usize,
+    /// Embedding width (`embedding_length`).
     pub hidden: usize,
+    /// Width of the feed-forward block's hidden layer.
     pub feed_forward: usize,
+    /// Query attention heads.
     pub heads: usize,
+    /// Key/value heads, dividing `heads` (grouped-query attention); `heads` when the
+    /// file names none.
     pub kv_heads: usize,
+    /// Width of one head: `hidden / heads`, always even.
     pub head_dim: usize,
+    /// Most positions a sequence may use, in tokens (2048 when the file names none).
     pub context_length: usize,
+    /// RMS norm epsilon (1e-5 when the file names none).
     pub rms_eps: f32,
+    /// Rotary embedding base frequency (10000 when the file names none).
     pub rope_base: f32,
+    /// Tokens in the vocabulary (`vocab_size`, else the length of `tokenizer.ggml.tokens`).
     pub vocab_size: usize,
 }
 
 impl ModelConfig {
+    /// Reads and checks the dimensions; a non-llama or inconsistent shape is a format error.
     pub fn read(gguf: &GgufFile) -> Result<Self, LocalError> {
         let arch = gguf.string("general.architecture")?.to_owned();
         if arch != "llama" {

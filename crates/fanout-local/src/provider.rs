@@ -18,6 +18,7 @@ use crate::tokenizer::ChatTokenizer;
 /// How a [`LocalModel`] runs and what a request gets when it names no value.
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalOptions {
+    /// Threads, batch size and prefill chunk of the scheduler.
     pub engine: EngineOptions,
     /// Answer length when a request gives no `max_tokens`.
     pub default_max_tokens: u32,
@@ -70,14 +71,17 @@ impl LocalModel {
         Ok(Self { inner: Arc::new(Inner { name, config, tokenizer, template, engine, options }) })
     }
 
+    /// `general.name` from the file, else the file's stem, else `local`.
     pub fn model_name(&self) -> &str {
         &self.inner.name
     }
 
+    /// The loaded model's dimensions.
     pub fn config(&self) -> &ModelConfig {
         &self.inner.config
     }
 
+    /// The model's own tokenizer.
     pub fn tokenizer(&self) -> &ChatTokenizer {
         &self.inner.tokenizer
     }

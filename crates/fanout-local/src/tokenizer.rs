@@ -33,12 +33,17 @@ pub struct ChatTokenizer {
     inner: Tokenizer,
     /// Control tokens (`<|im_end|>`, `<|endoftext|>`...): generating one ends the answer.
     control: Vec<bool>,
+    /// End-of-sequence token id (`tokenizer.ggml.eos_token_id`).
     pub eos: u32,
+    /// Beginning-of-sequence token id; None when the file names none.
     pub bos: Option<u32>,
+    /// Whether [`encode`](Self::encode) puts `bos` first (`tokenizer.ggml.add_bos_token`,
+    /// else false).
     pub add_bos: bool,
 }
 
 impl ChatTokenizer {
+    /// Builds the tokenizer from `tokenizer.ggml.*` metadata; only byte-level BPE (`gpt2`) is read.
     pub fn from_gguf(gguf: &GgufFile) -> Result<Self, LocalError> {
         let model = gguf.string("tokenizer.ggml.model")?;
         if model != "gpt2" {

@@ -34,6 +34,7 @@ mod provider;
 mod quant;
 mod resolve;
 pub mod sampling;
+#[cfg(feature = "fixtures")]
 pub mod tiny;
 mod tokenizer;
 

@@ -26,8 +26,10 @@ impl Price {
     }
 }
 
-/// Latency of successful tasks, launch to answer, retries included.
+/// Latency of successful tasks, launch to answer, retries included. New
+/// figures may be added, so it is `non_exhaustive`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Latency {
     /// Median; like every field, serialized in milliseconds.
     #[serde(serialize_with = "millis")]
@@ -47,8 +49,9 @@ fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1000.0)
 }
 
-/// Counts and sums over a whole run.
+/// Counts and sums over a whole run (`non_exhaustive`: new counts may be added).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Totals {
     /// Tasks in the run, one per result, settled ones included.
     pub tasks: usize,
@@ -92,8 +95,9 @@ impl Totals {
     }
 }
 
-/// One result per task, in task order, and the run's totals.
+/// One result per task, in task order, and the run's totals (`non_exhaustive`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Report {
     /// One result per task, in task order.
     pub results: Vec<TaskResult>,

@@ -53,32 +53,24 @@ fn kind_name(kind: ErrorKind) -> String {
 
 /// The result a record stands for, with its task's place and id.
 pub fn to_result(record: Record) -> TaskResult {
-    TaskResult {
-        index: record.index as usize,
-        id: TaskId::from(record.task_id.clone()),
-        outcome: to_outcome(record),
-    }
+    let (index, id) = (record.index as usize, TaskId::from(record.task_id.clone()));
+    TaskResult::new(index, id, to_outcome(record))
 }
 
 /// The outcome a record stands for (a result restored on resume).
 pub fn to_outcome(record: Record) -> Outcome {
     match record.status.as_str() {
-        "succeeded" => Outcome::Succeeded(Success {
-            response: Response {
-                text: record.answer.unwrap_or_default(),
-                usage: Usage {
-                    input_tokens: record.input_tokens,
-                    output_tokens: record.output_tokens,
-                },
-                usage_estimated: record.usage_estimated,
-                finish_reason: record.finish_reason,
-                model: record.model,
-                request_id: record.request_id,
-                ..Response::default()
-            },
-            latency: Duration::from_secs_f64(record.latency_ms.unwrap_or(0.0) / 1000.0),
-            attempts: record.attempts,
-        }),
+        "succeeded" => {
+            let usage =
+                Usage { input_tokens: record.input_tokens, output_tokens: record.output_tokens };
+            let mut response = Response::new(record.answer.unwrap_or_default(), usage);
+            response.usage_estimated = record.usage_estimated;
+            response.finish_reason = record.finish_reason;
+            response.model = record.model;
+            response.request_id = record.request_id;
+            let latency = Duration::from_secs_f64(record.latency_ms.unwrap_or(0.0) / 1000.0);
+            Outcome::Succeeded(Success::new(response, latency, record.attempts))
+        }
         "timed_out" => Outcome::TimedOut { timeout: Timeout::Task, attempts: record.attempts },
         _ => {
             let kind = record
@@ -104,30 +96,20 @@ mod tests {
 
     #[test]
     fn finished_results_round_trip_and_unfinished_are_not_recorded() {
-        let success = Outcome::Succeeded(Success {
-            response: Response {
-                text: "7/10".into(),
-                usage: Usage { input_tokens: 30, output_tokens: 4 },
-                usage_estimated: true,
-                finish_reason: Some("stop".into()),
-                ..Response::default()
-            },
-            latency: Duration::from_millis(250),
-            attempts: 2,
-        });
+        let mut response = Response::new("7/10", Usage { input_tokens: 30, output_tokens: 4 })
+            .with_finish_reason("stop");
+        response.usage_estimated = true;
+        let success = Outcome::Succeeded(Success::new(response, Duration::from_millis(250), 2));
         let error = ProviderError::from_status(400, "context too long").with_request_id("req_9");
         let failure = Outcome::Failed { error, attempts: 1 };
         for outcome in [success, failure, Outcome::TimedOut { timeout: Timeout::Task, attempts: 3 }]
         {
-            let result = TaskResult { index: 4, id: TaskId::from("row"), outcome: outcome.clone() };
+            let result = TaskResult::new(4, TaskId::from("row"), outcome.clone());
             let record = to_record(&result).unwrap();
             assert_eq!(to_outcome(record), outcome);
         }
         for unfinished in [Outcome::Cancelled { attempts: 1 }, Outcome::NotRun(NotRun::Deadline)] {
-            assert!(
-                to_record(&TaskResult { index: 0, id: TaskId::from("x"), outcome: unfinished })
-                    .is_none()
-            );
+            assert!(to_record(&TaskResult::new(0, TaskId::from("x"), unfinished)).is_none());
         }
     }
 }

@@ -16,7 +16,9 @@ pub enum Answers {
 /// Requests (or tokens) per minute, and how many may be spent at once.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Limit {
+    /// Requests (or tokens) the bucket refills per minute.
     pub per_minute: u64,
+    /// The bucket's size: the most spent at once, and what it starts full with.
     pub burst: u64,
 }
 
@@ -36,14 +38,19 @@ pub struct Config {
     pub jitter: Duration,
     /// Generation speed: each output token adds `1 / tokens_per_second`.
     pub tokens_per_second: Option<f64>,
+    /// How answers' texts are chosen.
     pub answers: Answers,
+    /// Requests per minute, beyond which requests get 429; `None` is unlimited.
     pub rpm: Option<Limit>,
+    /// Tokens per minute (each request costs its prompt and answer tokens),
+    /// beyond which requests get 429; `None` is unlimited.
     pub tpm: Option<Limit>,
     /// Share of requests answered HTTP 500.
     pub error_rate: f64,
     /// Share of requests that hang for `hang` before answering normally: the
     /// heavy tail (e.g. 2% of calls taking 10 s).
     pub hang_rate: f64,
+    /// How long a hang, or a stall, lasts (30 s by default).
     pub hang: Duration,
     /// Share of answers that stall: a stream stops after its first piece for
     /// `hang`, then goes on; a JSON answer sends half its body, then waits.

@@ -17,6 +17,8 @@
 //! # Ok(()) }
 //! ```
 
+#![warn(missing_docs)]
+
 mod answer;
 mod anthropic;
 mod bucket;
@@ -71,6 +73,7 @@ impl MockServer {
         Ok(Self { addr, state, shutdown: Some(shutdown) })
     }
 
+    /// The address it listens on.
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -85,6 +88,7 @@ impl MockServer {
         format!("http://{}", self.addr)
     }
 
+    /// The counters so far, as `GET /stats` serves them.
     pub fn stats(&self) -> StatsSnapshot {
         self.state.stats.snapshot()
     }

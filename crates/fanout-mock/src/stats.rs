@@ -22,9 +22,13 @@ pub(crate) struct Stats {
 /// A snapshot of the server's counters.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct StatsSnapshot {
+    /// Requests received, whatever their answer.
     pub requests: u64,
+    /// Requests being handled now; a stream's until its headers go out.
     pub in_flight: u64,
+    /// The most requests in flight at once.
     pub max_in_flight: u64,
+    /// Requests that asked for an SSE stream.
     pub streamed: u64,
     /// Distinct client connections that sent requests.
     pub connections: u64,
@@ -36,6 +40,7 @@ pub struct StatsSnapshot {
 }
 
 impl StatsSnapshot {
+    /// Answers with HTTP status `status` (0 when none).
     pub fn count(&self, status: u16) -> u64 {
         self.by_status.get(&status).copied().unwrap_or(0)
     }

@@ -10,6 +10,8 @@
 //! from tasks group by 1"` works. The store knows nothing of fanout's types: the
 //! command converts.
 
+#![warn(missing_docs)]
+
 mod schema;
 
 use std::collections::BTreeMap;
@@ -50,6 +52,7 @@ impl<T> Context<T> for Result<T, SqlError> {
     }
 }
 
+/// The store's result: its errors are [`StoreError`]s.
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Named hashes of what a job was started with; comparing two says what changed.
@@ -77,27 +80,40 @@ impl Fingerprint {
 /// A job as stored.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Job {
+    /// The row id (`jobs.id`): the `job` that the store's methods take.
     pub id: i64,
+    /// The unique name it is resumed by.
     pub name: String,
+    /// What it reads: the input file's path, or `-` for standard input.
     pub input: String,
+    /// What it was started with, stored as JSON.
     pub fingerprint: Fingerprint,
     /// The settings the job was started with, to resume it (never secrets).
     pub settings: serde_json::Value,
+    /// Tasks in the input; `None` until a run has counted them ([`Store::set_total`]).
     pub total: Option<u64>,
+    /// Seconds since the Unix epoch.
     pub created_at: i64,
+    /// Seconds since the Unix epoch, when records or the total were last written.
     pub updated_at: i64,
 }
 
 /// A job with its tasks counted by status.
 #[derive(Clone, Debug, PartialEq)]
 pub struct JobSummary {
+    /// The job counted.
     pub job: Job,
+    /// Finished tasks by status (`succeeded`, `failed`, `timed_out`); a status
+    /// with none is absent.
     pub counts: BTreeMap<String, u64>,
+    /// Input tokens of the finished tasks, summed.
     pub input_tokens: u64,
+    /// Output tokens of the finished tasks, summed.
     pub output_tokens: u64,
 }
 
 impl JobSummary {
+    /// Tasks finished, whatever their status.
     pub fn finished(&self) -> u64 {
         self.counts.values().sum()
     }
@@ -106,20 +122,39 @@ impl JobSummary {
 /// One finished task.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Record {
+    /// The task's index in the input (column `idx`).
     pub index: u64,
+    /// The task's id: given in the input, or its index.
     pub task_id: String,
     /// `succeeded`, `failed` or `timed_out`.
     pub status: String,
+    /// The answer's text; `None` unless succeeded.
     pub answer: Option<String>,
+    /// The error's kind in snake case (`rate_limited`, `timeout`, ...); `None`
+    /// unless failed.
     pub error_kind: Option<String>,
+    /// The error's message; `None` unless failed.
     pub error_message: Option<String>,
+    /// The HTTP status the error came with; `None` when it came without an
+    /// answer, or did not fail.
     pub error_status: Option<u16>,
+    /// Input (prompt) tokens of the answer; 0 unless succeeded.
     pub input_tokens: u64,
+    /// Output tokens of the answer; 0 unless succeeded.
     pub output_tokens: u64,
+    /// Milliseconds from the task's first launch to its answer, retries
+    /// included; `None` unless succeeded.
     pub latency_ms: Option<f64>,
+    /// Attempts sent for the task; 0 when it was never sent.
     pub attempts: u32,
+    /// Why generation stopped (`stop`, `length`, ...), as the provider said;
+    /// `None` when it did not say, or the task did not succeed.
     pub finish_reason: Option<String>,
+    /// The model that answered, as the provider reported it; `None` when it
+    /// did not, or the task did not succeed.
     pub model: Option<String>,
+    /// The provider's id for the call (its `x-request-id` or `request-id`
+    /// header), success or failure; `None` when it sent none.
     pub request_id: Option<String>,
     /// Seconds since the Unix epoch.
     pub finished_at: i64,
@@ -128,6 +163,7 @@ pub struct Record {
 }
 
 impl Record {
+    /// Whether the status is `succeeded`.
     pub fn succeeded(&self) -> bool {
         self.status == "succeeded"
     }
@@ -141,6 +177,7 @@ pub struct Finished {
 }
 
 impl Finished {
+    /// Marks `index` finished; marking it again changes nothing.
     pub fn insert(&mut self, index: u64) {
         let (word, bit) = ((index / 64) as usize, index % 64);
         if word >= self.bits.len() {
@@ -152,19 +189,24 @@ impl Finished {
         }
     }
 
+    /// Whether `index` is finished.
     pub fn contains(&self, index: u64) -> bool {
         self.bits.get((index / 64) as usize).is_some_and(|w| w & (1 << (index % 64)) != 0)
     }
 
+    /// How many indices are finished.
     pub fn len(&self) -> u64 {
         self.count
     }
 
+    /// Whether no index is finished.
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
 }
 
+/// Seconds since the Unix epoch, as the store writes times (0 if the clock is
+/// before it).
 pub fn now() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
@@ -230,6 +272,7 @@ impl Store {
         Ok(Self { conn })
     }
 
+    /// The job named `name`; `None` when there is none.
     pub fn job(&self, name: &str) -> Result<Option<Job>> {
         self.conn
             .query_row(
@@ -241,6 +284,7 @@ impl Store {
             .context(|| format!("cannot read job `{name}`"))
     }
 
+    /// Creates a job with no task records; fails when `name` is taken.
     pub fn create_job(
         &self,
         name: &str,
@@ -259,6 +303,7 @@ impl Store {
         Ok(self.job(name)?.expect("the job was just created"))
     }
 
+    /// Stores the number of tasks in a job's input ([`Job::total`]).
     pub fn set_total(&self, job: i64, total: u64) -> Result<()> {
         self.conn
             .execute(
@@ -269,6 +314,8 @@ impl Store {
         Ok(())
     }
 
+    /// Removes the job named `name` with its task records; `false` when there
+    /// was none.
     pub fn remove_job(&self, name: &str) -> Result<bool> {
         let removed = self
             .conn
@@ -277,6 +324,7 @@ impl Store {
         Ok(removed > 0)
     }
 
+    /// Every job with its counts, oldest first.
     pub fn jobs(&self) -> Result<Vec<JobSummary>> {
         let context = || "cannot list jobs".to_string();
         let mut statement = self
@@ -291,6 +339,7 @@ impl Store {
         jobs.into_iter().map(|job| self.summary(job)).collect()
     }
 
+    /// Counts `job`'s finished tasks by status and sums their tokens.
     pub fn summary(&self, job: Job) -> Result<JobSummary> {
         let context = || format!("cannot count the tasks of job `{}`", job.name);
         let mut statement = self
@@ -395,6 +444,7 @@ impl Store {
             .context(|| format!("cannot update the fingerprint of job {job}"))
     }
 
+    /// The record of a job's task at `index`; `None` when it has not finished.
     pub fn record_at(&self, job: i64, index: u64) -> Result<Option<Record>> {
         self.conn
             .prepare_cached(&format!(
@@ -449,6 +499,7 @@ impl Store {
         Ok(())
     }
 
+    /// The response cached under `key`; `None` when there is none.
     pub fn cache_get(&self, key: &str) -> Result<Option<String>> {
         self.conn
             .prepare_cached("SELECT response FROM cache WHERE key = ?1")
@@ -456,6 +507,7 @@ impl Store {
             .context(|| "cannot read the response cache".into())
     }
 
+    /// Caches `response` under `key`, replacing what was there.
     pub fn cache_put(&self, key: &str, response: &str) -> Result<()> {
         self.conn
             .prepare_cached(

@@ -140,8 +140,9 @@ impl fmt::Display for NotRun {
     }
 }
 
-/// A successful task.
+/// A successful task (`non_exhaustive`: build one with [`Success::new`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct Success {
     /// The provider's answer.
     pub response: Response,
@@ -151,6 +152,13 @@ pub struct Success {
     pub latency: Duration,
     /// Attempts sent, the first included; 429s that were waited out count too.
     pub attempts: u32,
+}
+
+impl Success {
+    /// A success: the answer, how long the task took, and its attempts.
+    pub fn new(response: Response, latency: Duration, attempts: u32) -> Self {
+        Self { response, latency, attempts }
+    }
 }
 
 /// How a task ended. Every task of a run gets exactly one.
@@ -304,8 +312,9 @@ impl Serialize for Failure {
     }
 }
 
-/// An outcome with the task it belongs to.
+/// An outcome with the task it belongs to (`non_exhaustive`: see [`TaskResult::new`]).
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
 pub struct TaskResult {
     /// The task's position in the input.
     pub index: usize,
@@ -314,6 +323,13 @@ pub struct TaskResult {
     /// How the task ended; flattened into the result when serialized.
     #[serde(flatten)]
     pub outcome: Outcome,
+}
+
+impl TaskResult {
+    /// The outcome of the task at `index` with this id.
+    pub fn new(index: usize, id: TaskId, outcome: Outcome) -> Self {
+        Self { index, id, outcome }
+    }
 }
 
 /// Milliseconds to the microsecond (`121.85`, not `121.85022199999999`).

@@ -269,12 +269,8 @@ mod tests {
 
     fn succeeded(index: usize) -> TaskResult {
         let response = Response::new(format!("answer {index}"), Usage::default());
-        let success = Success { response, latency: Duration::from_millis(5), attempts: 1 };
-        TaskResult {
-            index,
-            id: TaskId::from(format!("row-{index}")),
-            outcome: Outcome::Succeeded(success),
-        }
+        let success = Success::new(response, Duration::from_millis(5), 1);
+        TaskResult::new(index, TaskId::from(format!("row-{index}")), Outcome::Succeeded(success))
     }
 
     /// The head row hangs while 5,000 later rows finish: at most the memory
@@ -318,19 +314,10 @@ mod tests {
         let mut order = StoreOrder::new(1);
         for index in [3, 2, 1] {
             let cut = Outcome::Cancelled { attempts: 1 };
-            order.insert(
-                TaskResult { index, id: TaskId::from(format!("row-{index}")), outcome: cut },
-                false,
-            );
+            order.insert(TaskResult::new(index, TaskId::from(format!("row-{index}")), cut), false);
         }
-        order.insert(
-            TaskResult {
-                index: 0,
-                id: TaskId::from("row-0"),
-                outcome: Outcome::Cancelled { attempts: 0 },
-            },
-            false,
-        );
+        let head = TaskResult::new(0, TaskId::from("row-0"), Outcome::Cancelled { attempts: 0 });
+        order.insert(head, false);
         order.write_ready(&store, 1, &mut output).unwrap();
         output.flush().unwrap();
         assert_eq!(written.ids(), ["row-0", "row-1", "row-2", "row-3"]);

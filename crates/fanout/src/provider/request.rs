@@ -168,8 +168,10 @@ impl std::ops::AddAssign for Usage {
     }
 }
 
-/// A provider's answer.
+/// A provider's answer. `non_exhaustive`: build one with [`Response::new`]
+/// and set the fields it needs.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
 pub struct Response {
     /// The (first) choice's text.
     pub text: String,
@@ -200,5 +202,12 @@ impl Response {
     /// An answer with this text and usage, everything else unset.
     pub fn new(text: impl Into<String>, usage: Usage) -> Self {
         Self { text: text.into(), usage, ..Self::default() }
+    }
+
+    /// The same answer, stopped for `reason` (`stop`, `length`, ...).
+    #[must_use]
+    pub fn with_finish_reason(mut self, reason: impl Into<String>) -> Self {
+        self.finish_reason = Some(reason.into());
+        self
     }
 }

@@ -59,10 +59,8 @@ async fn truncated_answers_do_not_vote() {
             } else {
                 ("12 + 30 = 42", "stop")
             };
-            let response = Response {
-                finish_reason: Some(finish.into()),
-                ..Response::new(text, Usage { input_tokens: 5, output_tokens: 10 })
-            };
+            let usage = Usage { input_tokens: 5, output_tokens: 10 };
+            let response = Response::new(text, usage).with_finish_reason(finish);
             Some(Behavior::respond(response))
         })
     };

@@ -218,8 +218,10 @@ async fn first_ctrl_c_drains_saves_and_prints_the_resume_command() {
     let mut command = batch(&home, &server, "stopped", &["-c", "5", "-o", "out.jsonl"]);
     command.stderr(std::process::Stdio::piped()).stdout(std::process::Stdio::null());
     let child = command.spawn().unwrap();
-    // Interrupt once the second wave is in flight, however slowly the process started.
-    while server.stats().requests < 8 {
+    // Interrupt once the whole second wave is in flight (it takes 400 ms),
+    // however slowly the process started: its slots free as the first wave's
+    // results are committed, so they may launch a few milliseconds apart.
+    while server.stats().requests < 10 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let interrupt = std::process::Command::new("kill")

@@ -186,6 +186,9 @@ fn ask_prints_the_answer_or_json() {
         (result["status"].as_str(), result["attempts"].as_u64()),
         (Some("succeeded"), Some(1))
     );
+    // batch's schema: the latency in milliseconds, named so.
+    assert!(result["latency_ms"].is_number() && result.get("latency").is_none(), "{result}");
+    assert_eq!(result["answer"], "mock answer: hello");
 }
 
 /// Results go to stdout only; off a terminal stderr has the summary, no progress bar.

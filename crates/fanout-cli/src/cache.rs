@@ -15,20 +15,44 @@ use sha2::{Digest, Sha256};
 pub struct Cached {
     inner: Arc<dyn Provider>,
     scope: String,
+    /// The scope an older version wrote the same answers under: read too, so
+    /// an upgrade never pays for a cached answer again.
+    legacy_scope: String,
     store: Mutex<Store>,
 }
 
 impl Cached {
-    pub fn new(inner: Arc<dyn Provider>, scope: String, store: &Path) -> Result<Self> {
-        Ok(Self { inner, scope, store: Mutex::new(Store::open(store)?) })
+    pub fn new(
+        inner: Arc<dyn Provider>,
+        scope: String,
+        legacy_scope: String,
+        store: &Path,
+    ) -> Result<Self> {
+        Ok(Self { inner, scope, legacy_scope, store: Mutex::new(Store::open(store)?) })
     }
 
-    fn key(&self, request: &Request) -> String {
+    fn key(scope: &str, request: &Request) -> String {
         let mut hash = Sha256::new();
-        hash.update(self.scope.as_bytes());
+        hash.update(scope.as_bytes());
         hash.update([0]);
         hash.update(serde_json::to_vec(request).unwrap_or_default());
         format!("{:x}", hash.finalize())
+    }
+
+    /// The stored answer to `request`, under the current scope or the old one
+    /// (copied to the current one when found there).
+    fn lookup(&self, key: &str, request: &Request) -> Option<Response> {
+        let store = self.store.lock().unwrap();
+        let read = |key: &str| {
+            let json = store.cache_get(key).ok().flatten()?;
+            serde_json::from_str::<Response>(&json).ok().map(|r| (r, json))
+        };
+        if let Some((response, _)) = read(key) {
+            return Some(response);
+        }
+        let (response, json) = read(&Self::key(&self.legacy_scope, request))?;
+        let _ = store.cache_put(key, &json);
+        Some(response)
     }
 }
 
@@ -47,11 +71,8 @@ impl Provider for Cached {
         request: &Request,
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
-        let key = self.key(request);
-        let stored = self.store.lock().unwrap().cache_get(&key);
-        if let Ok(Some(json)) = stored
-            && let Ok(response) = serde_json::from_str::<Response>(&json)
-        {
+        let key = Self::key(&self.scope, request);
+        if let Some(response) = self.lookup(&key, request) {
             return Ok(response);
         }
         let response = self.inner.complete_observed(request, progress).await?;
@@ -72,5 +93,38 @@ impl Provider for Cached {
 
     fn estimate_tokens(&self, request: &Request) -> u64 {
         self.inner.estimate_tokens(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fanout::{MockProvider, Usage};
+
+    /// An answer cached under the old scope is found (and not paid for again)
+    /// after an upgrade, and copied under the new one.
+    #[tokio::test]
+    async fn answers_cached_under_the_old_scope_are_still_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fanout.db");
+        let request = Request::user("hello");
+        let stored = Response::new("cached answer", Usage::default());
+        let old_key = Cached::key("old scope", &request);
+        Store::open(&path)
+            .unwrap()
+            .cache_put(&old_key, &serde_json::to_string(&stored).unwrap())
+            .unwrap();
+        let mock = MockProvider::new();
+        let cached =
+            Cached::new(Arc::new(mock.clone()), "new scope".into(), "old scope".into(), &path)
+                .unwrap();
+        assert_eq!(cached.complete(&request).await.unwrap().text, "cached answer");
+        assert_eq!(mock.calls(), 0, "not asked again");
+        let new_key = Cached::key("new scope", &request);
+        assert!(Store::open(&path).unwrap().cache_get(&new_key).unwrap().is_some());
+        // Anything else is asked, once.
+        cached.complete(&Request::user("other")).await.unwrap();
+        cached.complete(&Request::user("other")).await.unwrap();
+        assert_eq!(mock.calls(), 1);
     }
 }

@@ -102,12 +102,7 @@ fn legacy_v1(spec: &Spec, input_hash: String) -> Fingerprint {
         Format::Csv => "Csv",
         Format::OpenaiBatch => "OpenaiBatch",
     };
-    let provider = match spec.settings.provider {
-        ProviderKind::Openai => "Openai",
-        ProviderKind::Anthropic => "Anthropic",
-        ProviderKind::Mock => "Mock",
-        ProviderKind::Local => "Local",
-    };
+    let provider = legacy_provider_name(spec.settings.provider);
     let settings = &spec.settings;
     let shape = format!(
         "{format}|{:?}|{provider}|{}|{:?}|{:?}|{:?}",
@@ -116,6 +111,23 @@ fn legacy_v1(spec: &Spec, input_hash: String) -> Fingerprint {
     let mut parts = texts(spec, input_hash);
     parts.insert(SETTINGS_PART.to_owned(), sha256(shape.as_bytes()));
     Fingerprint(parts)
+}
+
+/// The provider as the first version's `Debug` text named it.
+fn legacy_provider_name(kind: ProviderKind) -> &'static str {
+    match kind {
+        ProviderKind::Openai => "Openai",
+        ProviderKind::Anthropic => "Anthropic",
+        ProviderKind::Mock => "Mock",
+        ProviderKind::Local => "Local",
+    }
+}
+
+/// The cache scope of the first version (`Debug` text, frozen here), which
+/// the cache still reads so an upgrade pays for no cached answer again.
+pub fn legacy_cache_scope(settings: &Settings) -> String {
+    let provider = legacy_provider_name(settings.provider);
+    format!("{provider}|{}|{:?}", settings.model, settings.base_url)
 }
 
 /// What differs between a stored job and this run (empty: the same job), and
@@ -201,6 +213,11 @@ mod tests {
             "the shape is exactly this"
         );
         assert_eq!(fingerprint.0[VERSION_PART], "2");
+        assert_eq!(
+            legacy_cache_scope(&spec().settings),
+            r#"Openai|gpt-4o-mini|Some("http://127.0.0.1:8080/v1")"#,
+            "what the first version wrote"
+        );
         assert_eq!(
             cache_scope(&spec().settings),
             r#"{"version":"2","provider":"openai","model":"gpt-4o-mini","base_url":"http://127.0.0.1:8080/v1"}"#

@@ -168,6 +168,6 @@ async fn resume(options: RunOptions, flags: &Flags) -> Result<ExitCode> {
     let mut spec: Spec = serde_json::from_value(job.settings).map_err(|e| {
         Refusal(anyhow!("job `{}` was saved by another version of fanout: {e}", options.job))
     })?;
-    spec.settings = spec.settings.with_run_limits(flags);
+    spec.settings = spec.settings.with_run_limits(flags).map_err(Refusal)?;
     batch::run(spec, options).await
 }

@@ -40,11 +40,15 @@ fn conclude<'a>(ending: &mut Ending, failures: impl IntoIterator<Item = (String,
     }
 }
 
-/// A vote's exit: no consensus is a failure; failed samples alone are not
-/// (the vote stands on the others) unless they say the job cannot succeed.
+/// A vote's exit: no consensus is a failure, or unfinished when samples were
+/// cut off; failed samples alone are not (the vote stands on the others)
+/// unless they say the job cannot succeed.
 fn vote_exit(consensus: bool, samples: &Ending) -> Exit {
     if samples.cannot_succeed.is_some() {
         Exit::CannotSucceed
+    } else if samples.unfinished > 0 && !consensus {
+        // Cut off (deadline, interrupt) before the vote could be decided.
+        Exit::Unfinished
     } else if consensus {
         Exit::Success
     } else {

@@ -277,14 +277,19 @@ fn read_config(path: &Path) -> Result<ConfigFile> {
 
 /// The chosen hedging over the default (on, learned threshold, 5%).
 fn hedging(choices: &Choices, off: bool) -> Result<Option<Hedging>> {
-    if let Some(budget) = choices.hedge_budget.filter(|b| !(0.0..=1.0).contains(b)) {
-        bail!("--hedge-budget must be a share between 0 and 1, not {budget}");
-    }
+    check_hedge_budget(choices.hedge_budget)?;
     let on = !off && choices.hedge.unwrap_or(true);
     Ok(on.then(|| Hedging {
         budget: choices.hedge_budget.unwrap_or(Hedging::default().budget),
         after: choices.hedge_after,
     }))
+}
+
+fn check_hedge_budget(budget: Option<f64>) -> Result<()> {
+    if let Some(budget) = budget.filter(|b| !(0.0..=1.0).contains(b)) {
+        bail!("--hedge-budget must be a share between 0 and 1, not {budget}");
+    }
+    Ok(())
 }
 
 pub fn env(name: &str) -> Option<String> {
@@ -352,10 +357,12 @@ impl Settings {
         })
     }
 
-    /// Takes the run limits (not what shapes answers) given as flags now: a
-    /// resumed job may run with more concurrency or another deadline.
-    pub fn with_run_limits(mut self, flags: &Flags) -> Self {
+    /// Takes the run limits, prices and key variable (not what shapes
+    /// answers) given as flags now: a resumed job may run with more
+    /// concurrency, another deadline or another key.
+    pub fn with_run_limits(mut self, flags: &Flags) -> Result<Self> {
         let now = &flags.choices;
+        check_hedge_budget(now.hedge_budget)?;
         self.concurrency = now.concurrency.unwrap_or(self.concurrency).max(1);
         self.rpm = now.rpm.or(self.rpm);
         self.tpm = now.tpm.or(self.tpm);
@@ -363,6 +370,15 @@ impl Settings {
         self.deadline = now.deadline.or(self.deadline);
         self.retries = now.retries.unwrap_or(self.retries);
         self.threads = now.threads.filter(|t| *t > 0).or(self.threads);
+        self.api_key_env = now.api_key_env.clone().unwrap_or(self.api_key_env);
+        if now.price_input.is_some() || now.price_output.is_some() {
+            let price =
+                self.price.unwrap_or(Price { input_per_million: 0.0, output_per_million: 0.0 });
+            self.price = Some(Price {
+                input_per_million: now.price_input.unwrap_or(price.input_per_million),
+                output_per_million: now.price_output.unwrap_or(price.output_per_million),
+            });
+        }
         if flags.no_hedge || now.hedge == Some(false) {
             self.hedge = None;
         } else if now.hedge.is_some() || now.hedge_budget.is_some() || now.hedge_after.is_some() {
@@ -371,7 +387,7 @@ impl Settings {
             hedge.after = now.hedge_after.or(hedge.after);
             self.hedge = Some(hedge);
         }
-        self
+        Ok(self)
     }
 }
 

@@ -160,7 +160,8 @@ async fn executor(
     let mut provider = connect::provider(&spec.settings, options.quiet).await.map_err(Refusal)?;
     if options.cache {
         let scope = crate::fingerprint::cache_scope(&spec.settings);
-        provider = Arc::new(Cached::new(provider, scope, &options.store)?);
+        let legacy_scope = crate::fingerprint::legacy_cache_scope(&spec.settings);
+        provider = Arc::new(Cached::new(provider, scope, legacy_scope, &options.store)?);
     }
     Ok(connect::executor(&spec.settings, provider)
         .drain_token(interrupts.drain.clone())

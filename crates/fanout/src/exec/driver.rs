@@ -108,10 +108,14 @@ where
     });
 
     let end = loop {
+        // Tasks waiting to retry hold no slot, so new rows may use theirs; the
+        // tasks alive at once stay bounded all the same (memory proportional to
+        // the concurrency, and retries never wait behind an unbounded crowd).
         let may_launch = !input_done
             && !draining
             && run.breaker.cause().is_none()
-            && output.has_room_for(next_index);
+            && output.has_room_for(next_index)
+            && in_flight.len() < run.exec.config.concurrency.saturating_mul(2);
         if !may_launch && in_flight.is_empty() {
             break End::Drained;
         }

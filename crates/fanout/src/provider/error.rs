@@ -74,6 +74,9 @@ impl ErrorKind {
             402 => Self::Quota,
             404 => Self::NotFound,
             400..=499 => Self::BadRequest,
+            // Redirects are not followed: the endpoint is elsewhere, for every
+            // call alike, so retrying cannot help.
+            300..=399 => Self::NotFound,
             _ => return None,
         })
     }

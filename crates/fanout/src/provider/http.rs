@@ -195,10 +195,13 @@ impl Endpoint {
         // A base URL may carry credentials; they stay out of errors.
         let _ = url.set_username("");
         let _ = url.set_password(None);
-        let hint = if url.path().contains("/v1/") {
-            ""
-        } else {
+        // Only a base URL with no path at all (`http://host:8080`) is the
+        // classic slip; `/v1beta`, Azure's `/openai/deployments/...` are not.
+        let bare = ["/chat/completions", "/messages"].contains(&url.path());
+        let hint = if bare {
             "; servers usually answer under /v1: does the base URL lack it?"
+        } else {
+            ""
         };
         format!(" (404 at {url}{hint})")
     }
@@ -222,6 +225,13 @@ impl Endpoint {
         };
         if status == 404 {
             message.push_str(&self.not_found_detail());
+        }
+        if (300..400).contains(&status) {
+            let to = headers.get(http::header::LOCATION).and_then(|l| l.to_str().ok());
+            message = format!(
+                "the endpoint redirects (HTTP {status}) to {}: use that address as the base URL",
+                to.unwrap_or("another address")
+            );
         }
         let mut error = ProviderError::new(kind, self.scrub(&message)).with_status(status);
         if let Some(id) = request_id(headers) {

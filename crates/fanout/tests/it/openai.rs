@@ -220,6 +220,25 @@ async fn a_404_names_the_url_and_a_missing_v1() {
     assert!(!error.message().contains("lack"), "{error}");
 }
 
+/// A redirect is not followed: it says where the endpoint went, and is not
+/// retried (every call would be redirected alike).
+#[tokio::test]
+async fn a_redirect_names_where_the_endpoint_went() {
+    let server = server().await;
+    Mock::given(method("POST"))
+        .respond_with(
+            ResponseTemplate::new(301).insert_header("location", "https://api.example.test/v1"),
+        )
+        .mount(&server)
+        .await;
+    let error = provider(&server).complete(&Request::user("hi")).await.unwrap_err();
+    assert!(!error.is_retryable(), "{error}");
+    assert!(
+        error.message().contains("redirects (HTTP 301) to https://api.example.test/v1"),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn streaming_answers_are_assembled() {
     let server = server().await;

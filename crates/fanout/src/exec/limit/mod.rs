@@ -103,11 +103,15 @@ impl Limits {
 
     /// The tokens to reserve for `request`: the provider's estimate of the
     /// most it may consume, or, for a request without `max_tokens` once
-    /// answers have been seen, its prompt and the longest recent answer.
+    /// answers have been seen, its prompt and the longest recent answer when
+    /// that is less.
     pub(crate) fn reservation(&self, provider: &dyn Provider, request: &Request) -> u64 {
+        let most = provider.estimate_tokens(request);
         match (request.max_tokens, self.output.tokens()) {
-            (None, Some(learned)) => provider.estimate_prompt_tokens(request) + learned,
-            _ => provider.estimate_tokens(request),
+            // Never more than the provider's own estimate: the learned figure
+            // only lowers a reservation, so `check_fits` on the first stays true.
+            (None, Some(learned)) => (provider.estimate_prompt_tokens(request) + learned).min(most),
+            _ => most,
         }
     }
 

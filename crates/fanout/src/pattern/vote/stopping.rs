@@ -56,7 +56,8 @@ pub(super) fn decided(options: &VoteOptions, tally: &Tally, remaining: &[usize])
     let second_weight = ranked.get(1).map_or(0.0, |c| c.weight);
     let remaining_weight: f64 = remaining.iter().map(|i| weight(options, *i)).sum();
     let top = tally.top_votes();
-    let confidently_ahead = top.leader > 0 && confident(options.early_stop, top, remaining.len());
+    let confidently_ahead = top.leader > 0
+        && confident(options.early_stop, contest(options.rule, top), remaining.len());
     match options.rule {
         Rule::AtLeast(k) => {
             let reached = top.leader >= k;
@@ -75,6 +76,16 @@ pub(super) fn decided(options: &VoteOptions, tally: &Tally, remaining: &[usize])
             let cannot_be_overtaken = leader_weight - second_weight > remaining_weight;
             cannot_be_overtaken || confidently_ahead
         }
+    }
+}
+
+/// What a confidence rule weighs the leader against: the runner-up for a
+/// plurality, every other vote together for a majority (a leader confidently
+/// ahead of the runner-up may still fall short of half).
+fn contest(rule: Rule, top: TopVotes) -> TopVotes {
+    match rule {
+        Rule::Majority => TopVotes { second: top.second + top.others, others: 0, ..top },
+        Rule::Plurality | Rule::AtLeast(_) => top,
     }
 }
 
@@ -113,7 +124,7 @@ pub(super) fn needed(options: &VoteOptions, tally: &Tally, remaining: usize) -> 
     let leader_first = top.leader_first || second == 0;
     let by_confidence = (1..=remaining).find(|k| {
         let ahead = TopVotes { leader: leader + k, leader_first, ..top };
-        confident(options.early_stop, ahead, remaining - k)
+        confident(options.early_stop, contest(options.rule, ahead), remaining - k)
     });
     by_confidence.map_or(by_rule, |k| k.min(by_rule)).clamp(1, remaining)
 }
@@ -121,6 +132,25 @@ pub(super) fn needed(options: &VoteOptions, tally: &Tally, remaining: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pattern::extract::Extractor;
+
+    /// Under the majority rule a confidence rule weighs the leader against all
+    /// other votes: 6 of 12 cast is confidently ahead of a runner-up with 1,
+    /// but no majority, so the vote goes on.
+    #[test]
+    fn majority_confidence_weighs_the_leader_against_every_other_vote() {
+        let mut options = VoteOptions::new(20, Extractor::Choice);
+        options.early_stop = Some(EarlyStop::Beta(0.95));
+        let mut tally = Tally::default();
+        let answers = ["a", "a", "a", "a", "a", "a", "b", "c", "d", "e", "f", "g"];
+        for (index, answer) in answers.iter().enumerate() {
+            tally.add(answer, 1.0, index);
+        }
+        let remaining: Vec<usize> = (12..20).collect();
+        assert!(!decided(&options, &tally, &remaining), "6 of 12 is not yet a majority");
+        options.rule = Rule::Plurality;
+        assert!(decided(&options, &tally, &remaining), "but it is a confident plurality");
+    }
 
     #[test]
     fn beta_rule_matches_closed_forms() {

@@ -140,7 +140,8 @@ async fn attempt_until_done(
     slot: &mut Option<Permit>,
 ) -> Outcome {
     let exec = &*run.exec;
-    if let Err(error) = exec.limits.check_fits(exec.limits.reservation(&*exec.provider, request)) {
+    let mut reserved = exec.limits.reservation(&*exec.provider, request);
+    if let Err(error) = exec.limits.check_fits(reserved) {
         return Outcome::Failed { error, attempts: 0 };
     }
     // Seeded per task, so a run's jitter does not depend on scheduling.
@@ -160,8 +161,10 @@ async fn attempt_until_done(
                 _ => Outcome::Failed { error, attempts: attempt },
             };
         }
-        // Reserved anew for each attempt: the output allowance learns meanwhile.
-        let reserved = exec.limits.reservation(&*exec.provider, request);
+        // Reserved anew for each retry: the output allowance learns meanwhile.
+        if attempt > 0 {
+            reserved = exec.limits.reservation(&*exec.provider, request);
+        }
         let launch = exec.limits.admit(reserved).await;
         attempt += 1;
         attempts.store(attempt, Ordering::Release);

@@ -310,7 +310,7 @@ fn batch_request(mut fields: Map<String, Value>, line: u64) -> Result<Request, S
             }
             _ => return Err(format!("line {line}: field `body.messages[{i}].content` is missing")),
         };
-        request.messages.push(Message { role, content });
+        request.messages.push(Message::new(role, content));
     }
     let number = |v: Option<Value>| v.and_then(|v| v.as_f64());
     request.model = body.remove("model").and_then(|v| v.as_str().map(str::to_owned));

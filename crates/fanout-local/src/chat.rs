@@ -52,6 +52,7 @@ impl ChatTemplate {
                     Role::System => "system",
                     Role::User => "user",
                     Role::Assistant => "assistant",
+                    Role::Tool => "tool",
                 },
                 content: &m.content,
             })

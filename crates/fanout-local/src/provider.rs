@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fanout::{Check, Provider, ProviderError, Request, Response, Role, Usage};
+use fanout::{Check, ErrorKind, Provider, ProviderError, Request, Response, Role, Usage};
 
 use crate::LocalError;
 use crate::chat::ChatTemplate;
@@ -147,6 +147,7 @@ fn derived_seed(request: &Request) -> u64 {
             Role::System => 0,
             Role::User => 1,
             Role::Assistant => 2,
+            Role::Tool => 3,
         };
         hash.update([role]);
         hash.update((message.content.len() as u64).to_le_bytes());
@@ -164,6 +165,16 @@ impl Provider for LocalModel {
     }
 
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
+        if !request.tools.is_empty() {
+            // SmolLM2-360M's chat template has no tool-call format, so no
+            // convention fanout invented for it could be relied on: refused
+            // plainly instead (not retried), naming the providers that can.
+            return Err(ProviderError::new(
+                ErrorKind::BadRequest,
+                "the local model does not call tools; give tools to an OpenAI-compatible or \
+                 Anthropic provider (--provider openai|anthropic)",
+            ));
+        }
         let prompt = self.prompt_tokens(request)?;
         let choices = request.n.unwrap_or(1).max(1);
         let answers = futures_util::future::join_all((0..choices).map(|choice| {

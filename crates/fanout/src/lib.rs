@@ -56,7 +56,7 @@ pub use provider::openai::OpenAiBuilder;
 pub use provider::{
     Anthropic, Behavior, Check, ErrorKind, HttpApi, HttpBuilder, HttpOptions, HttpSettings,
     Message, MockProvider, OpenAi, Progress, Provider, ProviderError, RateLimit, Request, Response,
-    ResponseFormat, Role, Usage,
+    ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec, Usage,
 };
 pub use task::{Failure, NotRun, Outcome, Status, Success, Task, TaskId, TaskResult, Timeout};
 pub use tokio_util::sync::CancellationToken;

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
 use super::http::{Endpoint, decimal, header, request_id};
 use super::{
-    Check, ErrorKind, Progress, Provider, ProviderError, RateLimit, Request, Response, Role, Usage,
-    sse,
+    Check, ErrorKind, Progress, Provider, ProviderError, RateLimit, Request, Response, Role,
+    ToolCall, ToolChoice, Usage, sse,
 };
 
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -82,12 +82,7 @@ impl Anthropic {
             .filter(|m| m.role == Role::System)
             .map(|m| m.content.as_str())
             .collect();
-        let messages: Vec<Value> = request
-            .messages
-            .iter()
-            .filter(|m| m.role != Role::System)
-            .map(|m| json!({"role": m.role, "content": m.content}))
-            .collect();
+        let messages = wire_messages(request);
         let mut body = json!({
             "model": request.model.as_deref().unwrap_or(&self.model),
             "max_tokens": request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
@@ -103,11 +98,72 @@ impl Anthropic {
         set("temperature", request.temperature.map(decimal));
         set("top_p", request.top_p.map(decimal));
         set("stop_sequences", (!request.stop.is_empty()).then(|| json!(request.stop)));
+        set("tools", (!request.tools.is_empty()).then(|| wire_tools(request)));
+        set("tool_choice", request.tool_choice.as_ref().map(wire_tool_choice));
         set("stream", self.stream.then_some(Value::Bool(true)));
         for (key, value) in &request.extra {
             fields.insert(key.clone(), value.clone());
         }
         body
+    }
+}
+
+/// The conversation as the Messages API takes it: system messages left out
+/// (they are the `system` field), tool calls as `tool_use` blocks of the
+/// assistant's turn, and the results that follow them as `tool_result` blocks
+/// of one user turn (the API wants every result of a turn together).
+fn wire_messages(request: &Request) -> Vec<Value> {
+    let mut messages: Vec<Value> = Vec::new();
+    for message in request.messages.iter().filter(|m| m.role != Role::System) {
+        match message.role {
+            Role::Tool => {
+                let result = json!({"type": "tool_result",
+                    "tool_use_id": message.tool_call_id.as_deref().unwrap_or_default(),
+                    "content": message.content});
+                let follows_results = messages.last().is_some_and(|last| {
+                    last["role"] == "user" && last["content"][0]["type"] == "tool_result"
+                });
+                match messages.last_mut() {
+                    Some(last) if follows_results => {
+                        last["content"].as_array_mut().expect("blocks").push(result);
+                    }
+                    _ => messages.push(json!({"role": "user", "content": [result]})),
+                }
+            }
+            _ if !message.tool_calls.is_empty() => {
+                let text = (!message.content.is_empty())
+                    .then(|| json!({"type": "text", "text": message.content}));
+                let calls = message.tool_calls.iter().map(|call| {
+                    json!({"type": "tool_use", "id": call.id, "name": call.name,
+                           "input": call.arguments_value()})
+                });
+                let blocks: Vec<Value> = text.into_iter().chain(calls).collect();
+                messages.push(json!({"role": message.role, "content": blocks}));
+            }
+            _ => messages.push(json!({"role": message.role, "content": message.content})),
+        }
+    }
+    messages
+}
+
+fn wire_tools(request: &Request) -> Value {
+    let tools: Vec<Value> = request
+        .tools
+        .iter()
+        .map(|tool| {
+            json!({"name": tool.name, "description": tool.description,
+                   "input_schema": tool.parameters})
+        })
+        .collect();
+    Value::Array(tools)
+}
+
+fn wire_tool_choice(choice: &ToolChoice) -> Value {
+    match choice {
+        ToolChoice::Auto => json!({"type": "auto"}),
+        ToolChoice::None => json!({"type": "none"}),
+        ToolChoice::Required => json!({"type": "any"}),
+        ToolChoice::Tool(name) => json!({"type": "tool", "name": name}),
     }
 }
 
@@ -129,6 +185,23 @@ struct Block {
     kind: String,
     #[serde(default)]
     text: Option<String>,
+    /// `tool_use` blocks: the call's id, the tool and its arguments.
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    input: Option<Value>,
+}
+
+impl Block {
+    fn tool_call(self) -> Option<ToolCall> {
+        (self.kind == "tool_use").then(|| ToolCall {
+            id: self.id.unwrap_or_default(),
+            name: self.name.unwrap_or_default(),
+            arguments: self.input.map_or_else(|| "{}".to_owned(), |input| input.to_string()),
+        })
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +219,11 @@ struct StreamEvent {
     kind: String,
     #[serde(default)]
     message: Option<Message>,
+    /// Which content block a `content_block_*` event is about.
+    #[serde(default)]
+    index: Option<usize>,
+    #[serde(default)]
+    content_block: Option<Block>,
     #[serde(default)]
     delta: Option<StreamDelta>,
     #[serde(default)]
@@ -156,6 +234,9 @@ struct StreamEvent {
 struct StreamDelta {
     #[serde(default)]
     text: Option<String>,
+    /// A piece of a `tool_use` block's arguments (`input_json_delta`).
+    #[serde(default)]
+    partial_json: Option<String>,
     #[serde(default)]
     stop_reason: Option<String>,
 }
@@ -166,6 +247,7 @@ fn malformed(what: &str, error: impl std::fmt::Display) -> ProviderError {
 
 fn response(
     text: String,
+    tool_calls: Vec<ToolCall>,
     usage: Usage,
     stop_reason: Option<String>,
     model: Option<String>,
@@ -174,6 +256,7 @@ fn response(
     Response {
         text,
         other_choices: Vec::new(),
+        tool_calls,
         usage,
         usage_estimated: false,
         finish_reason: stop_reason,
@@ -192,12 +275,13 @@ pub(crate) fn parse_message(body: &[u8], headers: &HeaderMap) -> Result<Response
     };
     let text: String =
         content.iter().filter(|b| b.kind == "text").filter_map(|b| b.text.as_deref()).collect();
+    let tool_calls = content.into_iter().filter_map(Block::tool_call).collect();
     let usage = message.usage.unwrap_or_default();
     let usage = Usage {
         input_tokens: usage.input_tokens.unwrap_or(0),
         output_tokens: usage.output_tokens.unwrap_or(0),
     };
-    Ok(response(text, usage, message.stop_reason, message.model, headers))
+    Ok(response(text, tool_calls, usage, message.stop_reason, message.model, headers))
 }
 
 /// Assembles a streamed answer from the body's bytes, however they are split,
@@ -216,6 +300,8 @@ where
     let mut events = std::pin::pin!(sse::events(endpoint, body));
     let (mut text, mut usage, mut stop_reason, mut model) =
         (String::new(), Usage::default(), None, None);
+    // Tool calls by content block index; their arguments arrive in pieces.
+    let mut tool_calls: Vec<(usize, ToolCall)> = Vec::new();
     let mut stopped = false;
     while let Some(event) = events.next().await {
         let event = event?;
@@ -239,9 +325,23 @@ where
                     }
                 }
             }
+            "content_block_start" => {
+                if let Some(call) = parsed.content_block.and_then(Block::tool_call) {
+                    // The start carries `input: {}`; the arguments follow as deltas.
+                    let call = ToolCall { arguments: String::new(), ..call };
+                    tool_calls.push((parsed.index.unwrap_or(tool_calls.len()), call));
+                }
+            }
             "content_block_delta" => {
-                if let Some(piece) = parsed.delta.and_then(|d| d.text) {
+                let Some(delta) = parsed.delta else { continue };
+                if let Some(piece) = delta.text {
                     text.push_str(&piece);
+                }
+                if let Some(piece) = delta.partial_json
+                    && let Some((_, call)) =
+                        tool_calls.iter_mut().find(|(i, _)| Some(*i) == parsed.index)
+                {
+                    call.arguments.push_str(&piece);
                 }
             }
             "message_delta" => {
@@ -265,7 +365,8 @@ where
             "the stream ended before the answer did",
         ));
     }
-    Ok(response(text, usage, stop_reason, model, headers))
+    let tool_calls = tool_calls.into_iter().map(|(_, call)| call).collect();
+    Ok(response(text, tool_calls, usage, stop_reason, model, headers))
 }
 
 #[async_trait::async_trait]

@@ -20,6 +20,7 @@ pub mod openai;
 mod progress;
 mod request;
 mod sse;
+mod tool;
 
 pub use anthropic::Anthropic;
 pub use builder::{HttpApi, HttpBuilder, HttpSettings};
@@ -30,6 +31,7 @@ pub use mock::{Behavior, MockProvider};
 pub use openai::OpenAi;
 pub use progress::Progress;
 pub use request::{Message, Request, Response, ResponseFormat, Role, Usage};
+pub use tool::{ToolCall, ToolChoice, ToolSpec};
 
 use crate::tokens;
 

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
 use super::http::{Endpoint, decimal, header, request_id};
 use super::{
-    Check, ErrorKind, Progress, Provider, ProviderError, RateLimit, Request, Response,
-    ResponseFormat, Usage, sse,
+    Check, ErrorKind, Message, Progress, Provider, ProviderError, RateLimit, Request, Response,
+    ResponseFormat, Role, ToolCall, ToolChoice, Usage, sse,
 };
 use crate::tokens;
 
@@ -74,11 +74,7 @@ impl OpenAi {
 
     /// The JSON body sent for `request`.
     pub fn body(&self, request: &Request) -> Value {
-        let messages: Vec<Value> = request
-            .messages
-            .iter()
-            .map(|m| json!({"role": m.role, "content": m.content}))
-            .collect();
+        let messages: Vec<Value> = request.messages.iter().map(wire_message).collect();
         let mut body = json!({
             "model": request.model.as_deref().unwrap_or(&self.model),
             "messages": messages,
@@ -104,6 +100,8 @@ impl OpenAi {
                 }
             }),
         );
+        set("tools", (!request.tools.is_empty()).then(|| wire_tools(request)));
+        set("tool_choice", request.tool_choice.as_ref().map(wire_tool_choice));
         if self.stream {
             set("stream", Some(Value::Bool(true)));
             set("stream_options", Some(json!({"include_usage": true})));
@@ -112,6 +110,51 @@ impl OpenAi {
             fields.insert(key.clone(), value.clone());
         }
         body
+    }
+}
+
+/// A message as Chat Completions takes it: tool calls on the assistant's
+/// turn, and tool results as `tool` messages naming their call.
+fn wire_message(message: &Message) -> Value {
+    let mut wire = json!({"role": message.role, "content": message.content});
+    if message.role == Role::Tool {
+        wire["tool_call_id"] = json!(message.tool_call_id.as_deref().unwrap_or_default());
+    }
+    if !message.tool_calls.is_empty() {
+        if message.content.is_empty() {
+            wire["content"] = Value::Null;
+        }
+        let calls: Vec<Value> = message
+            .tool_calls
+            .iter()
+            .map(|call| {
+                json!({"id": call.id, "type": "function",
+                       "function": {"name": call.name, "arguments": call.arguments}})
+            })
+            .collect();
+        wire["tool_calls"] = Value::Array(calls);
+    }
+    wire
+}
+
+fn wire_tools(request: &Request) -> Value {
+    let tools: Vec<Value> = request
+        .tools
+        .iter()
+        .map(|tool| {
+            json!({"type": "function", "function": {
+                "name": tool.name, "description": tool.description, "parameters": tool.parameters}})
+        })
+        .collect();
+    Value::Array(tools)
+}
+
+fn wire_tool_choice(choice: &ToolChoice) -> Value {
+    match choice {
+        ToolChoice::Auto => json!("auto"),
+        ToolChoice::None => json!("none"),
+        ToolChoice::Required => json!("required"),
+        ToolChoice::Tool(name) => json!({"type": "function", "function": {"name": name}}),
     }
 }
 
@@ -142,6 +185,28 @@ struct Choice {
 struct ChoiceMessage {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<WireToolCall>,
+}
+
+/// A tool call, whole or (streaming) a piece of one: `index` says which call
+/// a piece belongs to, and the first piece carries the id and name.
+#[derive(Debug, Deserialize)]
+struct WireToolCall {
+    #[serde(default)]
+    index: Option<usize>,
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    function: Option<WireFunction>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireFunction {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    arguments: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -176,18 +241,40 @@ struct ChunkChoice {
 struct Delta {
     #[serde(default)]
     content: Option<String>,
+    #[serde(default)]
+    tool_calls: Vec<WireToolCall>,
 }
 
 /// Choices as they are assembled, by index.
 #[derive(Debug, Default)]
 struct Assembly {
     texts: Vec<String>,
+    /// The first choice's tool calls, by their index.
+    tool_calls: Vec<ToolCall>,
     finish_reasons: Vec<Option<String>>,
     model: Option<String>,
     usage: Option<WireUsage>,
 }
 
 impl Assembly {
+    /// Adds a whole tool call or a streamed piece of one to the first choice.
+    fn add_tool_call(&mut self, position: usize, piece: WireToolCall) {
+        let index = piece.index.unwrap_or(position).min(1024);
+        if index >= self.tool_calls.len() {
+            let blank =
+                ToolCall { id: String::new(), name: String::new(), arguments: String::new() };
+            self.tool_calls.resize(index + 1, blank);
+        }
+        let call = &mut self.tool_calls[index];
+        if let Some(id) = piece.id {
+            call.id = id;
+        }
+        if let Some(function) = piece.function {
+            call.name.push_str(function.name.as_deref().unwrap_or_default());
+            call.arguments.push_str(function.arguments.as_deref().unwrap_or_default());
+        }
+    }
+
     fn slot(&mut self, index: usize) -> usize {
         let index = index.min(1024);
         if index >= self.texts.len() {
@@ -225,6 +312,7 @@ impl Assembly {
         Ok(Response {
             text,
             other_choices,
+            tool_calls: self.tool_calls,
             usage,
             usage_estimated,
             finish_reason: self.finish_reasons.into_iter().next().flatten(),
@@ -275,8 +363,14 @@ pub(crate) fn parse_completion(
         Assembly { model: completion.model, usage: completion.usage, ..Assembly::default() };
     for choice in completion.choices {
         let slot = assembly.slot(choice.index);
-        let text = choice.message.and_then(|m| m.content).or(choice.text).unwrap_or_default();
-        assembly.texts[slot] = text;
+        let (content, tool_calls) =
+            choice.message.map(|m| (m.content, m.tool_calls)).unwrap_or_default();
+        if slot == 0 {
+            for (position, call) in tool_calls.into_iter().enumerate() {
+                assembly.add_tool_call(position, call);
+            }
+        }
+        assembly.texts[slot] = content.or(choice.text).unwrap_or_default();
         assembly.finish_reasons[slot] = choice.finish_reason;
     }
     assembly.into_response(request, headers)
@@ -316,8 +410,15 @@ where
         }
         for choice in chunk.choices {
             let slot = assembly.slot(choice.index);
-            if let Some(content) = choice.delta.and_then(|d| d.content) {
+            let Delta { content, tool_calls } =
+                choice.delta.unwrap_or(Delta { content: None, tool_calls: Vec::new() });
+            if let Some(content) = content {
                 assembly.texts[slot].push_str(&content);
+            }
+            if slot == 0 {
+                for (position, piece) in tool_calls.into_iter().enumerate() {
+                    assembly.add_tool_call(position, piece);
+                }
             }
             if choice.finish_reason.is_some() {
                 assembly.finish_reasons[slot] = choice.finish_reason;

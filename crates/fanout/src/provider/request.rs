@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::headers::RateLimit;
+use super::tool::{ToolCall, ToolChoice, ToolSpec};
 
 /// Who said a message in a conversation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -14,6 +15,8 @@ pub enum Role {
     User,
     /// The model, for earlier answers replayed as context.
     Assistant,
+    /// The result of a tool call the model made (`tool_call_id` names it).
+    Tool,
 }
 
 /// One message of a chat conversation.
@@ -23,22 +26,43 @@ pub struct Message {
     pub role: Role,
     /// What was said, as plain text.
     pub content: String,
+    /// The tools the model called in this (assistant) turn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a [`Role::Tool`] message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
 }
 
 impl Message {
+    /// A message from `role`.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+    }
+
     /// A system message.
     pub fn system(content: impl Into<String>) -> Self {
-        Self { role: Role::System, content: content.into() }
+        Self::new(Role::System, content)
     }
 
     /// A user message.
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: Role::User, content: content.into() }
+        Self::new(Role::User, content)
     }
 
     /// An assistant message: an earlier answer, given back as context.
     pub fn assistant(content: impl Into<String>) -> Self {
-        Self { role: Role::Assistant, content: content.into() }
+        Self::new(Role::Assistant, content)
+    }
+
+    /// An assistant turn that called tools (with any text it said beside them).
+    pub fn assistant_tool_calls(content: impl Into<String>, calls: Vec<ToolCall>) -> Self {
+        Self { tool_calls: calls, ..Self::assistant(content) }
+    }
+
+    /// The result of the tool call `call_id`, given back to the model.
+    pub fn tool_result(call_id: impl Into<String>, content: impl Into<String>) -> Self {
+        Self { tool_call_id: Some(call_id.into()), ..Self::new(Role::Tool, content) }
     }
 }
 
@@ -75,6 +99,12 @@ pub struct Request {
     /// Ask for JSON output (providers that support it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<ResponseFormat>,
+    /// Tools the model may call; empty for none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<ToolSpec>,
+    /// Whether and which tool the model must call; `None` leaves it to the provider (auto).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
     /// Which of several samples of the same prompt this is. Voting sends one
     /// prompt N times; the index keeps those N requests distinct (for caches and
     /// for providers that derive a seed from it).
@@ -178,6 +208,10 @@ pub struct Response {
     /// The other choices' texts, when the request asked for `n` > 1.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub other_choices: Vec<String>,
+    /// The tools the (first) choice called, in order; several when the model
+    /// asked for them in parallel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
     /// Tokens the call consumed; an estimate when `usage_estimated` is set.
     pub usage: Usage,
     /// Whether `usage` is an estimate (the provider reported none) rather than
@@ -202,6 +236,13 @@ impl Response {
     /// An answer with this text and usage, everything else unset.
     pub fn new(text: impl Into<String>, usage: Usage) -> Self {
         Self { text: text.into(), usage, ..Self::default() }
+    }
+
+    /// The same answer, calling these tools.
+    #[must_use]
+    pub fn with_tool_calls(mut self, calls: Vec<ToolCall>) -> Self {
+        self.tool_calls = calls;
+        self
     }
 
     /// The same answer, stopped for `reason` (`stop`, `length`, ...).

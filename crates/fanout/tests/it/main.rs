@@ -17,6 +17,7 @@ mod report;
 mod retry;
 mod stragglers;
 mod timeouts;
+mod tools;
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

@@ -42,7 +42,7 @@ pub enum Content {
     /// A row's fields, for the prompt template.
     Fields(Map<String, Value>),
     /// A ready request (OpenAI Batch input).
-    Request(Request),
+    Request(Box<Request>),
     /// Why the row could not be read.
     Invalid(String),
 }
@@ -225,7 +225,7 @@ impl JsonlRows {
             return (Some(id), Content::Fields(fields));
         }
         match batch_request(fields, line) {
-            Ok(request) => (Some(id), Content::Request(request)),
+            Ok(request) => (Some(id), Content::Request(Box::new(request))),
             Err(message) => (Some(id), Content::Invalid(message)),
         }
     }

@@ -37,13 +37,18 @@
 // One path per item: what users need is re-exported here; the modules that
 // hold the executor, the providers and the outcomes stay private. The patterns
 // and token counting are namespaced on purpose.
+pub mod agent;
 mod exec;
 pub mod pattern;
 mod provider;
 mod task;
 pub mod tokens;
 
+pub use agent::{Agent, AgentRun, Ending, FnTool, Tool, ToolRun, Toolbox, Transcript, Turn};
 pub use async_trait::async_trait;
+pub use exec::branch::{
+    BRANCH_GRACE, Branch, BranchOutcome, BranchReport, BranchResult, BranchResults, Calls,
+};
 pub use exec::event::{Event, EventSink};
 pub use exec::hedge::{HedgeAfter, HedgePolicy};
 pub use exec::limit::Rate;

@@ -37,7 +37,7 @@ pub fn tasks(
         }
         let request = match row.content {
             Content::Invalid(message) => return Task::settled(row.id, invalid(message)),
-            Content::Request(request) => request,
+            Content::Request(request) => *request,
             Content::Fields(fields) => match prompt.as_ref().map(|p| p.render(&fields, row.line)) {
                 Some(Ok(request)) => request,
                 Some(Err(message)) => return Task::settled(row.id, invalid(message)),

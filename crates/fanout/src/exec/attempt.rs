@@ -65,6 +65,12 @@ pub(crate) struct Run {
 }
 
 impl Run {
+    /// Why the run stopped, if it did; a cancellation is known as soon as the
+    /// token is, before the launch loop records it.
+    pub(crate) fn stopped(&self) -> Option<Stop> {
+        self.stop.get().copied().or_else(|| self.cancel.is_cancelled().then_some(Stop::Cancelled))
+    }
+
     /// What an in-flight task becomes when the run is stopped under it.
     fn interrupted(&self, attempts: u32) -> Outcome {
         match self.stop.get() {
@@ -81,34 +87,14 @@ pub(crate) async fn run_task(
     request: Arc<Request>,
     permit: Permit,
 ) -> (TaskResult, Option<Permit>) {
-    // Read by the cancellation branch while the attempts future is dropped.
-    let attempts = AtomicU32::new(0);
     // Empty while the task waits to retry (see `attempt_until_done`).
     let mut slot = Some(permit);
-    let work =
-        AssertUnwindSafe(attempt_until_done(&run, index, &id, &request, &attempts, &mut slot))
-            .catch_unwind();
-    let bounded = async {
-        match run.exec.config.task_timeout {
-            Some(limit) => timeout(limit, work).await.ok(),
-            None => Some(work.await),
-        }
-    };
-    let outcome = tokio::select! {
-        biased;
-        () = run.cancel.cancelled() => run.interrupted(attempts.load(Ordering::Acquire)),
-        done = bounded => match done {
-            Some(Ok(outcome)) => outcome,
-            Some(Err(panic)) => Outcome::Failed {
-                error: panicked(&*panic),
-                attempts: attempts.load(Ordering::Acquire),
-            },
-            None => Outcome::TimedOut {
-                timeout: Timeout::Task,
-                attempts: attempts.load(Ordering::Acquire),
-            },
-        },
-    };
+    let call = Call { run: &run, index, id: &id, request: &request };
+    let outcome = call
+        .outcome(&mut slot, run.exec.config.task_timeout, &run.cancel, |attempts| {
+            run.interrupted(attempts)
+        })
+        .await;
     run.exec.emit(|| Event::Finished {
         index,
         id: id.clone(),
@@ -122,13 +108,72 @@ pub(crate) async fn run_task(
     (TaskResult { index, id, outcome }, permit)
 }
 
+/// One model call through the whole call path (attempts, retries, hedges),
+/// whoever makes it: a task of a run, or a branch's call.
+pub(crate) struct Call<'a> {
+    pub run: &'a Run,
+    pub index: usize,
+    pub id: &'a TaskId,
+    pub request: &'a Request,
+}
+
+impl Call<'_> {
+    /// The call's outcome, its attempts bounded by `limit` in all, and cut
+    /// short when `cut` is cancelled (`interrupted` then says what it became).
+    pub(crate) async fn outcome(
+        &self,
+        slot: &mut Option<Permit>,
+        limit: Option<Duration>,
+        cut: &CancellationToken,
+        interrupted: impl FnOnce(u32) -> Outcome,
+    ) -> Outcome {
+        // Read by the cancellation branch while the attempts future is dropped.
+        let attempts = AtomicU32::new(0);
+        let work = AssertUnwindSafe(attempt_until_done(
+            self.run,
+            self.index,
+            self.id,
+            self.request,
+            &attempts,
+            slot,
+        ))
+        .catch_unwind();
+        let bounded = async {
+            match limit {
+                Some(limit) => timeout(limit, work).await.ok(),
+                None => Some(work.await),
+            }
+        };
+        tokio::select! {
+            biased;
+            () = cut.cancelled() => interrupted(attempts.load(Ordering::Acquire)),
+            done = bounded => match done {
+                Some(Ok(outcome)) => outcome,
+                Some(Err(panic)) => Outcome::Failed {
+                    error: panicked(&*panic),
+                    attempts: attempts.load(Ordering::Acquire),
+                },
+                None => Outcome::TimedOut {
+                    timeout: Timeout::Task,
+                    attempts: attempts.load(Ordering::Acquire),
+                },
+            },
+        }
+    }
+}
+
 fn panicked(panic: &(dyn std::any::Any + Send)) -> ProviderError {
-    let message = panic
+    let message = panic_message(panic);
+    ProviderError::new(ErrorKind::Server, format!("the provider panicked: {message}"))
+}
+
+/// What a caught panic said.
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into());
-    ProviderError::new(ErrorKind::Server, format!("the provider panicked: {message}"))
+        .unwrap_or_else(|| "unknown panic".into())
 }
 
 async fn attempt_until_done(
@@ -173,7 +218,7 @@ async fn attempt_until_done(
         let first_sent = *first_sent.get_or_insert(sent);
         exec.emit(|| Event::Started { index, id: id.clone(), attempt });
         let generation = exec.limits.concurrency.generation();
-        let call = Call { run, index, id, request, reserved, attempt };
+        let call = Attempt { run, index, id, request, reserved, attempt };
         match call.watched().await {
             Ok(answer) => {
                 let changed = exec.limits.on_success(
@@ -250,7 +295,7 @@ struct Answer {
 }
 
 /// One attempt of a task: the call, and a hedge of it if it straggles.
-struct Call<'a> {
+struct Attempt<'a> {
     run: &'a Run,
     index: usize,
     id: &'a TaskId,
@@ -271,7 +316,7 @@ struct Raced {
     result: Result<Answer, ProviderError>,
 }
 
-impl Call<'_> {
+impl Attempt<'_> {
     /// Sends the attempt and watches it. A call that has shown no life (no
     /// byte yet, or a stream that stopped) for longer than the learned hedging
     /// threshold gets a duplicate, within the budget and every limit — and so

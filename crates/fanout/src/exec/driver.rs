@@ -199,7 +199,7 @@ where
     finish(&run, output.tally)
 }
 
-fn finish(run: &Run, tally: Tally) -> Totals {
+pub(crate) fn finish(run: &Run, tally: Tally) -> Totals {
     use std::sync::atomic::Ordering::Relaxed;
     let mut totals = tally.finish(run.exec.config.price);
     totals.wall = run.started.elapsed();

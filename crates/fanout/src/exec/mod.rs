@@ -22,6 +22,7 @@
 //! each run.
 
 mod attempt;
+pub mod branch;
 mod breaker;
 mod builder;
 mod driver;
@@ -44,6 +45,7 @@ use tokio::time::Instant;
 
 use crate::provider::{Check, Provider};
 use crate::task::{Task, TaskResult};
+pub(crate) use attempt::panic_message;
 use attempt::{Counters, Run};
 use breaker::CircuitBreaker;
 use builder::Config;

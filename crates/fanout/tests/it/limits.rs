@@ -2,7 +2,7 @@ use fanout::{Behavior, ErrorKind, Executor, MockProvider, Outcome, Request, Resp
 use proptest::prelude::*;
 use tokio::time::Instant;
 
-use crate::{ms, paused_runtime, prompts, secs};
+use crate::{calls_fit_the_rate, ms, paused_runtime, prompts, secs, tokens_fit_the_budget};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(48))]
@@ -48,17 +48,8 @@ proptest! {
             let report = executor.run(prompts(n)).await;
             prop_assert_eq!(report.totals.succeeded, n);
             let times: Vec<Instant> = mock.call_log().iter().map(|c| c.at).collect();
-            let burst = rpm.div_ceil(60) as f64;
-            let per_second = rpm as f64 / 60.0;
-            for i in 0..times.len() {
-                for j in i..times.len() {
-                    let window = (times[j] - times[i]).as_secs_f64();
-                    // Calls wake on millisecond timer ticks, so one may be up to a
-                    // tick late (never early), bringing the next one that much closer.
-                    let allowed = burst + per_second * (window + 0.001) + 1e-9;
-                    prop_assert!(((j - i + 1) as f64) <= allowed,
-                        "{} calls in {window}s with rpm {rpm}", j - i + 1);
-                }
+            if let Err(excess) = calls_fit_the_rate(&times, rpm) {
+                prop_assert!(false, "{}", excess);
             }
             Ok(())
         })?;
@@ -89,16 +80,8 @@ proptest! {
             let used = |prompt: &str| report.get(&prompt[1..]).unwrap().usage().total() as f64;
             let calls: Vec<(Instant, f64)> =
                 mock.call_log().iter().map(|c| (c.at, used(&c.prompt))).collect();
-            let per_second = tpm as f64 / 60.0;
-            for i in 0..calls.len() {
-                let mut tokens = 0.0;
-                for j in i..calls.len() {
-                    tokens += calls[j].1;
-                    let window = (calls[j].0 - calls[i].0).as_secs_f64();
-                    // One millisecond of slack: timers fire on millisecond ticks.
-                    let allowed = tpm as f64 + per_second * (window + 0.001) + 1e-6;
-                    prop_assert!(tokens <= allowed, "{tokens} tokens in {window}s at {tpm} TPM");
-                }
+            if let Err(excess) = tokens_fit_the_budget(&calls, tpm) {
+                prop_assert!(false, "{}", excess);
             }
             Ok(())
         })?;

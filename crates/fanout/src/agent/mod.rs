@@ -10,6 +10,8 @@
 //! results and the usage) comes back whatever the ending, so a cut-off agent
 //! still shows what it found.
 
+#[cfg(feature = "mcp")]
+pub mod mcp;
 pub mod tool;
 
 use serde::Serialize;

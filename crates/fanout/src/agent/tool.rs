@@ -44,6 +44,35 @@ impl FnTool {
     }
 }
 
+impl FnTool {
+    /// A tool whose arguments are the Rust type `A`: its JSON Schema is derived
+    /// (`#[derive(Deserialize, JsonSchema)]`), and arguments that do not fit
+    /// it are told to the model without calling `run`.
+    pub fn typed<A, F, Fut>(name: impl Into<String>, description: impl Into<String>, run: F) -> Self
+    where
+        A: serde::de::DeserializeOwned + schemars::JsonSchema + Send + 'static,
+        F: Fn(A) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, String>> + Send + 'static,
+    {
+        let mut schema = schemars::schema_for!(A).to_value();
+        // The APIs take the schema itself, not a JSON Schema document.
+        if let Some(fields) = schema.as_object_mut() {
+            fields.remove("$schema");
+            fields.remove("title");
+        }
+        let spec = ToolSpec::new(name, description, schema);
+        let run = Arc::new(run);
+        Self::new(spec, move |arguments| {
+            let run = Arc::clone(&run);
+            async move {
+                let arguments: A = serde_json::from_value(Value::Object(arguments))
+                    .map_err(|error| format!("the arguments do not fit the schema: {error}"))?;
+                run(arguments).await
+            }
+        })
+    }
+}
+
 impl std::fmt::Debug for FnTool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FnTool").field("spec", &self.spec).finish_non_exhaustive()

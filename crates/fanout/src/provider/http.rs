@@ -73,7 +73,7 @@ pub(crate) struct Endpoint {
     key: Option<ApiKey>,
 }
 
-fn install_crypto_provider() {
+pub(crate) fn install_crypto_provider() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         // Another part of the program may have installed one already; that one stays.

@@ -27,6 +27,7 @@ pub use builder::{HttpApi, HttpBuilder, HttpSettings};
 pub use error::{ErrorKind, ProviderError};
 pub use headers::RateLimit;
 pub use http::HttpOptions;
+pub(crate) use http::install_crypto_provider;
 pub use mock::{Behavior, MockProvider};
 pub use openai::OpenAi;
 pub use progress::Progress;

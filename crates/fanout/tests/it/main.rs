@@ -8,6 +8,7 @@ mod breaker;
 mod deadline;
 mod hedge;
 mod limits;
+mod mcp;
 mod memory;
 mod mock_server;
 mod openai;

@@ -1,0 +1,226 @@
+//! Tools from Model Context Protocol servers, through the official Rust SDK
+//! (`rmcp`): a server started as a command (stdio) or reached by URL
+//! (streamable HTTP) is connected and its tools listed once; every branch
+//! then shares the one connection (MCP multiplexes calls by request id).
+//!
+//! Faults become tool errors the model reads, never a failed run: a server
+//! that crashes mid-run fails the calls made after it (with its last words
+//! on stderr), and a call that does not answer is cut by the toolbox's
+//! timeout like any other tool.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rmcp::ServiceExt;
+use rmcp::model::{CallToolRequestParams, ContentBlock};
+use rmcp::service::{RoleClient, RunningService};
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use serde_json::{Map, Value};
+use tokio::io::AsyncBufReadExt;
+
+use super::tool::Tool;
+use crate::provider::ToolSpec;
+
+/// How long a server may take to start and list its tools, by default.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Lines of a stdio server's stderr kept, to explain its failures.
+const STDERR_LINES: usize = 20;
+
+/// Why an MCP server could not be used.
+#[derive(Debug)]
+pub struct McpError {
+    /// The server's name, as configured.
+    pub server: String,
+    /// What went wrong, with the server's last stderr lines when it wrote any.
+    pub message: String,
+}
+
+impl fmt::Display for McpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MCP server `{}`: {}", self.server, self.message)
+    }
+}
+
+impl std::error::Error for McpError {}
+
+/// A connected MCP server and the tools it offers.
+pub struct McpServer {
+    name: String,
+    client: Arc<RunningService<RoleClient, ()>>,
+    tools: Vec<ToolSpec>,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+}
+
+impl fmt::Debug for McpServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let tools: Vec<&str> = self.tools.iter().map(|t| t.name.as_str()).collect();
+        f.debug_struct("McpServer").field("name", &self.name).field("tools", &tools).finish()
+    }
+}
+
+impl McpServer {
+    /// Starts `command` with `args` (and `env` added to this process's
+    /// environment) and speaks MCP with it over its stdin and stdout.
+    pub async fn stdio(
+        name: impl Into<String>,
+        command: &str,
+        args: &[String],
+        env: &[(String, String)],
+        start_timeout: Duration,
+    ) -> Result<Self, McpError> {
+        let name = name.into();
+        let mut process = tokio::process::Command::new(command);
+        process.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+        let spawned = TokioChildProcess::builder(process).stderr(Stdio::piped()).spawn();
+        let (transport, stderr) = spawned.map_err(|error| McpError {
+            server: name.clone(),
+            message: format!("could not start `{command}`: {error}"),
+        })?;
+        let kept = Arc::new(Mutex::new(VecDeque::new()));
+        if let Some(stderr) = stderr {
+            tokio::spawn(keep_last_lines(stderr, Arc::clone(&kept)));
+        }
+        Self::connect(name, transport, kept, start_timeout).await
+    }
+
+    /// Connects to a streamable HTTP server at `url`.
+    pub async fn http(
+        name: impl Into<String>,
+        url: &str,
+        start_timeout: Duration,
+    ) -> Result<Self, McpError> {
+        crate::provider::install_crypto_provider();
+        let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
+        Self::connect(name.into(), transport, Arc::default(), start_timeout).await
+    }
+
+    async fn connect<T, E, A>(
+        name: String,
+        transport: T,
+        stderr: Arc<Mutex<VecDeque<String>>>,
+        start_timeout: Duration,
+    ) -> Result<Self, McpError>
+    where
+        T: rmcp::transport::IntoTransport<RoleClient, E, A>,
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let fail = |message: String| McpError {
+            server: name.clone(),
+            message: with_stderr(message, &stderr),
+        };
+        let start = async {
+            let client =
+                ().serve(transport).await.map_err(|e| fail(format!("it did not start: {e}")))?;
+            let listed = client
+                .list_all_tools()
+                .await
+                .map_err(|e| fail(format!("it did not list its tools: {e}")))?;
+            Ok::<_, McpError>((client, listed))
+        };
+        let (client, listed) =
+            tokio::time::timeout(start_timeout, start).await.map_err(|_| {
+                fail(format!("it did not start within {:.0}s", start_timeout.as_secs_f64()))
+            })??;
+        let tools = listed
+            .into_iter()
+            .map(|tool| {
+                ToolSpec::new(
+                    tool.name.to_string(),
+                    tool.description.map(|d| d.to_string()).unwrap_or_default(),
+                    Value::Object((*tool.input_schema).clone()),
+                )
+            })
+            .collect();
+        Ok(Self { name, client: Arc::new(client), tools, stderr })
+    }
+
+    /// The server's name, as configured.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The tools it offers, as listed when it started.
+    pub fn specs(&self) -> &[ToolSpec] {
+        &self.tools
+    }
+
+    /// Its tools, to add to a [`Toolbox`](super::Toolbox); each call goes to this server.
+    pub fn tools(&self) -> Vec<Arc<dyn Tool>> {
+        self.tools
+            .iter()
+            .map(|spec| {
+                Arc::new(McpTool {
+                    server: self.name.clone(),
+                    client: Arc::clone(&self.client),
+                    spec: spec.clone(),
+                    stderr: Arc::clone(&self.stderr),
+                }) as Arc<dyn Tool>
+            })
+            .collect()
+    }
+}
+
+/// One tool of an MCP server.
+struct McpTool {
+    server: String,
+    client: Arc<RunningService<RoleClient, ()>>,
+    spec: ToolSpec,
+    stderr: Arc<Mutex<VecDeque<String>>>,
+}
+
+#[async_trait::async_trait]
+impl Tool for McpTool {
+    fn spec(&self) -> ToolSpec {
+        self.spec.clone()
+    }
+
+    async fn call(&self, arguments: Map<String, Value>) -> Result<String, String> {
+        let params = CallToolRequestParams::new(self.spec.name.clone()).with_arguments(arguments);
+        let result = self.client.call_tool(params).await.map_err(|error| {
+            let message = format!("the MCP server `{}` failed: {error}", self.server);
+            with_stderr(message, &self.stderr)
+        })?;
+        let text = result
+            .content
+            .iter()
+            .map(|block| match block {
+                ContentBlock::Text(text) => text.text.clone(),
+                ContentBlock::Image(_) => "[an image]".into(),
+                ContentBlock::Audio(_) => "[audio]".into(),
+                ContentBlock::Resource(_) => "[an embedded resource]".into(),
+                ContentBlock::ResourceLink(link) => format!("[resource {}]", link.uri),
+                _ => "[content of a kind fanout does not know]".into(),
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let text = match (text.is_empty(), &result.structured_content) {
+            (true, Some(structured)) => structured.to_string(),
+            _ => text,
+        };
+        if result.is_error == Some(true) { Err(text) } else { Ok(text) }
+    }
+}
+
+/// Keeps the last lines a server wrote to stderr.
+async fn keep_last_lines(stderr: tokio::process::ChildStderr, kept: Arc<Mutex<VecDeque<String>>>) {
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let mut kept = kept.lock().unwrap();
+        if kept.len() == STDERR_LINES {
+            kept.pop_front();
+        }
+        kept.push_back(line);
+    }
+}
+
+fn with_stderr(message: String, stderr: &Mutex<VecDeque<String>>) -> String {
+    let lines = stderr.lock().unwrap();
+    if lines.is_empty() {
+        return message;
+    }
+    let said: Vec<&str> = lines.iter().map(String::as_str).collect();
+    format!("{message}; its stderr ended with:\n  {}", said.join("\n  "))
+}

@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 
 use crate::answer;
 use crate::server::{Budgets, Call, Cut, Plan, State};
+use crate::tools::{self, OfferedTool, ToolTurn};
 use crate::wire::{self, Content, Frame, WireMessage};
 
 #[derive(Debug, Deserialize)]
@@ -25,6 +26,10 @@ struct MessagesRequest {
     max_tokens: Option<u32>,
     #[serde(default)]
     stream: bool,
+    #[serde(default)]
+    tools: Vec<OfferedTool>,
+    #[serde(default)]
+    tool_choice: Option<serde_json::Value>,
 }
 
 fn error(
@@ -101,6 +106,8 @@ async fn answer_messages(state: &State, request: MessagesRequest) -> Response {
         );
     }
     let (mut messages, prompt) = wire::texts(&request.messages);
+    let tool_turn =
+        tools::turn(&request.tools, request.tool_choice.as_ref(), &request.messages, &prompt);
     messages.push(request.system.text());
     let (plan, wait) = state.decide(&Call { messages, prompt, n: 1, seed: None });
     if !wait.is_zero() {
@@ -134,10 +141,21 @@ async fn answer_messages(state: &State, request: MessagesRequest) -> Response {
                 r#"{{"id":"msg_mock_{id}","type":"message","content":[{{"type":"text","text":"trunc"#
             ),
         ),
-        Plan::Answer { choices, prompt_tokens, completion_tokens, budgets, cut } => {
+        Plan::Answer { choices, prompt_tokens, mut completion_tokens, budgets, cut } => {
             let mut headers = rate_limit_headers(&budgets);
             headers.push(request_id);
-            let text = choices.into_iter().next().unwrap_or_default();
+            let mut text = choices.into_iter().next().unwrap_or_default();
+            match tool_turn {
+                Some(ToolTurn::Call { name, arguments }) => {
+                    let tokens = (prompt_tokens, answer::tokens(&arguments.to_string()));
+                    return tool_use(id, &model, &name, arguments, tokens, request.stream, headers);
+                }
+                Some(ToolTurn::Answer { results }) => {
+                    text = tools::quoting(&text, &results);
+                    completion_tokens = answer::tokens(&text);
+                }
+                None => {}
+            }
             if request.stream {
                 let tokens = (prompt_tokens, completion_tokens);
                 return stream(state, id, &model, &text, tokens, headers, cut);
@@ -156,6 +174,65 @@ async fn answer_messages(state: &State, request: MessagesRequest) -> Response {
             wire::cut_json(headers, body.to_string(), cut, state.config.hang)
         }
     }
+}
+
+/// An answer that calls a tool: a `tool_use` block, whole or streamed as
+/// Anthropic does (the block's start, then its input as `input_json_delta`s).
+fn tool_use(
+    id: u64,
+    model: &str,
+    name: &str,
+    input: serde_json::Value,
+    (input_tokens, output_tokens): (u64, u64),
+    streamed: bool,
+    headers: Vec<(&'static str, String)>,
+) -> Response {
+    let block_id = format!("toolu_mock_{id}");
+    let message_id = format!("msg_mock_{id}");
+    if !streamed {
+        let body = json!({"id": message_id, "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "tool_use", "id": block_id, "name": name, "input": input}],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}});
+        return wire::json(StatusCode::OK, headers, body.to_string());
+    }
+    let event = |kind: &str, body: serde_json::Value| {
+        Frame::data(Duration::ZERO, Some(kind), &body.to_string())
+    };
+    let arguments = input.to_string();
+    let half =
+        (0..=arguments.len() / 2).rev().find(|&i| arguments.is_char_boundary(i)).unwrap_or(0);
+    let piece = |text: &str| {
+        event(
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": 0,
+            "delta": {"type": "input_json_delta", "partial_json": text}}),
+        )
+    };
+    let frames = vec![
+        event(
+            "message_start",
+            json!({"type": "message_start", "message": {"id": message_id,
+            "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null,
+            "stop_sequence": null, "usage": {"input_tokens": input_tokens, "output_tokens": 1}}}),
+        ),
+        event(
+            "content_block_start",
+            json!({"type": "content_block_start", "index": 0,
+            "content_block": {"type": "tool_use", "id": block_id, "name": name, "input": {}}}),
+        ),
+        piece(&arguments[..half]),
+        piece(&arguments[half..]),
+        event("content_block_stop", json!({"type": "content_block_stop", "index": 0})),
+        event(
+            "message_delta",
+            json!({"type": "message_delta",
+            "delta": {"stop_reason": "tool_use", "stop_sequence": null},
+            "usage": {"output_tokens": output_tokens}}),
+        ),
+        event("message_stop", json!({"type": "message_stop"})),
+    ];
+    wire::event_stream(headers, frames)
 }
 
 fn stream(

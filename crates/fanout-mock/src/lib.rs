@@ -26,6 +26,7 @@ mod config;
 mod openai;
 mod server;
 mod stats;
+mod tools;
 mod wire;
 
 use std::net::SocketAddr;

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 
 use crate::answer;
 use crate::server::{Budgets, Call, Cut, Plan, State, go_duration};
+use crate::tools::{self, OfferedTool, ToolTurn};
 use crate::wire::{self, Frame, WireMessage};
 
 #[derive(Debug, Deserialize)]
@@ -27,6 +28,10 @@ struct ChatRequest {
     stream: bool,
     #[serde(default)]
     stream_options: Option<StreamOptions>,
+    #[serde(default)]
+    tools: Vec<OfferedTool>,
+    #[serde(default)]
+    tool_choice: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -87,6 +92,8 @@ pub(crate) async fn chat_completions(
 
 async fn answer_chat(state: &State, request: ChatRequest) -> Response {
     let (messages, prompt) = wire::texts(&request.messages);
+    let tool_turn =
+        tools::turn(&request.tools, request.tool_choice.as_ref(), &request.messages, &prompt);
     let call =
         Call { messages, prompt, n: request.n.unwrap_or(1).clamp(1, 128), seed: request.seed };
     let (plan, wait) = state.decide(&call);
@@ -126,9 +133,21 @@ async fn answer_chat(state: &State, request: ChatRequest) -> Response {
                 r#"{{"id":"chatcmpl-mock-{id}","object":"chat.completion","choices":[{{"index":0,"message":{{"content":"trunc"#
             ),
         ),
-        Plan::Answer { choices, prompt_tokens, completion_tokens, budgets, cut } => {
+        Plan::Answer { mut choices, prompt_tokens, mut completion_tokens, budgets, cut } => {
             let mut headers = rate_limit_headers(&budgets);
             headers.push(request_id);
+            match tool_turn {
+                Some(ToolTurn::Call { name, arguments }) => {
+                    let call = ToolCallAnswer { id, name, arguments: arguments.to_string() };
+                    let tokens = (prompt_tokens, answer::tokens(&call.arguments));
+                    return tool_call(state, &model, call, tokens, request.stream, headers);
+                }
+                Some(ToolTurn::Answer { results }) => {
+                    choices = choices.iter().map(|c| tools::quoting(c, &results)).collect();
+                    completion_tokens = choices.iter().map(|c| answer::tokens(c)).sum();
+                }
+                None => {}
+            }
             let usage = json!({
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,
@@ -162,6 +181,69 @@ async fn answer_chat(state: &State, request: ChatRequest) -> Response {
             wire::cut_json(headers, body.to_string(), cut, state.config.hang)
         }
     }
+}
+
+/// A tool call the mock makes.
+struct ToolCallAnswer {
+    id: u64,
+    name: String,
+    arguments: String,
+}
+
+/// An answer that calls a tool: whole, or streamed as OpenAI does (the call's
+/// id and name first, then its arguments in pieces).
+fn tool_call(
+    state: &State,
+    model: &str,
+    call: ToolCallAnswer,
+    (prompt_tokens, completion_tokens): (u64, u64),
+    streamed: bool,
+    headers: Vec<(&'static str, String)>,
+) -> Response {
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                       "total_tokens": prompt_tokens + completion_tokens});
+    let call_id = format!("call_mock_{}", call.id);
+    let body = |choices: serde_json::Value| {
+        json!({"id": format!("chatcmpl-mock-{}", call.id), "object": "chat.completion.chunk",
+               "created": 0, "model": model, "choices": choices})
+    };
+    if !streamed {
+        let mut whole = body(json!([{"index": 0, "finish_reason": "tool_calls", "message": {
+            "role": "assistant", "content": null, "tool_calls": [{"id": call_id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}]}}]));
+        whole["object"] = json!("chat.completion");
+        whole["usage"] = usage;
+        return wire::json(StatusCode::OK, headers, whole.to_string());
+    }
+    let now = std::time::Duration::ZERO;
+    let delta = |delta: serde_json::Value, finish: Option<&str>| {
+        let chunk = body(json!([{"index": 0, "delta": delta, "finish_reason": finish}]));
+        Frame::data(now, None, &chunk.to_string())
+    };
+    let half = call.arguments.len() / 2;
+    let half = (0..=half).rev().find(|&i| call.arguments.is_char_boundary(i)).unwrap_or(0);
+    let piece = |text: &str| {
+        delta(json!({"tool_calls": [{"index": 0, "function": {"arguments": text}}]}), None)
+    };
+    let mut frames = vec![
+        delta(
+            json!({"role": "assistant", "content": null, "tool_calls": [{"index": 0, "id": call_id,
+            "type": "function", "function": {"name": call.name, "arguments": ""}}]}),
+            None,
+        ),
+        piece(&call.arguments[..half]),
+        piece(&call.arguments[half..]),
+        delta(json!({}), Some("tool_calls")),
+    ];
+    let mut with_usage = body(json!([]));
+    with_usage["usage"] = usage;
+    frames.push(Frame::data(
+        state.generation_time(completion_tokens),
+        None,
+        &with_usage.to_string(),
+    ));
+    frames.push(Frame::data(now, None, "[DONE]"));
+    wire::event_stream(headers, frames)
 }
 
 fn stream(

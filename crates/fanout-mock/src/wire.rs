@@ -23,8 +23,13 @@ pub(crate) enum Content {
 
 #[derive(Debug, Deserialize)]
 pub(crate) struct Part {
+    #[serde(default, rename = "type")]
+    kind: String,
     #[serde(default)]
     text: Option<String>,
+    /// A `tool_result` block's content (Anthropic).
+    #[serde(default)]
+    content: Option<Box<Content>>,
 }
 
 impl Content {
@@ -45,14 +50,33 @@ pub(crate) struct WireMessage {
     pub content: Content,
 }
 
-/// Every message's text, and the last user message's.
+impl WireMessage {
+    /// The tool results this message gives back: an OpenAI `tool` message, or
+    /// an Anthropic user turn's `tool_result` blocks.
+    pub(crate) fn tool_results(&self) -> Vec<String> {
+        if self.role == "tool" {
+            return vec![self.content.text()];
+        }
+        match &self.content {
+            Content::Parts(parts) => parts
+                .iter()
+                .filter(|p| p.kind == "tool_result")
+                .map(|p| p.content.as_ref().map(|c| c.text()).unwrap_or_default())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Every message's text, and the last user message's (the last with text:
+/// a turn of tool results is not the prompt).
 pub(crate) fn texts(messages: &[WireMessage]) -> (Vec<String>, String) {
     let all: Vec<String> = messages.iter().map(|m| m.content.text()).collect();
     let prompt = messages
         .iter()
         .zip(&all)
         .rev()
-        .find(|(m, _)| m.role == "user")
+        .find(|(m, text)| m.role == "user" && !text.is_empty())
         .map(|(_, text)| text.clone())
         .unwrap_or_default();
     (all, prompt)

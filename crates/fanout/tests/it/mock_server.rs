@@ -153,3 +153,57 @@ async fn stalled_and_reset_streams_end_with_every_task_succeeded() {
     );
     assert!(started.elapsed() < Duration::from_secs(30), "no stall was waited out");
 }
+
+/// The agent loop end to end on both wires, whole and streamed: the mock
+/// calls the tool with the argument written in the prompt, the tool's result
+/// goes back, and the mock's answer quotes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_loop_runs_end_to_end_on_both_apis() {
+    use fanout::{Agent, Branch, Ending, FnTool, Provider, ToolSpec, Toolbox};
+    let server = MockServer::start(Config::default()).await.unwrap();
+    let schema = serde_json::json!({"type": "object", "properties": {"word": {"type": "string"}}});
+    let lookup =
+        FnTool::new(ToolSpec::new("lookup", "Looks a word up.", schema), |args| async move {
+            Ok(format!("{}: one input to many", args["word"].as_str().unwrap_or("?")))
+        });
+    let tools = Toolbox::new().with(lookup);
+    for stream in [false, true] {
+        let providers: [Box<dyn Provider>; 2] = [
+            Box::new(
+                OpenAi::builder("mock-1")
+                    .base_url(server.openai_base_url())
+                    .stream(stream)
+                    .build()
+                    .unwrap(),
+            ),
+            Box::new(
+                Anthropic::builder("claude-mock")
+                    .base_url(server.anthropic_base_url())
+                    .stream(stream)
+                    .build()
+                    .unwrap(),
+            ),
+        ];
+        for provider in providers {
+            let name = format!("{} (stream: {stream})", provider.name());
+            let executor = Executor::builder_for(std::sync::Arc::from(provider)).build();
+            let agent = Agent::new(Request::default(), tools.clone());
+            let report = executor
+                .branches([Branch::new("define", move |calls| async move {
+                    agent.run(&calls, "define word=fan-out").await
+                })])
+                .await;
+            let run = report.results[0].outcome.value().unwrap();
+            assert_eq!(run.ending, Ending::Answered, "{name}: {run:?}");
+            let turn = &run.transcript.turns[0];
+            assert_eq!(turn.tools.len(), 1, "{name}");
+            assert_eq!(turn.tools[0].call.parsed_arguments().unwrap()["word"], "fan-out", "{name}");
+            let answer = run.answer().unwrap();
+            assert!(
+                answer.ends_with("| from tools: fan-out: one input to many"),
+                "{name}: {answer}"
+            );
+            assert!(run.transcript.usage.output_tokens > 0, "{name}");
+        }
+    }
+}

@@ -22,6 +22,7 @@ mod progress;
 mod record;
 mod settings;
 mod template;
+mod tools;
 
 use std::fmt;
 use std::process::ExitCode;

@@ -14,7 +14,7 @@ use fanout::pattern::vote::{
     EarlyStop, Rule, Sample, VoteOptions, distinct, most_consistent, vote,
 };
 use fanout::pattern::workflow::Workflow;
-use fanout::{Executor, Failure, Request};
+use fanout::{Agent, Executor, Failure, Request};
 use serde::Serialize;
 
 use crate::Refusal;
@@ -22,8 +22,9 @@ use crate::connect;
 use crate::documents;
 use crate::exit::{Ending, Exit};
 use crate::input::{self, Content};
-use crate::settings::{Flags, Settings};
+use crate::settings::{self, Flags, Settings};
 use crate::template::Prompt;
+use crate::tools::ToolArgs;
 
 async fn executor(flags: &Flags) -> Result<(Executor, Settings)> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
@@ -305,6 +306,8 @@ pub struct SectionsArgs {
     synthesize: Option<String>,
     #[arg(long)]
     system: Option<String>,
+    #[command(flatten)]
+    tools: ToolArgs,
 }
 
 fn parse_section(text: &str) -> Result<(String, String), String> {
@@ -312,14 +315,22 @@ fn parse_section(text: &str) -> Result<(String, String), String> {
     Ok((name.trim().to_owned(), prompt.to_owned()))
 }
 
+/// The agent the tool flags ask for, its MCP servers from the config file.
+async fn agent(flags: &Flags, tools: &ToolArgs) -> Result<Option<Agent>> {
+    let servers = settings::mcp_servers(flags).map_err(Refusal)?;
+    Ok(tools.agent(&servers).await.map_err(Refusal)?)
+}
+
 pub async fn run_sections(flags: &Flags, args: SectionsArgs) -> Result<ExitCode> {
     let (executor, settings) = executor(flags).await?;
+    let agent = agent(flags, &args.tools).await?;
     let parts = args
         .sections
         .into_iter()
         .map(|(name, prompt)| Section {
             name,
             request: request(&settings, prompt, args.system.as_deref()),
+            agent: agent.clone(),
         })
         .collect();
     let result = sections(&executor, parts, args.synthesize.as_deref()).await;
@@ -393,6 +404,8 @@ pub struct PerspectivesArgs {
     synthesize: Option<String>,
     #[arg(long)]
     no_synthesis: bool,
+    #[command(flatten)]
+    tools: ToolArgs,
 }
 
 pub async fn run_perspectives(flags: &Flags, args: PerspectivesArgs) -> Result<ExitCode> {
@@ -420,9 +433,10 @@ pub async fn run_perspectives(flags: &Flags, args: PerspectivesArgs) -> Result<E
             .collect();
     }
     let (executor, _) = executor(flags).await?;
+    let agent = agent(flags, &args.tools).await?;
     let synthesis =
         (!args.no_synthesis).then(|| args.synthesize.as_deref().unwrap_or(DEFAULT_SYNTHESIS));
-    let result = perspectives(&executor, &input, &personas, synthesis).await;
+    let result = perspectives(&executor, &input, &personas, synthesis, agent.as_ref()).await;
     print_parts(&result, flags.json)
 }
 
@@ -433,6 +447,9 @@ pub struct WorkflowArgs {
     /// NAME=VALUE for the workflow's variables; repeatable
     #[arg(long = "var", value_parser = parse_section)]
     vars: Vec<(String, String)>,
+    /// Folders, bounds and extra tool sets for the steps that use tools
+    #[command(flatten)]
+    tools: ToolArgs,
 }
 
 pub async fn run_workflow(flags: &Flags, args: WorkflowArgs) -> Result<ExitCode> {
@@ -445,8 +462,22 @@ pub async fn run_workflow(flags: &Flags, args: WorkflowArgs) -> Result<ExitCode>
     let plan = workflow.plan(&vars).map_err(|errors| {
         Refusal(anyhow!("{} is not valid:\n  {}", args.workflow.display(), errors.join("\n  ")))
     })?;
+    // Every tool set a step names is connected (each server once) before any call.
+    let mut servers = settings::mcp_servers(flags).map_err(Refusal)?;
+    servers.extend(plan.mcp().clone());
+    let mut names: Vec<String> = plan.step_tools().flat_map(|(_, t)| t.iter().cloned()).collect();
+    names.extend(args.tools.named());
+    names.sort();
+    names.dedup();
+    let mut tools = args.tools.clone();
+    let folder = args.workflow.parent().unwrap_or(std::path::Path::new("."));
+    tools.allow_dirs.extend(plan.allow_dirs().iter().map(|dir| folder.join(dir)));
+    let sets = tools
+        .connect(&names, &servers)
+        .await
+        .map_err(|e| Refusal(anyhow!("{}: {e}", args.workflow.display())))?;
     let (executor, _) = executor(flags).await?;
-    let result = plan.run(&executor).await;
+    let result = plan.run(&executor, &sets).await;
     if flags.json {
         print_json(&result)?;
     } else {

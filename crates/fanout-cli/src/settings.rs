@@ -19,6 +19,13 @@
 //! hedge = true                     # duplicate stragglers (default); false turns it off
 //! hedge_budget = 0.05              # at most this share of extra calls
 //! hedge_after = 10.0               # seconds without a sign of life [default: learned]
+//!
+//! [mcp.docs]                       # tools for `--tools docs` (stdio: command, args, env)
+//! command = "npx"
+//! args = ["-y", "@modelcontextprotocol/server-filesystem", "./docs"]
+//!
+//! [mcp.search]                     # or a streamable HTTP server
+//! url = "http://127.0.0.1:8931/mcp"
 //! ```
 
 use std::collections::BTreeMap;
@@ -26,6 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use fanout::agent::mcp::McpConfig;
 use fanout::{HedgePolicy, Price};
 use serde::{Deserialize, Serialize};
 
@@ -193,6 +201,27 @@ struct ConfigFile {
     default_profile: Option<String>,
     #[serde(default)]
     profiles: BTreeMap<String, Choices>,
+    /// MCP servers that `--tools NAME` may name.
+    #[serde(default)]
+    mcp: BTreeMap<String, McpConfig>,
+}
+
+impl ConfigFile {
+    /// The file `--config` (or `$FANOUT_CONFIG`) names, else the default one if it exists.
+    fn load(flags: &Flags) -> Result<Self> {
+        match &flags.config {
+            Some(path) => read_config(path),
+            None => match default_config_path().filter(|p| p.exists()) {
+                Some(path) => read_config(&path),
+                None => Ok(Self::default()),
+            },
+        }
+    }
+}
+
+/// The MCP servers the config file declares (`[mcp.NAME]`), by name.
+pub fn mcp_servers(flags: &Flags) -> Result<BTreeMap<String, McpConfig>> {
+    Ok(ConfigFile::load(flags)?.mcp)
 }
 
 /// Everything resolved: what to call and how.
@@ -298,13 +327,7 @@ pub fn env(name: &str) -> Option<String> {
 
 impl Settings {
     pub fn resolve(flags: &Flags) -> Result<Self> {
-        let config = match &flags.config {
-            Some(path) => read_config(path)?,
-            None => match default_config_path().filter(|p| p.exists()) {
-                Some(path) => read_config(&path)?,
-                None => ConfigFile::default(),
-            },
-        };
+        let config = ConfigFile::load(flags)?;
         let profile = match flags.profile.as_ref().or(config.default_profile.as_ref()) {
             Some(name) => config
                 .profiles

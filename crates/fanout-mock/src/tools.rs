@@ -2,9 +2,10 @@
 //!
 //! When a request offers tools and no tool result has come back since the
 //! prompt, the mock calls one tool: the one `tool_choice` names, else the
-//! first whose name the prompt mentions, else the first offered. Its
+//! one the prompt mentions first, else the first offered. Its
 //! arguments come from the tool's schema: a string property `p` takes the
-//! value written `p=VALUE` in the prompt (up to the next space), or else the
+//! value written `p=VALUE` in the prompt (up to the next space, without
+//! trailing punctuation), or else the
 //! prompt itself; numbers take the prompt's length, booleans `true`, arrays
 //! and objects stay empty. Once results are back, the mock answers as usual
 //! and quotes them: `... | from tools: <result> | <result>`.
@@ -67,7 +68,13 @@ pub(crate) fn turn(
     }
     let tool = named
         .and_then(|name| tools.iter().find(|t| t.name() == name))
-        .or_else(|| tools.iter().find(|t| !t.name().is_empty() && prompt.contains(t.name())))
+        .or_else(|| {
+            let mentioned = tools.iter().filter(|t| !t.name().is_empty());
+            mentioned
+                .filter_map(|t| Some((prompt.find(t.name())?, t)))
+                .min_by_key(|(at, _)| *at)
+                .map(|(_, t)| t)
+        })
         .unwrap_or(&tools[0]);
     Some(ToolTurn::Call {
         name: tool.name().to_owned(),
@@ -101,7 +108,8 @@ fn written_value<'a>(prompt: &'a str, name: &str) -> Option<&'a str> {
     let marker = format!("{name}=");
     let start = prompt.find(&marker)? + marker.len();
     let rest = &prompt[start..];
-    Some(rest.split_whitespace().next().unwrap_or_default())
+    let word = rest.split_whitespace().next().unwrap_or_default();
+    Some(word.trim_end_matches([',', ';', '.', ':', ')', '!', '?']))
 }
 
 /// The answer's text once results are back.
@@ -128,7 +136,7 @@ mod tests {
             {"type": "function", "function": {"name": "list_dir", "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}}},
             {"type": "function", "function": {"name": "read_file", "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "limit": {"type": "integer"}}}}},
         ]));
-        let prompt = "Use read_file on path=docs/a.md please";
+        let prompt = "Use read_file on path=docs/a.md, please (list_dir shows the rest)";
         let asked = messages(json!([{"role": "user", "content": prompt}]));
         assert_eq!(
             turn(&offered, None, &asked, prompt),

@@ -1,6 +1,7 @@
 //! The `fanout` binary, run as a user runs it: a fresh home and store per test,
 //! the in-process mock provider or `fanout-mock` on 127.0.0.1.
 
+mod agents;
 mod batch;
 mod config;
 mod crash;

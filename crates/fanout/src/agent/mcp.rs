@@ -46,6 +46,26 @@ impl fmt::Display for McpError {
 
 impl std::error::Error for McpError {}
 
+/// How to reach an MCP server, as a workflow or config file's `[mcp.NAME]`
+/// table says it: a `command` (with `args` and `env`) started and spoken to
+/// over stdio, or the `url` of a streamable HTTP server.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// The program to start, found on `PATH` (`npx`, `uvx`, a path...).
+    #[serde(default)]
+    pub command: Option<String>,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// Variables added to its environment (their values never appear in errors).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+    /// A streamable HTTP server's endpoint, instead of a command.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
 /// A connected MCP server and the tools it offers.
 pub struct McpServer {
     name: String,
@@ -62,6 +82,27 @@ impl fmt::Debug for McpServer {
 }
 
 impl McpServer {
+    /// Connects as `config` says: exactly one of `command` and `url`.
+    pub async fn start(
+        name: impl Into<String>,
+        config: &McpConfig,
+        start_timeout: Duration,
+    ) -> Result<Self, McpError> {
+        let name = name.into();
+        match (&config.command, &config.url) {
+            (Some(command), None) => {
+                let env: Vec<(String, String)> =
+                    config.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+                Self::stdio(name, command, &config.args, &env, start_timeout).await
+            }
+            (None, Some(url)) => Self::http(name, url, start_timeout).await,
+            _ => Err(McpError {
+                server: name,
+                message: "give either `command` (a stdio server) or `url` (streamable HTTP)".into(),
+            }),
+        }
+    }
+
     /// Starts `command` with `args` (and `env` added to this process's
     /// environment) and speaks MCP with it over its stdin and stdout.
     pub async fn stdio(

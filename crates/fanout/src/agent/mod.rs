@@ -10,7 +10,7 @@
 //! results and the usage) comes back whatever the ending, so a cut-off agent
 //! still shows what it found.
 
-#[cfg(feature = "mcp")]
+pub mod files;
 pub mod mcp;
 pub mod tool;
 
@@ -24,21 +24,23 @@ pub use tool::{FnTool, Tool, ToolRun, Toolbox};
 /// Turns an agent may take when none is set.
 pub const DEFAULT_MAX_TURNS: u32 = 10;
 
-/// A model with tools and the limits of its loop.
+/// Tools and the limits of the loop that uses them.
 #[derive(Clone, Debug)]
 pub struct Agent {
-    request: Request,
     tools: Toolbox,
     max_turns: u32,
     max_total_tokens: Option<u64>,
 }
 
 impl Agent {
-    /// An agent asking with `request`'s settings (model, temperature,
-    /// `max_tokens`, system message...) and these tools. The task is added to
-    /// the conversation by [`Self::run`].
-    pub fn new(request: Request, tools: Toolbox) -> Self {
-        Self { request, tools, max_turns: DEFAULT_MAX_TURNS, max_total_tokens: None }
+    /// An agent with these tools, at most [`DEFAULT_MAX_TURNS`] turns and no token budget.
+    pub fn new(tools: Toolbox) -> Self {
+        Self { tools, max_turns: DEFAULT_MAX_TURNS, max_total_tokens: None }
+    }
+
+    /// Its tools.
+    pub fn tools(&self) -> &Toolbox {
+        &self.tools
     }
 
     /// The most model calls one run may make (default 10).
@@ -55,11 +57,10 @@ impl Agent {
         self
     }
 
-    /// Works on `task` until an answer or a limit; never fails, the ending is
-    /// in the result.
-    pub async fn run(&self, calls: &Calls, task: impl Into<String>) -> AgentRun {
-        let mut request = self.request.clone();
-        request.messages.push(Message::user(task));
+    /// Works on `request` (the conversation so far, the task last, with the
+    /// settings every turn uses: model, temperature, `max_tokens`...) until an
+    /// answer or a limit; never fails, the ending is in the result.
+    pub async fn run(&self, calls: &Calls, mut request: Request) -> AgentRun {
         request.tools = self.tools.specs();
         let mut transcript = Transcript::default();
         for _ in 0..self.max_turns {
@@ -92,7 +93,8 @@ impl Agent {
                 runs = runs => runs,
                 () = calls.cut() => {
                     transcript.turns.push(Turn { text: response.text, usage: response.usage, tools: Vec::new() });
-                    return transcript.ended(Ending::Cut);
+                    let reason = calls.cut_reason().failure().expect("a cut is not a success");
+                    return transcript.ended(Ending::Cut(reason));
                 }
             };
             request.messages.push(Message::assistant_tool_calls(
@@ -150,6 +152,21 @@ impl AgentRun {
     pub fn answer(&self) -> Option<&str> {
         self.transcript.answer.as_deref()
     }
+
+    /// Why there is no answer, as a [`Failure`]; `None` when there is one.
+    pub fn failure(&self) -> Option<Failure> {
+        match &self.ending {
+            Ending::Answered => None,
+            Ending::CallFailed(failure) | Ending::Cut(failure) => Some(failure.clone()),
+            Ending::TurnLimit => Some(Failure::Pattern(format!(
+                "the agent took its {} turns without a final answer",
+                self.transcript.turns.len()
+            ))),
+            Ending::TokenBudget => Some(Failure::Pattern(
+                "the agent used up its token budget without a final answer".into(),
+            )),
+        }
+    }
 }
 
 /// Why an agent's loop stopped.
@@ -164,8 +181,8 @@ pub enum Ending {
     TokenBudget,
     /// A model call ended without an answer (an error, the deadline, a cancellation).
     CallFailed(Failure),
-    /// The branch was cut while its tools ran.
-    Cut,
+    /// The branch was cut while its tools ran (its timeout, the deadline, a cancellation).
+    Cut(Failure),
 }
 
 impl Transcript {

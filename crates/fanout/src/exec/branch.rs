@@ -107,6 +107,11 @@ impl Calls {
         self.cut.cancelled().await;
     }
 
+    /// What a call cut short now would become: why the branch was cut.
+    pub fn cut_reason(&self) -> Outcome {
+        self.interrupted(0)
+    }
+
     /// What a call cut short by the branch's end became.
     fn interrupted(&self, attempts: u32) -> Outcome {
         match self.run.stopped() {

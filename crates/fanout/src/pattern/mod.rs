@@ -11,6 +11,7 @@
 //!
 //! [`Executor`]: crate::Executor
 
+mod asked;
 pub mod extract;
 pub mod map_reduce;
 pub mod perspectives;

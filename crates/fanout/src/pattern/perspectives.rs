@@ -8,6 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::sections::{Section, SectionsResult, sections};
+use crate::agent::Agent;
 use crate::{Executor, Request};
 
 /// A reviewer: a name to attribute views to, and the system prompt that makes it.
@@ -87,18 +88,21 @@ pub fn load(path: &Path) -> Result<Vec<Persona>, String> {
 pub const DEFAULT_SYNTHESIS: &str = "Several reviewers gave their views of the same input, below. Write a balanced synthesis: \
     the points they agree on, where they disagree, and a recommendation. Attribute every view to its reviewer by name.";
 
-/// Each persona reviews `input`; then, with `synthesize`, an attributed synthesis.
+/// Each persona reviews `input` (as an agent with tools, when `agent` is
+/// given); then, with `synthesize`, an attributed synthesis.
 pub async fn perspectives(
     executor: &Executor,
     input: &str,
     personas: &[Persona],
     synthesize: Option<&str>,
+    agent: Option<&Agent>,
 ) -> SectionsResult {
     let reviews = personas
         .iter()
         .map(|p| Section {
             name: p.name.clone(),
             request: Request::user(input).with_system(&p.prompt),
+            agent: agent.cloned(),
         })
         .collect();
     sections(executor, reviews, synthesize).await

@@ -1,24 +1,37 @@
 //! Sections: named subtasks run concurrently, then an optional synthesizer that
 //! receives every section's result by name and id, in a fixed order. A failed
 //! or timed-out section reaches the synthesizer as missing, with its reason.
+//! A section with an [`Agent`] works as one (tools, several turns), its
+//! transcript kept beside its answer.
 
 use serde::Serialize;
 
-use crate::{Executor, Failure, Request, Task};
+use super::asked::{Ask, ask_all};
+use crate::agent::{Agent, Transcript};
+use crate::{Executor, Failure, Request};
 
 /// A named subtask.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug)]
 pub struct Section {
     /// How the section's result is labelled for the synthesizer and in the output.
     pub name: String,
     /// What the section asks.
     pub request: Request,
+    /// The agent that works on it, when it may use tools; `None` is one call.
+    pub agent: Option<Agent>,
 }
 
 impl Section {
     /// A section asking `prompt` as a single user message.
     pub fn new(name: impl Into<String>, prompt: impl Into<String>) -> Self {
-        Self { name: name.into(), request: Request::user(prompt) }
+        Self { name: name.into(), request: Request::user(prompt), agent: None }
+    }
+
+    /// The same section, worked on by `agent`.
+    #[must_use]
+    pub fn with_agent(mut self, agent: Agent) -> Self {
+        self.agent = Some(agent);
+        self
     }
 }
 
@@ -33,6 +46,9 @@ pub struct Part {
     pub text: Option<String>,
     /// Why the section has no answer.
     pub error: Option<Failure>,
+    /// An agent's turns, tool calls and results, when the section had tools.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transcript: Option<Transcript>,
 }
 
 /// The synthesizer's result; exactly one of `text` and `error` is set.
@@ -78,20 +94,21 @@ pub async fn sections(
     synthesize: Option<&str>,
 ) -> SectionsResult {
     let names: Vec<String> = sections.iter().map(|s| s.name.clone()).collect();
-    let tasks = sections
+    let asks = sections
         .into_iter()
         .enumerate()
-        .map(|(i, s)| Task::with_id(format!("s{}", i + 1), s.request));
-    let report = executor.run(tasks).await;
-    let parts: Vec<Part> = report
-        .results
-        .iter()
+        .map(|(i, s)| Ask { id: format!("s{}", i + 1), request: s.request, agent: s.agent })
+        .collect();
+    let parts: Vec<Part> = ask_all(executor, asks)
+        .await
+        .into_iter()
         .zip(names)
-        .map(|(result, name)| Part {
+        .map(|(answer, name)| Part {
             name,
-            id: result.id.to_string(),
-            text: result.outcome.text().map(str::to_owned),
-            error: result.outcome.failure(),
+            id: answer.id,
+            text: answer.text,
+            error: answer.error,
+            transcript: answer.transcript,
         })
         .collect();
     let synthesis = match synthesize {

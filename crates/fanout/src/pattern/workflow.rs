@@ -17,21 +17,61 @@
 //! on those in its optional `needs = [...]`. Steps whose dependencies are done
 //! run together. Everything is checked before any call: template syntax,
 //! unknown variables, steps that do not exist, duplicate names, and cycles.
+//!
+//! A step with `tools = ["docs", ...]` works as an agent with those tool sets:
+//! an MCP server the file declares (`[mcp.docs] command = "npx", args = [...]`,
+//! or `url = "..."`), or whatever the caller provides under that name (the
+//! CLI's `files`: `read_file` and `list_dir` in the folders of `--allow-dir`
+//! and of the file's own `allow_dirs = [...]`, relative to it).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use minijinja::{Environment, UndefinedBehavior};
 use serde::{Deserialize, Serialize};
 
-use crate::{Executor, Failure, Request, Task};
+use super::asked::{Ask, ask_all};
+use crate::agent::mcp::McpConfig;
+use crate::agent::{Agent, Tool, Toolbox, Transcript};
+use crate::{Executor, Failure, Request};
 
-/// A workflow file: variables and the steps that use them.
+/// Named sets of tools a workflow's steps may use, as the caller connected
+/// them, and the toolbox every step's tools go into (its time and size bounds).
+#[derive(Clone, Default)]
+pub struct ToolSets {
+    /// The sets, by the names steps use.
+    pub sets: BTreeMap<String, Vec<Arc<dyn Tool>>>,
+    /// Each step's toolbox starts as a copy of this one.
+    pub toolbox: Toolbox,
+    /// Turns a step's agent may take unless the step says otherwise.
+    pub max_turns: Option<u32>,
+}
+
+impl std::fmt::Debug for ToolSets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sets: BTreeMap<&str, usize> =
+            self.sets.iter().map(|(k, v)| (k.as_str(), v.len())).collect();
+        f.debug_struct("ToolSets")
+            .field("sets", &sets)
+            .field("toolbox", &self.toolbox)
+            .field("max_turns", &self.max_turns)
+            .finish()
+    }
+}
+
+/// A workflow file: variables, MCP servers, and the steps that use them.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Workflow {
     /// Template variables' defaults (`[vars]`); callers may override them.
     #[serde(default)]
     pub vars: BTreeMap<String, String>,
+    /// MCP servers whose tools steps may use (`[mcp.NAME]`), by name.
+    #[serde(default)]
+    pub mcp: BTreeMap<String, McpConfig>,
+    /// Folders the `files` tools may read, relative to the workflow file.
+    #[serde(default)]
+    pub allow_dirs: Vec<std::path::PathBuf>,
     /// The `[[step]]` tables, in the file's order.
     #[serde(rename = "step", default)]
     pub steps: Vec<Step>,
@@ -57,6 +97,12 @@ pub struct Step {
     /// The step's sampling temperature; `None` keeps the provider's.
     #[serde(default)]
     pub temperature: Option<f32>,
+    /// Tool sets the step may use, by name: it then works as an agent.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// The most model turns the step's agent may take.
+    #[serde(default)]
+    pub max_turns: Option<u32>,
 }
 
 /// A step's result; exactly one of `text` and `error` is set.
@@ -68,6 +114,20 @@ pub struct StepResult {
     pub text: Option<String>,
     /// Why the step has no answer: it failed, its template could not be rendered, or a step it needs failed.
     pub error: Option<Failure>,
+    /// The agent's turns, tool calls and results, when the step had tools.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transcript: Option<Transcript>,
+}
+
+impl StepResult {
+    fn failed(name: &str, error: String) -> Self {
+        Self {
+            name: name.to_owned(),
+            text: None,
+            error: Some(Failure::Pattern(error)),
+            transcript: None,
+        }
+    }
 }
 
 /// Every step's result, and which steps are the outputs.
@@ -220,12 +280,32 @@ fn waves(needs: &[BTreeSet<usize>]) -> Result<Vec<Vec<usize>>, Vec<usize>> {
 }
 
 impl Plan {
-    /// Runs the steps, wave by wave; a step whose dependency failed is skipped, saying why.
-    pub async fn run(&self, executor: &Executor) -> WorkflowResult {
+    /// The MCP servers the file declares, by name.
+    pub fn mcp(&self) -> &BTreeMap<String, McpConfig> {
+        &self.workflow.mcp
+    }
+
+    /// The folders the file lets the `files` tools read, as it wrote them.
+    pub fn allow_dirs(&self) -> &[std::path::PathBuf] {
+        &self.workflow.allow_dirs
+    }
+
+    /// Each step that uses tools, with the tool sets it names.
+    pub fn step_tools(&self) -> impl Iterator<Item = (&str, &[String])> {
+        self.workflow
+            .steps
+            .iter()
+            .filter(|s| !s.tools.is_empty())
+            .map(|s| (s.name.as_str(), s.tools.as_slice()))
+    }
+
+    /// Runs the steps, wave by wave, with `tools` for the steps that name
+    /// them; a step whose dependency failed is skipped, saying why.
+    pub async fn run(&self, executor: &Executor, tools: &ToolSets) -> WorkflowResult {
         let steps = &self.workflow.steps;
         let mut results: Vec<Option<StepResult>> = vec![None; steps.len()];
         for wave in &self.waves {
-            let mut tasks = Vec::new();
+            let mut asks = Vec::new();
             for &i in wave {
                 let failed: Vec<&str> = self.needs[i]
                     .iter()
@@ -234,31 +314,21 @@ impl Plan {
                     .collect();
                 if !failed.is_empty() {
                     let error = format!("skipped: it needs {}, which failed", failed.join(", "));
-                    results[i] = Some(StepResult {
-                        name: steps[i].name.clone(),
-                        text: None,
-                        error: Some(Failure::Pattern(error)),
-                    });
+                    results[i] = Some(StepResult::failed(&steps[i].name, error));
                     continue;
                 }
-                match self.request(i, &results) {
-                    Ok(request) => tasks.push(Task::with_id(i.to_string(), request)),
-                    Err(error) => {
-                        results[i] = Some(StepResult {
-                            name: steps[i].name.clone(),
-                            text: None,
-                            error: Some(Failure::Pattern(error)),
-                        })
-                    }
+                match self.request(i, &results).and_then(|r| Ok((r, agent(&steps[i], tools)?))) {
+                    Ok((request, agent)) => asks.push(Ask { id: i.to_string(), request, agent }),
+                    Err(error) => results[i] = Some(StepResult::failed(&steps[i].name, error)),
                 }
             }
-            let report = executor.run(tasks).await;
-            for result in report.results {
-                let i: usize = result.id.as_str().parse().expect("ids are step indices");
+            for answer in ask_all(executor, asks).await {
+                let i: usize = answer.id.parse().expect("ids are step indices");
                 results[i] = Some(StepResult {
                     name: steps[i].name.clone(),
-                    text: result.outcome.text().map(str::to_owned),
-                    error: result.outcome.failure(),
+                    text: answer.text,
+                    error: answer.error,
+                    transcript: answer.transcript,
                 });
             }
         }
@@ -295,4 +365,25 @@ impl Plan {
         request.temperature = step.temperature;
         Ok(request)
     }
+}
+
+/// The agent of a step that uses tools, from the sets it names.
+fn agent(step: &Step, sets: &ToolSets) -> Result<Option<Agent>, String> {
+    if step.tools.is_empty() {
+        return Ok(None);
+    }
+    let mut tools = sets.toolbox.clone();
+    for name in &step.tools {
+        let set = sets.sets.get(name).ok_or_else(|| {
+            format!("step `{}` uses the tools `{name}`, which nothing provides", step.name)
+        })?;
+        for tool in set {
+            tools.add(Arc::clone(tool));
+        }
+    }
+    let agent = Agent::new(tools);
+    Ok(Some(match step.max_turns.or(sets.max_turns) {
+        Some(turns) => agent.max_turns(turns),
+        None => agent,
+    }))
 }

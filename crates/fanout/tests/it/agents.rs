@@ -64,10 +64,6 @@ fn tool_model(calls: Vec<ToolCall>) -> MockProvider {
     })
 }
 
-fn agent(tools: Toolbox) -> Agent {
-    Agent::new(Request::default(), tools)
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(24))]
 
@@ -153,11 +149,11 @@ async fn a_turns_tool_calls_run_at_once() {
         .map(|(i, w)| tool_call(&format!("c{i}"), "lookup", &json!({"word": w}).to_string()))
         .collect();
     let executor = Executor::builder(tool_model(calls)).probe(false).hedge(None).build();
-    let agent = agent(Toolbox::new().with(lookup(secs(1))));
+    let agent = Agent::new(Toolbox::new().with(lookup(secs(1))));
     let start = Instant::now();
     let report = executor
         .branches([Branch::new("research", move |calls| async move {
-            agent.run(&calls, "define a, b, c").await
+            agent.run(&calls, Request::user("define a, b, c")).await
         })])
         .await;
     assert_eq!(
@@ -203,10 +199,10 @@ async fn tool_faults_are_told_to_the_model() {
         .timeout(secs(5))
         .max_output(1_000);
     let executor = Executor::builder(tool_model(calls)).probe(false).hedge(None).build();
-    let agent = agent(tools);
+    let agent = Agent::new(tools);
     let report = executor
         .branches([Branch::new("faults", move |calls| async move {
-            agent.run(&calls, "try them all").await
+            agent.run(&calls, Request::user("try them all")).await
         })])
         .await;
     let run = report.results[0].outcome.value().unwrap();
@@ -246,9 +242,11 @@ async fn the_turn_limit_stops_a_loop() {
         Some(Behavior::respond(Response::new("", Usage::default()).with_tool_calls(vec![call])))
     });
     let executor = Executor::builder(forever.clone()).probe(false).hedge(None).build();
-    let agent = agent(Toolbox::new().with(lookup(ms(1)))).max_turns(4);
+    let agent = Agent::new(Toolbox::new().with(lookup(ms(1)))).max_turns(4);
     let report = executor
-        .branches([Branch::new("loop", move |calls| async move { agent.run(&calls, "go").await })])
+        .branches([Branch::new("loop", move |calls| async move {
+            agent.run(&calls, Request::user("go")).await
+        })])
         .await;
     let run = report.results[0].outcome.value().unwrap();
     assert_eq!(
@@ -270,11 +268,13 @@ async fn the_deadline_cuts_a_tool_and_keeps_the_transcript() {
         .hedge(None)
         .deadline(secs(10))
         .build();
-    let stuck = agent(tools);
+    let stuck = Agent::new(tools);
     let start = Instant::now();
     let report = executor
         .branches([
-            Branch::new("stuck", move |calls| async move { Some(stuck.run(&calls, "wait").await) }),
+            Branch::new("stuck", move |calls| async move {
+                Some(stuck.run(&calls, Request::user("wait")).await)
+            }),
             Branch::new("quick", |calls| async move {
                 assert!(calls.complete(Request::user("quick")).await.is_success());
                 None
@@ -283,7 +283,13 @@ async fn the_deadline_cuts_a_tool_and_keeps_the_transcript() {
         .await;
     assert_eq!(start.elapsed(), secs(10), "the cut branch returned at once");
     let stuck = report.results[0].outcome.value().unwrap().as_ref().unwrap();
-    assert_eq!(stuck.ending, Ending::Cut);
+    match &stuck.ending {
+        Ending::Cut(failure) => assert!(
+            matches!(failure.outcome(), Some(Outcome::TimedOut { timeout: Timeout::Deadline, .. })),
+            "{failure:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(stuck.transcript.turns.len(), 1, "the turn that called the tool is kept");
     assert_eq!(report.results[1].outcome, BranchOutcome::Finished(None));
     assert_eq!(report.calls.succeeded, 2);
@@ -295,10 +301,12 @@ async fn the_deadline_cuts_a_tool_and_keeps_the_transcript() {
 async fn cut_branches_end_with_the_reason() {
     let mock = MockProvider::new().with_rule(|_| Some(Behavior::hang()));
     let executor = Executor::builder(mock).probe(false).hedge(None).deadline(secs(5)).build();
-    let agent = agent(Toolbox::new().with(lookup(ms(1))));
+    let agent = Agent::new(Toolbox::new().with(lookup(ms(1))));
     let report = executor
         .branches([
-            Branch::new("agent", move |calls| async move { Some(agent.run(&calls, "q").await) }),
+            Branch::new("agent", move |calls| async move {
+                Some(agent.run(&calls, Request::user("q")).await)
+            }),
             Branch::new("stubborn", |_calls| async move {
                 tokio::time::sleep(secs(3600)).await;
                 None

@@ -90,10 +90,10 @@ async fn the_reference_filesystem_server_serves_an_agent() {
         Some(Behavior::respond(response))
     });
     let executor = Executor::builder(model).probe(false).hedge(None).build();
-    let agent = Agent::new(Request::default(), tools.clone());
+    let agent = Agent::new(tools.clone());
     let report = executor
         .branches([Branch::new("reader", move |calls| async move {
-            agent.run(&calls, "When did the harbour open?").await
+            agent.run(&calls, Request::user("When did the harbour open?")).await
         })])
         .await;
     let run = report.results[0].outcome.value().unwrap();

@@ -187,10 +187,10 @@ async fn an_agent_loop_runs_end_to_end_on_both_apis() {
         for provider in providers {
             let name = format!("{} (stream: {stream})", provider.name());
             let executor = Executor::builder_for(std::sync::Arc::from(provider)).build();
-            let agent = Agent::new(Request::default(), tools.clone());
+            let agent = Agent::new(tools.clone());
             let report = executor
                 .branches([Branch::new("define", move |calls| async move {
-                    agent.run(&calls, "define word=fan-out").await
+                    agent.run(&calls, Request::user("define word=fan-out")).await
                 })])
                 .await;
             let run = report.results[0].outcome.value().unwrap();

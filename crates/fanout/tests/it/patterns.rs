@@ -6,7 +6,7 @@ use fanout::pattern::map_reduce::{Document, MapReduceOptions, chunk, map_reduce}
 use fanout::pattern::perspectives::{self, builtin, perspectives};
 use fanout::pattern::sections::{Section, sections};
 use fanout::pattern::vote::{EarlyStop, Rule, VoteOptions, distinct, most_consistent, vote};
-use fanout::pattern::workflow::Workflow;
+use fanout::pattern::workflow::{ToolSets, Workflow};
 use fanout::{Behavior, Executor, MockProvider, ProviderError, Request, Response, Usage};
 
 use crate::ms;
@@ -301,7 +301,8 @@ async fn personas_review_with_their_own_system_prompts() {
     let mut personas = vec![skeptic];
     personas.extend(perspectives::load(&toml).unwrap());
     personas.extend(perspectives::load(&json).unwrap());
-    let result = perspectives(&Executor::new(mock), "Open a shop in Lyon", &personas, None).await;
+    let result =
+        perspectives(&Executor::new(mock), "Open a shop in Lyon", &personas, None, None).await;
     let texts: Vec<_> =
         result.parts.iter().map(|p| (p.name.as_str(), p.text.clone().unwrap())).collect();
     assert_eq!(texts[1], ("lawyer", "You are a lawyer says: Open a shop in Lyon".into()));
@@ -320,7 +321,7 @@ async fn workflow_runs_parallel_steps_then_the_report() {
     let vars = BTreeMap::from([("topic".to_string(), "the bicycle".to_string())]);
     let plan = Workflow::parse(RESEARCH).unwrap().plan(&vars).unwrap();
     let start = tokio::time::Instant::now();
-    let result = plan.run(&Executor::new(mock.clone())).await;
+    let result = plan.run(&Executor::new(mock.clone()), &ToolSets::default()).await;
     assert_eq!(
         start.elapsed(),
         Duration::from_millis(200),
@@ -368,7 +369,7 @@ async fn a_failed_step_skips_its_dependents() {
         .unwrap()
         .plan(&BTreeMap::new())
         .unwrap()
-        .run(&Executor::new(mock.clone()))
+        .run(&Executor::new(mock.clone()), &ToolSets::default())
         .await;
     assert_eq!(
         result.steps[1].error.as_ref().map(ToString::to_string).as_deref(),

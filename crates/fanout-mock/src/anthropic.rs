@@ -106,8 +106,13 @@ async fn answer_messages(state: &State, request: MessagesRequest) -> Response {
         );
     }
     let (mut messages, prompt) = wire::texts(&request.messages);
-    let tool_turn =
-        tools::turn(&request.tools, request.tool_choice.as_ref(), &request.messages, &prompt);
+    let tool_turn = tools::turn(
+        &request.tools,
+        request.tool_choice.as_ref(),
+        &request.messages,
+        &prompt,
+        state.config.tool_turns,
+    );
     messages.push(request.system.text());
     let (plan, wait) = state.decide(&Call { messages, prompt, n: 1, seed: None });
     if !wait.is_zero() {

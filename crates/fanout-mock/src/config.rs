@@ -70,6 +70,9 @@ pub struct Config {
     /// Count requests per prompt (the last user message) in `/stats`, so tests
     /// can tell which tasks were asked again.
     pub count_prompts: bool,
+    /// When a request offers tools: how many tool calls (one a turn) the mock
+    /// makes before it answers in text.
+    pub tool_turns: usize,
 }
 
 impl Default for Config {
@@ -91,6 +94,7 @@ impl Default for Config {
             seed: 0,
             model: "mock-1".into(),
             count_prompts: false,
+            tool_turns: 1,
         }
     }
 }

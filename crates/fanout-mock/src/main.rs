@@ -71,6 +71,9 @@ struct Args {
     /// Count requests per prompt in /stats
     #[arg(long)]
     count_prompts: bool,
+    /// When tools are offered: the tool calls made, one a turn, before the answer
+    #[arg(long, default_value_t = 1)]
+    tool_turns: usize,
 }
 
 fn parse_weights(text: &str) -> Result<Vec<(String, f64)>, String> {
@@ -131,6 +134,7 @@ async fn main() {
         seed: args.seed,
         model: args.model,
         count_prompts: args.count_prompts,
+        tool_turns: args.tool_turns,
     };
     let server = match MockServer::bind(config, SocketAddr::new(args.host, args.port)).await {
         Ok(server) => server,

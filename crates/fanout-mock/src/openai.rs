@@ -92,8 +92,13 @@ pub(crate) async fn chat_completions(
 
 async fn answer_chat(state: &State, request: ChatRequest) -> Response {
     let (messages, prompt) = wire::texts(&request.messages);
-    let tool_turn =
-        tools::turn(&request.tools, request.tool_choice.as_ref(), &request.messages, &prompt);
+    let tool_turn = tools::turn(
+        &request.tools,
+        request.tool_choice.as_ref(),
+        &request.messages,
+        &prompt,
+        state.config.tool_turns,
+    );
     let call =
         Call { messages, prompt, n: request.n.unwrap_or(1).clamp(1, 128), seed: request.seed };
     let (plan, wait) = state.decide(&call);

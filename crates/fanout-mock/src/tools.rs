@@ -8,7 +8,8 @@
 //! trailing punctuation), or else the
 //! prompt itself; numbers take the prompt's length, booleans `true`, arrays
 //! and objects stay empty. Once results are back, the mock answers as usual
-//! and quotes them: `... | from tools: <result> | <result>`.
+//! and quotes them: `... | from tools: <result> | <result>`. With
+//! `tool_turns` above 1 it calls a tool again until that many results are back.
 
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
@@ -45,12 +46,14 @@ pub(crate) enum ToolTurn {
     Answer { results: Vec<String> },
 }
 
-/// Decides the turn; `None` when no tools are offered.
+/// Decides the turn; `None` when no tools are offered. `turns`: the tool
+/// results to wait for before answering.
 pub(crate) fn turn(
     tools: &[OfferedTool],
     choice: Option<&Value>,
     messages: &[WireMessage],
     prompt: &str,
+    turns: usize,
 ) -> Option<ToolTurn> {
     let named = choice.and_then(chosen_name);
     if tools.is_empty() || choice.is_some_and(|c| c == "none" || c["type"] == "none") {
@@ -63,7 +66,7 @@ pub(crate) fn turn(
         .skip(asked.map_or(0, |i| i + 1))
         .flat_map(WireMessage::tool_results)
         .collect();
-    if !results.is_empty() {
+    if !results.is_empty() && results.len() >= turns {
         return Some(ToolTurn::Answer { results });
     }
     let tool = named
@@ -139,7 +142,7 @@ mod tests {
         let prompt = "Use read_file on path=docs/a.md, please (list_dir shows the rest)";
         let asked = messages(json!([{"role": "user", "content": prompt}]));
         assert_eq!(
-            turn(&offered, None, &asked, prompt),
+            turn(&offered, None, &asked, prompt, 1),
             Some(ToolTurn::Call {
                 name: "read_file".into(),
                 arguments: json!({"path": "docs/a.md", "limit": prompt.chars().count()})
@@ -147,17 +150,21 @@ mod tests {
         );
         let named = json!({"type": "function", "function": {"name": "list_dir"}});
         assert!(
-            matches!(turn(&offered, Some(&named), &asked, prompt), Some(ToolTurn::Call { name, .. }) if name == "list_dir")
+            matches!(turn(&offered, Some(&named), &asked, prompt, 1), Some(ToolTurn::Call { name, .. }) if name == "list_dir")
         );
-        assert_eq!(turn(&offered, Some(&json!("none")), &asked, prompt), None);
+        assert_eq!(turn(&offered, Some(&json!("none")), &asked, prompt, 1), None);
         let answered = messages(json!([
             {"role": "user", "content": prompt},
             {"role": "assistant", "content": null},
             {"role": "tool", "tool_call_id": "c", "content": "# A"},
         ]));
         assert_eq!(
-            turn(&offered, None, &answered, prompt),
+            turn(&offered, None, &answered, prompt, 1),
             Some(ToolTurn::Answer { results: vec!["# A".into()] })
+        );
+        assert!(
+            matches!(turn(&offered, None, &answered, prompt, 2), Some(ToolTurn::Call { .. })),
+            "with two tool turns, one result is not enough"
         );
         // A new question after the results is asked afresh.
         let again = messages(json!([
@@ -166,7 +173,7 @@ mod tests {
             {"role": "user", "content": "and path=b.md?"},
         ]));
         assert!(matches!(
-            turn(&offered, None, &again, "and path=b.md?"),
+            turn(&offered, None, &again, "and path=b.md?", 1),
             Some(ToolTurn::Call { .. })
         ));
     }
@@ -182,11 +189,11 @@ mod tests {
             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "one to many"}]},
         ]));
         assert_eq!(
-            turn(&offered, None, &answered[..1], "define word=fan-out"),
+            turn(&offered, None, &answered[..1], "define word=fan-out", 1),
             Some(ToolTurn::Call { name: "lookup".into(), arguments: json!({"word": "fan-out"}) })
         );
         assert_eq!(
-            turn(&offered, None, &answered, "define word=fan-out"),
+            turn(&offered, None, &answered, "define word=fan-out", 1),
             Some(ToolTurn::Answer { results: vec!["one to many".into()] })
         );
     }

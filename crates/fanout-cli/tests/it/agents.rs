@@ -43,7 +43,8 @@ async fn the_research_example_runs_as_shipped() {
     let output = run(command).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     let result = json(&output);
-    for (agent, found) in [("history", "Gutenberg"), ("economy", "industry"), ("culture", "Luther")] {
+    for (agent, found) in [("history", "Gutenberg"), ("economy", "industry"), ("culture", "Luther")]
+    {
         let step = step(&result, agent);
         assert_eq!(step["transcript"]["turns"][0]["tools"][0]["call"]["name"], "read_file");
         assert!(first_tool_output(step).contains(found), "{agent}: {step}");

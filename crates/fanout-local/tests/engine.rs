@@ -185,3 +185,16 @@ async fn runs_under_the_executor_with_usage() {
     assert!(answered > 20 && answered <= 20 * 8, "{answered}");
     assert!(report.totals.usage.input_tokens > 20 * 10);
 }
+
+/// The embedded model does not call tools, and says so plainly (not retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tools_are_refused_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&dir, options(1));
+    let spec = fanout::ToolSpec::new("lookup", "Looks up.", serde_json::json!({"type": "object"}));
+    let request = Request { tools: vec![spec], ..Request::user("look it up") };
+    let error = model.complete(&request).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::BadRequest);
+    assert!(!error.is_retryable());
+    assert!(error.message().contains("the local model does not call tools"), "{error}");
+}

@@ -15,6 +15,32 @@
 //! [`BRANCH_GRACE`] to return what it has: an agent returns its transcript so
 //! far. A branch that does not return by then is dropped and reported as cut,
 //! without a value.
+//!
+//! ```no_run
+//! use fanout::agent::files::AllowedDirs;
+//! use fanout::{Agent, Branch, Executor, OpenAi, Request, Toolbox};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let executor = Executor::builder(OpenAi::from_env("gpt-4o-mini").build()?).rpm(100).build();
+//! let mut tools = Toolbox::new();
+//! for tool in AllowedDirs::new(["docs".into()])?.tools() {
+//!     tools.add(tool);
+//! }
+//! let agent = Agent::new(tools).max_turns(8);
+//! let topics = ["history", "economy", "culture"];
+//! let branches = topics.map(|topic| {
+//!     let agent = agent.clone();
+//!     Branch::new(topic, move |calls| async move {
+//!         agent.run(&calls, Request::user(format!("Research the {topic} of Lyon from the files."))).await
+//!     })
+//! });
+//! let report = executor.branches(branches).await; // or stream_branches, as they finish
+//! for result in &report.results {
+//!     println!("{}: {:?}", result.id, result.outcome.value().and_then(|run| run.answer()));
+//! }
+//! # Ok(())
+//! # }
+//! ```
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;

@@ -396,3 +396,39 @@ async fn cancellation_reaches_every_branch() {
     assert_eq!(report.results[1].outcome, BranchOutcome::Cancelled);
     assert_eq!(report.calls.cancelled, 1);
 }
+
+/// A typed tool: its schema is derived from the Rust type, and arguments that
+/// do not fit it are told to the model without calling the tool.
+#[tokio::test(start_paused = true)]
+async fn typed_tools_derive_their_schema_and_check_arguments() {
+    /// Repeats a word.
+    #[derive(serde::Deserialize, schemars::JsonSchema)]
+    struct Repeat {
+        /// The word.
+        word: String,
+        /// How many times.
+        times: u32,
+    }
+    let calls = Arc::new(AtomicU64::new(0));
+    let counted = Arc::clone(&calls);
+    let tool = FnTool::typed("repeat", "Repeats a word.", move |args: Repeat| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        async move { Ok(vec![args.word; args.times as usize].join(" ")) }
+    });
+    let tools = Toolbox::new().with(tool);
+    let spec = &tools.specs()[0];
+    assert_eq!(spec.parameters["type"], "object");
+    assert_eq!(spec.parameters["properties"]["word"]["type"], "string");
+    assert_eq!(spec.parameters["properties"]["times"]["type"], "integer");
+    assert_eq!(spec.parameters["required"], json!(["word", "times"]));
+    assert!(spec.parameters.get("$schema").is_none(), "the schema itself, not a document");
+    let ok = tools.run(&tool_call("a", "repeat", "{\"word\": \"go\", \"times\": 3}")).await;
+    assert_eq!((ok.output.as_str(), ok.is_error), ("go go go", false));
+    let bad = tools.run(&tool_call("b", "repeat", "{\"word\": \"go\", \"times\": \"many\"}")).await;
+    assert!(
+        bad.is_error && bad.output.starts_with("the arguments do not fit the schema"),
+        "{}",
+        bad.output
+    );
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the bad call never reached the tool");
+}

@@ -138,3 +138,32 @@ async fn bad_tool_settings_are_refused_before_any_call() {
     assert!(stderr(&output).contains("no tool set `web`"), "{}", stderr(&output));
     assert_eq!(server.stats().requests, 0);
 }
+
+/// A workflow declares its own MCP server (`[mcp.NAME]`) and a step names it
+/// in `tools`; steps without tools stay single calls.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workflow_step_uses_the_mcp_server_it_declares() {
+    let server = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    let test_server = concat!(env!("CARGO_MANIFEST_DIR"), "/../fanout/tests/mcp/test_server.py");
+    let workflow = home.write(
+        "flow.toml",
+        format!(
+            "[mcp.notes]\ncommand = \"python3\"\nargs = [\"{test_server}\", \"stdio\"]\n\n\
+             [[step]]\nname = \"look\"\ntools = [\"notes\"]\nprompt = \"Call echo with text=found-it\"\n\n\
+             [[step]]\nname = \"tell\"\nprompt = \"Tell: {{{{ steps.look }}}}\"\n"
+        ),
+    );
+    let mut command = home.fanout();
+    command
+        .args(["--provider", "openai", "--base-url", &server.openai_base_url(), "--json", "run"])
+        .arg(&workflow);
+    let output = run(command).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let result = json(&output);
+    let look = step(&result, "look");
+    assert_eq!(first_tool_output(look), "found-it");
+    assert!(look["text"].as_str().unwrap().ends_with("| from tools: found-it"), "{look}");
+    assert!(step(&result, "tell")["transcript"].is_null(), "a step without tools is one call");
+    assert_eq!(server.stats().requests, 3);
+}

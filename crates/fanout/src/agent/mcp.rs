@@ -49,7 +49,7 @@ impl std::error::Error for McpError {}
 /// How to reach an MCP server, as a workflow or config file's `[mcp.NAME]`
 /// table says it: a `command` (with `args` and `env`) started and spoken to
 /// over stdio, or the `url` of a streamable HTTP server.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct McpConfig {
     /// The program to start, found on `PATH` (`npx`, `uvx`, a path...).
@@ -64,6 +64,19 @@ pub struct McpConfig {
     /// A streamable HTTP server's endpoint, instead of a command.
     #[serde(default)]
     pub url: Option<String>,
+}
+
+/// The environment's values are left out: they are often keys.
+impl fmt::Debug for McpConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let env: Vec<&str> = self.env.keys().map(String::as_str).collect();
+        f.debug_struct("McpConfig")
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("env", &env)
+            .field("url", &self.url)
+            .finish()
+    }
 }
 
 /// A connected MCP server and the tools it offers.
@@ -264,4 +277,20 @@ fn with_stderr(message: String, stderr: &Mutex<VecDeque<String>>) -> String {
     }
     let said: Vec<&str> = lines.iter().map(String::as_str).collect();
     format!("{message}; its stderr ended with:\n  {}", said.join("\n  "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_environment_values() {
+        let config = McpConfig {
+            command: Some("server".into()),
+            env: [("API_TOKEN".to_owned(), "tok-secret-123".to_owned())].into(),
+            ..McpConfig::default()
+        };
+        let shown = format!("{config:?}");
+        assert!(shown.contains("API_TOKEN") && !shown.contains("tok-secret-123"), "{shown}");
+    }
 }

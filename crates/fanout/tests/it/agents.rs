@@ -432,3 +432,31 @@ async fn typed_tools_derive_their_schema_and_check_arguments() {
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1, "the bad call never reached the tool");
 }
+
+/// The token budget stops an agent once its turns used that many tokens.
+#[tokio::test(start_paused = true)]
+async fn the_token_budget_stops_an_agent() {
+    // Every turn calls the tool again and uses 35 tokens (30 in, 5 out).
+    let again = MockProvider::new().with_rule(|_| {
+        let call = tool_call("c", "lookup", "{\"word\": \"x\"}");
+        let usage = Usage { input_tokens: 30, output_tokens: 5 };
+        Some(Behavior::respond(Response::new("", usage).with_tool_calls(vec![call])))
+    });
+    let executor = Executor::builder(again.clone()).probe(false).hedge(None).build();
+    let agent = Agent::new(Toolbox::new().with(lookup(ms(1)))).max_total_tokens(100);
+    let report = executor
+        .branches([Branch::new("frugal", move |calls| async move {
+            agent.run(&calls, Request::user("go")).await
+        })])
+        .await;
+    let run = report.results[0].outcome.value().unwrap();
+    assert_eq!(run.ending, Ending::TokenBudget);
+    assert_eq!(
+        run.transcript.turns.len(),
+        3,
+        "35, 70, 105 tokens: the budget is spent after three"
+    );
+    assert_eq!(run.transcript.usage.total(), 105);
+    assert_eq!(again.calls(), 3);
+    assert!(run.failure().unwrap().to_string().contains("token budget"));
+}

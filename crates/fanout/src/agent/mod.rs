@@ -16,8 +16,11 @@ pub mod tool;
 
 use serde::Serialize;
 
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+
 use crate::exec::branch::Calls;
-use crate::provider::{Message, Request, Usage};
+use crate::provider::{Message, Request, ToolCall, ToolChoice, Usage};
 use crate::task::{Failure, Outcome};
 pub use tool::{FnTool, Tool, ToolRun, Toolbox};
 
@@ -43,7 +46,8 @@ impl Agent {
         &self.tools
     }
 
-    /// The most model calls one run may make (default 10).
+    /// The most model calls one run may make (default 10); the last is asked
+    /// for an answer (`tool_choice: none`).
     #[must_use]
     pub fn max_turns(mut self, turns: u32) -> Self {
         self.max_turns = turns.max(1);
@@ -63,40 +67,48 @@ impl Agent {
     pub async fn run(&self, calls: &Calls, mut request: Request) -> AgentRun {
         request.tools = self.tools.specs();
         let mut transcript = Transcript::default();
-        for _ in 0..self.max_turns {
+        for turn in 1..=self.max_turns {
             if let Some(budget) = self.max_total_tokens
                 && transcript.usage.total() >= budget
             {
                 return transcript.ended(Ending::TokenBudget);
             }
-            let outcome = calls.complete(request.clone()).await;
+            // The last turn asks for an answer: tool results it asked for
+            // could never reach the model.
+            let mut asked = request.clone();
+            if turn == self.max_turns && !asked.tools.is_empty() {
+                asked.tool_choice = Some(ToolChoice::None);
+            }
+            let outcome = calls.complete(asked).await;
             let Outcome::Succeeded(success) = outcome else {
                 let failure = outcome.failure().expect("not a success");
                 return transcript.ended(Ending::CallFailed(failure));
             };
             let response = success.response;
             transcript.usage += response.usage;
-            if response.tool_calls.is_empty() {
+            if response.tool_calls.is_empty() || turn == self.max_turns {
+                let answered = response.tool_calls.is_empty();
                 transcript.turns.push(Turn {
                     text: response.text.clone(),
                     usage: response.usage,
                     tools: Vec::new(),
                 });
+                if !answered {
+                    return transcript.ended(Ending::TurnLimit);
+                }
                 transcript.answer = Some(response.text);
                 return transcript.ended(Ending::Answered);
             }
-            // Every call of the turn at once; none outlives the branch.
-            let runs = futures_util::future::join_all(
-                response.tool_calls.iter().map(|call| self.tools.run(call)),
-            );
-            let runs = tokio::select! {
-                runs = runs => runs,
-                () = calls.cut() => {
-                    transcript.turns.push(Turn { text: response.text, usage: response.usage, tools: Vec::new() });
-                    let reason = calls.cut_reason().failure().expect("a cut is not a success");
-                    return transcript.ended(Ending::Cut(reason));
-                }
-            };
+            let (runs, cut) = self.run_tools(calls, &response.tool_calls).await;
+            if cut {
+                transcript.turns.push(Turn {
+                    text: response.text,
+                    usage: response.usage,
+                    tools: runs,
+                });
+                let reason = calls.cut_reason().failure().expect("a cut is not a success");
+                return transcript.ended(Ending::Cut(reason));
+            }
             request.messages.push(Message::assistant_tool_calls(
                 response.text.clone(),
                 response.tool_calls.clone(),
@@ -112,6 +124,28 @@ impl Agent {
             transcript.turns.push(Turn { text: response.text, usage: response.usage, tools: runs });
         }
         transcript.ended(Ending::TurnLimit)
+    }
+
+    /// Runs a turn's tool calls at once, until they are done or the branch is
+    /// cut; returns the runs that finished, in the calls' order, and whether
+    /// it was cut. No tool call outlives the branch.
+    async fn run_tools(&self, calls: &Calls, asked: &[ToolCall]) -> (Vec<ToolRun>, bool) {
+        let mut running: FuturesUnordered<_> = asked
+            .iter()
+            .enumerate()
+            .map(|(i, call)| async move { (i, self.tools.run(call).await) })
+            .collect();
+        let mut finished: Vec<Option<ToolRun>> = (0..asked.len()).map(|_| None).collect();
+        let cut = loop {
+            tokio::select! {
+                next = running.next() => match next {
+                    Some((i, run)) => finished[i] = Some(run),
+                    None => break false,
+                },
+                () = calls.cut() => break true,
+            }
+        };
+        (finished.into_iter().flatten().collect(), cut)
     }
 }
 

@@ -185,8 +185,9 @@ struct Choice {
 struct ChoiceMessage {
     #[serde(default)]
     content: Option<String>,
+    /// Some servers write `null` for none.
     #[serde(default)]
-    tool_calls: Vec<WireToolCall>,
+    tool_calls: Option<Vec<WireToolCall>>,
 }
 
 /// A tool call, whole or (streaming) a piece of one: `index` says which call
@@ -242,7 +243,7 @@ struct Delta {
     #[serde(default)]
     content: Option<String>,
     #[serde(default)]
-    tool_calls: Vec<WireToolCall>,
+    tool_calls: Option<Vec<WireToolCall>>,
 }
 
 /// Choices as they are assembled, by index.
@@ -258,21 +259,46 @@ struct Assembly {
 
 impl Assembly {
     /// Adds a whole tool call or a streamed piece of one to the first choice.
-    fn add_tool_call(&mut self, position: usize, piece: WireToolCall) {
-        let index = piece.index.unwrap_or(position).min(1024);
+    /// A piece names its call by `index`; servers that send none start a new
+    /// call with each new id, and continue the last one otherwise.
+    fn add_tool_call(&mut self, piece: WireToolCall) {
+        let id = piece.id.filter(|id| !id.is_empty());
+        let index = match piece.index {
+            Some(index) => index.min(1024),
+            None if id.is_some() || self.tool_calls.is_empty() => self.tool_calls.len(),
+            None => self.tool_calls.len() - 1,
+        };
         if index >= self.tool_calls.len() {
             let blank =
                 ToolCall { id: String::new(), name: String::new(), arguments: String::new() };
             self.tool_calls.resize(index + 1, blank);
         }
         let call = &mut self.tool_calls[index];
-        if let Some(id) = piece.id {
+        if let Some(id) = id {
             call.id = id;
         }
         if let Some(function) = piece.function {
-            call.name.push_str(function.name.as_deref().unwrap_or_default());
+            if let Some(name) = function.name.filter(|n| !n.is_empty()) {
+                call.name = name;
+            }
             call.arguments.push_str(function.arguments.as_deref().unwrap_or_default());
         }
+    }
+
+    /// The tool calls as the answer has them: gaps dropped, and an id made up
+    /// for a call the server gave none (its result must name one).
+    fn finished_tool_calls(&mut self) -> Vec<ToolCall> {
+        std::mem::take(&mut self.tool_calls)
+            .into_iter()
+            .filter(|call| !call.name.is_empty())
+            .enumerate()
+            .map(|(i, mut call)| {
+                if call.id.is_empty() {
+                    call.id = format!("call_{i}");
+                }
+                call
+            })
+            .collect()
     }
 
     fn slot(&mut self, index: usize) -> usize {
@@ -292,10 +318,11 @@ impl Assembly {
     }
 
     fn into_response(
-        self,
+        mut self,
         request: &Request,
         headers: &HeaderMap,
     ) -> Result<Response, ProviderError> {
+        let tool_calls = self.finished_tool_calls();
         let mut texts = self.texts.into_iter();
         let Some(text) = texts.next() else {
             return Err(ProviderError::new(
@@ -312,7 +339,7 @@ impl Assembly {
         Ok(Response {
             text,
             other_choices,
-            tool_calls: self.tool_calls,
+            tool_calls,
             usage,
             usage_estimated,
             finish_reason: self.finish_reasons.into_iter().next().flatten(),
@@ -366,8 +393,9 @@ pub(crate) fn parse_completion(
         let (content, tool_calls) =
             choice.message.map(|m| (m.content, m.tool_calls)).unwrap_or_default();
         if slot == 0 {
-            for (position, call) in tool_calls.into_iter().enumerate() {
-                assembly.add_tool_call(position, call);
+            // Whole calls: each its own, whatever their index says.
+            for (position, call) in tool_calls.into_iter().flatten().enumerate() {
+                assembly.add_tool_call(WireToolCall { index: Some(position), ..call });
             }
         }
         assembly.texts[slot] = content.or(choice.text).unwrap_or_default();
@@ -411,13 +439,13 @@ where
         for choice in chunk.choices {
             let slot = assembly.slot(choice.index);
             let Delta { content, tool_calls } =
-                choice.delta.unwrap_or(Delta { content: None, tool_calls: Vec::new() });
+                choice.delta.unwrap_or(Delta { content: None, tool_calls: None });
             if let Some(content) = content {
                 assembly.texts[slot].push_str(&content);
             }
             if slot == 0 {
-                for (position, piece) in tool_calls.into_iter().enumerate() {
-                    assembly.add_tool_call(position, piece);
+                for piece in tool_calls.into_iter().flatten() {
+                    assembly.add_tool_call(piece);
                 }
             }
             if choice.finish_reason.is_some() {

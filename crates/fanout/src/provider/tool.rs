@@ -66,11 +66,11 @@ impl ToolCall {
         }
     }
 
-    /// The arguments as a JSON value for APIs that take an object (Anthropic's
-    /// `input`): text that does not parse is kept as a string.
+    /// The arguments as a JSON object for APIs that take one (Anthropic's
+    /// `input`). Text that is not an object (a call cut off mid-arguments)
+    /// becomes `{}`: the API refuses anything else, and the call's result
+    /// already says what was wrong with it.
     pub(crate) fn arguments_value(&self) -> Value {
-        self.parsed_arguments()
-            .map(Value::Object)
-            .unwrap_or_else(|_| Value::String(self.arguments.clone()))
+        Value::Object(self.parsed_arguments().unwrap_or_default())
     }
 }

@@ -234,10 +234,16 @@ async fn tool_faults_are_told_to_the_model() {
     );
 }
 
-/// A model that calls tools forever stops at the turn limit, with every turn kept.
+/// A model that calls tools forever stops at the turn limit, with every turn
+/// kept; the last turn is asked for an answer and its tool calls are not run
+/// (their results could never reach the model).
 #[tokio::test(start_paused = true)]
 async fn the_turn_limit_stops_a_loop() {
-    let forever = MockProvider::new().with_rule(|_| {
+    // The tool choice of every turn, in order; this model calls tools regardless.
+    let choices = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = Arc::clone(&choices);
+    let forever = MockProvider::new().with_rule(move |call| {
+        seen.lock().unwrap().push(call.request.tool_choice.clone());
         let call = tool_call("c", "lookup", "{\"word\": \"again\"}");
         Some(Behavior::respond(Response::new("", Usage::default()).with_tool_calls(vec![call])))
     });
@@ -254,6 +260,9 @@ async fn the_turn_limit_stops_a_loop() {
         (Ending::TurnLimit, 4, None)
     );
     assert_eq!(forever.calls(), 4);
+    let last_is_asked_to_answer = [None, None, None, Some(fanout::ToolChoice::None)];
+    assert_eq!(*choices.lock().unwrap(), last_is_asked_to_answer);
+    assert!(run.transcript.turns[3].tools.is_empty(), "the last turn's calls are not run");
 }
 
 /// The run's deadline cuts a hung tool: the agent returns its transcript so

@@ -191,4 +191,59 @@ fn arguments_that_are_not_an_object_are_told_apart() {
     assert!(bad.parsed_arguments().unwrap_err().contains("not a JSON object"));
     bad.arguments = String::new();
     assert!(bad.parsed_arguments().unwrap().is_empty(), "no arguments is an empty object");
+    // Replayed to Anthropic, arguments cut off mid-way are an empty object,
+    // the only `input` it accepts.
+    bad.arguments = "{\"word\": \"fan".into();
+    let request = Request {
+        messages: vec![Message::assistant_tool_calls("", vec![bad])],
+        ..Request::default()
+    };
+    let body = Anthropic::builder("claude-test").build().unwrap().body(&request);
+    assert_eq!(body["messages"][0]["content"][0]["input"], json!({}));
+}
+
+/// Servers that drift from the spec: `"tool_calls": null` in an answer and
+/// in stream deltas, streamed calls without an index (each its own chunk),
+/// and a call without an id (one is made up, as its result must name one).
+#[tokio::test]
+async fn openai_tool_calls_from_drifting_servers() {
+    let plain = json!({"choices": [{"index": 0, "finish_reason": "stop",
+        "message": {"role": "assistant", "content": "hi", "tool_calls": null}}]});
+    let server =
+        answering("/v1/chat/completions", ResponseTemplate::new(200).set_body_json(plain)).await;
+    let provider =
+        OpenAi::builder("gpt-test").base_url(format!("{}/v1", server.uri())).build().unwrap();
+    let response = provider.complete(&Request::user("q")).await.unwrap();
+    assert_eq!((response.text.as_str(), response.tool_calls.len()), ("hi", 0));
+
+    let whole_call = |id: Option<&str>, word: &str| {
+        let mut call = json!({"type": "function", "function": {"name": "lookup", "arguments": json!({"word": word}).to_string()}});
+        if let Some(id) = id {
+            call["id"] = json!(id);
+        }
+        json!({"choices": [{"index": 0, "delta": {"content": null, "tool_calls": [call]}}]})
+    };
+    let events = [
+        json!({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "", "tool_calls": null}}]}),
+        whole_call(Some("c1"), "fan-in"),
+        whole_call(Some("c2"), "fan-out"),
+        json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
+    ];
+    let server = answering("/v1/chat/completions", sse(&events)).await;
+    let provider = OpenAi::builder("gpt-test")
+        .base_url(format!("{}/v1", server.uri()))
+        .stream(true)
+        .build()
+        .unwrap();
+    let response = provider.complete(&conversation()).await.unwrap();
+    assert_eq!(response.tool_calls, [call("c1", "fan-in"), call("c2", "fan-out")]);
+
+    let no_id = json!({"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant",
+        "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}}]});
+    let server =
+        answering("/v1/chat/completions", ResponseTemplate::new(200).set_body_json(no_id)).await;
+    let provider =
+        OpenAi::builder("gpt-test").base_url(format!("{}/v1", server.uri())).build().unwrap();
+    let response = provider.complete(&conversation()).await.unwrap();
+    assert_eq!(response.tool_calls[0].id, "call_0");
 }

@@ -23,9 +23,28 @@ pub fn estimate_text(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4)
 }
 
-/// Roughly how many tokens the request's messages are.
+/// Roughly how many tokens the request's messages are, with the tool calls
+/// replayed in them and the tools it offers (schemas of an MCP server can be
+/// thousands of tokens, sent with every turn).
 pub fn estimate_prompt(request: &Request) -> u64 {
-    request.messages.iter().map(|m| estimate_text(&m.content) + TOKENS_PER_MESSAGE).sum()
+    let messages: u64 = request
+        .messages
+        .iter()
+        .map(|m| {
+            let calls: u64 = m.tool_calls.iter().map(|c| estimate_text(&c.arguments)).sum();
+            estimate_text(&m.content) + calls + TOKENS_PER_MESSAGE
+        })
+        .sum();
+    let tools: u64 = request
+        .tools
+        .iter()
+        .map(|t| {
+            estimate_text(&t.name)
+                + estimate_text(&t.description)
+                + estimate_text(&t.parameters.to_string())
+        })
+        .sum();
+    messages + tools
 }
 
 /// The most a request can consume: its prompt plus its maximum output. This is

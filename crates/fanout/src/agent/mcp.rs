@@ -4,9 +4,13 @@
 //! then shares the one connection (MCP multiplexes calls by request id).
 //!
 //! Faults become tool errors the model reads, never a failed run: a server
-//! that crashes mid-run fails the calls made after it (with its last words
-//! on stderr), and a call that does not answer is cut by the toolbox's
-//! timeout like any other tool.
+//! that crashes mid-run fails the calls made after it, and a call that does
+//! not answer is cut by the toolbox's timeout like any other tool. A server
+//! that cannot start is an [`McpError`] quoting its last stderr lines.
+//!
+//! A stdio server inherits only `HOME`, `LOGNAME`, `PATH`, `SHELL`, `TERM`,
+//! `USER` and `TMPDIR` from fanout's environment (as the official SDKs do),
+//! plus its configured `env`: never the provider keys fanout was given.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -49,7 +53,8 @@ impl std::error::Error for McpError {}
 /// How to reach an MCP server, as a workflow or config file's `[mcp.NAME]`
 /// table says it: a `command` (with `args` and `env`) started and spoken to
 /// over stdio, or the `url` of a streamable HTTP server.
-#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+// Not `Serialize`: `env` often holds keys, and nothing needs to write it out.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct McpConfig {
     /// The program to start, found on `PATH` (`npx`, `uvx`, a path...).
@@ -66,7 +71,8 @@ pub struct McpConfig {
     pub url: Option<String>,
 }
 
-/// The environment's values are left out: they are often keys.
+/// The environment's values and the URL's credentials and query are left
+/// out: they are often keys.
 impl fmt::Debug for McpConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let env: Vec<&str> = self.env.keys().map(String::as_str).collect();
@@ -74,9 +80,29 @@ impl fmt::Debug for McpConfig {
             .field("command", &self.command)
             .field("args", &self.args)
             .field("env", &env)
-            .field("url", &self.url)
+            .field("url", &self.url.as_deref().map(redacted))
             .finish()
     }
+}
+
+/// A URL without its user information and query, which may carry tokens.
+fn redacted(url: &str) -> String {
+    let Ok(mut parsed) = reqwest::Url::parse(url) else { return "<not a URL>".into() };
+    let _ = parsed.set_username("");
+    let _ = parsed.set_password(None);
+    parsed.set_query(None);
+    parsed.to_string()
+}
+
+/// What a stdio server inherits from fanout's environment, as the official
+/// MCP SDKs pass it: enough to find programs and a home, and none of the
+/// keys fanout itself was given. `env` adds what a server needs.
+const INHERITED_ENV: [&str; 7] = ["HOME", "LOGNAME", "PATH", "SHELL", "TERM", "USER", "TMPDIR"];
+
+/// Tool names both APIs accept (`^[a-zA-Z0-9_-]{1,64}$`).
+fn valid_tool_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 /// A connected MCP server and the tools it offers.
@@ -127,7 +153,13 @@ impl McpServer {
     ) -> Result<Self, McpError> {
         let name = name.into();
         let mut process = tokio::process::Command::new(command);
-        process.args(args).envs(env.iter().map(|(k, v)| (k, v)));
+        process.args(args).env_clear();
+        for name in INHERITED_ENV {
+            if let Some(value) = std::env::var_os(name) {
+                process.env(name, value);
+            }
+        }
+        process.envs(env.iter().map(|(k, v)| (k, v)));
         let spawned = TokioChildProcess::builder(process).stderr(Stdio::piped()).spawn();
         let (transport, stderr) = spawned.map_err(|error| McpError {
             server: name.clone(),
@@ -148,7 +180,13 @@ impl McpServer {
     ) -> Result<Self, McpError> {
         crate::provider::install_crypto_provider();
         let transport = StreamableHttpClientTransport::from_uri(url.to_owned());
-        Self::connect(name.into(), transport, Arc::default(), start_timeout).await
+        Self::connect(name.into(), transport, Arc::default(), start_timeout).await.map_err(
+            |mut e| {
+                // The transport's errors may quote the URL, tokens and all.
+                e.message = e.message.replace(url, &redacted(url));
+                e
+            },
+        )
     }
 
     async fn connect<T, E, A>(
@@ -178,7 +216,14 @@ impl McpServer {
             tokio::time::timeout(start_timeout, start).await.map_err(|_| {
                 fail(format!("it did not start within {:.0}s", start_timeout.as_secs_f64()))
             })??;
-        let tools = listed
+        let (tools, odd): (Vec<_>, Vec<_>) =
+            listed.into_iter().partition(|tool| valid_tool_name(&tool.name));
+        if !odd.is_empty() {
+            let names: Vec<&str> = odd.iter().map(|t| t.name.as_ref()).collect();
+            // The APIs refuse a request that offers any of them.
+            tracing::warn!(server = %name, tools = ?names, "tools with names the APIs refuse are left out");
+        }
+        let tools = tools
             .into_iter()
             .map(|tool| {
                 ToolSpec::new(
@@ -201,6 +246,12 @@ impl McpServer {
         &self.tools
     }
 
+    /// The last lines a stdio server wrote to stderr, for the user (not the
+    /// model) to read when its calls fail.
+    pub fn stderr_tail(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().iter().cloned().collect()
+    }
+
     /// Its tools, to add to a [`Toolbox`](super::Toolbox); each call goes to this server.
     pub fn tools(&self) -> Vec<Arc<dyn Tool>> {
         self.tools
@@ -210,7 +261,6 @@ impl McpServer {
                     server: self.name.clone(),
                     client: Arc::clone(&self.client),
                     spec: spec.clone(),
-                    stderr: Arc::clone(&self.stderr),
                 }) as Arc<dyn Tool>
             })
             .collect()
@@ -222,7 +272,6 @@ struct McpTool {
     server: String,
     client: Arc<RunningService<RoleClient, ()>>,
     spec: ToolSpec,
-    stderr: Arc<Mutex<VecDeque<String>>>,
 }
 
 #[async_trait::async_trait]
@@ -233,10 +282,13 @@ impl Tool for McpTool {
 
     async fn call(&self, arguments: Map<String, Value>) -> Result<String, String> {
         let params = CallToolRequestParams::new(self.spec.name.clone()).with_arguments(arguments);
-        let result = self.client.call_tool(params).await.map_err(|error| {
-            let message = format!("the MCP server `{}` failed: {error}", self.server);
-            with_stderr(message, &self.stderr)
-        })?;
+        // The server's stderr stays out of what the model (and the
+        // transcript) reads: a server may print anything there, keys included.
+        let result = self
+            .client
+            .call_tool(params)
+            .await
+            .map_err(|error| format!("the MCP server `{}` failed: {error}", self.server))?;
         let text = result
             .content
             .iter()

@@ -334,8 +334,11 @@ impl Assembly {
         // Usage the server left out is counted with the tokenizer of the
         // model that answered, where tiktoken knows it.
         let model = self.model.as_deref().or(request.model.as_deref());
+        // A count of the output takes the tool calls' arguments in with the text.
+        let arguments = tool_calls.iter().map(|c| c.arguments.as_str());
+        let output: String = std::iter::once(text.as_str()).chain(arguments).collect();
         let (usage, usage_estimated) =
-            usage_or_count(self.usage, model, request, &text, &other_choices);
+            usage_or_count(self.usage, model, request, &output, &other_choices);
         Ok(Response {
             text,
             other_choices,

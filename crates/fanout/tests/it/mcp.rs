@@ -123,7 +123,7 @@ async fn the_test_server_over_stdio_and_streamable_http() {
     let servers =
         [stdio_test_server("local").await, McpServer::http("remote", &url, START).await.unwrap()];
     for server in &servers {
-        assert_eq!(server.specs().len(), 6, "{}", server.name());
+        assert_eq!(server.specs().len(), 7, "{}", server.name());
         let tools = toolbox(server);
         let echoed = tools.run(&call("echo", json!({"text": "héllo"}))).await;
         assert_eq!(
@@ -141,8 +141,8 @@ async fn the_test_server_over_stdio_and_streamable_http() {
 
 /// Faults of a server are tool errors for the model, never a failed run: a
 /// malformed answer or a hang is cut by the tool timeout, a crash fails that
-/// call and the later ones with the server's last words; a server that
-/// cannot start is a clear error naming it.
+/// call and the later ones (its last words kept for the user); a server that
+/// cannot start is a clear error naming it and quoting its stderr.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_faults_are_clear_tool_errors() {
     let server = stdio_test_server("flaky").await;
@@ -159,7 +159,11 @@ async fn server_faults_are_clear_tool_errors() {
     let after = tools.run(&call("echo", json!({"text": "anyone?"}))).await;
     assert!(after.is_error, "{after:?}");
     assert!(after.output.contains("the MCP server `flaky` failed"), "{}", after.output);
-    assert!(after.output.contains("crashing on purpose"), "its stderr is shown: {}", after.output);
+    assert!(!after.output.contains("crashing on purpose"), "its stderr is not the model's to read");
+    assert!(
+        server.stderr_tail().iter().any(|l| l.contains("crashing on purpose")),
+        "but the user's"
+    );
 
     let error =
         McpServer::stdio("db", "python3", &[test_server(), "fail-start".into()], &[], START)
@@ -171,4 +175,25 @@ async fn server_faults_are_clear_tool_errors() {
     let missing =
         McpServer::stdio("gone", "no-such-command-here", &[], &[], START).await.unwrap_err();
     assert!(missing.to_string().contains("could not start `no-such-command-here`"), "{missing}");
+}
+
+/// A stdio server sees `PATH` and its own `env`, never the rest of fanout's
+/// environment (where the provider keys are): cargo's own variables, set for
+/// this test process, stand in for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stdio_server_inherits_only_a_safe_environment() {
+    assert!(std::env::var_os("CARGO_PKG_NAME").is_some(), "cargo sets it for tests");
+    let env = [("NOTES_TOKEN".to_owned(), "given".to_owned())];
+    let server = McpServer::stdio("env", "python3", &[test_server(), "stdio".into()], &env, START)
+        .await
+        .unwrap();
+    let tools = toolbox(&server);
+    let seen = |name: &str| {
+        let call = call("env_var", json!({"name": name}));
+        let tools = tools.clone();
+        async move { tools.run(&call).await.output }
+    };
+    assert_eq!(seen("NOTES_TOKEN").await, "given");
+    assert_eq!(seen("CARGO_PKG_NAME").await, "<unset>");
+    assert_ne!(seen("PATH").await, "<unset>");
 }

@@ -7,7 +7,7 @@
 
 Tools: `echo` (text back), `slow` (answers after `seconds`), `fail` (an error result),
 `big` (a megabyte of text), `garble` (a line that is not JSON instead of its answer),
-`crash` (the server exits at once). Calls are answered on their own threads, so a slow
+`crash` (the server exits at once), `env_var` (what the server's environment holds). Calls are answered on their own threads, so a slow
 call does not hold back the others, as in any real server. Standard library only.
 """
 
@@ -31,6 +31,8 @@ TOOLS = [
     {"name": "big", "description": "A megabyte of text.", "inputSchema": schema()},
     {"name": "garble", "description": "Answers with a line that is not JSON.", "inputSchema": schema()},
     {"name": "crash", "description": "The server exits.", "inputSchema": schema()},
+    {"name": "env_var", "description": "The value of an environment variable, or <unset>.",
+     "inputSchema": schema(name={"type": "string"})},
 ]
 
 
@@ -50,6 +52,9 @@ def call_tool(name, arguments):
         return {"content": [{"type": "text", "text": "the tool failed on purpose"}], "isError": True}
     if name == "big":
         return text("x" * 1_000_000)
+    if name == "env_var":
+        import os
+        return text(os.environ.get(str(arguments.get("name")), "<unset>"))
     if name == "garble":
         raise Garble()
     if name == "crash":

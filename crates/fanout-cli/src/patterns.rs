@@ -476,6 +476,15 @@ pub async fn run_workflow(flags: &Flags, args: WorkflowArgs) -> Result<ExitCode>
         .connect(&names, &servers)
         .await
         .map_err(|e| Refusal(anyhow!("{}: {e}", args.workflow.display())))?;
+    for (step, names) in plan.step_tools() {
+        let mut tools = fanout::Toolbox::new();
+        for name in names {
+            let set = sets.sets.get(name).map_or(&[][..], Vec::as_slice);
+            tools
+                .add_set(name, set)
+                .map_err(|e| Refusal(anyhow!("{}: step `{step}`: {e}", args.workflow.display())))?;
+        }
+    }
     let (executor, _) = executor(flags).await?;
     let result = plan.run(&executor, &sets).await;
     if flags.json {

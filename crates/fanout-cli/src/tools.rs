@@ -31,12 +31,19 @@ pub struct ToolArgs {
     /// Given alone, it turns the `files` tools on
     #[arg(long = "allow-dir")]
     pub allow_dirs: Vec<PathBuf>,
-    /// The most model turns an agent may take
-    #[arg(long, default_value_t = DEFAULT_MAX_TURNS)]
+    /// The most model turns an agent may take (the last is asked for an answer)
+    #[arg(long, default_value_t = DEFAULT_MAX_TURNS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_turns: u32,
     /// Seconds one tool call may take
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = 30.0, value_parser = positive_seconds)]
     pub tool_timeout: f64,
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(seconds) if seconds.is_finite() && seconds > 0.0 && seconds < 1e9 => Ok(seconds),
+        _ => Err(format!("`{text}` is not a number of seconds above 0")),
+    }
 }
 
 impl ToolArgs {
@@ -57,8 +64,8 @@ impl ToolArgs {
         }
         let connected = self.connect(&names, servers).await?;
         let mut tools = connected.toolbox;
-        for tool in connected.sets.into_values().flatten() {
-            tools.add(tool);
+        for (name, set) in &connected.sets {
+            tools.add_set(name, set).map_err(|e| anyhow!(e))?;
         }
         Ok(Some(Agent::new(tools).max_turns(self.max_turns)))
     }
@@ -70,7 +77,7 @@ impl ToolArgs {
         names: &[String],
         servers: &BTreeMap<String, McpConfig>,
     ) -> Result<ToolSets> {
-        let toolbox = Toolbox::new().timeout(Duration::from_secs_f64(self.tool_timeout.max(0.001)));
+        let toolbox = Toolbox::new().timeout(Duration::from_secs_f64(self.tool_timeout));
         let mut sets = ToolSets { toolbox, max_turns: Some(self.max_turns), ..ToolSets::default() };
         for name in names {
             if sets.sets.contains_key(name) {

@@ -133,6 +133,10 @@ impl Tool for FileTool {
 
 fn read(path: &Path) -> std::io::Result<String> {
     use std::io::Read;
+    // A pipe or a device could block the reading thread forever.
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
     let mut bytes = Vec::new();
     std::fs::File::open(path)?.take(MAX_READ).read_to_end(&mut bytes)?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -180,6 +184,23 @@ mod tests {
         assert_eq!(call(&dirs, 1, "notes").await.unwrap(), "a.md");
         assert!(call(&dirs, 0, "notes").await.is_err(), "a folder is not read as a file");
         assert!(call(&dirs, 0, "nothing.md").await.unwrap_err().contains("does not exist"));
+    }
+
+    #[tokio::test]
+    async fn relative_paths_are_found_in_any_allowed_folder() {
+        let (first, _outside, _) = setup();
+        let second = tempfile::tempdir().unwrap();
+        std::fs::write(second.path().join("b.md"), "# B").unwrap();
+        let dirs =
+            AllowedDirs::new([first.path().to_path_buf(), second.path().to_path_buf()]).unwrap();
+        assert_eq!(call(&dirs, 0, "b.md").await.unwrap(), "# B");
+        assert_eq!(call(&dirs, 0, "notes/a.md").await.unwrap(), "# A");
+        let described = dirs.tools()[0].spec().description;
+        let real = second.path().canonicalize().unwrap().display().to_string();
+        assert!(
+            described.contains(&real),
+            "the folders are named as the model should use them: {described}"
+        );
     }
 
     #[cfg(unix)]

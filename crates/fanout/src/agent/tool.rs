@@ -159,9 +159,26 @@ impl Toolbox {
         self
     }
 
-    /// Adds a shared tool (an MCP server's, say).
+    /// Adds a shared tool (an MCP server's, say); a tool of the same name is replaced.
     pub fn add(&mut self, tool: Arc<dyn Tool>) {
         Arc::make_mut(&mut self.tools).insert(tool.spec().name, tool);
+    }
+
+    /// Adds every tool of a set named `set`, refusing a name already taken:
+    /// two sets offering `read_file` must not silently swap one for the other
+    /// (the built-in one is confined to its folders, a server's may not be).
+    pub fn add_set(&mut self, set: &str, tools: &[Arc<dyn Tool>]) -> Result<(), String> {
+        for tool in tools {
+            let name = tool.spec().name;
+            if self.tools.contains_key(&name) {
+                return Err(format!(
+                    "the tool `{name}` of `{set}` has the name of a tool already offered; \
+                     use one of the two sets"
+                ));
+            }
+            self.add(Arc::clone(tool));
+        }
+        Ok(())
     }
 
     /// Bounds each tool call's time (default 30 s).

@@ -59,7 +59,7 @@ use super::attempt::{Call, Run, Stop};
 use super::driver::{Release, finish};
 use super::report::{Tally, Totals};
 use crate::provider::Request;
-use crate::task::{Outcome, TaskId, TaskResult, Timeout};
+use crate::task::{NotRun, Outcome, TaskId, TaskResult, Timeout};
 
 /// How long a cut branch may take to return what it has before it is dropped.
 pub const BRANCH_GRACE: Duration = Duration::from_millis(200);
@@ -103,22 +103,32 @@ pub struct Calls {
 
 impl Calls {
     /// Sends `request` through the executor's limits, retries and hedging, and
-    /// returns its outcome. The call counts in the run's totals.
+    /// returns its outcome. The call counts in the run's totals, even when it
+    /// was cut before it could start. Once the run is drained (the
+    /// executor's drain token), no new call starts: `NotRun(Cancelled)`.
     pub async fn complete(&self, request: Request) -> Outcome {
-        let exec = &self.run.exec;
-        let interrupted = |attempts| self.interrupted(attempts);
-        let permit = tokio::select! {
-            biased;
-            () = self.cut.cancelled() => return interrupted(0),
-            permit = exec.limits.concurrency.acquire() => permit,
-        };
-        let mut slot = Some(permit);
-        let call = Call { run: &self.run, index: self.index, id: &self.id, request: &request };
-        let outcome = call.outcome(&mut slot, None, &self.cut, interrupted).await;
-        drop(slot);
+        let outcome = self.call(&request).await;
         let result = TaskResult::new(self.index, self.id.clone(), outcome);
         self.tally.lock().unwrap().add(&result);
         result.outcome
+    }
+
+    async fn call(&self, request: &Request) -> Outcome {
+        let exec = &self.run.exec;
+        let interrupted = |attempts| self.interrupted(attempts);
+        // A drained run starts no new call; the branch may still return.
+        if self.run.drain.is_cancelled() {
+            return Outcome::NotRun(NotRun::Cancelled);
+        }
+        let permit = tokio::select! {
+            biased;
+            () = self.cut.cancelled() => return interrupted(0),
+            () = self.run.drain.cancelled() => return Outcome::NotRun(NotRun::Cancelled),
+            permit = exec.limits.concurrency.acquire() => permit,
+        };
+        let mut slot = Some(permit);
+        let call = Call { run: &self.run, index: self.index, id: &self.id, request };
+        call.outcome(&mut slot, None, &self.cut, interrupted).await
     }
 
     /// The branch's id.

@@ -377,9 +377,7 @@ fn agent(step: &Step, sets: &ToolSets) -> Result<Option<Agent>, String> {
         let set = sets.sets.get(name).ok_or_else(|| {
             format!("step `{}` uses the tools `{name}`, which nothing provides", step.name)
         })?;
-        for tool in set {
-            tools.add(Arc::clone(tool));
-        }
+        tools.add_set(name, set).map_err(|e| format!("step `{}`: {e}", step.name))?;
     }
     let agent = Agent::new(tools);
     Ok(Some(match step.max_turns.or(sets.max_turns) {

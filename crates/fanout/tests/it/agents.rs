@@ -469,3 +469,39 @@ async fn the_token_budget_stops_an_agent() {
     assert_eq!(again.calls(), 3);
     assert!(run.failure().unwrap().to_string().contains("token budget"));
 }
+
+/// Two tool sets offering the same name are refused, not silently swapped.
+#[test]
+fn tool_sets_may_not_share_a_name() {
+    let mut tools = Toolbox::new();
+    let first: Vec<Arc<dyn fanout::Tool>> = vec![Arc::new(lookup(ms(1)))];
+    tools.add_set("glossary", &first).unwrap();
+    let error = tools.add_set("other", &first).unwrap_err();
+    assert!(error.contains("the tool `lookup` of `other`"), "{error}");
+}
+
+/// Once the run is drained, a branch's next call does not start (the calls
+/// in flight finish), and it still counts in the totals.
+#[tokio::test(start_paused = true)]
+async fn a_drained_run_starts_no_new_call() {
+    let drain = fanout::CancellationToken::new();
+    let mock = MockProvider::new().with_latency(secs(1));
+    let executor =
+        Executor::builder(mock.clone()).probe(false).hedge(None).drain_token(drain.clone()).build();
+    let drainer = tokio::spawn(async move {
+        tokio::time::sleep(ms(500)).await;
+        drain.cancel();
+    });
+    let report = executor
+        .branches([Branch::new("chain", |calls| async move {
+            let first = calls.complete(Request::user("one")).await;
+            let second = calls.complete(Request::user("two")).await;
+            (first.is_success(), second)
+        })])
+        .await;
+    drainer.await.unwrap();
+    let (first_answered, second) = report.results[0].outcome.value().unwrap().clone();
+    assert!(first_answered, "the call in flight finished");
+    assert_eq!(second, Outcome::NotRun(fanout::NotRun::Cancelled));
+    assert_eq!((mock.calls(), report.calls.tasks, report.calls.not_run), (1, 2, 1));
+}

@@ -74,6 +74,14 @@ async fn answering(route: &str, body: ResponseTemplate) -> MockServer {
     server
 }
 
+fn openai(server: &MockServer, stream: bool) -> OpenAi {
+    OpenAi::builder("gpt-test")
+        .base_url(format!("{}/v1", server.uri()))
+        .stream(stream)
+        .build()
+        .unwrap()
+}
+
 fn sse(events: &[serde_json::Value]) -> ResponseTemplate {
     let body: String = events.iter().map(|e| format!("data: {e}\n\n")).collect();
     ResponseTemplate::new(200)
@@ -93,8 +101,7 @@ async fn openai_tool_calls_are_read_whole_and_streamed() {
     });
     let server =
         answering("/v1/chat/completions", ResponseTemplate::new(200).set_body_json(whole)).await;
-    let provider =
-        OpenAi::builder("gpt-test").base_url(format!("{}/v1", server.uri())).build().unwrap();
+    let provider = openai(&server, false);
     let response = provider.complete(&conversation()).await.unwrap();
     assert_eq!(response.tool_calls, [call("c1", "fan-in"), call("c2", "fan-out")]);
     assert_eq!(response.finish_reason.as_deref(), Some("tool_calls"));
@@ -120,11 +127,7 @@ async fn openai_tool_calls_are_read_whole_and_streamed() {
         json!({"choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 12}}),
     ];
     let server = answering("/v1/chat/completions", sse(&events)).await;
-    let provider = OpenAi::builder("gpt-test")
-        .base_url(format!("{}/v1", server.uri()))
-        .stream(true)
-        .build()
-        .unwrap();
+    let provider = openai(&server, true);
     let response = provider.complete(&conversation()).await.unwrap();
     assert_eq!(response.tool_calls, [call("c1", "fan-in"), call("c2", "fan-out")]);
     assert_eq!(response.usage.input_tokens, 40);
@@ -211,8 +214,7 @@ async fn openai_tool_calls_from_drifting_servers() {
         "message": {"role": "assistant", "content": "hi", "tool_calls": null}}]});
     let server =
         answering("/v1/chat/completions", ResponseTemplate::new(200).set_body_json(plain)).await;
-    let provider =
-        OpenAi::builder("gpt-test").base_url(format!("{}/v1", server.uri())).build().unwrap();
+    let provider = openai(&server, false);
     let response = provider.complete(&Request::user("q")).await.unwrap();
     assert_eq!((response.text.as_str(), response.tool_calls.len()), ("hi", 0));
 
@@ -230,11 +232,7 @@ async fn openai_tool_calls_from_drifting_servers() {
         json!({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}),
     ];
     let server = answering("/v1/chat/completions", sse(&events)).await;
-    let provider = OpenAi::builder("gpt-test")
-        .base_url(format!("{}/v1", server.uri()))
-        .stream(true)
-        .build()
-        .unwrap();
+    let provider = openai(&server, true);
     let response = provider.complete(&conversation()).await.unwrap();
     assert_eq!(response.tool_calls, [call("c1", "fan-in"), call("c2", "fan-out")]);
 
@@ -242,8 +240,7 @@ async fn openai_tool_calls_from_drifting_servers() {
         "tool_calls": [{"type": "function", "function": {"name": "lookup", "arguments": "{}"}}]}}]});
     let server =
         answering("/v1/chat/completions", ResponseTemplate::new(200).set_body_json(no_id)).await;
-    let provider =
-        OpenAi::builder("gpt-test").base_url(format!("{}/v1", server.uri())).build().unwrap();
+    let provider = openai(&server, false);
     let response = provider.complete(&conversation()).await.unwrap();
     assert_eq!(response.tool_calls[0].id, "call_0");
 }

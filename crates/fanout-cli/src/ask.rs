@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use anyhow::Result;
-use fanout::Request;
+use fanout::{Request, Usage};
 
 use crate::Refusal;
 use crate::connect;
@@ -29,7 +29,9 @@ pub async fn command(flags: &Flags, args: AskArgs) -> Result<ExitCode> {
     }
     request.temperature = settings.temperature;
     request.max_tokens = settings.max_tokens;
-    let report = connect::executor(&settings, provider).build().run([request]).await;
+    connect::check_budget_fits(&settings, &*provider, &request).map_err(Refusal)?;
+    let report =
+        connect::executor(&settings, provider, Usage::default()).build().run([request]).await;
     let result = &report.results[0];
     if flags.json {
         println!("{}", output::result_line(result));

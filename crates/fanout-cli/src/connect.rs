@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
-use fanout::{Anthropic, ExecutorBuilder, HttpOptions, MockProvider, OpenAi, Provider};
+use fanout::{
+    Anthropic, ExecutorBuilder, HttpOptions, MockProvider, OpenAi, Provider, Request, Usage,
+};
 
 use crate::models;
 use crate::settings::{Hedging, ProviderKind, Settings, env};
@@ -48,8 +50,40 @@ pub async fn provider(settings: &Settings, quiet: bool) -> Result<Arc<dyn Provid
     })
 }
 
-/// An executor builder with these limits, retries and timeouts.
-pub fn executor(settings: &Settings, provider: Arc<dyn Provider>) -> ExecutorBuilder {
+/// The most one call of `request` can use: its prompt and its maximum output.
+pub fn most_one_call(provider: &dyn Provider, request: &Request) -> Usage {
+    let prompt = provider.estimate_prompt_tokens(request);
+    Usage::new(prompt, provider.estimate_tokens(request).saturating_sub(prompt))
+}
+
+/// Refuses (before any call) a spending limit that one call of `request`
+/// alone could exceed, with the call's estimate.
+pub fn check_budget_fits(
+    settings: &Settings,
+    provider: &dyn Provider,
+    request: &Request,
+) -> Result<()> {
+    let Some(limit) = settings.spend_limit(Usage::default()) else { return Ok(()) };
+    let most = most_one_call(provider, request);
+    if limit.allows(most) {
+        return Ok(());
+    }
+    let cost = limit.cost_of(most).map(|c| format!(", ${c:.6}")).unwrap_or_default();
+    let limits = [
+        settings.budget.map(|b| format!("--budget {b}")),
+        settings.max_total_tokens.map(|t| format!("--max-total-tokens {t}")),
+    ];
+    bail!(
+        "{} is less than one call: the first request may use up to {} tokens in and {} out{cost}",
+        limits.into_iter().flatten().collect::<Vec<_>>().join(" and "),
+        most.input_tokens,
+        most.output_tokens,
+    )
+}
+
+/// An executor builder with these limits, retries and timeouts; `spent` is
+/// what the job's earlier runs used of its spending limit.
+pub fn executor(settings: &Settings, provider: Arc<dyn Provider>, spent: Usage) -> ExecutorBuilder {
     let mut builder = fanout::Executor::builder_for(provider)
         .concurrency(settings.concurrency)
         .max_attempts(settings.retries.saturating_add(1))
@@ -63,6 +97,9 @@ pub fn executor(settings: &Settings, provider: Arc<dyn Provider>) -> ExecutorBui
     }
     if let Some(price) = settings.price {
         builder = builder.price(price);
+    }
+    if let Some(limit) = settings.spend_limit(spent) {
+        builder = builder.spend_limit(limit);
     }
     builder.hedge(settings.hedge.map(Hedging::policy))
 }

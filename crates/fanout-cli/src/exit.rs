@@ -16,7 +16,7 @@ pub enum Exit {
     Refused = 2,
     /// Some tasks failed (or a vote found no consensus).
     SomeFailed = 3,
-    /// Stopped before every task finished (interrupt, deadline).
+    /// Stopped before every task finished (interrupt, deadline, spending limit).
     Unfinished = 4,
     /// The job cannot succeed (bad key, unknown model, no quota).
     CannotSucceed = 5,
@@ -36,6 +36,8 @@ pub struct Ending {
     pub unfinished: u64,
     /// Why the job cannot succeed, when an answer said so.
     pub cannot_succeed: Option<String>,
+    /// Whether the spending limit (`--budget`, `--max-total-tokens`) stopped tasks.
+    pub budget_spent: bool,
 }
 
 impl Ending {
@@ -52,6 +54,10 @@ impl Ending {
             Outcome::NotRun(NotRun::CircuitOpen(cause)) => {
                 self.unfinished += 1;
                 self.cannot_succeed.get_or_insert_with(|| cause.to_string());
+            }
+            Outcome::NotRun(NotRun::BudgetSpent) => {
+                self.unfinished += 1;
+                self.budget_spent = true;
             }
             Outcome::TimedOut { timeout: Timeout::Deadline, .. }
             | Outcome::Cancelled { .. }
@@ -107,6 +113,7 @@ mod tests {
         assert_eq!(exit_of(std::slice::from_ref(&task_timeout)), Exit::SomeFailed);
         assert_eq!(exit_of(std::slice::from_ref(&deadline)), Exit::Unfinished);
         assert_eq!(exit_of(&[Outcome::NotRun(NotRun::Cancelled)]), Exit::Unfinished);
+        assert_eq!(exit_of(&[Outcome::NotRun(NotRun::BudgetSpent)]), Exit::Unfinished);
         assert_eq!(exit_of(&[failed(401)]), Exit::CannotSucceed);
         assert_eq!(exit_of(&[failed(500), deadline, failed(401)]), Exit::CannotSucceed);
         let mut ending = Ending::default();

@@ -185,9 +185,12 @@ mod tests {
             max_tokens: Some(64),
             threads: None,
             price: None,
+            budget: None,
+            max_total_tokens: None,
             hedge: None,
         };
         Spec {
+            keep: None,
             input: "rows.jsonl".into(),
             format: Format::Jsonl,
             prompt: Some("Grade: {{ essay }}".into()),

@@ -6,6 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
+use fanout::Usage;
 use fanout_store::{JobSummary, Store};
 
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use crate::Refusal;
 use crate::batch::{self, JobRunArgs, RunOptions, Spec};
 use crate::output::{Output, OutputFormat};
-use crate::record::to_result;
+use crate::record::{kept_of, to_result};
 use crate::settings::{self, Flags};
 
 #[derive(Debug, clap::Subcommand)]
@@ -62,8 +63,31 @@ fn open(store: &Path) -> Result<Store> {
     Ok(Store::open(store)?)
 }
 
+/// What the job's finished tasks cost at the price it runs with, and that
+/// projected over its whole input; `None` without a price.
+fn job_cost(summary: &JobSummary) -> Option<(f64, Option<f64>)> {
+    let spec: Spec = serde_json::from_value(summary.job.settings.clone()).ok()?;
+    let usage = Usage {
+        cached_input_tokens: summary.cached_input_tokens,
+        ..Usage::new(summary.input_tokens, summary.output_tokens)
+    };
+    let spent = spec.settings.price?.cost(usage);
+    let finished = summary.finished();
+    let projected = summary
+        .job
+        .total
+        .filter(|_| finished > 0)
+        .map(|total| spent / finished as f64 * total as f64);
+    Some((spent, projected))
+}
+
 fn summary_json(summary: &JobSummary) -> serde_json::Value {
+    let cost = job_cost(summary);
     serde_json::json!({
+        "cost": cost.map(|(spent, _)| spent),
+        "projected_cost": cost.and_then(|(_, projected)| projected),
+        "cached_input_tokens": summary.cached_input_tokens,
+        "last_run": summary.job.last_run,
         "name": summary.job.name,
         "input": summary.job.input,
         "created": when(summary.job.created_at),
@@ -97,6 +121,7 @@ fn list(store: &Path, json: bool) -> Result<ExitCode> {
         "succeeded",
         "failed",
         "tokens",
+        "cost",
     ]);
     for s in &jobs {
         let count = |status: &str| s.counts.get(status).copied().unwrap_or(0);
@@ -108,6 +133,7 @@ fn list(store: &Path, json: bool) -> Result<ExitCode> {
             count("succeeded").to_string(),
             (count("failed") + count("timed_out")).to_string(),
             (s.input_tokens + s.output_tokens).to_string(),
+            job_cost(s).map_or("-".into(), |(spent, _)| format!("${spent:.4}")),
         ]);
     }
     println!("{table}");
@@ -137,6 +163,7 @@ fn export(
     let store = open(store)?;
     let job = find(&store, name)?;
     let spec: Option<Spec> = serde_json::from_value(job.settings.clone()).ok();
+    let keep = spec.as_ref().and_then(|s| s.keep.clone());
     let format = format.or(spec.map(|s| s.output_format)).unwrap_or(OutputFormat::Jsonl);
     let sink: Box<dyn std::io::Write + Send> = match output {
         Some(path) => Box::new(std::io::BufWriter::new(
@@ -145,9 +172,16 @@ fn export(
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout())),
     };
-    let mut writer = Output::new(format, sink)?;
+    // For `--keep '*'`, the columns of the first record's kept fields.
+    let first_kept = match &keep {
+        Some(batch::Keep::All) => store.record_at(job.id, 0)?.as_ref().and_then(kept_of),
+        _ => None,
+    };
+    let columns = keep.map(|k| k.columns(first_kept.as_ref())).unwrap_or_default();
+    let mut writer = Output::new(format, sink, columns)?;
     store.each_record(job.id, |record| -> Result<()> {
-        writer.write(&to_result(record)).context("cannot write the export")
+        let kept = kept_of(&record);
+        writer.write(&to_result(record), kept.as_ref()).context("cannot write the export")
     })?;
     writer.flush()?;
     Ok(ExitCode::SUCCESS)

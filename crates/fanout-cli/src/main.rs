@@ -120,3 +120,29 @@ fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// No subcommand declares a flag that a global flag already is: clap
+    /// lets the subcommand's shadow the global one, and reading it then
+    /// panics (`vote --budget` did, beside the global `--budget`).
+    #[test]
+    fn no_subcommand_shadows_a_global_flag() {
+        use clap::CommandFactory;
+        let command = super::Cli::command();
+        command.clone().debug_assert();
+        let global: Vec<_> = command.get_arguments().map(|a| a.get_id().clone()).collect();
+        let mut commands: Vec<&clap::Command> = command.get_subcommands().collect();
+        while let Some(sub) = commands.pop() {
+            for arg in sub.get_arguments() {
+                assert!(
+                    !global.contains(arg.get_id()),
+                    "`{}` redeclares the global --{}",
+                    sub.get_name(),
+                    arg.get_id()
+                );
+            }
+            commands.extend(sub.get_subcommands());
+        }
+    }
+}

@@ -3,7 +3,10 @@
 use std::io::{self, Write};
 
 use fanout::{Outcome, TaskResult};
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+
+/// Input fields kept beside a row's answer (`--keep`).
+pub type Kept = Map<String, Value>;
 
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
@@ -18,6 +21,8 @@ pub enum OutputFormat {
 pub struct Output {
     format: OutputFormat,
     sink: Sink,
+    /// The CSV columns of kept fields, after the result's own.
+    kept_columns: Vec<String>,
 }
 
 enum Sink {
@@ -26,8 +31,32 @@ enum Sink {
     Csv(Box<csv::Writer<Box<dyn Write + Send>>>),
 }
 
-const CSV_HEADER: [&str; 8] =
-    ["id", "status", "answer", "error", "input_tokens", "output_tokens", "attempts", "latency_ms"];
+const CSV_HEADER: [&str; 10] = [
+    "id",
+    "status",
+    "answer",
+    "error",
+    "input_tokens",
+    "output_tokens",
+    "attempts",
+    "latency_ms",
+    "finish_reason",
+    "model",
+];
+
+/// A kept field's CSV column: its name, unless a result column has it.
+fn kept_column_name(field: &str) -> String {
+    if CSV_HEADER.contains(&field) { format!("input.{field}") } else { field.to_owned() }
+}
+
+/// A kept value as CSV text: strings as they are, anything else as JSON.
+fn csv_text(value: Option<&Value>) -> String {
+    match value {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(text)) => text.clone(),
+        Some(other) => other.to_string(),
+    }
+}
 
 fn status_name(outcome: &Outcome) -> String {
     serde_json::to_value(outcome.status())
@@ -65,16 +94,22 @@ fn latency_ms(outcome: &Outcome) -> Option<f64> {
 }
 
 impl Output {
-    pub fn new(format: OutputFormat, sink: Box<dyn Write + Send>) -> io::Result<Self> {
+    /// `kept_columns`: the fields `--keep` keeps, for the CSV header.
+    pub fn new(
+        format: OutputFormat,
+        sink: Box<dyn Write + Send>,
+        kept_columns: Vec<String>,
+    ) -> io::Result<Self> {
         let sink = match format {
             OutputFormat::Csv => {
                 let mut writer = csv::Writer::from_writer(sink);
-                writer.write_record(CSV_HEADER)?;
+                let kept = kept_columns.iter().map(|c| kept_column_name(c));
+                writer.write_record(CSV_HEADER.map(str::to_owned).into_iter().chain(kept))?;
                 Sink::Csv(Box::new(writer))
             }
             OutputFormat::Jsonl | OutputFormat::OpenaiBatch => Sink::Lines(sink),
         };
-        Ok(Self { format, sink })
+        Ok(Self { format, sink, kept_columns })
     }
 
     fn line(&mut self, value: &Value) -> io::Result<()> {
@@ -83,16 +118,25 @@ impl Output {
         sink.write_all(b"\n")
     }
 
-    pub fn write(&mut self, result: &TaskResult) -> io::Result<()> {
+    /// Writes one result, with the input fields kept beside it (as `input`,
+    /// or CSV columns).
+    pub fn write(&mut self, result: &TaskResult, kept: Option<&Kept>) -> io::Result<()> {
         let outcome = &result.outcome;
+        let with_kept = |mut line: Value| {
+            if let Some(kept) = kept {
+                line["input"] = Value::Object(kept.clone());
+            }
+            line
+        };
         match self.format {
-            OutputFormat::Jsonl => self.line(&result_line(result)),
+            OutputFormat::Jsonl => self.line(&with_kept(result_line(result))),
             OutputFormat::Csv => {
                 let Sink::Csv(writer) = &mut self.sink else {
                     unreachable!("made with the CSV format")
                 };
                 let usage = outcome.usage();
-                writer.write_record([
+                let response = outcome.success().map(|s| &s.response);
+                let own = [
                     result.id.to_string(),
                     status_name(outcome),
                     outcome.text().unwrap_or_default().to_owned(),
@@ -101,10 +145,14 @@ impl Output {
                     usage.output_tokens.to_string(),
                     outcome.attempts().to_string(),
                     latency_ms(outcome).map(|l| l.to_string()).unwrap_or_default(),
-                ])?;
+                    response.and_then(|r| r.finish_reason.clone()).unwrap_or_default(),
+                    response.and_then(|r| r.model.clone()).unwrap_or_default(),
+                ];
+                let kept = self.kept_columns.iter().map(|c| csv_text(kept.and_then(|k| k.get(c))));
+                writer.write_record(own.into_iter().chain(kept))?;
                 Ok(())
             }
-            OutputFormat::OpenaiBatch => self.line(&openai_batch_line(result)),
+            OutputFormat::OpenaiBatch => self.line(&with_kept(openai_batch_line(result))),
         }
     }
 

@@ -29,7 +29,7 @@ use crate::tools::ToolArgs;
 async fn executor(flags: &Flags) -> Result<(Executor, Settings)> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
     let provider = connect::provider(&settings, flags.quiet).await.map_err(Refusal)?;
-    Ok((connect::executor(&settings, provider).build(), settings))
+    Ok((connect::executor(&settings, provider, fanout::Usage::default()).build(), settings))
 }
 
 /// Says every failure on stderr, named (even when stdout is JSON or shows it
@@ -128,7 +128,7 @@ pub struct VoteArgs {
     distinct: bool,
     /// With --distinct: the most samples to draw [default: 3 x N]
     #[arg(long)]
-    budget: Option<usize>,
+    max_samples: Option<usize>,
     #[arg(long)]
     system: Option<String>,
     /// Vote once per row of this JSONL/CSV file; one JSON line each
@@ -211,7 +211,7 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
         return Ok(vote_exit(result.error.is_none(), &ending).into());
     }
     if args.distinct {
-        let budget = args.budget.unwrap_or(args.samples * 3);
+        let budget = args.max_samples.unwrap_or(args.samples * 3);
         let result =
             distinct(&executor, &request, args.samples, budget, args.similarity, temperature).await;
         if flags.json {

@@ -3,21 +3,38 @@
 
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use fanout::{Event, Price, Status, TaskResult, Totals};
+use fanout::{Event, Price, Status, TaskResult, Totals, Usage};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 #[derive(Default)]
 struct Counts {
     succeeded: AtomicU64,
     failed: AtomicU64,
-    retrying: AtomicU64,
-    tokens: AtomicU64,
+    /// Attempts sent and not yet ended (hedges not included).
+    in_flight: AtomicI64,
+    calls: AtomicU64,
+    retries: AtomicU64,
+    rate_limited: AtomicU64,
+    hedges: AtomicU64,
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
+    cached_input_tokens: AtomicU64,
+}
+
+impl Counts {
+    fn usage(&self) -> Usage {
+        Usage {
+            cached_input_tokens: self.cached_input_tokens.load(Ordering::Relaxed),
+            ..Usage::new(
+                self.input_tokens.load(Ordering::Relaxed),
+                self.output_tokens.load(Ordering::Relaxed),
+            )
+        }
+    }
 }
 
 pub struct Progress {
@@ -43,15 +60,27 @@ impl Progress {
         Self { bar, counts: Arc::default(), started: Instant::now(), price }
     }
 
-    /// Counts retries as the executor reports them.
+    /// Counts attempts in flight, retries, 429s and hedges as the executor
+    /// reports them.
     pub fn events(&self) -> impl Fn(&Event) + Send + Sync + 'static {
         let counts = Arc::clone(&self.counts);
         move |event| match event {
-            Event::Retrying { .. } => {
-                counts.retrying.fetch_add(1, Ordering::Relaxed);
+            Event::Started { .. } => {
+                counts.in_flight.fetch_add(1, Ordering::Relaxed);
+                counts.calls.fetch_add(1, Ordering::Relaxed);
             }
-            Event::Started { attempt, .. } if *attempt > 1 => {
-                counts.retrying.fetch_sub(1, Ordering::Relaxed);
+            Event::Retrying { error, .. } => {
+                counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+                counts.retries.fetch_add(1, Ordering::Relaxed);
+                if error.is_rate_limited() {
+                    counts.rate_limited.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Event::Finished { attempts, .. } if *attempts > 0 => {
+                counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+            Event::Hedged { .. } => {
+                counts.hedges.fetch_add(1, Ordering::Relaxed);
             }
             _ => {}
         }
@@ -65,30 +94,42 @@ impl Progress {
             _ => 0,
         };
         let usage = result.outcome.usage();
-        counts.tokens.fetch_add(usage.total(), Ordering::Relaxed);
         counts.input_tokens.fetch_add(usage.input_tokens, Ordering::Relaxed);
         counts.output_tokens.fetch_add(usage.output_tokens, Ordering::Relaxed);
+        counts.cached_input_tokens.fetch_add(usage.cached_input_tokens, Ordering::Relaxed);
         self.bar.inc(1);
-        if self.bar.is_hidden() {
-            return;
+        if !self.bar.is_hidden() {
+            self.bar.set_message(self.line());
         }
-        let done = self.bar.position() as f64;
-        let rate = done / self.started.elapsed().as_secs_f64().max(1e-3);
-        let mut message = format!(
-            "ok {} failed {} retrying {} | {rate:.0}/s | {} tokens",
+    }
+
+    /// The live figures: counts, rates, in flight, 429s, retries, hedges, and
+    /// the cost so far with its projection over the whole input.
+    fn line(&self) -> String {
+        let counts = &self.counts;
+        let minutes = self.started.elapsed().as_secs_f64().max(1e-3) / 60.0;
+        let usage = counts.usage();
+        let per_minute = |n: u64| n as f64 / minutes;
+        let mut line = format!(
+            "ok {} failed {} | in flight {} | {} req/min {} tok/min | 429s {} retries {} hedges {}",
             counts.succeeded.load(Ordering::Relaxed),
             counts.failed.load(Ordering::Relaxed),
-            counts.retrying.load(Ordering::Relaxed),
-            counts.tokens.load(Ordering::Relaxed),
+            counts.in_flight.load(Ordering::Relaxed).max(0),
+            compact(per_minute(counts.calls.load(Ordering::Relaxed))),
+            compact(per_minute(usage.total())),
+            counts.rate_limited.load(Ordering::Relaxed),
+            counts.retries.load(Ordering::Relaxed),
+            counts.hedges.load(Ordering::Relaxed),
         );
         if let Some(price) = self.price {
-            let usage = fanout::Usage {
-                input_tokens: counts.input_tokens.load(Ordering::Relaxed),
-                output_tokens: counts.output_tokens.load(Ordering::Relaxed),
-            };
-            message.push_str(&format!(" | ${:.4}", price.cost(usage)));
+            let spent = price.cost(usage);
+            line.push_str(&format!(" | ${spent:.4}"));
+            let done = self.bar.position();
+            if let Some(total) = self.bar.length().filter(|t| done > 0 && *t > done) {
+                line.push_str(&format!(" of ~${:.4}", spent / done as f64 * total as f64));
+            }
         }
-        self.bar.set_message(message);
+        line
     }
 
     pub fn finish(&self) {
@@ -96,8 +137,34 @@ impl Progress {
     }
 }
 
+/// 1234 → "1.2k", 2_500_000 → "2.5M": rates stay short on the line.
+fn compact(value: f64) -> String {
+    match value {
+        v if v >= 1e6 => format!("{:.1}M", v / 1e6),
+        v if v >= 1e3 => format!("{:.1}k", v / 1e3),
+        v => format!("{v:.0}"),
+    }
+}
+
 fn millis(duration: Duration) -> String {
     format!("{:.0} ms", duration.as_secs_f64() * 1000.0)
+}
+
+/// The cost, projected over every task when some did not finish; said to be
+/// unknown (once, here) for a model without a price.
+fn cost_said(totals: &Totals) -> String {
+    let Some(cost) = totals.cost else {
+        return "unknown: no price for this model (give --price-in and --price-out)".into();
+    };
+    let unfinished = totals.cancelled + totals.not_run;
+    match (unfinished, totals.tasks - unfinished) {
+        (0, _) | (_, 0) => format!("${cost:.4}"),
+        (_, finished) => format!(
+            "${cost:.4} (all {} tasks: ~${:.4})",
+            totals.tasks,
+            cost / finished as f64 * totals.tasks as f64
+        ),
+    }
 }
 
 /// The end-of-run summary, for stderr.
@@ -120,10 +187,15 @@ pub fn summary(totals: &Totals) -> String {
         "tokens in / out",
         format!("{} / {}", totals.usage.input_tokens, totals.usage.output_tokens),
     );
-    if let Some(cost) = totals.cost {
-        row("cost", format!("${cost:.4}"));
+    if totals.usage.cached_input_tokens > 0 {
+        row("cached input tokens", totals.usage.cached_input_tokens.to_string());
     }
+    row("cost", cost_said(totals));
     row("wall time", format!("{:.1} s", totals.wall.as_secs_f64()));
+    row(
+        "requests / tokens per min",
+        format!("{} / {}", compact(totals.requests_per_minute), compact(totals.tokens_per_minute)),
+    );
     if let Some(latency) = totals.latency {
         row("latency p50 / p99", format!("{} / {}", millis(latency.p50), millis(latency.p99)));
     }

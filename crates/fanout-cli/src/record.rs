@@ -24,6 +24,7 @@ pub fn to_record(result: &TaskResult) -> Option<Record> {
             record.answer = Some(response.text.clone());
             record.input_tokens = response.usage.input_tokens;
             record.output_tokens = response.usage.output_tokens;
+            record.cached_input_tokens = response.usage.cached_input_tokens;
             record.usage_estimated = response.usage_estimated;
             record.latency_ms = Some(success.latency.as_secs_f64() * 1000.0);
             record.finish_reason = response.finish_reason.clone();
@@ -51,6 +52,11 @@ fn kind_name(kind: ErrorKind) -> String {
     serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
+/// The input fields a record kept (`--keep`).
+pub fn kept_of(record: &Record) -> Option<crate::output::Kept> {
+    serde_json::from_str(record.kept.as_deref()?).ok()
+}
+
 /// The result a record stands for, with its task's place and id.
 pub fn to_result(record: Record) -> TaskResult {
     let (index, id) = (record.index as usize, TaskId::from(record.task_id.clone()));
@@ -61,8 +67,7 @@ pub fn to_result(record: Record) -> TaskResult {
 pub fn to_outcome(record: Record) -> Outcome {
     match record.status.as_str() {
         "succeeded" => {
-            let usage =
-                Usage { input_tokens: record.input_tokens, output_tokens: record.output_tokens };
+            let usage = Usage::new(record.input_tokens, record.output_tokens);
             let mut response = Response::new(record.answer.unwrap_or_default(), usage);
             response.usage_estimated = record.usage_estimated;
             response.finish_reason = record.finish_reason;
@@ -96,8 +101,7 @@ mod tests {
 
     #[test]
     fn finished_results_round_trip_and_unfinished_are_not_recorded() {
-        let mut response = Response::new("7/10", Usage { input_tokens: 30, output_tokens: 4 })
-            .with_finish_reason("stop");
+        let mut response = Response::new("7/10", Usage::new(30, 4)).with_finish_reason("stop");
         response.usage_estimated = true;
         let success = Outcome::Succeeded(Success::new(response, Duration::from_millis(250), 2));
         let error = ProviderError::from_status(400, "context too long").with_request_id("req_9");

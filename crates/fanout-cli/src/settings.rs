@@ -14,11 +14,13 @@
 //! concurrency = 64
 //! rpm = 500
 //! tpm = 200000
-//! price_input = 0.15               # per million tokens
+//! price_input = 0.15               # per million tokens [default: data/prices.toml]
 //! price_output = 0.60
 //! hedge = true                     # duplicate stragglers (default); false turns it off
 //! hedge_budget = 0.05              # at most this share of extra calls
 //! hedge_after = 10.0               # seconds without a sign of life [default: learned]
+//! budget = 5.00                    # dollars at most, a job's runs together
+//! max_total_tokens = 2000000       # tokens at most
 //!
 //! [mcp.docs]                       # tools for `--tools docs` (stdio: command, args, env)
 //! command = "npx"
@@ -34,7 +36,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use fanout::agent::mcp::McpConfig;
-use fanout::{HedgePolicy, Price};
+use fanout::prices::PriceTable;
+use fanout::{HedgePolicy, Price, SpendLimit, Usage};
 use serde::{Deserialize, Serialize};
 
 /// The local provider's model name; any other `--model` value is a GGUF path.
@@ -143,12 +146,21 @@ pub struct Choices {
     /// Compute threads of the local model [default: one per core]
     #[arg(long, global = true, env = "FANOUT_THREADS")]
     pub threads: Option<usize>,
-    /// Price of a million input tokens, for the summary's cost
-    #[arg(long, global = true, value_name = "PRICE")]
+    /// Price of a million input tokens [default: the built-in table's price of the model]
+    #[arg(long, global = true, value_name = "PRICE", visible_alias = "price-in")]
     pub price_input: Option<f64>,
-    /// Price of a million output tokens
-    #[arg(long, global = true, value_name = "PRICE")]
+    /// Price of a million output tokens [default: the built-in table's]
+    #[arg(long, global = true, value_name = "PRICE", visible_alias = "price-out")]
     pub price_output: Option<f64>,
+    /// The most the calls may cost, in dollars at the model's price; a job's
+    /// earlier runs count. When the next call could exceed it, no call starts
+    /// and the run ends with exit 4 (resume with a larger --budget)
+    #[arg(long, global = true, value_name = "DOLLARS")]
+    pub budget: Option<f64>,
+    /// The most tokens the calls may use, input and output together (a job's
+    /// earlier runs count)
+    #[arg(long, global = true, value_name = "TOKENS")]
+    pub max_total_tokens: Option<u64>,
     /// Duplicate calls that straggle (on by default): past the learned p95 (and
     /// twice the median) without a sign of life, within the hedge budget;
     /// `--hedge=false` turns it off
@@ -188,6 +200,8 @@ impl Choices {
             threads: self.threads.or(fallback.threads),
             price_input: self.price_input.or(fallback.price_input),
             price_output: self.price_output.or(fallback.price_output),
+            budget: self.budget.or(fallback.budget),
+            max_total_tokens: self.max_total_tokens.or(fallback.max_total_tokens),
             hedge: self.hedge.or(fallback.hedge),
             hedge_budget: self.hedge_budget.or(fallback.hedge_budget),
             hedge_after: self.hedge_after.or(fallback.hedge_after),
@@ -243,6 +257,12 @@ pub struct Settings {
     #[serde(default)]
     pub threads: Option<usize>,
     pub price: Option<Price>,
+    /// The most the calls may cost (a job's runs together), at `price`.
+    #[serde(default)]
+    pub budget: Option<f64>,
+    /// The most tokens the calls may use (a job's runs together).
+    #[serde(default)]
+    pub max_total_tokens: Option<u64>,
     /// Hedging of stragglers; `None` is off.
     #[serde(default = "Hedging::default_on")]
     pub hedge: Option<Hedging>,
@@ -321,6 +341,29 @@ fn check_hedge_budget(budget: Option<f64>) -> Result<()> {
     Ok(())
 }
 
+/// `price` with the input and output prices given as flags or profile keys
+/// instead of its own; a price that is only given is the whole price.
+fn overridden_price(
+    price: Option<Price>,
+    input: Option<f64>,
+    output: Option<f64>,
+) -> Result<Option<Price>> {
+    for (flag, given) in [("--price-in", input), ("--price-out", output)] {
+        if let Some(value) = given.filter(|v| !(v.is_finite() && *v >= 0.0)) {
+            bail!("{flag} must be a price of zero or more per million tokens, not {value}");
+        }
+    }
+    if input.is_none() && output.is_none() {
+        return Ok(price);
+    }
+    let base = price.unwrap_or(Price::new(0.0, 0.0));
+    Ok(Some(Price {
+        input_per_million: input.unwrap_or(base.input_per_million),
+        output_per_million: output.unwrap_or(base.output_per_million),
+        ..base
+    }))
+}
+
 pub fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
 }
@@ -354,16 +397,16 @@ impl Settings {
         };
         let chosen = flags.choices.clone().over(base_url_env).over(profile);
         let hedge = hedging(&chosen, flags.no_hedge)?;
-        let price = match (chosen.price_input, chosen.price_output) {
-            (None, None) => None,
-            (input, output) => Some(Price {
-                input_per_million: input.unwrap_or(0.0),
-                output_per_million: output.unwrap_or(0.0),
-            }),
+        let model = chosen.model.unwrap_or_else(|| provider.default_model().into());
+        let listed = match provider {
+            // The embedded model runs on this machine: its calls cost nothing.
+            ProviderKind::Local => Some(Price::new(0.0, 0.0)),
+            _ => PriceTable::builtin().lookup(&model).map(|m| m.price),
         };
-        Ok(Self {
+        let price = overridden_price(listed, chosen.price_input, chosen.price_output)?;
+        Self {
             provider,
-            model: chosen.model.unwrap_or_else(|| provider.default_model().into()),
+            model,
             base_url: chosen.base_url,
             api_key_env: chosen.api_key_env.unwrap_or_else(|| provider.key_env().into()),
             concurrency: chosen.concurrency.unwrap_or(16).max(1),
@@ -376,8 +419,40 @@ impl Settings {
             max_tokens: chosen.max_tokens,
             threads: chosen.threads.filter(|t| *t > 0),
             price,
+            budget: chosen.budget,
+            max_total_tokens: chosen.max_total_tokens,
             hedge,
-        })
+        }
+        .checked_budget()
+    }
+
+    /// The spending limit these settings ask for, counting `spent` (what the
+    /// job's earlier runs used).
+    pub fn spend_limit(&self, spent: Usage) -> Option<SpendLimit> {
+        let mut limit = match (self.budget, self.price) {
+            (Some(budget), Some(price)) => Some(SpendLimit::cost(budget, price)),
+            _ => None,
+        };
+        if let Some(tokens) = self.max_total_tokens {
+            limit = Some(limit.unwrap_or_default().with_max_tokens(tokens));
+        }
+        limit.map(|l| l.already_spent(spent))
+    }
+
+    /// Refuses a budget that cannot be kept: one without a price to count it in.
+    fn checked_budget(self) -> Result<Self> {
+        if let Some(budget) = self.budget {
+            if !(budget.is_finite() && budget >= 0.0) {
+                bail!("--budget must be an amount of zero or more dollars, not {budget}");
+            }
+            if self.price.is_none() {
+                bail!(
+                    "--budget needs a price, and none is known for model `{}`: give --price-in and --price-out (per million tokens)",
+                    self.model
+                );
+            }
+        }
+        Ok(self)
     }
 
     /// Takes the run limits, prices and key variable (not what shapes
@@ -394,14 +469,9 @@ impl Settings {
         self.retries = now.retries.unwrap_or(self.retries);
         self.threads = now.threads.filter(|t| *t > 0).or(self.threads);
         self.api_key_env = now.api_key_env.clone().unwrap_or(self.api_key_env);
-        if now.price_input.is_some() || now.price_output.is_some() {
-            let price =
-                self.price.unwrap_or(Price { input_per_million: 0.0, output_per_million: 0.0 });
-            self.price = Some(Price {
-                input_per_million: now.price_input.unwrap_or(price.input_per_million),
-                output_per_million: now.price_output.unwrap_or(price.output_per_million),
-            });
-        }
+        self.price = overridden_price(self.price, now.price_input, now.price_output)?;
+        self.budget = now.budget.or(self.budget);
+        self.max_total_tokens = now.max_total_tokens.or(self.max_total_tokens);
         if flags.no_hedge || now.hedge == Some(false) {
             self.hedge = None;
         } else if now.hedge.is_some() || now.hedge_budget.is_some() || now.hedge_after.is_some() {
@@ -410,7 +480,7 @@ impl Settings {
             hedge.after = now.hedge_after.or(hedge.after);
             self.hedge = Some(hedge);
         }
-        Ok(self)
+        self.checked_budget()
     }
 }
 

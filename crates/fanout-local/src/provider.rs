@@ -181,7 +181,7 @@ impl Provider for LocalModel {
             self.inner.engine.generate(self.generation_request(request, prompt.clone(), choice))
         }))
         .await;
-        let mut usage = Usage { input_tokens: prompt.len() as u64, output_tokens: 0 };
+        let mut usage = Usage::new(prompt.len() as u64, 0);
         let mut texts = Vec::with_capacity(answers.len());
         let mut finish_reason = None;
         for answer in answers {

@@ -96,6 +96,9 @@ pub struct Job {
     pub created_at: i64,
     /// Seconds since the Unix epoch, when records or the total were last written.
     pub updated_at: i64,
+    /// The totals of the job's last run (calls, retries, 429s, hedges, rates),
+    /// as JSON; `None` before a run has ended.
+    pub last_run: Option<serde_json::Value>,
 }
 
 /// A job with its tasks counted by status.
@@ -110,6 +113,8 @@ pub struct JobSummary {
     pub input_tokens: u64,
     /// Output tokens of the finished tasks, summed.
     pub output_tokens: u64,
+    /// Cached input tokens of the finished tasks, summed (part of `input_tokens`).
+    pub cached_input_tokens: u64,
 }
 
 impl JobSummary {
@@ -160,6 +165,10 @@ pub struct Record {
     pub finished_at: i64,
     /// Whether the token counts are estimates: the provider reported none.
     pub usage_estimated: bool,
+    /// The part of `input_tokens` read from the provider's prompt cache.
+    pub cached_input_tokens: u64,
+    /// The input fields kept beside the answer (`--keep`), as a JSON object.
+    pub kept: Option<String>,
 }
 
 impl Record {
@@ -218,10 +227,11 @@ pub struct Store {
     conn: Connection,
 }
 
-const JOB_COLUMNS: &str = "id, name, input, fingerprint, settings, total, created_at, updated_at";
+const JOB_COLUMNS: &str =
+    "id, name, input, fingerprint, settings, total, created_at, updated_at, last_run";
 const RECORD_COLUMNS: &str = "idx, task_id, status, answer, error_kind, error_message, error_status, \
      input_tokens, output_tokens, latency_ms, attempts, finish_reason, model, request_id, finished_at, \
-     usage_estimated";
+     usage_estimated, cached_input_tokens, kept";
 
 fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let settings: String = row.get(4)?;
@@ -234,6 +244,9 @@ fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
         total: row.get::<_, Option<i64>>(5)?.map(|t| t as u64),
         created_at: row.get(6)?,
         updated_at: row.get(7)?,
+        last_run: row
+            .get::<_, Option<String>>(8)?
+            .and_then(|text| serde_json::from_str(&text).ok()),
     })
 }
 
@@ -255,6 +268,8 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         request_id: row.get(13)?,
         finished_at: row.get(14)?,
         usage_estimated: row.get(15)?,
+        cached_input_tokens: row.get::<_, i64>(16)? as u64,
+        kept: row.get(17)?,
     })
 }
 
@@ -345,7 +360,8 @@ impl Store {
         let mut statement = self
             .conn
             .prepare(
-                "SELECT status, count(*), sum(input_tokens), sum(output_tokens) FROM tasks \
+                "SELECT status, count(*), sum(input_tokens), sum(output_tokens), \
+                 sum(cached_input_tokens) FROM tasks \
                  WHERE job_id = ?1 GROUP BY status",
             )
             .context(context)?;
@@ -353,6 +369,7 @@ impl Store {
             counts: BTreeMap::new(),
             input_tokens: 0,
             output_tokens: 0,
+            cached_input_tokens: 0,
             job: job.clone(),
         };
         let rows = statement
@@ -362,14 +379,16 @@ impl Store {
                     row.get::<_, i64>(1)?,
                     row.get::<_, i64>(2)?,
                     row.get::<_, i64>(3)?,
+                    row.get::<_, i64>(4)?,
                 ))
             })
             .context(context)?;
         for row in rows {
-            let (status, count, input, output) = row.context(context)?;
+            let (status, count, input, output, cached) = row.context(context)?;
             summary.counts.insert(status, count as u64);
             summary.input_tokens += input as u64;
             summary.output_tokens += output as u64;
+            summary.cached_input_tokens += cached as u64;
         }
         Ok(summary)
     }
@@ -399,7 +418,7 @@ impl Store {
             let mut insert = transaction
                 .prepare_cached(&format!(
                     "INSERT OR REPLACE INTO tasks (job_id, {RECORD_COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
                 ))
                 .context(context)?;
             for r in records {
@@ -422,6 +441,8 @@ impl Store {
                         r.request_id,
                         r.finished_at,
                         r.usage_estimated,
+                        r.cached_input_tokens as i64,
+                        r.kept,
                     ])
                     .context(context)?;
             }
@@ -431,6 +452,17 @@ impl Store {
             .and_then(|mut update| update.execute(params![job, now()]))
             .context(context)?;
         transaction.commit().context(context)
+    }
+
+    /// Stores the totals of the job's run that just ended ([`Job::last_run`]).
+    pub fn set_last_run(&self, job: i64, totals: &serde_json::Value) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET last_run = ?2 WHERE id = ?1",
+                params![job, totals.to_string()],
+            )
+            .context(|| "cannot store the run's totals".into())?;
+        Ok(())
     }
 
     /// Stores a job's fingerprint anew (written by an older version of the program).

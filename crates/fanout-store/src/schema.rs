@@ -11,7 +11,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     settings    TEXT NOT NULL,
     total       INTEGER,
     created_at  INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL
+    updated_at  INTEGER NOT NULL,
+    last_run    TEXT
 );
 CREATE TABLE IF NOT EXISTS tasks (
     job_id        INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
@@ -31,6 +32,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     request_id    TEXT,
     finished_at   INTEGER NOT NULL,
     usage_estimated INTEGER NOT NULL DEFAULT 0,
+    cached_input_tokens INTEGER NOT NULL DEFAULT 0,
+    kept          TEXT,
     PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cache (
@@ -52,16 +55,24 @@ pub(crate) fn prepare(conn: &Connection) -> rusqlite::Result<()> {
     add_missing_columns(conn)
 }
 
-/// Columns added after the first release, added to stores made before them.
-const ADDED_COLUMNS: [(&str, &str); 1] = [("usage_estimated", "INTEGER NOT NULL DEFAULT 0")];
+/// Columns added after the first release (table, column, definition), added
+/// to stores made before them.
+const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+    ("tasks", "usage_estimated", "INTEGER NOT NULL DEFAULT 0"),
+    ("tasks", "cached_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("jobs", "last_run", "TEXT"),
+    ("tasks", "kept", "TEXT"),
+];
 
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {
-    let mut statement = conn.prepare("SELECT name FROM pragma_table_info('tasks')")?;
-    let present: Vec<String> =
-        statement.query_map([], |row| row.get(0))?.collect::<rusqlite::Result<_>>()?;
-    for (name, definition) in ADDED_COLUMNS {
-        if !present.iter().any(|p| p == name) {
-            conn.execute_batch(&format!("ALTER TABLE tasks ADD COLUMN {name} {definition}"))?;
+    for (table, name, definition) in ADDED_COLUMNS {
+        let present: bool = conn.query_row(
+            "SELECT count(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+            [table, name],
+            |row| row.get(0),
+        )?;
+        if !present {
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {definition}"))?;
         }
     }
     Ok(())

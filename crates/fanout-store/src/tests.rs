@@ -101,3 +101,40 @@ fn finished_set_is_a_bitset() {
             && !finished.contains(5_000_000)
     );
 }
+
+/// A store made before `cached_input_tokens` and `last_run` existed gains
+/// them on open, keeps its records, and then stores both.
+#[test]
+fn an_older_store_gains_the_new_columns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE jobs (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, input TEXT NOT NULL,
+                fingerprint TEXT NOT NULL, settings TEXT NOT NULL, total INTEGER,
+                created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL);
+             CREATE TABLE tasks (job_id INTEGER NOT NULL, idx INTEGER NOT NULL, task_id TEXT NOT NULL,
+                status TEXT NOT NULL, answer TEXT, error_kind TEXT, error_message TEXT,
+                error_status INTEGER, input_tokens INTEGER NOT NULL, output_tokens INTEGER NOT NULL,
+                latency_ms REAL, attempts INTEGER NOT NULL, finish_reason TEXT, model TEXT,
+                request_id TEXT, finished_at INTEGER NOT NULL, PRIMARY KEY (job_id, idx)) WITHOUT ROWID;
+             INSERT INTO jobs VALUES (1, 'old', 'in.jsonl', '{}', '{}', 2, 0, 0);
+             INSERT INTO tasks VALUES (1, 0, 'a', 'succeeded', 'hi', NULL, NULL, NULL, 7, 3, 1.0, 1,
+                'stop', 'm', NULL, 0);",
+        )
+        .unwrap();
+    }
+    let mut store = Store::open(&path).unwrap();
+    let job = store.job("old").unwrap().unwrap();
+    assert_eq!(job.last_run, None);
+    let old = store.record_at(job.id, 0).unwrap().unwrap();
+    assert_eq!((old.input_tokens, old.cached_input_tokens, old.usage_estimated), (7, 0, false));
+    let cached = Record { cached_input_tokens: 6, ..record(1, "succeeded") };
+    store.record(job.id, &[cached]).unwrap();
+    let totals = serde_json::json!({"calls": 2, "retries": 1});
+    store.set_last_run(job.id, &totals).unwrap();
+    let summary = store.summary(store.job("old").unwrap().unwrap()).unwrap();
+    assert_eq!((summary.input_tokens, summary.cached_input_tokens), (17, 6));
+    assert_eq!(summary.job.last_run, Some(totals));
+}

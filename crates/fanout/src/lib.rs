@@ -40,6 +40,7 @@
 pub mod agent;
 mod exec;
 pub mod pattern;
+pub mod prices;
 mod provider;
 mod task;
 pub mod tokens;
@@ -51,10 +52,11 @@ pub use exec::branch::{
 };
 pub use exec::event::{Event, EventSink};
 pub use exec::hedge::{HedgeAfter, HedgePolicy};
-pub use exec::limit::Rate;
-pub use exec::report::{Latency, Price, Report, Totals};
+pub use exec::limit::{Rate, SpendLimit};
+pub use exec::report::{Latency, Report, Totals};
 pub use exec::retry::RetryPolicy;
 pub use exec::{Executor, ExecutorBuilder, HeldResult, HeldResults, Results, Slot};
+pub use prices::Price;
 pub use provider::anthropic::AnthropicBuilder;
 pub use provider::headers::Budget;
 pub use provider::openai::OpenAiBuilder;

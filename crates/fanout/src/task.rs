@@ -92,6 +92,14 @@ impl Task {
         Self { id: Some(id.into()), work: Work::Settled(Box::new(outcome)) }
     }
 
+    /// The outcome of a settled task ([`Task::settled`]).
+    pub fn settled_outcome(&self) -> Option<&Outcome> {
+        match &self.work {
+            Work::Settled(outcome) => Some(outcome),
+            Work::Call(_) => None,
+        }
+    }
+
     /// The request, unless the task is settled.
     pub fn request(&self) -> Option<&Request> {
         match &self.work {
@@ -125,6 +133,8 @@ pub enum NotRun {
     Deadline,
     /// The run was cancelled before the task's turn.
     Cancelled,
+    /// The executor's spending limit would have been exceeded by the task's call.
+    BudgetSpent,
     /// Answers showed the job cannot succeed (bad key, unknown model, no quota);
     /// this is the answer that decided it.
     CircuitOpen(ProviderError),
@@ -135,6 +145,7 @@ impl fmt::Display for NotRun {
         match self {
             Self::Deadline => f.write_str("deadline passed before it started"),
             Self::Cancelled => f.write_str("cancelled before it started"),
+            Self::BudgetSpent => f.write_str("not run: the spending limit is reached"),
             Self::CircuitOpen(cause) => write!(f, "not run: the job cannot succeed: {cause}"),
         }
     }

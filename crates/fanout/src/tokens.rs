@@ -66,6 +66,12 @@ fn tokenizer(model: &str) -> Option<&'static CoreBPE> {
     tiktoken_rs::bpe_for_tokenizer(known).ok()
 }
 
+/// Whether tiktoken knows `model`'s tokenizer, so [`count_text`] and
+/// [`count_prompt`] are exact for it.
+pub fn has_tokenizer(model: &str) -> bool {
+    tokenizer(model).is_some()
+}
+
 /// How many tokens `text` is for `model`: exact with a known tokenizer,
 /// estimated otherwise.
 pub fn count_text(model: Option<&str>, text: &str) -> u64 {

@@ -34,6 +34,9 @@ pub struct BatchArgs {
     /// [default: openai-batch for OpenAI Batch input, else jsonl]
     #[arg(long, value_enum)]
     output_format: Option<OutputFormat>,
+    /// Input fields each output row keeps beside its answer: `name,grade` or '*'
+    #[arg(long, value_name = "FIELDS")]
+    keep: Option<super::Keep>,
     /// Job name: running the same job again resumes it [default: the input's name and the time]
     #[arg(long)]
     job: Option<String>,
@@ -53,6 +56,9 @@ pub struct JobRunArgs {
     /// Reuse stored answers for identical requests
     #[arg(long)]
     cache: bool,
+    /// Render and count every request (rows, invalid rows, tokens, cost) without any call
+    #[arg(long)]
+    dry_run: bool,
     /// Seconds in-flight calls may take to finish after Ctrl-C
     #[arg(long, default_value_t = 30.0)]
     grace: f64,
@@ -66,6 +72,7 @@ impl JobRunArgs {
             output: self.output,
             retry_failed: self.retry_failed,
             cache: self.cache,
+            dry_run: self.dry_run,
             quiet: flags.quiet,
             json: flags.json,
             grace: Duration::from_secs_f64(self.grace.max(0.0)),
@@ -108,6 +115,7 @@ pub async fn command(flags: &Flags, args: BatchArgs) -> Result<ExitCode> {
         system: args.system,
         id_field: args.id_field,
         output_format,
+        keep: args.keep,
         settings,
     };
     let job = args.job.unwrap_or_else(|| default_job_name(&args.input));

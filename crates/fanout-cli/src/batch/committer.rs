@@ -22,10 +22,11 @@ use fanout_store::{Finished, Store};
 use futures_util::{FutureExt, StreamExt};
 
 use super::job::OpenJob;
+use super::keep::KeptFields;
 use crate::exit::Ending;
-use crate::output::Output;
+use crate::output::{Kept, Output};
 use crate::progress::Progress;
-use crate::record::{to_record, to_result};
+use crate::record::{kept_of, to_record, to_result};
 
 /// The most results committed in one transaction.
 const MAX_GROUP: usize = 4096;
@@ -38,6 +39,8 @@ pub struct Committer {
     /// Results restored from an earlier run: already stored, never again.
     restored: Finished,
     output: Output,
+    /// Each task's kept input fields, until its result is committed.
+    kept: KeptFields,
     progress: Progress,
     ending: Ending,
     order: StoreOrder,
@@ -62,6 +65,7 @@ impl Committer {
     pub fn new(
         open: OpenJob,
         output: Output,
+        kept: KeptFields,
         progress: Progress,
         in_memory: usize,
         drain: CancellationToken,
@@ -71,6 +75,7 @@ impl Committer {
             job: open.job.id,
             restored: open.finished,
             output,
+            kept,
             progress,
             ending: Ending::default(),
             order: StoreOrder::new(in_memory),
@@ -118,29 +123,33 @@ impl Committer {
 
     fn commit(&mut self, group: &mut Vec<HeldResult>) -> Result<()> {
         let mut stored = Vec::with_capacity(group.len());
+        let mut kept = Vec::with_capacity(group.len());
         let records: Vec<_> = group
             .iter()
             .filter_map(|held| {
                 let index = held.result.index as u64;
-                if self.restored.contains(index) {
-                    stored.push(true);
-                    return None;
-                }
-                let record = to_record(&held.result);
-                stored.push(record.is_some());
+                let fields = self.kept.take(index);
+                let restored = self.restored.contains(index);
+                let record = (!restored).then(|| to_record(&held.result)).flatten().map(|mut r| {
+                    r.kept =
+                        fields.as_ref().map(|f| serde_json::Value::Object(f.clone()).to_string());
+                    r
+                });
+                stored.push(restored || record.is_some());
+                kept.push(fields);
                 record
             })
             .collect();
         if !records.is_empty() {
             self.store.record(self.job, &records)?;
         }
-        for (held, stored) in group.drain(..).zip(stored) {
+        for ((held, stored), kept) in group.drain(..).zip(stored).zip(kept) {
             // Safe now: the slot may go to the next call.
             let HeldResult { result, slot } = held;
             drop(slot);
             self.progress.record(&result);
             self.ending.add(&result.outcome);
-            self.order.insert(result, stored);
+            self.order.insert(result, kept, stored);
         }
         self.write_out()
     }
@@ -179,7 +188,7 @@ struct StoreOrder {
     next: u64,
     /// Indices that have a result, kept or stored.
     done: Finished,
-    kept: BTreeMap<u64, TaskResult>,
+    kept: BTreeMap<u64, (TaskResult, Option<Kept>)>,
     in_memory: usize,
 }
 
@@ -191,19 +200,19 @@ impl StoreOrder {
     /// `stored`: whether the result can be read back from the store. Results
     /// that cannot (runs cut short) are always kept: there are at most as many
     /// as were in flight when the run stopped.
-    fn insert(&mut self, result: TaskResult, stored: bool) {
+    fn insert(&mut self, result: TaskResult, fields: Option<Kept>, stored: bool) {
         let index = result.index as u64;
         self.done.insert(index);
         let next_up = index == self.next;
         if next_up || !stored || self.kept.len() < self.in_memory {
-            self.kept.insert(index, result);
+            self.kept.insert(index, (result, fields));
         }
     }
 
     fn write_ready(&mut self, store: &Store, job: i64, output: &mut Output) -> Result<()> {
         while self.done.contains(self.next) {
-            if let Some(result) = self.kept.remove(&self.next) {
-                output.write(&result).context("cannot write the output")?;
+            if let Some((result, fields)) = self.kept.remove(&self.next) {
+                output.write(&result, fields.as_ref()).context("cannot write the output")?;
                 self.next += 1;
                 continue;
             }
@@ -216,7 +225,8 @@ impl StoreOrder {
                 end += 1;
             }
             store.each_record_between(job, self.next, end, |record| -> Result<()> {
-                output.write(&to_result(record)).context("cannot write the output")
+                let fields = kept_of(&record);
+                output.write(&to_result(record), fields.as_ref()).context("cannot write the output")
             })?;
             self.next = end;
         }
@@ -283,19 +293,20 @@ mod tests {
         let job =
             store.create_job("j", "in", &Fingerprint::default(), &serde_json::json!({})).unwrap();
         let written = Written::default();
-        let mut output = Output::new(OutputFormat::Jsonl, Box::new(written.clone())).unwrap();
+        let mut output =
+            Output::new(OutputFormat::Jsonl, Box::new(written.clone()), Vec::new()).unwrap();
         let mut order = StoreOrder::new(100);
         for index in 1..=5_000 {
             let result = succeeded(index);
             store.record(job.id, &[to_record(&result).unwrap()]).unwrap();
-            order.insert(result, true);
+            order.insert(result, None, true);
             order.write_ready(&store, job.id, &mut output).unwrap();
             assert!(order.kept.len() <= 100, "kept {} at row {index}", order.kept.len());
         }
         assert!(written.ids().is_empty(), "nothing passes the slow head");
         let head = succeeded(0);
         store.record(job.id, &[to_record(&head).unwrap()]).unwrap();
-        order.insert(head, true);
+        order.insert(head, None, true);
         order.write_ready(&store, job.id, &mut output).unwrap();
         output.flush().unwrap();
         let expected: Vec<String> = (0..=5_000).map(|i| format!("row-{i}")).collect();
@@ -310,14 +321,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("fanout.db")).unwrap();
         let written = Written::default();
-        let mut output = Output::new(OutputFormat::Jsonl, Box::new(written.clone())).unwrap();
+        let mut output =
+            Output::new(OutputFormat::Jsonl, Box::new(written.clone()), Vec::new()).unwrap();
         let mut order = StoreOrder::new(1);
         for index in [3, 2, 1] {
             let cut = Outcome::Cancelled { attempts: 1 };
-            order.insert(TaskResult::new(index, TaskId::from(format!("row-{index}")), cut), false);
+            order.insert(
+                TaskResult::new(index, TaskId::from(format!("row-{index}")), cut),
+                None,
+                false,
+            );
         }
         let head = TaskResult::new(0, TaskId::from("row-0"), Outcome::Cancelled { attempts: 0 });
-        order.insert(head, false);
+        order.insert(head, None, false);
         order.write_ready(&store, 1, &mut output).unwrap();
         output.flush().unwrap();
         assert_eq!(written.ids(), ["row-0", "row-1", "row-2", "row-3"]);

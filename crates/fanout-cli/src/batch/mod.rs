@@ -11,7 +11,9 @@
 
 mod args;
 mod committer;
+mod dry_run;
 mod job;
+mod keep;
 mod rows;
 
 use std::fs::File;
@@ -23,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use fanout::{CancellationToken, Executor};
+use fanout::{CancellationToken, Executor, Usage};
 use fanout_store::Store;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +40,8 @@ use crate::template::Prompt;
 pub use args::{BatchArgs, JobRunArgs, command};
 use committer::{Committed, Committer};
 use job::Opened;
+pub use keep::Keep;
+use keep::KeptFields;
 
 /// What a job was started with: enough to run it again.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,6 +52,9 @@ pub struct Spec {
     pub system: Option<String>,
     pub id_field: Option<String>,
     pub output_format: OutputFormat,
+    /// Input fields each output row keeps beside its answer.
+    #[serde(default)]
+    pub keep: Option<Keep>,
     pub settings: Settings,
 }
 
@@ -59,6 +66,8 @@ pub struct RunOptions {
     pub output: Option<PathBuf>,
     pub retry_failed: bool,
     pub cache: bool,
+    /// Count what would be sent, and send nothing.
+    pub dry_run: bool,
     pub quiet: bool,
     pub json: bool,
     /// After the first Ctrl-C, how long in-flight calls may take to finish.
@@ -150,29 +159,96 @@ impl Interrupts {
     }
 }
 
-/// The provider (behind the cache when asked) and the executor over it.
+/// The provider (behind the cache when asked) and the executor over it;
+/// `spent` is what the job's earlier runs used of its spending limit.
 async fn executor(
     spec: &Spec,
     options: &RunOptions,
     progress: &Progress,
     interrupts: &Interrupts,
+    spent: Usage,
 ) -> Result<Executor> {
     let mut provider = connect::provider(&spec.settings, options.quiet).await.map_err(Refusal)?;
+    if spent.total() == 0
+        && let Some(request) = first_request(spec)?
+    {
+        connect::check_budget_fits(&spec.settings, &*provider, &request).map_err(Refusal)?;
+    }
     if options.cache {
         let scope = crate::fingerprint::cache_scope(&spec.settings);
         let legacy_scope = crate::fingerprint::legacy_cache_scope(&spec.settings);
         provider = Arc::new(Cached::new(provider, scope, legacy_scope, &options.store)?);
     }
-    Ok(connect::executor(&spec.settings, provider)
+    Ok(connect::executor(&spec.settings, provider, spent)
         .drain_token(interrupts.drain.clone())
         .cancel_token(interrupts.cancel.clone())
         .on_event(progress.events())
         .build())
 }
 
+/// What the job has spent of its limit, its earlier runs included.
+fn spending_said(settings: &Settings, earlier: Usage, totals: &fanout::Totals) -> String {
+    let mut spent = earlier;
+    spent += totals.usage;
+    let mut parts = Vec::new();
+    if let (Some(budget), Some(price)) = (settings.budget, settings.price) {
+        parts.push(format!("${:.4} of the ${budget} budget", price.cost(spent)));
+    }
+    if let Some(tokens) = settings.max_total_tokens {
+        parts.push(format!("{} of the {tokens} tokens allowed", spent.total()));
+    }
+    format!("the spending limit is reached: {} spent", parts.join(" and "))
+}
+
+/// The request of the input's first valid row, rendered: what one call of
+/// the job looks like. Only read when a spending limit is set.
+fn first_request(spec: &Spec) -> Result<Option<fanout::Request>> {
+    let limited = spec.settings.budget.is_some() || spec.settings.max_total_tokens.is_some();
+    // Standard input can be read once only.
+    if !limited || is_stdin(spec) {
+        return Ok(None);
+    }
+    let Ok(prompt) = prompt(spec) else { return Ok(None) };
+    // Nothing is restored with nothing finished: an empty store will do.
+    let scratch = Store::open(Path::new(":memory:"))?;
+    let mut tasks =
+        rows::tasks(spec, prompt, scratch, 0, Default::default(), KeptFields::default())
+            .map_err(Refusal)?;
+    Ok(tasks.find_map(|task| task.request().cloned()))
+}
+
+fn is_stdin(spec: &Spec) -> bool {
+    spec.input.as_os_str() == "-"
+}
+
+/// The CSV columns of the kept fields: as named, or for `--keep '*'` those
+/// of the input's first row.
+fn kept_columns(spec: &Spec) -> Result<Vec<String>> {
+    let Some(keep) = &spec.keep else { return Ok(Vec::new()) };
+    if *keep != Keep::All || spec.output_format != OutputFormat::Csv {
+        return Ok(keep.columns(None));
+    }
+    if is_stdin(spec) {
+        return Err(Refusal(anyhow::anyhow!(
+            "--keep '*' with CSV output needs the fields named (--keep a,b) when the input is standard input"
+        ))
+        .into());
+    }
+    let mut rows =
+        crate::input::rows(&spec.input, spec.format, spec.id_field.clone()).map_err(Refusal)?;
+    let first = rows.find_map(|row| match row.content {
+        crate::input::Content::Fields(fields) => Some(fields),
+        _ => None,
+    });
+    Ok(keep.columns(first.as_ref()))
+}
+
 /// Runs a job: every row from the input, through the executor, to the store,
 /// then to the output in input order.
 pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
+    if options.dry_run {
+        return dry_run::run(&spec, &options).await;
+    }
     let prompt = prompt(&spec)?;
     let open = match job::open(&spec, &options)? {
         Opened::Ready(open) => *open,
@@ -192,15 +268,29 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     }
     let progress = Progress::new(open.lines, options.quiet, spec.settings.price);
     let interrupts = Interrupts::install(options.grace);
-    let executor = executor(&spec, &options, &progress, &interrupts).await?;
+    let spent = {
+        let summary = open.store.summary(open.job.clone())?;
+        Usage::new(summary.input_tokens, summary.output_tokens)
+    };
+    let executor = executor(&spec, &options, &progress, &interrupts, spent).await?;
     let restore = Store::open(&options.store)?;
+    let kept = KeptFields::default();
     let tasks =
-        rows::tasks(&spec, prompt, restore, open.job.id, open.finished.clone()).map_err(Refusal)?;
+        rows::tasks(&spec, prompt, restore, open.job.id, open.finished.clone(), kept.clone())
+            .map_err(Refusal)?;
     let results = executor.stream_held(futures_util::stream::iter(tasks));
-    let output = Output::new(spec.output_format, open_output(options.output.as_deref())?)?;
+    let output = Output::new(
+        spec.output_format,
+        open_output(options.output.as_deref())?,
+        kept_columns(&spec)?,
+    )?;
     let in_memory = committer::memory_budget(spec.settings.concurrency);
-    let committer = Committer::new(open, output, progress, in_memory, interrupts.drain.clone());
+    let job_id = open.job.id;
+    let committer =
+        Committer::new(open, output, kept, progress, in_memory, interrupts.drain.clone());
     let Committed { ending, totals, output_closed } = committer.run(results).await?;
+    let totals_json = serde_json::to_value(&totals).expect("totals serialize");
+    Store::open(&options.store)?.set_last_run(job_id, &totals_json)?;
     if output_closed {
         // `fanout batch ... | head`: a quiet end, as for any command in a pipe;
         // every finished result is in the store.
@@ -208,16 +298,24 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     }
 
     if options.json {
-        eprintln!("{}", serde_json::to_string(&totals).expect("totals serialize"));
+        eprintln!("{totals_json}");
     } else if !options.quiet {
         eprintln!("{}", progress::summary(&totals));
     }
     if let Some(cause) = &ending.cannot_succeed {
         eprintln!("fanout: stopped: the job cannot succeed: {cause}");
     }
+    if ending.budget_spent {
+        eprintln!("fanout: stopped: {}", spending_said(&spec.settings, spent, &totals));
+    }
     if ending.unfinished > 0 || interrupts.pressed.load(Ordering::Relaxed) {
+        let (how, raise) = match (ending.budget_spent, spec.settings.budget) {
+            (false, _) => (" with", ""),
+            (true, Some(_)) => (" with a larger limit", " --budget DOLLARS"),
+            (true, None) => (" with a larger limit", " --max-total-tokens TOKENS"),
+        };
         eprintln!(
-            "fanout: {} tasks did not finish; resume with: {}",
+            "fanout: {} tasks did not finish; resume{how}: {}{raise}",
             ending.unfinished,
             resume_command(&options)
         );

@@ -8,6 +8,7 @@ use fanout::{ErrorKind, Outcome, ProviderError, Task};
 use fanout_store::{Finished, Store};
 
 use super::Spec;
+use super::keep::KeptFields;
 use crate::input::{self, Content};
 use crate::record::to_outcome;
 use crate::template::Prompt;
@@ -19,10 +20,16 @@ pub fn tasks(
     restore: Store,
     job: i64,
     finished: Finished,
+    kept: KeptFields,
 ) -> Result<impl Iterator<Item = Task> + Send + 'static> {
     let rows = input::rows(&spec.input, spec.format, spec.id_field.clone())?;
+    let keep = spec.keep.clone();
     let (temperature, max_tokens) = (spec.settings.temperature, spec.settings.max_tokens);
     Ok(rows.map(move |row| {
+        // Put aside before anything else, so restored and invalid rows keep theirs too.
+        if let (Some(keep), Content::Fields(fields)) = (&keep, &row.content) {
+            kept.put(row.index, keep.select(fields));
+        }
         let invalid = |message: String| {
             let error = ProviderError::new(ErrorKind::BadRequest, message);
             Outcome::Failed { error, attempts: 0 }

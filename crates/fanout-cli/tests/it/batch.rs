@@ -238,3 +238,40 @@ fn a_closed_pipe_ends_quietly_and_keeps_what_finished() {
     let stored: i64 = db.query_row("SELECT count(*) FROM tasks", [], |row| row.get(0)).unwrap();
     assert!((1..20_000).contains(&stored), "{stored} stored: the run stopped launching");
 }
+
+/// `--keep` carries input fields beside each answer in JSONL (as `input`),
+/// CSV (a column each) and the export, for answered and failed rows alike.
+#[test]
+fn kept_fields_travel_beside_the_answers() {
+    let home = Home::new();
+    let input = "{\"id\":\"a\",\"name\":\"Ann\",\"grade\":5,\"essay\":\"The sea\"}\n\
+                 {\"id\":\"b\",\"name\":\"Ben\",\"grade\":6}\n";
+    let path = home.write("essays.jsonl", input);
+    let batch = |extra: &[&str]| {
+        home.fanout()
+            .args(["--provider", "mock", "-q", "batch"])
+            .arg(&path)
+            .args(["--prompt", "{{ essay }}", "--id", "id"])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let output = batch(&["--keep", "name,grade", "--job", "kept"]);
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    let results = lines(&output.stdout);
+    assert_eq!(results[0]["input"], serde_json::json!({"name": "Ann", "grade": 5}));
+    assert_eq!(results[0]["finish_reason"], "stop");
+    assert_eq!(results[1]["status"], "failed", "no essay field");
+    assert_eq!(results[1]["input"], serde_json::json!({"name": "Ben", "grade": 6}));
+
+    let all = batch(&["--keep", "*", "--output-format", "csv", "--job", "all"]);
+    let mut reader = csv::Reader::from_reader(&all.stdout[..]);
+    let header: Vec<String> = reader.headers().unwrap().iter().map(str::to_owned).collect();
+    assert_eq!(header[8..], ["finish_reason", "model", "essay", "grade", "input.id", "name"]);
+    let first = reader.records().next().unwrap().unwrap();
+    assert_eq!((&first[10], &first[11], &first[13]), ("The sea", "5", "Ann"));
+
+    let exported = home.fanout().args(["jobs", "export", "kept"]).output().unwrap();
+    let exported = lines(&exported.stdout);
+    assert_eq!(exported[1]["input"], serde_json::json!({"name": "Ben", "grade": 6}));
+}

@@ -4,6 +4,7 @@
 mod agents;
 mod batch;
 mod config;
+mod costs;
 mod crash;
 mod exit_codes;
 mod jobs;

@@ -42,7 +42,7 @@ fn vote_consensus_early_stop_judge_and_rows() {
     assert_eq!(String::from_utf8_lossy(&output.stdout), "no consensus\n");
 
     let output = fanout()
-        .args(["--json", "vote", "Name a color", "-n", "3", "--distinct", "--budget", "4"])
+        .args(["--json", "vote", "Name a color", "-n", "3", "--distinct", "--max-samples", "4"])
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(3), "the mock gives one answer only");

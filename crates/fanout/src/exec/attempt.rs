@@ -18,7 +18,7 @@ use super::breaker::CircuitBreaker;
 use super::event::Event;
 use super::hedge::Hedger;
 use super::limit::Permit;
-use crate::provider::{ErrorKind, Progress, ProviderError, Request, Response};
+use crate::provider::{ErrorKind, Progress, ProviderError, Request, Response, Usage};
 use crate::task::{NotRun, Outcome, Success, TaskId, TaskResult, Timeout};
 
 /// Why a run stopped before its tasks were done.
@@ -210,6 +210,15 @@ async fn attempt_until_done(
         if attempt > 0 {
             reserved = exec.limits.reservation(&*exec.provider, request);
         }
+        let hold = match &exec.spending {
+            Some(spending) => match spending.reserve(most_spent(exec, request, reserved)).await {
+                Some(hold) => Some(hold),
+                // A first attempt was never sent; a retry's task is left unfinished.
+                None if attempt == 0 => return Outcome::NotRun(NotRun::BudgetSpent),
+                None => return Outcome::Cancelled { attempts: attempt },
+            },
+            None => None,
+        };
         let launch = exec.limits.admit(reserved).await;
         attempt += 1;
         attempts.store(attempt, Ordering::Release);
@@ -232,6 +241,9 @@ async fn attempt_until_done(
                     exec.emit(|| Event::ConcurrencyChanged { limit });
                 }
                 run.breaker.record_success();
+                if let Some(hold) = hold {
+                    hold.settle(answer.response.usage);
+                }
                 if let Some(hedger) = &exec.hedger {
                     hedger.record(answer.first_sign);
                 }
@@ -280,6 +292,13 @@ async fn attempt_until_done(
             }
         }
     }
+}
+
+/// The most a call can spend: its prompt and, of the tokens reserved for it,
+/// the rest as output.
+fn most_spent(exec: &Shared, request: &Request, reserved: u64) -> Usage {
+    let prompt = exec.provider.estimate_prompt_tokens(request).min(reserved);
+    Usage::new(prompt, reserved - prompt)
 }
 
 fn attempt_timed_out(limit: Duration) -> ProviderError {
@@ -350,6 +369,18 @@ impl Attempt<'_> {
                 watched = None;
                 continue;
             }
+            // A hedge is never worth waiting for money: without room now, none.
+            let spending = self.run.exec.spending.as_ref();
+            let most = most_spent(&self.run.exec, self.request, self.reserved);
+            let hold = match spending.map(|s| s.reserve_now(most)) {
+                Some(None) => {
+                    hedger.refund();
+                    watched = None;
+                    continue;
+                }
+                Some(hold) => hold,
+                None => None,
+            };
             // The hedge queues for a slot and budget like any call; an answer
             // meanwhile makes it unnecessary.
             let admitted = self.run.exec.limits.admit_extra(self.reserved);
@@ -375,7 +406,7 @@ impl Attempt<'_> {
             let hedge = Arc::new(Progress::new());
             watched = Some(Arc::clone(&hedge));
             racing.push(Box::pin(async move {
-                let _slot = slot;
+                let (_slot, _hold) = (slot, hold);
                 Raced { hedge: true, result: self.bounded(&hedge).await }
             }));
         }

@@ -8,10 +8,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::event::{Event, EventSink};
 use super::hedge::HedgePolicy;
-use super::limit::{Limits, Rate};
-use super::report::Price;
+use super::limit::{Limits, Rate, SpendLimit, Spending};
 use super::retry::RetryPolicy;
 use super::{Executor, Shared};
+use crate::prices::Price;
 use crate::provider::Provider;
 
 pub(crate) struct Config {
@@ -28,6 +28,7 @@ pub(crate) struct Config {
     pub breaker_threshold: u32,
     pub probe: bool,
     pub price: Option<Price>,
+    pub spend_limit: Option<SpendLimit>,
     pub events: Option<EventSink>,
     pub order_window: Option<usize>,
     pub seed: Option<u64>,
@@ -47,6 +48,7 @@ impl fmt::Debug for Config {
             .field("breaker_threshold", &self.breaker_threshold)
             .field("probe", &self.probe)
             .field("price", &self.price)
+            .field("spend_limit", &self.spend_limit)
             .field("events", &self.events.is_some())
             .finish_non_exhaustive()
     }
@@ -95,6 +97,7 @@ impl ExecutorBuilder {
                 breaker_threshold: 3,
                 probe: true,
                 price: None,
+                spend_limit: None,
                 events: None,
                 order_window: None,
                 seed: None,
@@ -207,6 +210,15 @@ impl ExecutorBuilder {
         self
     }
 
+    /// The most the executor may spend, all its runs together: each call
+    /// reserves its prompt and maximum output before it starts, and once the
+    /// next call could exceed the limit no call starts again; the tasks left
+    /// end as [`NotRun::BudgetSpent`](crate::NotRun::BudgetSpent).
+    pub fn spend_limit(mut self, limit: SpendLimit) -> Self {
+        self.config.spend_limit = Some(limit);
+        self
+    }
+
     /// Calls `sink` with every [`Event`], on whichever thread produced it; keep it quick.
     pub fn on_event(mut self, sink: impl Fn(&Event) + Send + Sync + 'static) -> Self {
         self.config.events = Some(Arc::new(sink));
@@ -234,12 +246,14 @@ impl ExecutorBuilder {
             .then_some(config.breaker_threshold as usize);
         let limits = Limits::new(config.concurrency, probe, config.rpm, config.tpm);
         let hedger = config.hedge.map(super::hedge::Hedger::new);
+        let spending = config.spend_limit.map(Spending::new);
         Executor {
             shared: Arc::new(Shared {
                 provider: self.provider,
                 config,
                 limits,
                 hedger,
+                spending,
                 checked: std::sync::OnceLock::new(),
             }),
         }

@@ -63,6 +63,8 @@ struct Shared {
     limits: Limits,
     /// Learns what a straggler is from every run of the executor.
     hedger: Option<Hedger>,
+    /// What the calls of every run spent against the spending limit.
+    spending: Option<limit::Spending>,
     /// Set once the provider's check has been started.
     checked: OnceLock<()>,
 }

@@ -5,26 +5,9 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::prices::Price;
 use crate::provider::Usage;
 use crate::task::{Outcome, Status, TaskId, TaskResult};
-
-/// Prices in currency units (e.g. USD) per million tokens.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, serde::Deserialize)]
-pub struct Price {
-    /// Price of a million input (prompt) tokens.
-    pub input_per_million: f64,
-    /// Price of a million output tokens.
-    pub output_per_million: f64,
-}
-
-impl Price {
-    /// What `usage` costs, in the price's currency units.
-    pub fn cost(&self, usage: Usage) -> f64 {
-        (usage.input_tokens as f64 * self.input_per_million
-            + usage.output_tokens as f64 * self.output_per_million)
-            / 1e6
-    }
-}
 
 /// Latency of successful tasks, launch to answer, retries included. New
 /// figures may be added, so it is `non_exhaustive`.
@@ -86,6 +69,10 @@ pub struct Totals {
     pub hedges: u64,
     /// Hedges that answered before the call they duplicated.
     pub hedges_won: u64,
+    /// Attempts sent per minute of wall time.
+    pub requests_per_minute: f64,
+    /// Tokens of the successful answers (input and output) per minute of wall time.
+    pub tokens_per_minute: f64,
 }
 
 impl Totals {

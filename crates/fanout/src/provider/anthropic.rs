@@ -206,10 +206,30 @@ impl Block {
 
 #[derive(Debug, Default, Deserialize)]
 struct WireUsage {
+    /// Anthropic's `input_tokens` leaves out the prompt-cache reads and writes.
     #[serde(default)]
     input_tokens: Option<u64>,
     #[serde(default)]
     output_tokens: Option<u64>,
+    #[serde(default)]
+    cache_creation_input_tokens: Option<u64>,
+    #[serde(default)]
+    cache_read_input_tokens: Option<u64>,
+}
+
+impl WireUsage {
+    /// fanout's usage: every prompt token in `input_tokens`, the cache reads
+    /// also in `cached_input_tokens`. Cache writes are counted as plain input
+    /// (Anthropic bills them at 1.25 times that).
+    fn usage(&self) -> Usage {
+        let cached = self.cache_read_input_tokens.unwrap_or(0);
+        let written = self.cache_creation_input_tokens.unwrap_or(0);
+        Usage {
+            input_tokens: self.input_tokens.unwrap_or(0) + cached + written,
+            output_tokens: self.output_tokens.unwrap_or(0),
+            cached_input_tokens: cached,
+        }
+    }
 }
 
 /// One streaming event; fields of every event type, all optional.
@@ -276,11 +296,7 @@ pub(crate) fn parse_message(body: &[u8], headers: &HeaderMap) -> Result<Response
     let text: String =
         content.iter().filter(|b| b.kind == "text").filter_map(|b| b.text.as_deref()).collect();
     let tool_calls = content.into_iter().filter_map(Block::tool_call).collect();
-    let usage = message.usage.unwrap_or_default();
-    let usage = Usage {
-        input_tokens: usage.input_tokens.unwrap_or(0),
-        output_tokens: usage.output_tokens.unwrap_or(0),
-    };
+    let usage = message.usage.unwrap_or_default().usage();
     Ok(response(text, tool_calls, usage, message.stop_reason, message.model, headers))
 }
 
@@ -320,8 +336,7 @@ where
                 if let Some(message) = parsed.message {
                     model = message.model;
                     if let Some(u) = message.usage {
-                        usage.input_tokens = u.input_tokens.unwrap_or(0);
-                        usage.output_tokens = u.output_tokens.unwrap_or(0);
+                        usage = u.usage();
                     }
                 }
             }
@@ -439,7 +454,7 @@ mod tests {
             let chunks = vec![bytes[..at].to_vec(), bytes[at..].to_vec()];
             let response = assemble(chunks).unwrap_or_else(|e| panic!("split at {at}: {e}"));
             assert_eq!(response.text, "Bonjour à tous");
-            assert_eq!(response.usage, Usage { input_tokens: 12, output_tokens: 5 });
+            assert_eq!(response.usage, Usage::new(12, 5));
             assert_eq!(response.finish_reason.as_deref(), Some("end_turn"));
             assert_eq!(response.model.as_deref(), Some("claude-x"));
         }
@@ -465,5 +480,16 @@ mod tests {
             let at = at % (bytes.len() + 1);
             let _ = assemble(vec![bytes[..at].to_vec(), bytes[at..].to_vec()]);
         }
+    }
+
+    /// Anthropic's `input_tokens` leaves the prompt cache out: fanout's
+    /// input counts every prompt token, and the cache reads apart.
+    #[test]
+    fn cache_reads_and_writes_count_as_input() {
+        let body = br#"{"content":[{"type":"text","text":"hi"}],"stop_reason":"end_turn",
+            "usage":{"input_tokens":20,"output_tokens":4,"cache_creation_input_tokens":100,
+            "cache_read_input_tokens":1500}}"#;
+        let response = parse_message(body, &HeaderMap::new()).unwrap();
+        assert_eq!(response.usage, Usage { cached_input_tokens: 1500, ..Usage::new(1620, 4) });
     }
 }

@@ -39,7 +39,8 @@ pub struct Behavior {
 #[derive(Clone, Debug)]
 enum Action {
     Reply(String),
-    Respond(Response),
+    /// Boxed: a whole answer is large beside the other actions.
+    Respond(Box<Response>),
     Fail(ProviderError),
     Hang,
     /// Streams `chunks` parts, one every `every`, then answers `text`; or stops
@@ -60,7 +61,7 @@ impl Behavior {
 
     /// Answers with exactly this response (usage, rate-limit headers and all).
     pub fn respond(response: Response) -> Self {
-        Self { latency: None, action: Action::Respond(response) }
+        Self { latency: None, action: Action::Respond(Box::new(response)) }
     }
 
     /// Fails with this error.
@@ -332,10 +333,7 @@ impl Provider for MockProvider {
         }
         let action = behavior.map_or_else(|| Action::Reply((self.reply)(request)), |b| b.action);
         let reply = |text: String| {
-            let usage = Usage {
-                input_tokens: tokens::estimate_prompt(request),
-                output_tokens: tokens::estimate_text(&text),
-            };
+            let usage = Usage::new(tokens::estimate_prompt(request), tokens::estimate_text(&text));
             Ok(Response {
                 finish_reason: Some("stop".into()),
                 model: request.model.clone(),
@@ -354,7 +352,7 @@ impl Provider for MockProvider {
                 reply(text)
             }
             Action::Reply(text) => reply(text),
-            Action::Respond(response) => Ok(response),
+            Action::Respond(response) => Ok(*response),
             Action::Fail(error) => Err(error),
             Action::Hang => std::future::pending().await,
         }

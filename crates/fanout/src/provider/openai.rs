@@ -210,12 +210,21 @@ struct WireFunction {
     arguments: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 struct WireUsage {
     #[serde(default)]
     prompt_tokens: Option<u64>,
     #[serde(default)]
     completion_tokens: Option<u64>,
+    /// `cached_tokens`: the part of the prompt read from OpenAI's prompt cache.
+    #[serde(default)]
+    prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PromptTokensDetails {
+    #[serde(default)]
+    cached_tokens: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -363,9 +372,12 @@ fn usage_or_count(
     text: &str,
     others: &[String],
 ) -> (Usage, bool) {
-    let usage = usage.unwrap_or(WireUsage { prompt_tokens: None, completion_tokens: None });
+    let usage = usage.unwrap_or_default();
     let estimated = usage.prompt_tokens.is_none() || usage.completion_tokens.is_none();
+    let cached_input_tokens =
+        usage.prompt_tokens_details.and_then(|d| d.cached_tokens).unwrap_or(0);
     let usage = Usage {
+        cached_input_tokens,
         input_tokens: usage.prompt_tokens.unwrap_or_else(|| tokens::count_prompt(model, request)),
         output_tokens: usage.completion_tokens.unwrap_or_else(|| {
             std::iter::once(text)
@@ -550,7 +562,7 @@ mod tests {
                 assemble(split(bytes, &[at])).unwrap_or_else(|e| panic!("split at {at}: {e}"));
             assert_eq!(response.text, "Hello ✓", "split at {at}");
             assert_eq!(response.other_choices, ["Hi"]);
-            assert_eq!(response.usage, Usage { input_tokens: 7, output_tokens: 3 });
+            assert_eq!(response.usage, Usage::new(7, 3));
             assert_eq!(response.finish_reason.as_deref(), Some("stop"));
             assert_eq!(response.model.as_deref(), Some("gpt-x"));
         }
@@ -589,11 +601,16 @@ mod tests {
         let response =
             parse_completion(minimal, &Request::user("abcdefgh"), &HeaderMap::new()).unwrap();
         assert_eq!(response.text, "hi");
-        assert_eq!(response.usage, Usage { input_tokens: 6, output_tokens: 1 });
+        assert_eq!(response.usage, Usage::new(6, 1));
         assert!(response.usage_estimated);
         let legacy = br#"{"choices":[{"text":"old style","finish_reason":"length"}],"usage":{"prompt_tokens":3}}"#;
         let response = parse_completion(legacy, &Request::user("q"), &HeaderMap::new()).unwrap();
         assert_eq!((response.text.as_str(), response.usage.input_tokens), ("old style", 3));
+        let cached = br#"{"choices":[{"message":{"content":"hi"}}],"usage":{"prompt_tokens":2000,
+            "completion_tokens":5,"prompt_tokens_details":{"cached_tokens":1536}}}"#;
+        let response = parse_completion(cached, &Request::user("q"), &HeaderMap::new()).unwrap();
+        let expected = Usage { cached_input_tokens: 1536, ..Usage::new(2000, 5) };
+        assert_eq!(response.usage, expected, "cached tokens are part of prompt_tokens");
         let empty = parse_completion(br#"{"choices":[]}"#, &Request::user("q"), &HeaderMap::new());
         assert!(empty.unwrap_err().message().contains("no choices"));
         let error =
@@ -611,11 +628,11 @@ mod tests {
         let response = assemble(vec![without_usage.as_bytes().to_vec()]).unwrap();
         // o200k_base: the prompt "q" is 1 token + 3 framing + 1 role + 3
         // priming; "Hello world" is 2 tokens (chars/4 would say 2 and 3).
-        assert_eq!(response.usage, Usage { input_tokens: 8, output_tokens: 2 });
+        assert_eq!(response.usage, Usage::new(8, 2));
         assert!(response.usage_estimated, "a count made here is not the server's");
         let unknown_model = without_usage.replace("gpt-4o-mini", "smollm2");
         let response = assemble(vec![unknown_model.into_bytes()]).unwrap();
-        assert_eq!(response.usage, Usage { input_tokens: 5, output_tokens: 3 });
+        assert_eq!(response.usage, Usage::new(5, 3));
         assert!(response.usage_estimated);
     }
 

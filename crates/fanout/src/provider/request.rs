@@ -182,9 +182,18 @@ pub struct Usage {
     pub input_tokens: u64,
     /// Tokens of the answer generated.
     pub output_tokens: u64,
+    /// The part of `input_tokens` the provider read from its prompt cache,
+    /// billed at the cached-input price.
+    #[serde(default)]
+    pub cached_input_tokens: u64,
 }
 
 impl Usage {
+    /// `input_tokens` sent and `output_tokens` generated, none of them cached.
+    pub const fn new(input_tokens: u64, output_tokens: u64) -> Self {
+        Self { input_tokens, output_tokens, cached_input_tokens: 0 }
+    }
+
     /// Input and output tokens together.
     pub fn total(&self) -> u64 {
         self.input_tokens + self.output_tokens
@@ -195,6 +204,7 @@ impl std::ops::AddAssign for Usage {
     fn add_assign(&mut self, other: Self) {
         self.input_tokens += other.input_tokens;
         self.output_tokens += other.output_tokens;
+        self.cached_input_tokens += other.cached_input_tokens;
     }
 }
 

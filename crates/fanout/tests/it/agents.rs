@@ -52,13 +52,9 @@ fn tool_model(calls: Vec<ToolCall>) -> MockProvider {
                 .filter(|m| m.role == Role::Tool)
                 .map(|m| m.content.as_str())
                 .collect();
-            Response::new(
-                format!("answer from: {}", results.join(" | ")),
-                Usage { input_tokens: 50, output_tokens: 10 },
-            )
+            Response::new(format!("answer from: {}", results.join(" | ")), Usage::new(50, 10))
         } else {
-            Response::new("", Usage { input_tokens: 30, output_tokens: 5 })
-                .with_tool_calls(calls.clone())
+            Response::new("", Usage::new(30, 5)).with_tool_calls(calls.clone())
         };
         Some(Behavior::respond(response.with_finish_reason("stop")))
     })
@@ -83,7 +79,7 @@ proptest! {
             // tokens), and says so.
             let mock = MockProvider::new().with_latency(ms(latency)).with_call_log().with_rule(|call| {
                 let input_tokens = fanout::tokens::estimate_prompt(call.request);
-                let used = Usage { input_tokens, output_tokens: 50 };
+                let used = Usage::new(input_tokens, 50);
                 Some(Behavior::respond(Response::new("ok", used)))
             });
             let executor =
@@ -169,11 +165,7 @@ async fn a_turns_tool_calls_run_at_once() {
     );
     assert_eq!(run.transcript.turns.len(), 2);
     assert_eq!(run.transcript.turns[0].tools.len(), 3);
-    assert_eq!(
-        run.transcript.usage,
-        Usage { input_tokens: 80, output_tokens: 15 },
-        "usage of both turns"
-    );
+    assert_eq!(run.transcript.usage, Usage::new(80, 15), "usage of both turns");
     assert_eq!(report.calls.calls, 2);
 }
 
@@ -448,7 +440,7 @@ async fn the_token_budget_stops_an_agent() {
     // Every turn calls the tool again and uses 35 tokens (30 in, 5 out).
     let again = MockProvider::new().with_rule(|_| {
         let call = tool_call("c", "lookup", "{\"word\": \"x\"}");
-        let usage = Usage { input_tokens: 30, output_tokens: 5 };
+        let usage = Usage::new(30, 5);
         Some(Behavior::respond(Response::new("", usage).with_tool_calls(vec![call])))
     });
     let executor = Executor::builder(again.clone()).probe(false).hedge(None).build();

@@ -101,7 +101,7 @@ async fn tpm_reservations_are_corrected_by_reported_usage() {
     assert!(start.elapsed() < ms(10), "refunds let all 20 through at once: {:?}", start.elapsed());
 
     let hungry = MockProvider::new().with_rule(|_| {
-        let usage = Usage { input_tokens: 5, output_tokens: 1000 };
+        let usage = Usage::new(5, 1000);
         Some(Behavior::respond(Response::new("long answer", usage)))
     });
     let start = Instant::now();
@@ -119,7 +119,7 @@ async fn tpm_reservations_are_corrected_by_reported_usage() {
 async fn tpm_reservations_without_max_tokens_learn_the_answers_length() {
     let short_answers = || {
         MockProvider::new().with_latency(secs(1)).with_rule(|_| {
-            let usage = Usage { input_tokens: 5, output_tokens: 5 };
+            let usage = Usage::new(5, 5);
             Some(Behavior::respond(Response::new("short", usage)))
         })
     };

@@ -5,6 +5,7 @@
 mod agents;
 mod anthropic;
 mod breaker;
+mod budget;
 mod deadline;
 mod hedge;
 mod limits;

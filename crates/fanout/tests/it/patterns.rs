@@ -59,7 +59,7 @@ async fn truncated_answers_do_not_vote() {
             } else {
                 ("12 + 30 = 42", "stop")
             };
-            let usage = Usage { input_tokens: 5, output_tokens: 10 };
+            let usage = Usage::new(5, 10);
             let response = Response::new(text, usage).with_finish_reason(finish);
             Some(Behavior::respond(response))
         })

@@ -12,20 +12,20 @@ async fn totals_count_tokens_cost_and_latency_percentiles() {
     // Task i answers after (i + 1) ms with 10 input and i output tokens.
     let mock = MockProvider::new();
     for i in 0..100u64 {
-        let usage = Usage { input_tokens: 10, output_tokens: i };
+        let usage = Usage::new(10, i);
         mock.script(
             format!("p{i}"),
             [Behavior::respond(Response::new("x", usage)).after(ms(i + 1))],
         );
     }
     mock.script("p100", [Behavior::fail(ProviderError::from_status(400, "bad"))]);
-    let price = Price { input_per_million: 2.0, output_per_million: 10.0 };
+    let price = Price::new(2.0, 10.0);
     let executor =
         Executor::builder(mock).concurrency(101).probe(false).hedge(None).price(price).build();
     let report = executor.run(prompts(101)).await;
     let totals = &report.totals;
     assert_eq!((totals.tasks, totals.succeeded, totals.failed), (101, 100, 1));
-    assert_eq!(totals.usage, Usage { input_tokens: 1000, output_tokens: 4950 });
+    assert_eq!(totals.usage, Usage::new(1000, 4950));
     let cost = totals.cost.unwrap();
     assert!((cost - (1000.0 * 2.0 + 4950.0 * 10.0) / 1e6).abs() < 1e-12, "{cost}");
     let latency = totals.latency.unwrap();

@@ -1,5 +1,6 @@
 //! Everything that decides when a call may start: the adaptive concurrency cap,
-//! RPM and TPM buckets, the shared 429 pause, and the provider's reported budget.
+//! RPM and TPM buckets, the shared 429 pause, the provider's reported budget,
+//! and the spending limit.
 //!
 //! One `Limits` exists per executor, shared by all its runs and tasks, so two
 //! runs on one executor together stay within the provider's limits.
@@ -9,6 +10,7 @@ mod concurrency;
 mod output;
 mod pause;
 mod reported;
+mod spend;
 
 use std::time::Duration;
 
@@ -16,6 +18,8 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::provider::{ErrorKind, Provider, ProviderError, RateLimit, Request, Response};
 pub(crate) use concurrency::{AdaptiveConcurrency, Permit};
+pub use spend::SpendLimit;
+pub(crate) use spend::Spending;
 
 use bucket::TokenBucket;
 use output::OutputAllowance;

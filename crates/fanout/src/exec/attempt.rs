@@ -1,5 +1,6 @@
 //! One task's life: admission, attempts, hedges, retries, and its outcome.
 
+use std::borrow::Cow;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -15,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::breaker::CircuitBreaker;
+use super::check::{self, Verdict};
 use super::event::Event;
 use super::hedge::Hedger;
 use super::limit::Permit;
@@ -44,6 +46,7 @@ pub(crate) struct Counters {
     pub rate_limited: AtomicU64,
     pub hedges: AtomicU64,
     pub hedges_won: AtomicU64,
+    pub repairs: AtomicU64,
 }
 
 /// State of one run, shared by its tasks.
@@ -198,6 +201,11 @@ async fn attempt_until_done(
     // must not use up the attempts meant for errors.
     let mut failed_attempts = 0;
     let mut rate_limited_attempts = 0;
+    // The request as sent now: a repair or a truncated answer changes it.
+    let mut current: Cow<'_, Request> = Cow::Borrowed(request);
+    let mut repairs = 0;
+    // What answers that failed their check used: the task paid for them too.
+    let mut checked_out = Usage::default();
     loop {
         if let Some(cause) = run.breaker.cause() {
             let error = cause.clone();
@@ -208,10 +216,10 @@ async fn attempt_until_done(
         }
         // Reserved anew for each retry: the output allowance learns meanwhile.
         if attempt > 0 {
-            reserved = exec.limits.reservation(&*exec.provider, request);
+            reserved = exec.limits.reservation(&*exec.provider, &current);
         }
         let hold = match &exec.spending {
-            Some(spending) => match spending.reserve(most_spent(exec, request, reserved)).await {
+            Some(spending) => match spending.reserve(most_spent(exec, &current, reserved)).await {
                 Some(hold) => Some(hold),
                 // A first attempt was never sent; a retry's task is left unfinished.
                 None if attempt == 0 => return Outcome::NotRun(NotRun::BudgetSpent),
@@ -227,11 +235,11 @@ async fn attempt_until_done(
         let first_sent = *first_sent.get_or_insert(sent);
         exec.emit(|| Event::Started { index, id: id.clone(), attempt });
         let generation = exec.limits.concurrency.generation();
-        let call = Attempt { run, index, id, request, reserved, attempt };
+        let call = Attempt { run, index, id, request: &current, reserved, attempt };
         match call.watched().await {
             Ok(answer) => {
                 let changed = exec.limits.on_success(
-                    request,
+                    &current,
                     reserved,
                     launch,
                     &answer.response,
@@ -247,12 +255,51 @@ async fn attempt_until_done(
                 if let Some(hedger) = &exec.hedger {
                     hedger.record(answer.first_sign);
                 }
-                let latency = first_sent.elapsed();
-                return Outcome::Succeeded(Success {
-                    response: answer.response,
-                    latency,
-                    attempts: attempt,
-                });
+                let response = answer.response;
+                let error = match exec.checker.check(&current, &response) {
+                    Verdict::Accept => {
+                        let mut response = response;
+                        response.usage += checked_out;
+                        let latency = first_sent.elapsed();
+                        return Outcome::Succeeded(Success {
+                            response,
+                            latency,
+                            attempts: attempt,
+                        });
+                    }
+                    Verdict::BadSchema(message) => {
+                        let message = format!("the response schema is {message}");
+                        let error = ProviderError::new(ErrorKind::BadRequest, message);
+                        return Outcome::Failed { error, attempts: attempt };
+                    }
+                    Verdict::Truncated => {
+                        failed_attempts += 1;
+                        let error = truncated(&current);
+                        if failed_attempts >= exec.config.retry.max_attempts {
+                            return Outcome::Failed { error, attempts: attempt };
+                        }
+                        let factor = exec.checker.policy.retry_truncated.unwrap_or(1.0);
+                        run.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        current = Cow::Owned(check::with_more_room(&current, factor));
+                        error
+                    }
+                    Verdict::Invalid(errors) => {
+                        let message =
+                            format!("the answer does not match the JSON Schema: {errors}");
+                        let error = ProviderError::new(ErrorKind::InvalidOutput, message);
+                        if repairs >= exec.checker.policy.repairs {
+                            return Outcome::Failed { error, attempts: attempt };
+                        }
+                        repairs += 1;
+                        run.counters.repairs.fetch_add(1, Ordering::Relaxed);
+                        current = Cow::Owned(check::repair(&current, &response.text, &errors));
+                        error
+                    }
+                };
+                checked_out += response.usage;
+                // Asked again at once: the answer came, so nothing needs to wait.
+                let delay = Duration::ZERO;
+                exec.emit(|| Event::Retrying { index, id: id.clone(), attempt, error, delay });
             }
             Err(error) => {
                 let count = if error.is_rate_limited() {
@@ -299,6 +346,14 @@ async fn attempt_until_done(
 fn most_spent(exec: &Shared, request: &Request, reserved: u64) -> Usage {
     let prompt = exec.provider.estimate_prompt_tokens(request).min(reserved);
     Usage::new(prompt, reserved - prompt)
+}
+
+fn truncated(request: &Request) -> ProviderError {
+    let limit = request.max_tokens.map_or_else(|| "its default".to_owned(), |m| m.to_string());
+    ProviderError::new(
+        ErrorKind::InvalidOutput,
+        format!("the answer was cut off at max_tokens ({limit})"),
+    )
 }
 
 fn attempt_timed_out(limit: Duration) -> ProviderError {

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::check::{CheckPolicy, Checker};
 use super::event::{Event, EventSink};
 use super::hedge::HedgePolicy;
 use super::limit::{Limits, Rate, SpendLimit, Spending};
@@ -29,6 +30,7 @@ pub(crate) struct Config {
     pub probe: bool,
     pub price: Option<Price>,
     pub spend_limit: Option<SpendLimit>,
+    pub check: CheckPolicy,
     pub events: Option<EventSink>,
     pub order_window: Option<usize>,
     pub seed: Option<u64>,
@@ -49,6 +51,7 @@ impl fmt::Debug for Config {
             .field("probe", &self.probe)
             .field("price", &self.price)
             .field("spend_limit", &self.spend_limit)
+            .field("check", &self.check)
             .field("events", &self.events.is_some())
             .finish_non_exhaustive()
     }
@@ -98,6 +101,7 @@ impl ExecutorBuilder {
                 probe: true,
                 price: None,
                 spend_limit: None,
+                check: CheckPolicy::default(),
                 events: None,
                 order_window: None,
                 seed: None,
@@ -219,6 +223,22 @@ impl ExecutorBuilder {
         self
     }
 
+    /// How many times, per task, an answer that breaks the request's JSON
+    /// Schema (`ResponseFormat::JsonSchema`) is sent back to the model with the
+    /// validation errors before the task fails (default 2; 0 fails at once).
+    pub fn schema_repairs(mut self, repairs: u32) -> Self {
+        self.config.check.repairs = repairs;
+        self
+    }
+
+    /// Asks again, with `max_tokens` times `factor` (1.0 keeps it), when an
+    /// answer is cut off at `max_tokens`, within the retry policy's attempts;
+    /// off by default (a truncated answer is an answer, `finish_reason` says so).
+    pub fn retry_truncated(mut self, factor: f64) -> Self {
+        self.config.check.retry_truncated = Some(factor.max(1.0));
+        self
+    }
+
     /// Calls `sink` with every [`Event`], on whichever thread produced it; keep it quick.
     pub fn on_event(mut self, sink: impl Fn(&Event) + Send + Sync + 'static) -> Self {
         self.config.events = Some(Arc::new(sink));
@@ -247,6 +267,7 @@ impl ExecutorBuilder {
         let limits = Limits::new(config.concurrency, probe, config.rpm, config.tpm);
         let hedger = config.hedge.map(super::hedge::Hedger::new);
         let spending = config.spend_limit.map(Spending::new);
+        let checker = Checker::new(config.check);
         Executor {
             shared: Arc::new(Shared {
                 provider: self.provider,
@@ -254,6 +275,7 @@ impl ExecutorBuilder {
                 limits,
                 hedger,
                 spending,
+                checker,
                 checked: std::sync::OnceLock::new(),
             }),
         }

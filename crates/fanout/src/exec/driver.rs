@@ -208,6 +208,7 @@ pub(crate) fn finish(run: &Run, tally: Tally) -> Totals {
     totals.rate_limited = run.counters.rate_limited.load(Relaxed);
     totals.hedges = run.counters.hedges.load(Relaxed);
     totals.hedges_won = run.counters.hedges_won.load(Relaxed);
+    totals.repairs = run.counters.repairs.load(Relaxed);
     let minutes = totals.wall.as_secs_f64() / 60.0;
     if minutes > 0.0 {
         totals.requests_per_minute = totals.calls as f64 / minutes;

@@ -25,6 +25,7 @@ mod attempt;
 pub mod branch;
 mod breaker;
 mod builder;
+pub(crate) mod check;
 mod driver;
 pub mod event;
 pub mod hedge;
@@ -65,6 +66,8 @@ struct Shared {
     hedger: Option<Hedger>,
     /// What the calls of every run spent against the spending limit.
     spending: Option<limit::Spending>,
+    /// Checks answers against their request's schema (and for truncation).
+    checker: check::Checker,
     /// Set once the provider's check has been started.
     checked: OnceLock<()>,
 }

@@ -69,6 +69,8 @@ pub struct Totals {
     pub hedges: u64,
     /// Hedges that answered before the call they duplicated.
     pub hedges_won: u64,
+    /// Answers sent back to the model because they broke the request's JSON Schema.
+    pub repairs: u64,
     /// Attempts sent per minute of wall time.
     pub requests_per_minute: f64,
     /// Tokens of the successful answers (input and output) per minute of wall time.

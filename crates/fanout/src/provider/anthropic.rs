@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
 use super::http::{Endpoint, decimal, header, request_id};
 use super::{
-    Check, ErrorKind, Progress, Provider, ProviderError, RateLimit, Request, Response, Role,
-    ToolCall, ToolChoice, Usage, sse,
+    Check, ErrorKind, Progress, Provider, ProviderError, RateLimit, Request, Response,
+    ResponseFormat, Role, ToolCall, ToolChoice, Usage, sse,
 };
 
 pub const DEFAULT_BASE_URL: &str = "https://api.anthropic.com";
@@ -98,8 +98,18 @@ impl Anthropic {
         set("temperature", request.temperature.map(decimal));
         set("top_p", request.top_p.map(decimal));
         set("stop_sequences", (!request.stop.is_empty()).then(|| json!(request.stop)));
-        set("tools", (!request.tools.is_empty()).then(|| wire_tools(request)));
-        set("tool_choice", request.tool_choice.as_ref().map(wire_tool_choice));
+        if let Some((name, schema)) = answer_schema(request) {
+            // Anthropic's structured output: one tool whose input is the answer, forced.
+            let description = "Give your answer as this tool's input.";
+            set(
+                "tools",
+                Some(json!([{"name": name, "description": description, "input_schema": schema}])),
+            );
+            set("tool_choice", Some(json!({"type": "tool", "name": name})));
+        } else {
+            set("tools", (!request.tools.is_empty()).then(|| wire_tools(request)));
+            set("tool_choice", request.tool_choice.as_ref().map(wire_tool_choice));
+        }
         set("stream", self.stream.then_some(Value::Bool(true)));
         for (key, value) in &request.extra {
             fields.insert(key.clone(), value.clone());
@@ -144,6 +154,28 @@ fn wire_messages(request: &Request) -> Vec<Value> {
         }
     }
     messages
+}
+
+/// The schema a request's answer must follow, when it is asked for as a forced
+/// tool call: a JSON Schema response format and no tools of its own.
+fn answer_schema(request: &Request) -> Option<(&str, &Value)> {
+    match &request.response_format {
+        Some(ResponseFormat::JsonSchema { name, schema }) if request.tools.is_empty() => {
+            Some((name.as_str(), schema))
+        }
+        _ => None,
+    }
+}
+
+/// A forced answer tool's input becomes the answer's text (JSON), as OpenAI's
+/// structured output gives it.
+fn structured(request: &Request, mut response: Response) -> Response {
+    if let Some((name, _)) = answer_schema(request)
+        && let Some(at) = response.tool_calls.iter().position(|call| call.name == name)
+    {
+        response.text = response.tool_calls.remove(at).arguments;
+    }
+    response
 }
 
 fn wire_tools(request: &Request) -> Value {
@@ -405,14 +437,13 @@ impl Provider for Anthropic {
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
         let answer = self.endpoint.post(&self.body(request)).await?;
-        if self.stream {
-            let headers = answer.headers().clone();
-            return assemble_stream(&self.endpoint, answer.bytes_stream(), &headers, progress)
-                .await;
-        }
         let headers = answer.headers().clone();
-        let body = self.endpoint.body(answer).await?;
-        parse_message(&body, &headers)
+        let response = if self.stream {
+            assemble_stream(&self.endpoint, answer.bytes_stream(), &headers, progress).await?
+        } else {
+            parse_message(&self.endpoint.body(answer).await?, &headers)?
+        };
+        Ok(structured(request, response))
     }
 }
 

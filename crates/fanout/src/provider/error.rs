@@ -35,6 +35,9 @@ pub enum ErrorKind {
     BadRequest,
     /// 404: unknown model or endpoint.
     NotFound,
+    /// The answer is not what was asked for: it breaks the requested JSON
+    /// Schema after every repair, or it was cut off at `max_tokens` every time.
+    InvalidOutput,
 }
 
 impl ErrorKind {
@@ -94,6 +97,7 @@ impl ErrorKind {
             Self::Quota => "quota exhausted",
             Self::BadRequest => "bad request",
             Self::NotFound => "not found",
+            Self::InvalidOutput => "invalid output",
         }
     }
 }

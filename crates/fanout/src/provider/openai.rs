@@ -96,7 +96,8 @@ impl OpenAi {
             request.response_format.as_ref().map(|format| match format {
                 ResponseFormat::JsonObject => json!({"type": "json_object"}),
                 ResponseFormat::JsonSchema { name, schema } => {
-                    json!({"type": "json_schema", "json_schema": {"name": name, "schema": schema}})
+                    json!({"type": "json_schema",
+                           "json_schema": {"name": name, "schema": schema, "strict": true}})
                 }
             }),
         );

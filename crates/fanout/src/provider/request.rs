@@ -255,6 +255,12 @@ impl Response {
         self
     }
 
+    /// Whether the answer was cut off at `max_tokens`: OpenAI's `length`,
+    /// Anthropic's `max_tokens`.
+    pub fn is_truncated(&self) -> bool {
+        matches!(self.finish_reason.as_deref(), Some("length" | "max_tokens"))
+    }
+
     /// The same answer, stopped for `reason` (`stop`, `length`, ...).
     #[must_use]
     pub fn with_finish_reason(mut self, reason: impl Into<String>) -> Self {

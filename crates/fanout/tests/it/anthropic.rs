@@ -117,3 +117,34 @@ async fn streaming_answers_are_assembled() {
         ("Paris", 8, 2)
     );
 }
+
+/// A JSON Schema answer is asked for as one forced tool, and the tool's input
+/// comes back as the answer's text.
+#[tokio::test]
+async fn a_schema_answer_is_a_forced_tool_call() {
+    let server = MockServer::start().await;
+    let provider = provider(&server, false);
+    let mut request = Request::user("Grade it.");
+    let schema = json!({"type": "object", "properties": {"grade": {"type": "integer"}}});
+    request.response_format =
+        Some(fanout::ResponseFormat::JsonSchema { name: "grade".into(), schema: schema.clone() });
+    let body = provider.body(&request);
+    assert_eq!(body["tools"][0]["name"], "grade");
+    assert_eq!(body["tools"][0]["input_schema"], schema);
+    assert_eq!(body["tool_choice"], json!({"type": "tool", "name": "grade"}));
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "claude-test",
+            "content": [{"type": "tool_use", "id": "toolu_1", "name": "grade", "input": {"grade": 7}}],
+            "stop_reason": "tool_use", "usage": {"input_tokens": 30, "output_tokens": 9},
+        })))
+        .mount(&server)
+        .await;
+    let response = provider.complete(&request).await.unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&response.text).unwrap(),
+        json!({"grade": 7})
+    );
+    assert!(response.tool_calls.is_empty());
+}

@@ -19,6 +19,7 @@ mod rate_limit;
 mod report;
 mod retry;
 mod stragglers;
+mod structured;
 mod timeouts;
 mod tools;
 

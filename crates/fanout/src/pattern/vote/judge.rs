@@ -38,10 +38,7 @@ pub async fn most_consistent(
             index: r.index,
             text: r.outcome.text().map(str::to_owned),
             answer: None,
-            truncated: r
-                .outcome
-                .success()
-                .is_some_and(|s| s.response.finish_reason.as_deref() == Some("length")),
+            truncated: r.outcome.success().is_some_and(|s| s.response.is_truncated()),
             error: r.outcome.failure(),
         })
         .collect();

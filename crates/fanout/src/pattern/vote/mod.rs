@@ -229,7 +229,7 @@ pub async fn vote(executor: &Executor, request: &Request, options: &VoteOptions)
             let (text, truncated, error) = match &result.outcome {
                 Outcome::Succeeded(success) => {
                     let response = &success.response;
-                    let truncated = response.finish_reason.as_deref() == Some("length");
+                    let truncated = response.is_truncated();
                     (Some(response.text.clone()), truncated, None)
                 }
                 other => (None, false, other.failure()),

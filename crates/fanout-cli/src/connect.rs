@@ -101,5 +101,11 @@ pub fn executor(settings: &Settings, provider: Arc<dyn Provider>, spent: Usage) 
     if let Some(limit) = settings.spend_limit(spent) {
         builder = builder.spend_limit(limit);
     }
+    if let Some(repairs) = settings.schema_repairs {
+        builder = builder.schema_repairs(repairs);
+    }
+    if let Some(factor) = settings.retry_truncated {
+        builder = builder.retry_truncated(factor);
+    }
     builder.hedge(settings.hedge.map(Hedging::policy))
 }

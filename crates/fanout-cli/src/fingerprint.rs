@@ -90,6 +90,11 @@ pub fn job(spec: &Spec, input_hash: String) -> Fingerprint {
     let shape = serde_json::to_vec(&shape).expect("the shape serializes");
     let mut parts = texts(spec, input_hash);
     parts.insert(SETTINGS_PART.to_owned(), sha256(&shape));
+    // Only jobs that have one carry the part, so older jobs keep their fingerprint.
+    if let Some(schema) = &spec.schema {
+        let schema = serde_json::to_vec(schema).expect("a schema serializes");
+        parts.insert("response schema".to_owned(), sha256(&schema));
+    }
     parts.insert(VERSION_PART.to_owned(), VERSION.to_owned());
     Fingerprint(parts)
 }
@@ -187,10 +192,13 @@ mod tests {
             price: None,
             budget: None,
             max_total_tokens: None,
+            schema_repairs: None,
+            retry_truncated: None,
             hedge: None,
         };
         Spec {
             keep: None,
+            schema: None,
             input: "rows.jsonl".into(),
             format: Format::Jsonl,
             prompt: Some("Grade: {{ essay }}".into()),

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 
 use crate::Refusal;
 use crate::batch::{self, JobRunArgs, RunOptions, Spec};
-use crate::output::{Output, OutputFormat};
+use crate::output::{Columns, Output, OutputFormat};
 use crate::record::{kept_of, to_result};
 use crate::settings::{self, Flags};
 
@@ -164,6 +164,7 @@ fn export(
     let job = find(&store, name)?;
     let spec: Option<Spec> = serde_json::from_value(job.settings.clone()).ok();
     let keep = spec.as_ref().and_then(|s| s.keep.clone());
+    let answer = spec.as_ref().and_then(|s| s.schema.as_ref()).map(crate::schema::fields);
     let format = format.or(spec.map(|s| s.output_format)).unwrap_or(OutputFormat::Jsonl);
     let sink: Box<dyn std::io::Write + Send> = match output {
         Some(path) => Box::new(std::io::BufWriter::new(
@@ -177,8 +178,8 @@ fn export(
         Some(batch::Keep::All) => store.record_at(job.id, 0)?.as_ref().and_then(kept_of),
         _ => None,
     };
-    let columns = keep.map(|k| k.columns(first_kept.as_ref())).unwrap_or_default();
-    let mut writer = Output::new(format, sink, columns)?;
+    let kept = keep.map(|k| k.columns(first_kept.as_ref())).unwrap_or_default();
+    let mut writer = Output::new(format, sink, Columns { kept, answer })?;
     store.each_record(job.id, |record| -> Result<()> {
         let kept = kept_of(&record);
         writer.write(&to_result(record), kept.as_ref()).context("cannot write the export")

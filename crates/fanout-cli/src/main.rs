@@ -20,6 +20,7 @@ mod output;
 mod patterns;
 mod progress;
 mod record;
+mod schema;
 mod settings;
 mod template;
 mod tools;

@@ -21,8 +21,17 @@ pub enum OutputFormat {
 pub struct Output {
     format: OutputFormat,
     sink: Sink,
-    /// The CSV columns of kept fields, after the result's own.
-    kept_columns: Vec<String>,
+    columns: Columns,
+}
+
+/// What an output row carries besides the result's own fields.
+#[derive(Clone, Debug, Default)]
+pub struct Columns {
+    /// Input fields kept beside the answer (`--keep`).
+    pub kept: Vec<String>,
+    /// With a schema: the answer parsed (`"output"` in JSONL), and in CSV a
+    /// column for each of these top-level fields.
+    pub answer: Option<Vec<String>>,
 }
 
 enum Sink {
@@ -44,9 +53,9 @@ const CSV_HEADER: [&str; 10] = [
     "model",
 ];
 
-/// A kept field's CSV column: its name, unless a result column has it.
-fn kept_column_name(field: &str) -> String {
-    if CSV_HEADER.contains(&field) { format!("input.{field}") } else { field.to_owned() }
+/// A CSV column for `field`, under `prefix` when `taken` already has the name.
+fn column_name(field: &str, prefix: &str, taken: &[String]) -> String {
+    if taken.iter().any(|t| t == field) { format!("{prefix}.{field}") } else { field.to_owned() }
 }
 
 /// A kept value as CSV text: strings as they are, anything else as JSON.
@@ -94,22 +103,28 @@ fn latency_ms(outcome: &Outcome) -> Option<f64> {
 }
 
 impl Output {
-    /// `kept_columns`: the fields `--keep` keeps, for the CSV header.
+    /// `columns`: what rows carry besides the result (and, in CSV, the header's).
     pub fn new(
         format: OutputFormat,
         sink: Box<dyn Write + Send>,
-        kept_columns: Vec<String>,
+        columns: Columns,
     ) -> io::Result<Self> {
         let sink = match format {
             OutputFormat::Csv => {
+                let mut header: Vec<String> = CSV_HEADER.map(str::to_owned).to_vec();
+                for field in columns.answer.iter().flatten() {
+                    header.push(column_name(field, "output", &header));
+                }
+                for field in &columns.kept {
+                    header.push(column_name(field, "input", &header));
+                }
                 let mut writer = csv::Writer::from_writer(sink);
-                let kept = kept_columns.iter().map(|c| kept_column_name(c));
-                writer.write_record(CSV_HEADER.map(str::to_owned).into_iter().chain(kept))?;
+                writer.write_record(&header)?;
                 Sink::Csv(Box::new(writer))
             }
             OutputFormat::Jsonl | OutputFormat::OpenaiBatch => Sink::Lines(sink),
         };
-        Ok(Self { format, sink, kept_columns })
+        Ok(Self { format, sink, columns })
     }
 
     fn line(&mut self, value: &Value) -> io::Result<()> {
@@ -122,7 +137,17 @@ impl Output {
     /// or CSV columns).
     pub fn write(&mut self, result: &TaskResult, kept: Option<&Kept>) -> io::Result<()> {
         let outcome = &result.outcome;
+        // With a schema, a success's answer is JSON that passed it.
+        let parsed = self
+            .columns
+            .answer
+            .as_ref()
+            .and(outcome.text())
+            .and_then(|text| fanout::answer_json(text).ok());
         let with_kept = |mut line: Value| {
+            if let Some(parsed) = &parsed {
+                line["output"] = parsed.clone();
+            }
             if let Some(kept) = kept {
                 line["input"] = Value::Object(kept.clone());
             }
@@ -148,8 +173,14 @@ impl Output {
                     response.and_then(|r| r.finish_reason.clone()).unwrap_or_default(),
                     response.and_then(|r| r.model.clone()).unwrap_or_default(),
                 ];
-                let kept = self.kept_columns.iter().map(|c| csv_text(kept.and_then(|k| k.get(c))));
-                writer.write_record(own.into_iter().chain(kept))?;
+                let answer = self
+                    .columns
+                    .answer
+                    .iter()
+                    .flatten()
+                    .map(|field| csv_text(parsed.as_ref().and_then(|p| p.get(field))));
+                let kept = self.columns.kept.iter().map(|c| csv_text(kept.and_then(|k| k.get(c))));
+                writer.write_record(own.into_iter().chain(answer).chain(kept))?;
                 Ok(())
             }
             OutputFormat::OpenaiBatch => self.line(&with_kept(openai_batch_line(result))),

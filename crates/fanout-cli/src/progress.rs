@@ -204,6 +204,9 @@ pub fn summary(totals: &Totals) -> String {
         format!("{} / {} / {}", totals.calls, totals.retries, totals.rate_limited),
     );
     row("hedges sent / won", format!("{} / {}", totals.hedges, totals.hedges_won));
+    if totals.repairs > 0 {
+        row("schema repairs", totals.repairs.to_string());
+    }
     if totals.estimated_usage.total() > 0 {
         row(
             "tokens estimated",

@@ -161,6 +161,21 @@ pub struct Choices {
     /// earlier runs count)
     #[arg(long, global = true, value_name = "TOKENS")]
     pub max_total_tokens: Option<u64>,
+    /// With a JSON Schema: answers that break it are sent back with the errors
+    /// this many times per row before the row fails [default: 2]
+    #[arg(long, global = true, value_name = "N")]
+    pub schema_repairs: Option<u32>,
+    /// Ask again when an answer is cut off at --max-tokens (within --retries),
+    /// with max_tokens times FACTOR [default when given alone: 2]
+    #[arg(
+        long,
+        global = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "2",
+        value_name = "FACTOR"
+    )]
+    pub retry_truncated: Option<f64>,
     /// Duplicate calls that straggle (on by default): past the learned p95 (and
     /// twice the median) without a sign of life, within the hedge budget;
     /// `--hedge=false` turns it off
@@ -202,6 +217,8 @@ impl Choices {
             price_output: self.price_output.or(fallback.price_output),
             budget: self.budget.or(fallback.budget),
             max_total_tokens: self.max_total_tokens.or(fallback.max_total_tokens),
+            schema_repairs: self.schema_repairs.or(fallback.schema_repairs),
+            retry_truncated: self.retry_truncated.or(fallback.retry_truncated),
             hedge: self.hedge.or(fallback.hedge),
             hedge_budget: self.hedge_budget.or(fallback.hedge_budget),
             hedge_after: self.hedge_after.or(fallback.hedge_after),
@@ -263,6 +280,12 @@ pub struct Settings {
     /// The most tokens the calls may use (a job's runs together).
     #[serde(default)]
     pub max_total_tokens: Option<u64>,
+    /// Repairs of answers that break the schema, per row.
+    #[serde(default)]
+    pub schema_repairs: Option<u32>,
+    /// Truncated answers asked again, with max_tokens times this.
+    #[serde(default)]
+    pub retry_truncated: Option<f64>,
     /// Hedging of stragglers; `None` is off.
     #[serde(default = "Hedging::default_on")]
     pub hedge: Option<Hedging>,
@@ -421,6 +444,8 @@ impl Settings {
             price,
             budget: chosen.budget,
             max_total_tokens: chosen.max_total_tokens,
+            schema_repairs: chosen.schema_repairs,
+            retry_truncated: chosen.retry_truncated,
             hedge,
         }
         .checked_budget()
@@ -472,6 +497,8 @@ impl Settings {
         self.price = overridden_price(self.price, now.price_input, now.price_output)?;
         self.budget = now.budget.or(self.budget);
         self.max_total_tokens = now.max_total_tokens.or(self.max_total_tokens);
+        self.schema_repairs = now.schema_repairs.or(self.schema_repairs);
+        self.retry_truncated = now.retry_truncated.or(self.retry_truncated);
         if flags.no_hedge || now.hedge == Some(false) {
             self.hedge = None;
         } else if now.hedge.is_some() || now.hedge_budget.is_some() || now.hedge_after.is_some() {

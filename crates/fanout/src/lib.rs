@@ -50,6 +50,7 @@ pub use async_trait::async_trait;
 pub use exec::branch::{
     BRANCH_GRACE, Branch, BranchOutcome, BranchReport, BranchResult, BranchResults, Calls,
 };
+pub use exec::check::parse_json as answer_json;
 pub use exec::event::{Event, EventSink};
 pub use exec::hedge::{HedgeAfter, HedgePolicy};
 pub use exec::limit::{Rate, SpendLimit};

@@ -34,6 +34,10 @@ pub struct BatchArgs {
     /// [default: openai-batch for OpenAI Batch input, else jsonl]
     #[arg(long, value_enum)]
     output_format: Option<OutputFormat>,
+    /// JSON Schema file every answer must follow: sent as the provider's
+    /// structured output, each answer validated (and repaired, --schema-repairs)
+    #[arg(long, value_name = "FILE")]
+    schema: Option<PathBuf>,
     /// Input fields each output row keeps beside its answer: `name,grade` or '*'
     #[arg(long, value_name = "FIELDS")]
     keep: Option<super::Keep>,
@@ -116,6 +120,7 @@ pub async fn command(flags: &Flags, args: BatchArgs) -> Result<ExitCode> {
         id_field: args.id_field,
         output_format,
         keep: args.keep,
+        schema: args.schema.as_deref().map(crate::schema::read).transpose().map_err(Refusal)?,
         settings,
     };
     let job = args.job.unwrap_or_else(|| default_job_name(&args.input));

@@ -294,7 +294,8 @@ mod tests {
             store.create_job("j", "in", &Fingerprint::default(), &serde_json::json!({})).unwrap();
         let written = Written::default();
         let mut output =
-            Output::new(OutputFormat::Jsonl, Box::new(written.clone()), Vec::new()).unwrap();
+            Output::new(OutputFormat::Jsonl, Box::new(written.clone()), Default::default())
+                .unwrap();
         let mut order = StoreOrder::new(100);
         for index in 1..=5_000 {
             let result = succeeded(index);
@@ -322,7 +323,8 @@ mod tests {
         let store = Store::open(&dir.path().join("fanout.db")).unwrap();
         let written = Written::default();
         let mut output =
-            Output::new(OutputFormat::Jsonl, Box::new(written.clone()), Vec::new()).unwrap();
+            Output::new(OutputFormat::Jsonl, Box::new(written.clone()), Default::default())
+                .unwrap();
         let mut order = StoreOrder::new(1);
         for index in [3, 2, 1] {
             let cut = Outcome::Cancelled { attempts: 1 };

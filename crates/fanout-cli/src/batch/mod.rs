@@ -33,7 +33,7 @@ use crate::Refusal;
 use crate::cache::Cached;
 use crate::connect;
 use crate::input::Format;
-use crate::output::{Output, OutputFormat};
+use crate::output::{Columns, Output, OutputFormat};
 use crate::progress::{self, Progress};
 use crate::settings::Settings;
 use crate::template::Prompt;
@@ -55,6 +55,9 @@ pub struct Spec {
     /// Input fields each output row keeps beside its answer.
     #[serde(default)]
     pub keep: Option<Keep>,
+    /// The JSON Schema every answer must follow (`--schema`).
+    #[serde(default)]
+    pub schema: Option<fanout::ResponseFormat>,
     pub settings: Settings,
 }
 
@@ -279,11 +282,11 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
         rows::tasks(&spec, prompt, restore, open.job.id, open.finished.clone(), kept.clone())
             .map_err(Refusal)?;
     let results = executor.stream_held(futures_util::stream::iter(tasks));
-    let output = Output::new(
-        spec.output_format,
-        open_output(options.output.as_deref())?,
-        kept_columns(&spec)?,
-    )?;
+    let columns = Columns {
+        kept: kept_columns(&spec)?,
+        answer: spec.schema.as_ref().map(crate::schema::fields),
+    };
+    let output = Output::new(spec.output_format, open_output(options.output.as_deref())?, columns)?;
     let in_memory = committer::memory_budget(spec.settings.concurrency);
     let job_id = open.job.id;
     let committer =

@@ -25,6 +25,7 @@ pub fn tasks(
     let rows = input::rows(&spec.input, spec.format, spec.id_field.clone())?;
     let keep = spec.keep.clone();
     let (temperature, max_tokens) = (spec.settings.temperature, spec.settings.max_tokens);
+    let schema = spec.schema.clone();
     Ok(rows.map(move |row| {
         // Put aside before anything else, so restored and invalid rows keep theirs too.
         if let (Some(keep), Content::Fields(fields)) = (&keep, &row.content) {
@@ -59,6 +60,9 @@ pub fn tasks(
         let mut request = request;
         request.temperature = temperature.or(request.temperature);
         request.max_tokens = max_tokens.or(request.max_tokens);
+        if schema.is_some() {
+            request.response_format.clone_from(&schema);
+        }
         Task::with_id(row.id, request)
     }))
 }

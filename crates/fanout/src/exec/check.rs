@@ -104,13 +104,15 @@ impl Checker {
 }
 
 /// The schema compiled, or why it is not a JSON Schema.
+// Drafts 4 to 2020-12, per the schema's `$schema` (2020-12 without one).
 pub fn compile(schema: &Value) -> Result<jsonschema::Validator, String> {
     jsonschema::meta::validate(schema).map_err(|e| format!("not a valid JSON Schema: {e}"))?;
     jsonschema::validator_for(schema).map_err(|e| format!("not a valid JSON Schema: {e}"))
 }
 
-/// The answer's JSON: the whole text, or what a Markdown code fence holds
-/// (models without native structured output often fence it).
+/// An answer's JSON: the whole text, or what a Markdown code fence holds
+/// (models without native structured output often fence it); the error says
+/// why it is not JSON.
 pub fn parse_json(text: &str) -> Result<Value, String> {
     let trimmed = text.trim();
     let unfenced = trimmed

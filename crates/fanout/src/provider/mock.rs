@@ -25,7 +25,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::{ErrorKind, Progress, Provider, ProviderError, Request, Response, Usage};
+use super::{
+    ErrorKind, Progress, Provider, ProviderError, Request, Response, ResponseFormat, Usage,
+};
 use crate::tokens;
 
 /// What one mocked call does.
@@ -179,14 +181,19 @@ impl Default for MockProvider {
 }
 
 impl MockProvider {
-    /// A mock that answers `mock answer: <prompt>` at once, to every call.
+    /// A mock that answers `mock answer: <prompt>` at once, to every call
+    /// (and, to a request for JSON that follows a schema, the simplest such
+    /// JSON, as a provider's structured output would).
     pub fn new() -> Self {
         Self {
             name: "mock".into(),
             latency: Duration::ZERO,
             jitter: Duration::ZERO,
             rng: Arc::new(Mutex::new(fastrand::Rng::with_seed(0))),
-            reply: Arc::new(|request| format!("mock answer: {}", request.prompt())),
+            reply: Arc::new(|request| match &request.response_format {
+                Some(ResponseFormat::JsonSchema { schema, .. }) => example_of(schema).to_string(),
+                _ => format!("mock answer: {}", request.prompt()),
+            }),
             rules: Vec::new(),
             scripts: Arc::default(),
             stats: Arc::default(),
@@ -362,5 +369,49 @@ impl Provider for MockProvider {
 impl From<ErrorKind> for Behavior {
     fn from(kind: ErrorKind) -> Self {
         Self::fail(ProviderError::new(kind, format!("mock {kind}")))
+    }
+}
+
+/// The simplest JSON that `schema` allows for the common keywords (`type`,
+/// `properties` and `required`, `enum`, `const`, `minimum`, `items` with
+/// `minItems`, the first of `anyOf`/`oneOf`); a string is `"mock"`, which
+/// breaks a `pattern` or `format` it does not happen to match.
+pub(crate) fn example_of(schema: &serde_json::Value) -> serde_json::Value {
+    use serde_json::{Value, json};
+    if let Some(value) = schema.get("const") {
+        return value.clone();
+    }
+    if let Some(first) = schema.get("enum").and_then(|e| e.get(0)) {
+        return first.clone();
+    }
+    if let Some(first) = ["anyOf", "oneOf"].iter().find_map(|k| schema.get(*k)?.get(0)) {
+        return example_of(first);
+    }
+    let kind = match schema.get("type") {
+        Some(Value::Array(kinds)) => kinds.first().and_then(Value::as_str),
+        Some(kind) => kind.as_str(),
+        None if schema.get("properties").is_some() => Some("object"),
+        None => None,
+    };
+    match kind {
+        Some("object") => {
+            let properties = schema.get("properties").and_then(Value::as_object);
+            let object = properties
+                .into_iter()
+                .flatten()
+                .map(|(name, property)| (name.clone(), example_of(property)))
+                .collect();
+            Value::Object(object)
+        }
+        Some("array") => {
+            let count = schema.get("minItems").and_then(Value::as_u64).unwrap_or(0);
+            let item = schema.get("items").map_or(Value::Null, example_of);
+            Value::Array(vec![item; count as usize])
+        }
+        Some("integer") => json!(schema.get("minimum").and_then(Value::as_i64).unwrap_or(7)),
+        Some("number") => json!(schema.get("minimum").and_then(Value::as_f64).unwrap_or(0.5)),
+        Some("boolean") => json!(true),
+        Some("null") => Value::Null,
+        _ => json!("mock"),
     }
 }

@@ -130,6 +130,14 @@ pub enum ResponseFormat {
     },
 }
 
+impl ResponseFormat {
+    /// JSON that follows `schema`, checked to be a valid JSON Schema first.
+    pub fn json_schema(name: impl Into<String>, schema: serde_json::Value) -> Result<Self, String> {
+        crate::exec::check::compile(&schema)?;
+        Ok(Self::JsonSchema { name: name.into(), schema })
+    }
+}
+
 fn is_zero(n: &u32) -> bool {
     *n == 0
 }

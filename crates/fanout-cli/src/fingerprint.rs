@@ -90,7 +90,10 @@ pub fn job(spec: &Spec, input_hash: String) -> Fingerprint {
     let shape = serde_json::to_vec(&shape).expect("the shape serializes");
     let mut parts = texts(spec, input_hash);
     parts.insert(SETTINGS_PART.to_owned(), sha256(&shape));
-    // Only jobs that have one carry the part, so older jobs keep their fingerprint.
+    // Only jobs that have them carry these parts, so older jobs keep their fingerprint.
+    if !spec.images.is_empty() {
+        parts.insert("image fields".to_owned(), spec.images.join(","));
+    }
     if let Some(schema) = &spec.schema {
         let schema = serde_json::to_vec(schema).expect("a schema serializes");
         parts.insert("response schema".to_owned(), sha256(&schema));
@@ -198,6 +201,7 @@ mod tests {
         };
         Spec {
             keep: None,
+            images: Vec::new(),
             schema: None,
             input: "rows.jsonl".into(),
             format: Format::Jsonl,

@@ -175,6 +175,13 @@ impl Provider for LocalModel {
                  Anthropic provider (--provider openai|anthropic)",
             ));
         }
+        if request.messages.iter().any(|m| !m.images.is_empty()) {
+            return Err(ProviderError::new(
+                ErrorKind::BadRequest,
+                "the local model takes text only; send images to an OpenAI-compatible or \
+                 Anthropic provider (--provider openai|anthropic)",
+            ));
+        }
         let prompt = self.prompt_tokens(request)?;
         let choices = request.n.unwrap_or(1).max(1);
         let answers = futures_util::future::join_all((0..choices).map(|choice| {

@@ -198,3 +198,15 @@ async fn tools_are_refused_plainly() {
     assert!(!error.is_retryable());
     assert!(error.message().contains("the local model does not call tools"), "{error}");
 }
+
+/// The embedded model takes text only, and says so plainly (not retried).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn images_are_refused_plainly() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = common::tiny_model(&dir, options(1));
+    let mut request = Request::user("What is in the picture?");
+    request.messages[0].images.push(fanout::Image::Url("https://example.com/a.png".into()));
+    let error = model.complete(&request).await.unwrap_err();
+    assert_eq!(error.kind(), ErrorKind::BadRequest);
+    assert!(error.message().contains("the local model takes text only"), "{error}");
+}

@@ -62,7 +62,7 @@ pub use provider::anthropic::AnthropicBuilder;
 pub use provider::headers::Budget;
 pub use provider::openai::OpenAiBuilder;
 pub use provider::{
-    Anthropic, Behavior, Check, ErrorKind, HttpApi, HttpBuilder, HttpOptions, HttpSettings,
+    Anthropic, Behavior, Check, ErrorKind, HttpApi, HttpBuilder, HttpOptions, HttpSettings, Image,
     Message, MockProvider, OpenAi, Progress, Provider, ProviderError, RateLimit, Request, Response,
     ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec, Usage,
 };

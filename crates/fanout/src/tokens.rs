@@ -18,6 +18,10 @@ pub const DEFAULT_OUTPUT_ESTIMATE: u32 = 256;
 /// Framing tokens per message (role markers, separators).
 const TOKENS_PER_MESSAGE: u64 = 4;
 
+/// Tokens assumed for an image: about what a 1-megapixel picture costs on
+/// either vendor (OpenAI's tiles at high detail, Anthropic's width x height / 750).
+pub const IMAGE_TOKENS_ESTIMATE: u64 = 1_500;
+
 /// Roughly how many tokens `text` is.
 pub fn estimate_text(text: &str) -> u64 {
     (text.chars().count() as u64).div_ceil(4)
@@ -32,7 +36,8 @@ pub fn estimate_prompt(request: &Request) -> u64 {
         .iter()
         .map(|m| {
             let calls: u64 = m.tool_calls.iter().map(|c| estimate_text(&c.arguments)).sum();
-            estimate_text(&m.content) + calls + TOKENS_PER_MESSAGE
+            let images = m.images.len() as u64 * IMAGE_TOKENS_ESTIMATE;
+            estimate_text(&m.content) + calls + images + TOKENS_PER_MESSAGE
         })
         .sum();
     let tools: u64 = request
@@ -82,7 +87,8 @@ pub fn count_text(model: Option<&str>, text: &str) -> u64 {
 }
 
 /// How many prompt tokens the request's messages are for `model`, framing
-/// included, as OpenAI counts chat prompts; estimated for unknown models.
+/// included, as OpenAI counts chat prompts (images estimated); estimated for
+/// unknown models.
 pub fn count_prompt(model: Option<&str>, request: &Request) -> u64 {
     let Some(model) = model.filter(|m| tokenizer(m).is_some()) else {
         return estimate_prompt(request);
@@ -98,8 +104,12 @@ pub fn count_prompt(model: Option<&str>, request: &Request) -> u64 {
         .collect();
     // Models whose tokenizer has no chat framing (gpt-2, the old completion
     // models) are estimated.
-    tiktoken_rs::num_tokens_from_messages(model, &messages)
-        .map_or_else(|_| estimate_prompt(request), |count| count as u64)
+    // Images have no text to count: they are estimated.
+    let images: u64 = request.messages.iter().map(|m| m.images.len() as u64).sum();
+    tiktoken_rs::num_tokens_from_messages(model, &messages).map_or_else(
+        |_| estimate_prompt(request),
+        |count| count as u64 + images * IMAGE_TOKENS_ESTIMATE,
+    )
 }
 
 fn role_name(role: Role) -> &'static str {

@@ -34,6 +34,10 @@ pub struct BatchArgs {
     /// [default: openai-batch for OpenAI Batch input, else jsonl]
     #[arg(long, value_enum)]
     output_format: Option<OutputFormat>,
+    /// Field holding an image (a path, relative to the input file; a URL; a data
+    /// URI; or a list of them) to show with the row's prompt; repeatable
+    #[arg(long = "image", value_name = "FIELD")]
+    images: Vec<String>,
     /// JSON Schema file every answer must follow: sent as the provider's
     /// structured output, each answer validated (and repaired, --schema-repairs)
     #[arg(long, value_name = "FILE")]
@@ -120,6 +124,7 @@ pub async fn command(flags: &Flags, args: BatchArgs) -> Result<ExitCode> {
         id_field: args.id_field,
         output_format,
         keep: args.keep,
+        images: args.images,
         schema: args.schema.as_deref().map(crate::schema::read).transpose().map_err(Refusal)?,
         settings,
     };

@@ -65,7 +65,7 @@ struct DryRun {
     /// The first invalid rows' messages, naming their line.
     invalid_rows: Vec<String>,
     input_tokens: u64,
-    tokens_counted: &'static str,
+    tokens_counted: String,
     /// Output tokens: none, up to every call's `max_tokens`.
     output_tokens_max: u64,
     /// From the job's finished answers (when resuming): their mean, per call.
@@ -113,7 +113,14 @@ pub async fn run(spec: &Spec, options: &RunOptions) -> Result<ExitCode> {
         .map_err(Refusal)?;
     let mut report = DryRun {
         job: options.job.clone(),
-        tokens_counted: counter.how(),
+        tokens_counted: match spec.images.is_empty() {
+            true => counter.how().to_owned(),
+            false => format!(
+                "{}; images estimated at {} tokens each",
+                counter.how(),
+                tokens::IMAGE_TOKENS_ESTIMATE
+            ),
+        },
         model: spec.settings.model.clone(),
         ..DryRun::default()
     };

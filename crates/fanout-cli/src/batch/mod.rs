@@ -58,6 +58,9 @@ pub struct Spec {
     /// The JSON Schema every answer must follow (`--schema`).
     #[serde(default)]
     pub schema: Option<fanout::ResponseFormat>,
+    /// Fields whose values are images of the row's message (`--image`).
+    #[serde(default)]
+    pub images: Vec<String>,
     pub settings: Settings,
 }
 

@@ -4,14 +4,62 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use fanout::{ErrorKind, Outcome, ProviderError, Task};
+use std::path::PathBuf;
+
+use fanout::{ErrorKind, Image, Outcome, ProviderError, Request, Task};
 use fanout_store::{Finished, Store};
+use serde_json::{Map, Value};
 
 use super::Spec;
 use super::keep::KeptFields;
 use crate::input::{self, Content};
 use crate::record::to_outcome;
 use crate::template::Prompt;
+
+/// `--image FIELD`: fields whose values (a path, URL or data URI, or a list
+/// of them) become images of the row's user message. Files are only named
+/// here, and read when the call is sent.
+struct ImageFields {
+    fields: Vec<String>,
+    /// Relative paths are the input file's neighbours.
+    base: PathBuf,
+}
+
+impl ImageFields {
+    fn new(spec: &Spec) -> Self {
+        let base = spec.input.parent().filter(|_| spec.input.as_os_str() != "-");
+        Self { fields: spec.images.clone(), base: base.map(PathBuf::from).unwrap_or_default() }
+    }
+
+    fn attach(
+        &self,
+        row: &Map<String, Value>,
+        line: u64,
+        request: &mut Request,
+    ) -> Result<(), String> {
+        for field in &self.fields {
+            let named = |why: &str| format!("line {line}, field `{field}`: {why}");
+            let references: Vec<&str> = match row.get(field) {
+                None | Some(Value::Null) => return Err(named("no image (the field is missing)")),
+                Some(Value::String(one)) => vec![one],
+                Some(Value::Array(many)) => many
+                    .iter()
+                    .map(|v| v.as_str().ok_or_else(|| named("a list of images holds a non-string")))
+                    .collect::<Result<_, _>>()?,
+                Some(_) => return Err(named("an image is a path, a URL or a data URI")),
+            };
+            for reference in references {
+                let image = match Image::from_reference(reference).map_err(|e| named(&e))? {
+                    Image::File(path) if path.is_relative() => Image::File(self.base.join(path)),
+                    image => image,
+                };
+                let message = request.messages.last_mut().expect("a rendered prompt is a message");
+                message.images.push(image);
+            }
+        }
+        Ok(())
+    }
+}
 
 /// The job's tasks, in input order, read lazily from the input file.
 pub fn tasks(
@@ -26,6 +74,7 @@ pub fn tasks(
     let keep = spec.keep.clone();
     let (temperature, max_tokens) = (spec.settings.temperature, spec.settings.max_tokens);
     let schema = spec.schema.clone();
+    let images = ImageFields::new(spec);
     Ok(rows.map(move |row| {
         // Put aside before anything else, so restored and invalid rows keep theirs too.
         if let (Some(keep), Content::Fields(fields)) = (&keep, &row.content) {
@@ -47,7 +96,12 @@ pub fn tasks(
             Content::Invalid(message) => return Task::settled(row.id, invalid(message)),
             Content::Request(request) => *request,
             Content::Fields(fields) => match prompt.as_ref().map(|p| p.render(&fields, row.line)) {
-                Some(Ok(request)) => request,
+                Some(Ok(mut request)) => {
+                    if let Err(message) = images.attach(&fields, row.line, &mut request) {
+                        return Task::settled(row.id, invalid(message));
+                    }
+                    request
+                }
                 Some(Err(message)) => return Task::settled(row.id, invalid(message)),
                 None => {
                     return Task::settled(

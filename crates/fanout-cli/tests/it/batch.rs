@@ -275,3 +275,29 @@ fn kept_fields_travel_beside_the_answers() {
     let exported = lines(&exported.stdout);
     assert_eq!(exported[1]["input"], serde_json::json!({"name": "Ben", "grade": 6}));
 }
+
+/// `--image FIELD`: a row's image path (beside the input file) is sent as an
+/// image; a missing file or field fails that row alone, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_rows_send_their_pictures_and_bad_ones_fail_alone() {
+    let server = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    home.write("pixel.png", [0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A, 0, 0, 0, 0x0D]);
+    let path = home.write(
+        "photos.jsonl",
+        "{\"photo\":\"pixel.png\"}\n{\"photo\":\"gone.png\"}\n{\"caption\":\"no photo\"}\n",
+    );
+    let mut command = home.fanout();
+    command
+        .args(["--provider", "openai", "--base-url", &server.openai_base_url(), "-q", "batch"])
+        .arg(&path)
+        .args(["--prompt", "Describe the photo.", "--image", "photo"]);
+    let output = run(command).await;
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    let results = lines(&output.stdout);
+    assert_eq!(results[0]["status"], "succeeded", "{}", results[0]);
+    let message = |i: usize| results[i]["error"]["message"].as_str().unwrap().to_owned();
+    assert!(message(1).contains("gone.png") && message(1).contains("image"), "{}", message(1));
+    assert_eq!(message(2), "line 3, field `photo`: no image (the field is missing)");
+    assert_eq!(server.stats().requests, 1, "only the readable image was sent");
+}

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
 use super::http::{Endpoint, decimal, header, request_id};
 use super::{
-    Check, ErrorKind, Progress, Provider, ProviderError, RateLimit, Request, Response,
+    Check, ErrorKind, Image, Progress, Provider, ProviderError, RateLimit, Request, Response,
     ResponseFormat, Role, ToolCall, ToolChoice, Usage, sse,
 };
 
@@ -150,6 +150,13 @@ fn wire_messages(request: &Request) -> Vec<Value> {
                 let blocks: Vec<Value> = text.into_iter().chain(calls).collect();
                 messages.push(json!({"role": message.role, "content": blocks}));
             }
+            _ if !message.images.is_empty() => {
+                // Images first, then the text that asks about them, as Anthropic advises.
+                let images = message.images.iter().map(image_block);
+                let text = json!({"type": "text", "text": message.content});
+                let blocks: Vec<Value> = images.chain(std::iter::once(text)).collect();
+                messages.push(json!({"role": message.role, "content": blocks}));
+            }
             _ => messages.push(json!({"role": message.role, "content": message.content})),
         }
     }
@@ -176,6 +183,18 @@ fn structured(request: &Request, mut response: Response) -> Response {
         response.text = response.tool_calls.remove(at).arguments;
     }
     response
+}
+
+/// An image as a content block: by URL, or its base64 data.
+fn image_block(image: &Image) -> Value {
+    match image.loaded().as_deref() {
+        Ok(Image::Url(url)) => json!({"type": "image", "source": {"type": "url", "url": url}}),
+        Ok(Image::Data { media_type, base64 }) => json!({"type": "image",
+            "source": {"type": "base64", "media_type": media_type, "data": base64}}),
+        Ok(Image::File(_)) => unreachable!("a loaded image is not a file"),
+        // Only when the files were not read first (`body` called directly).
+        Err(error) => json!({"type": "text", "text": error.to_string()}),
+    }
 }
 
 fn wire_tools(request: &Request) -> Value {
@@ -436,6 +455,7 @@ impl Provider for Anthropic {
         request: &Request,
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
+        let request = &*super::load_image_files(request).await?;
         let answer = self.endpoint.post(&self.body(request)).await?;
         let headers = answer.headers().clone();
         let response = if self.stream {

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
 use super::http::{Endpoint, decimal, header, request_id};
 use super::{
-    Check, ErrorKind, Message, Progress, Provider, ProviderError, RateLimit, Request, Response,
-    ResponseFormat, Role, ToolCall, ToolChoice, Usage, sse,
+    Check, ErrorKind, Image, Message, Progress, Provider, ProviderError, RateLimit, Request,
+    Response, ResponseFormat, Role, ToolCall, ToolChoice, Usage, sse,
 };
 use crate::tokens;
 
@@ -114,10 +114,25 @@ impl OpenAi {
     }
 }
 
+/// An image as a content part: its URL, or its data as a data URI.
+fn image_part(image: &Image) -> Value {
+    match image.as_url() {
+        Ok(url) => json!({"type": "image_url", "image_url": {"url": url}}),
+        // Only when the files were not read first (`body` called directly):
+        // sending says why, and `complete` fails the call before that.
+        Err(error) => json!({"type": "text", "text": error.to_string()}),
+    }
+}
+
 /// A message as Chat Completions takes it: tool calls on the assistant's
 /// turn, and tool results as `tool` messages naming their call.
 fn wire_message(message: &Message) -> Value {
     let mut wire = json!({"role": message.role, "content": message.content});
+    if !message.images.is_empty() {
+        let text = json!({"type": "text", "text": message.content});
+        let images = message.images.iter().map(image_part);
+        wire["content"] = Value::Array(std::iter::once(text).chain(images).collect());
+    }
     if message.role == Role::Tool {
         wire["tool_call_id"] = json!(message.tool_call_id.as_deref().unwrap_or_default());
     }
@@ -498,6 +513,7 @@ impl Provider for OpenAi {
         request: &Request,
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
+        let request = &*super::load_image_files(request).await?;
         let response = self.endpoint.post(&self.body(request)).await?;
         if self.stream {
             let headers = response.headers().clone();

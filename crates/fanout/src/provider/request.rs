@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::headers::RateLimit;
+use super::image::Image;
 use super::tool::{ToolCall, ToolChoice, ToolSpec};
 
 /// Who said a message in a conversation.
@@ -32,12 +33,21 @@ pub struct Message {
     /// For a [`Role::Tool`] message: the call it answers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool_call_id: Option<String>,
+    /// Images shown with a user message, after its text.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<Image>,
 }
 
 impl Message {
     /// A message from `role`.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Self { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+        Self {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            images: Vec::new(),
+        }
     }
 
     /// A system message.

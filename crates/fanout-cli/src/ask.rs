@@ -16,6 +16,12 @@ pub struct AskArgs {
     prompt: String,
     #[arg(long)]
     system: Option<String>,
+    /// JSON Schema file the answer must follow (validated, and repaired)
+    #[arg(long, value_name = "FILE")]
+    schema: Option<std::path::PathBuf>,
+    /// An image to show with the question: a path, a URL or a data URI; repeatable
+    #[arg(long = "image", value_name = "IMAGE")]
+    images: Vec<String>,
 }
 
 /// Prints the answer (or, with `--json`, the result in batch's schema); any
@@ -23,7 +29,15 @@ pub struct AskArgs {
 pub async fn command(flags: &Flags, args: AskArgs) -> Result<ExitCode> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
     let provider = connect::provider(&settings, flags.quiet).await.map_err(Refusal)?;
+    let response_format =
+        args.schema.as_deref().map(crate::schema::read).transpose().map_err(Refusal)?;
     let mut request = Request::user(args.prompt);
+    request.response_format = response_format;
+    for image in &args.images {
+        let image = fanout::Image::from_reference(image)
+            .map_err(|e| Refusal(anyhow::anyhow!("--image {image}: {e}")))?;
+        request.messages[0].images.push(image);
+    }
     if let Some(system) = args.system {
         request = request.with_system(system);
     }

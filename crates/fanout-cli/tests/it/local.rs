@@ -148,3 +148,27 @@ fn the_readme_first_command_runs() {
     assert_eq!(graded.lines().count(), essays.lines().count());
     assert!(graded.lines().all(|l| l.contains("\"status\":\"succeeded\"")), "{graded}");
 }
+
+/// A dry run on the embedded model counts prompts with the GGUF's own
+/// tokenizer and chat template, and prices them at nothing.
+#[test]
+fn a_dry_run_counts_with_the_models_own_tokenizer() {
+    let home = Home::new();
+    let model = tiny(&home);
+    home.write("essays.jsonl", "{\"essay\":\"Trees help.\"}\n{\"essay\":\"Cats nap.\"}\n");
+    let output = home
+        .fanout()
+        .env("FANOUT_MODEL", &model)
+        .args(["--json", "--max-tokens", "8", "batch", "essays.jsonl", "--prompt", "{{ essay }}"])
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(report["tokens_counted"].as_str().unwrap().contains("the local model's tokenizer"));
+    assert!(report["input_tokens"].as_u64().unwrap() > 2 * 3, "{report}");
+    assert_eq!(
+        (report["cost_max"].as_f64(), report["output_tokens_max"].as_u64()),
+        (Some(0.0), Some(16))
+    );
+}

@@ -70,3 +70,18 @@ fn a_bad_schema_is_refused_before_any_call() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("grade.json is not JSON"), "{}", stderr(&output));
 }
+
+#[test]
+fn ask_takes_a_schema_too() {
+    let home = Home::new();
+    let schema = home.write("grade.json", GRADE);
+    let output = home
+        .fanout()
+        .args(["--provider", "mock", "ask", "Grade it.", "--system", "Be fair.", "--schema"])
+        .arg(&schema)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let answer: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(answer, serde_json::json!({"grade": 1, "comment": "mock"}));
+}

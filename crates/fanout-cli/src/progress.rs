@@ -1,9 +1,11 @@
 //! Progress on stderr while a batch runs, and the summary table after it.
 //! Hidden when stderr is not a terminal, or with --quiet.
 
+use std::collections::HashSet;
 use std::io::IsTerminal;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
@@ -14,8 +16,9 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 struct Counts {
     succeeded: AtomicU64,
     failed: AtomicU64,
-    /// Attempts sent and not yet ended (hedges not included).
-    in_flight: AtomicI64,
+    /// Tasks with an attempt sent and not yet ended (hedges not included), by
+    /// index: a task that ends while waiting to retry is not counted twice.
+    in_flight: Mutex<HashSet<usize>>,
     calls: AtomicU64,
     retries: AtomicU64,
     rate_limited: AtomicU64,
@@ -65,19 +68,19 @@ impl Progress {
     pub fn events(&self) -> impl Fn(&Event) + Send + Sync + 'static {
         let counts = Arc::clone(&self.counts);
         move |event| match event {
-            Event::Started { .. } => {
-                counts.in_flight.fetch_add(1, Ordering::Relaxed);
+            Event::Started { index, .. } => {
+                counts.in_flight.lock().expect("never poisoned").insert(*index);
                 counts.calls.fetch_add(1, Ordering::Relaxed);
             }
-            Event::Retrying { error, .. } => {
-                counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+            Event::Retrying { index, error, .. } => {
+                counts.in_flight.lock().expect("never poisoned").remove(index);
                 counts.retries.fetch_add(1, Ordering::Relaxed);
                 if error.is_rate_limited() {
                     counts.rate_limited.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            Event::Finished { attempts, .. } if *attempts > 0 => {
-                counts.in_flight.fetch_sub(1, Ordering::Relaxed);
+            Event::Finished { index, .. } => {
+                counts.in_flight.lock().expect("never poisoned").remove(index);
             }
             Event::Hedged { .. } => {
                 counts.hedges.fetch_add(1, Ordering::Relaxed);
@@ -114,7 +117,7 @@ impl Progress {
             "ok {} failed {} | in flight {} | {} req/min {} tok/min | 429s {} retries {} hedges {}",
             counts.succeeded.load(Ordering::Relaxed),
             counts.failed.load(Ordering::Relaxed),
-            counts.in_flight.load(Ordering::Relaxed).max(0),
+            counts.in_flight.lock().expect("never poisoned").len(),
             compact(per_minute(counts.calls.load(Ordering::Relaxed))),
             compact(per_minute(usage.total())),
             counts.rate_limited.load(Ordering::Relaxed),

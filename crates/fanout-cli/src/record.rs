@@ -67,7 +67,10 @@ pub fn to_result(record: Record) -> TaskResult {
 pub fn to_outcome(record: Record) -> Outcome {
     match record.status.as_str() {
         "succeeded" => {
-            let usage = Usage::new(record.input_tokens, record.output_tokens);
+            let usage = Usage {
+                cached_input_tokens: record.cached_input_tokens,
+                ..Usage::new(record.input_tokens, record.output_tokens)
+            };
             let mut response = Response::new(record.answer.unwrap_or_default(), usage);
             response.usage_estimated = record.usage_estimated;
             response.finish_reason = record.finish_reason;

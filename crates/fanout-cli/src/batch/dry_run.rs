@@ -109,8 +109,11 @@ pub async fn run(spec: &Spec, options: &RunOptions) -> Result<ExitCode> {
     let counter = counter(spec, options.quiet).await?;
     // Finished rows are only counted: nothing is restored, so a scratch store will do.
     let scratch = Store::open(std::path::Path::new(":memory:"))?;
-    let tasks = rows::tasks(spec, prompt, scratch, 0, Finished::default(), KeptFields::default())
-        .map_err(Refusal)?;
+    // Kept fields are for output rows, and a dry run writes none.
+    let counted = Spec { keep: None, ..spec.clone() };
+    let tasks =
+        rows::tasks(&counted, prompt, scratch, 0, Finished::default(), KeptFields::default())
+            .map_err(Refusal)?;
     let mut report = DryRun {
         job: options.job.clone(),
         tokens_counted: match spec.images.is_empty() {

@@ -192,10 +192,16 @@ async fn executor(
         .build())
 }
 
+/// What a job's stored results used, all its runs together.
+fn job_usage(summary: &fanout_store::JobSummary) -> Usage {
+    Usage {
+        cached_input_tokens: summary.cached_input_tokens,
+        ..Usage::new(summary.input_tokens, summary.output_tokens)
+    }
+}
+
 /// What the job has spent of its limit, its earlier runs included.
-fn spending_said(settings: &Settings, earlier: Usage, totals: &fanout::Totals) -> String {
-    let mut spent = earlier;
-    spent += totals.usage;
+fn spending_said(settings: &Settings, spent: Usage) -> String {
     let mut parts = Vec::new();
     if let (Some(budget), Some(price)) = (settings.budget, settings.price) {
         parts.push(format!("${:.4} of the ${budget} budget", price.cost(spent)));
@@ -274,10 +280,7 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     }
     let progress = Progress::new(open.lines, options.quiet, spec.settings.price);
     let interrupts = Interrupts::install(options.grace);
-    let spent = {
-        let summary = open.store.summary(open.job.clone())?;
-        Usage::new(summary.input_tokens, summary.output_tokens)
-    };
+    let spent = job_usage(&open.store.summary(open.job.clone())?);
     let executor = executor(&spec, &options, &progress, &interrupts, spent).await?;
     let restore = Store::open(&options.store)?;
     let kept = KeptFields::default();
@@ -312,7 +315,13 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
         eprintln!("fanout: stopped: the job cannot succeed: {cause}");
     }
     if ending.budget_spent {
-        eprintln!("fanout: stopped: {}", spending_said(&spec.settings, spent, &totals));
+        // The store has every run's results: this run's and the earlier ones.
+        let store = Store::open(&options.store)?;
+        let job = store.job(&options.job)?.context("the job disappeared from the store")?;
+        eprintln!(
+            "fanout: stopped: {}",
+            spending_said(&spec.settings, job_usage(&store.summary(job)?))
+        );
     }
     if ending.unfinished > 0 || interrupts.pressed.load(Ordering::Relaxed) {
         let (how, raise) = match (ending.budget_spent, spec.settings.budget) {

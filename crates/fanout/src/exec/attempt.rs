@@ -267,6 +267,9 @@ async fn attempt_until_done(
                             attempts: attempt,
                         });
                     }
+                    Verdict::CutOff => {
+                        return Outcome::Failed { error: truncated(&current), attempts: attempt };
+                    }
                     Verdict::BadSchema(message) => {
                         let message = format!("the response schema is {message}");
                         let error = ProviderError::new(ErrorKind::BadRequest, message);
@@ -276,7 +279,16 @@ async fn attempt_until_done(
                         failed_attempts += 1;
                         let error = truncated(&current);
                         if failed_attempts >= exec.config.retry.max_attempts {
-                            return Outcome::Failed { error, attempts: attempt };
+                            // Out of attempts: the last answer, paid for, stands
+                            // (its finish reason says it was cut off).
+                            let mut response = response;
+                            response.usage += checked_out;
+                            let latency = first_sent.elapsed();
+                            return Outcome::Succeeded(Success {
+                                response,
+                                latency,
+                                attempts: attempt,
+                            });
                         }
                         let factor = exec.checker.policy.retry_truncated.unwrap_or(1.0);
                         run.counters.retries.fetch_add(1, Ordering::Relaxed);
@@ -302,6 +314,10 @@ async fn attempt_until_done(
                 exec.emit(|| Event::Retrying { index, id: id.clone(), attempt, error, delay });
             }
             Err(error) => {
+                // A failed call is charged nothing, and must not hold the
+                // budget while it waits to retry: calls waiting for room would
+                // take every slot, and the retry would never get one back.
+                drop(hold);
                 let count = if error.is_rate_limited() {
                     run.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
                     rate_limited_attempts += 1;
@@ -433,7 +449,9 @@ impl Attempt<'_> {
                     watched = None;
                     continue;
                 }
-                Some(hold) => hold,
+                // A hedge that loses is cancelled mid-answer, and the
+                // provider bills its prompt at least.
+                Some(Some(hold)) => Some(hold.charged_if_dropped(Usage::new(most.input_tokens, 0))),
                 None => None,
             };
             // The hedge queues for a slot and budget like any call; an answer

@@ -37,6 +37,9 @@ pub(crate) enum Verdict {
     Accept,
     /// Cut off at `max_tokens`, and truncated answers are retried.
     Truncated,
+    /// Cut off at `max_tokens` where a schema needs the whole answer, and
+    /// truncated answers are not retried: the task fails saying so.
+    CutOff,
     /// Not JSON, or not the schema's: the errors, for the model and the user.
     Invalid(String),
     /// The request's schema is not a JSON Schema at all: no answer can pass.
@@ -59,7 +62,11 @@ impl Checker {
     }
 
     pub(crate) fn check(&self, request: &Request, response: &Response) -> Verdict {
-        if self.policy.retry_truncated.is_some() && response.is_truncated() {
+        // Without a max_tokens to raise, asking again would pay for the same cut.
+        if self.policy.retry_truncated.is_some()
+            && request.max_tokens.is_some()
+            && response.is_truncated()
+        {
             return Verdict::Truncated;
         }
         let text = &response.text;
@@ -70,6 +77,10 @@ impl Checker {
             Ok(validator) => validator,
             Err(error) => return Verdict::BadSchema(error),
         };
+        // A repair asks for the same room: a cut-off answer would be cut again.
+        if response.is_truncated() {
+            return Verdict::CutOff;
+        }
         let value = match parse_json(text) {
             Ok(value) => value,
             Err(error) => return Verdict::Invalid(error),
@@ -192,9 +203,15 @@ mod tests {
         assert!(matches!(checker.check(&request, &answer("{}", "stop")), Verdict::BadSchema(_)));
         let retrying = Checker::new(CheckPolicy { repairs: 0, retry_truncated: Some(2.0) });
         for cut in ["length", "max_tokens"] {
-            let verdict = retrying.check(&Request::user("x"), &answer("cut", cut));
+            let verdict =
+                retrying.check(&Request::user("x").with_max_tokens(10), &answer("cut", cut));
             assert_eq!(verdict, Verdict::Truncated, "{cut}");
         }
+        // No max_tokens to raise: asking again would be cut the same way.
+        assert_eq!(retrying.check(&Request::user("x"), &answer("cut", "length")), Verdict::Accept);
+        // A schema needs the whole answer: a cut one fails, unrepaired.
+        let cut = answer("{\"grade\": ", "length");
+        assert_eq!(Checker::default().check(&schema_request(), &cut), Verdict::CutOff);
         let longer = with_more_room(&Request::user("x").with_max_tokens(100), 2.0);
         assert_eq!(longer.max_tokens, Some(200));
     }

@@ -96,8 +96,8 @@ impl OpenAi {
             request.response_format.as_ref().map(|format| match format {
                 ResponseFormat::JsonObject => json!({"type": "json_object"}),
                 ResponseFormat::JsonSchema { name, schema } => {
-                    json!({"type": "json_schema",
-                           "json_schema": {"name": name, "schema": schema, "strict": true}})
+                    json!({"type": "json_schema", "json_schema": {"name": name,
+                        "schema": schema, "strict": strict_compatible(schema)}})
                 }
             }),
         );
@@ -111,6 +111,34 @@ impl OpenAi {
             fields.insert(key.clone(), value.clone());
         }
         body
+    }
+}
+
+/// Whether OpenAI's strict structured output takes `schema`: every object
+/// allows no other properties and requires all of its own. Strict is asked
+/// for only then, since a strict request with another schema is refused (400);
+/// fanout validates every answer either way.
+fn strict_compatible(schema: &Value) -> bool {
+    match schema {
+        Value::Object(map) => {
+            if map.get("type").and_then(Value::as_str) == Some("object") {
+                let required: Vec<&str> = map
+                    .get("required")
+                    .and_then(Value::as_array)
+                    .map(|names| names.iter().filter_map(Value::as_str).collect())
+                    .unwrap_or_default();
+                let all_required =
+                    map.get("properties").and_then(Value::as_object).is_none_or(|properties| {
+                        properties.keys().all(|k| required.contains(&k.as_str()))
+                    });
+                if map.get("additionalProperties") != Some(&Value::Bool(false)) || !all_required {
+                    return false;
+                }
+            }
+            map.values().all(strict_compatible)
+        }
+        Value::Array(items) => items.iter().all(strict_compatible),
+        _ => true,
     }
 }
 
@@ -673,5 +701,18 @@ mod tests {
             framed.extend_from_slice(&bytes);
             let _ = assemble(split(&framed, &points));
         }
+    }
+
+    #[test]
+    fn strict_is_asked_only_for_schemas_openai_takes_strictly() {
+        let strict = json!({"type": "object", "properties": {"a": {"type": "object",
+            "properties": {"b": {"type": "integer"}}, "required": ["b"], "additionalProperties": false}},
+            "required": ["a"], "additionalProperties": false});
+        assert!(strict_compatible(&strict));
+        let optional = json!({"type": "object", "properties": {"a": {"type": "string"}}});
+        assert!(!strict_compatible(&optional));
+        let mut nested_open = strict.clone();
+        nested_open["properties"]["a"]["additionalProperties"] = json!(true);
+        assert!(!strict_compatible(&nested_open));
     }
 }

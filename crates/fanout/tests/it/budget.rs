@@ -74,3 +74,27 @@ async fn answers_cheaper_than_their_reservation_leave_room_for_more_calls() {
     assert_eq!(report.totals.succeeded, 100, "{:?}", report.totals);
     assert_eq!(report.totals.usage.total(), 1_000);
 }
+
+/// A call that fails with a retryable error gives its reservation back before
+/// it waits to retry: otherwise the tasks waiting for budget room would hold
+/// every slot and its retry would never get one (the run would hang).
+#[tokio::test(start_paused = true)]
+async fn a_failed_call_waiting_to_retry_holds_no_budget() {
+    let mock = MockProvider::new()
+        .with_latency(ms(100))
+        .with_rule(|_| Some(Behavior::respond(Response::new("answer", Usage::new(5, 95)))));
+    mock.script("p0", [Behavior::server_error()]);
+    // 100 reserved and used a call: 250 allows two at once, two in all.
+    let executor = Executor::builder(mock)
+        .concurrency(2)
+        .hedge(None)
+        .spend_limit(SpendLimit::tokens(250))
+        .build();
+    let run = executor.run(requests(5, 95));
+    let report = tokio::time::timeout(std::time::Duration::from_secs(3600), run)
+        .await
+        .expect("the run ends");
+    assert_eq!(report.totals.tasks, 5);
+    assert!(report.totals.usage.total() <= 250, "{:?}", report.totals);
+    assert_eq!(report.totals.succeeded, 2, "{:?}", report.totals);
+}

@@ -131,6 +131,13 @@ impl Hold<'_> {
     pub(crate) fn settle(mut self, used: Usage) {
         self.used = used;
     }
+
+    /// What a call cut short (dropped unsettled) is charged instead of nothing.
+    #[must_use]
+    pub(crate) fn charged_if_dropped(mut self, used: Usage) -> Self {
+        self.used = used;
+        self
+    }
 }
 
 impl Spending {

@@ -58,7 +58,9 @@ pub use exec::report::{Latency, Report, Totals};
 pub use exec::retry::RetryPolicy;
 pub use exec::{Executor, ExecutorBuilder, HeldResult, HeldResults, Results, Slot};
 pub use prices::Price;
-pub use provider::anthropic::AnthropicBuilder;
+pub use provider::anthropic::{
+    AnthropicBuilder, DEFAULT_MAX_TOKENS as ANTHROPIC_DEFAULT_MAX_TOKENS,
+};
 pub use provider::headers::Budget;
 pub use provider::openai::OpenAiBuilder;
 pub use provider::{

@@ -107,6 +107,11 @@ pub async fn run(spec: &Spec, options: &RunOptions) -> Result<ExitCode> {
     let prompt = super::prompt(spec)?;
     let (finished, likely_output) = finished_answers(options)?;
     let counter = counter(spec, options.quiet).await?;
+    // What the provider asks for when a request sets no max_tokens.
+    let default_output = match spec.settings.provider {
+        ProviderKind::Anthropic => fanout::ANTHROPIC_DEFAULT_MAX_TOKENS,
+        _ => tokens::DEFAULT_OUTPUT_ESTIMATE,
+    };
     // Finished rows are only counted: nothing is restored, so a scratch store will do.
     let scratch = Store::open(std::path::Path::new(":memory:"))?;
     // Kept fields are for output rows, and a dry run writes none.
@@ -143,7 +148,7 @@ pub async fn run(spec: &Spec, options: &RunOptions) -> Result<ExitCode> {
         };
         report.calls += 1;
         report.input_tokens += counter.count(request);
-        report.output_tokens_max += tokens::max_output(request);
+        report.output_tokens_max += u64::from(request.max_tokens.unwrap_or(default_output));
     }
     report.output_tokens_likely = likely_output.map(|mean| mean * report.calls);
     if let Some(price) = spec.settings.price {
@@ -182,11 +187,7 @@ fn said(report: &DryRun) -> String {
         .unwrap_or_default();
     line(
         "output tokens",
-        format!(
-            "0 to {} (max_tokens, {} when unset){likely}",
-            report.output_tokens_max,
-            tokens::DEFAULT_OUTPUT_ESTIMATE
-        ),
+        format!("0 to {} (every call's max_tokens){likely}", report.output_tokens_max),
     );
     match (report.cost_min, report.cost_max) {
         (Some(min), Some(max)) => {

@@ -326,6 +326,9 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     if ending.unfinished > 0 || interrupts.pressed.load(Ordering::Relaxed) {
         let (how, raise) = match (ending.budget_spent, spec.settings.budget) {
             (false, _) => (" with", ""),
+            (true, Some(_)) if spec.settings.max_total_tokens.is_some() => {
+                (" with a larger limit", " --budget DOLLARS --max-total-tokens TOKENS")
+            }
             (true, Some(_)) => (" with a larger limit", " --budget DOLLARS"),
             (true, None) => (" with a larger limit", " --max-total-tokens TOKENS"),
         };

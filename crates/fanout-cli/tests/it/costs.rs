@@ -176,3 +176,25 @@ async fn a_dry_run_counts_without_calling() {
         "no job is made"
     );
 }
+
+/// Without a tokenizer the count is an estimate, said so; without
+/// --max-tokens, the output bound is what the provider asks for (Anthropic
+/// sends 1,024); no key is needed to count.
+#[test]
+fn a_dry_run_without_a_tokenizer_says_it_estimates() {
+    let home = Home::new();
+    let path = home.write("essays.jsonl", rows(3));
+    let output = home
+        .fanout()
+        .args(["--provider", "anthropic", "--json", "batch"])
+        .arg(&path)
+        .args(["--prompt", "{{ essay }}", "--dry-run"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert!(report["tokens_counted"].as_str().unwrap().starts_with("estimated"), "{report}");
+    assert_eq!(report["output_tokens_max"], 3 * 1024);
+    assert_eq!(report["model"], "claude-3-5-haiku-latest");
+    assert!(report["cost_max"].as_f64().unwrap() > 0.0, "priced from the table");
+}

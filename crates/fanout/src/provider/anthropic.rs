@@ -450,6 +450,13 @@ impl Provider for Anthropic {
         self.endpoint.check(&self.model_url).await
     }
 
+    /// The prompt and the answer's limit as sent: without `max_tokens`, the
+    /// [`DEFAULT_MAX_TOKENS`] this provider asks for (the API requires one).
+    fn estimate_tokens(&self, request: &Request) -> u64 {
+        self.estimate_prompt_tokens(request)
+            + u64::from(request.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS))
+    }
+
     async fn complete_observed(
         &self,
         request: &Request,

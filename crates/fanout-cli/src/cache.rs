@@ -1,14 +1,17 @@
 //! `--cache`: answers stored by a hash of everything that shapes them.
 //!
 //! The key covers the provider, its endpoint and default model, and the whole
-//! request (model, parameters, messages, and the sample index), so N samples of
-//! one prompt are N entries, never N copies of one answer.
+//! request (model, parameters, messages with their images' bytes, and the
+//! sample index), so N samples of one prompt are N entries, never N copies of
+//! one answer, and an image file changed in place is asked about again. An
+//! answer from the cache costs nothing: its usage is zero, so budgets, costs
+//! and records count only what was paid.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use anyhow::Result;
-use fanout::{Check, ErrorKind, Progress, Provider, ProviderError, Request, Response};
+use fanout::{Check, ErrorKind, Progress, Provider, ProviderError, Request, Response, Usage};
 use fanout_store::Store;
 use sha2::{Digest, Sha256};
 
@@ -71,8 +74,12 @@ impl Provider for Cached {
         request: &Request,
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
+        // Keyed by what is sent: an image file's bytes, not its path.
+        let request = &*fanout::read_image_files(request).await?;
         let key = Self::key(&self.scope, request);
-        if let Some(response) = self.lookup(&key, request) {
+        if let Some(mut response) = self.lookup(&key, request) {
+            response.usage = Usage::default();
+            response.usage_estimated = false;
             return Ok(response);
         }
         let response = self.inner.complete_observed(request, progress).await?;
@@ -99,7 +106,7 @@ impl Provider for Cached {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fanout::{MockProvider, Usage};
+    use fanout::MockProvider;
 
     /// An answer cached under the old scope is found (and not paid for again)
     /// after an upgrade, and copied under the new one.
@@ -126,5 +133,28 @@ mod tests {
         cached.complete(&Request::user("other")).await.unwrap();
         cached.complete(&Request::user("other")).await.unwrap();
         assert_eq!(mock.calls(), 1);
+    }
+
+    /// The key holds an image file's bytes, not its path: a picture changed in
+    /// place is asked about again. A hit is free: its usage is zero.
+    #[tokio::test]
+    async fn images_are_keyed_by_their_bytes_and_hits_cost_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let picture = dir.path().join("essay.png");
+        let png = |extra: u8| [&[0x89, b'P', b'N', b'G', 13, 10, 26, 10][..], &[extra]].concat();
+        std::fs::write(&picture, png(1)).unwrap();
+        let mock = MockProvider::new()
+            .with_rule(|_| Some(fanout::Behavior::respond(Response::new("B+", Usage::new(30, 7)))));
+        let cached =
+            Cached::new(Arc::new(mock.clone()), "s".into(), "old".into(), &dir.path().join("db"))
+                .unwrap();
+        let mut request = Request::user("Grade this page.");
+        request.messages[0].images.push(fanout::Image::File(picture.clone()));
+        assert_eq!(cached.complete(&request).await.unwrap().usage, Usage::new(30, 7));
+        let hit = cached.complete(&request).await.unwrap();
+        assert_eq!((mock.calls(), hit.usage), (1, Usage::default()), "answered from the cache");
+        std::fs::write(&picture, png(2)).unwrap();
+        cached.complete(&request).await.unwrap();
+        assert_eq!(mock.calls(), 2, "the changed picture is asked about");
     }
 }

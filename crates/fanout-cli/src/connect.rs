@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use fanout::{
-    Anthropic, ExecutorBuilder, HttpOptions, MockProvider, OpenAi, Provider, Request, Usage,
+    Anthropic, ExecutorBuilder, HttpOptions, MockProvider, OpenAi, Provider, Request, SpendLimit,
+    Usage,
 };
 
 use crate::models;
@@ -50,12 +51,6 @@ pub async fn provider(settings: &Settings, quiet: bool) -> Result<Arc<dyn Provid
     })
 }
 
-/// The most one call of `request` can use: its prompt and its maximum output.
-pub fn most_one_call(provider: &dyn Provider, request: &Request) -> Usage {
-    let prompt = provider.estimate_prompt_tokens(request);
-    Usage::new(prompt, provider.estimate_tokens(request).saturating_sub(prompt))
-}
-
 /// Refuses (before any call) a spending limit that one call of `request`
 /// alone could exceed, with the call's estimate.
 pub fn check_budget_fits(
@@ -64,7 +59,7 @@ pub fn check_budget_fits(
     request: &Request,
 ) -> Result<()> {
     let Some(limit) = settings.spend_limit(Usage::default()) else { return Ok(()) };
-    let most = most_one_call(provider, request);
+    let most = SpendLimit::most_spent(provider, request, provider.estimate_tokens(request));
     if limit.allows(most) {
         return Ok(());
     }

@@ -102,10 +102,7 @@ mod tests {
 
     #[test]
     fn one_exit_code_per_outcome() {
-        let failed = |status| Outcome::Failed {
-            error: ProviderError::from_status(status, "x"),
-            attempts: 1,
-        };
+        let failed = |status| Outcome::failed(ProviderError::from_status(status, "x"), 1);
         let deadline = Outcome::TimedOut { timeout: Timeout::Deadline, attempts: 1 };
         let task_timeout = Outcome::TimedOut { timeout: Timeout::Task, attempts: 1 };
         assert_eq!(exit_of(&[]), Exit::Success);

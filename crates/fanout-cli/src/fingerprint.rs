@@ -10,7 +10,7 @@ use fanout_store::Fingerprint;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::batch::Spec;
+use crate::batch::{Keep, Spec};
 use crate::input::Format;
 use crate::settings::{ProviderKind, Settings};
 
@@ -93,6 +93,14 @@ pub fn job(spec: &Spec, input_hash: String) -> Fingerprint {
     // Only jobs that have them carry these parts, so older jobs keep their fingerprint.
     if !spec.images.is_empty() {
         parts.insert("image fields".to_owned(), spec.images.join(","));
+    }
+    // The same job keeps the same fields beside every answer.
+    if let Some(keep) = &spec.keep {
+        let fields = match keep {
+            Keep::All => "*".to_owned(),
+            Keep::Fields(fields) => fields.join(","),
+        };
+        parts.insert("kept fields".to_owned(), fields);
     }
     if let Some(schema) = &spec.schema {
         let schema = serde_json::to_vec(schema).expect("a schema serializes");
@@ -259,5 +267,22 @@ mod tests {
         other.settings.model = "gpt-4o".into();
         let (changes, _) = job_changes(&stored, &other, "abc".into());
         assert_eq!(changes, [SETTINGS_PART]);
+    }
+
+    /// Kept fields, images and a schema are parts only of jobs that set them
+    /// (older jobs keep their fingerprint), and a change of them is named.
+    #[test]
+    fn optional_parts_are_named_when_they_change() {
+        let plain = spec();
+        let mut keeping = plain.clone();
+        keeping.keep = Some(Keep::Fields(vec!["name".into(), "grade".into()]));
+        let stored = job(&keeping, "abc".into());
+        assert_eq!(stored.0["kept fields"], "name,grade");
+        assert!(!job(&plain, "abc".into()).0.contains_key("kept fields"));
+        let (changes, _) = job_changes(&stored, &plain, "abc".into());
+        assert_eq!(changes, ["kept fields"]);
+        keeping.keep = Some(Keep::All);
+        let (changes, _) = job_changes(&stored, &keeping, "abc".into());
+        assert_eq!(changes, ["kept fields"]);
     }
 }

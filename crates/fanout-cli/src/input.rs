@@ -47,8 +47,13 @@ pub enum Content {
     Invalid(String),
 }
 
+/// Whether `path` names standard input (`-`).
+pub fn is_stdin(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
 fn open(path: &Path) -> Result<Box<dyn Read + Send>> {
-    if path.as_os_str() == "-" {
+    if is_stdin(path) {
         return Ok(Box::new(io::stdin()));
     }
     Ok(Box::new(File::open(path).with_context(|| format!("cannot open input {}", path.display()))?))
@@ -63,7 +68,7 @@ pub fn detect(path: &Path, named: Option<Format>) -> Result<Format> {
     if extension == "csv" {
         return Ok(Format::Csv);
     }
-    if path.as_os_str() == "-" {
+    if is_stdin(path) {
         return Ok(Format::Jsonl);
     }
     let mut first = Vec::new();

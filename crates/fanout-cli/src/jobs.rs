@@ -14,6 +14,7 @@ use std::path::PathBuf;
 use crate::Refusal;
 use crate::batch::{self, JobRunArgs, RunOptions, Spec};
 use crate::output::{Columns, Output, OutputFormat};
+use crate::progress;
 use crate::record::{kept_of, to_result};
 use crate::settings::{self, Flags};
 
@@ -72,12 +73,8 @@ fn job_cost(summary: &JobSummary) -> Option<(f64, Option<f64>)> {
         ..Usage::new(summary.input_tokens, summary.output_tokens)
     };
     let spent = spec.settings.price?.cost(usage);
-    let finished = summary.finished();
-    let projected = summary
-        .job
-        .total
-        .filter(|_| finished > 0)
-        .map(|total| spent / finished as f64 * total as f64);
+    let projected =
+        summary.job.total.and_then(|total| progress::projected(spent, summary.finished(), total));
     Some((spent, projected))
 }
 
@@ -196,8 +193,9 @@ fn remove(store: &Path, name: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Runs a job's unfinished tasks with the settings it was started with; run
-/// limits given as flags now (concurrency, rates, timeouts, deadline, retries) apply.
+/// Runs a job's unfinished tasks with the settings of its latest run; run
+/// limits given as flags now (concurrency, rates, timeouts, deadline, retries,
+/// budget) apply, and are kept for the next resume.
 async fn resume(options: RunOptions, flags: &Flags) -> Result<ExitCode> {
     let job = find(&open(&options.store)?, &options.job)?;
     let mut spec: Spec = serde_json::from_value(job.settings).map_err(|e| {

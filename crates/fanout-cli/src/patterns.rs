@@ -409,7 +409,7 @@ pub struct PerspectivesArgs {
 }
 
 pub async fn run_perspectives(flags: &Flags, args: PerspectivesArgs) -> Result<ExitCode> {
-    let input = if args.input.as_os_str() == "-" {
+    let input = if crate::input::is_stdin(&args.input) {
         std::io::read_to_string(std::io::stdin())?
     } else {
         std::fs::read_to_string(&args.input)

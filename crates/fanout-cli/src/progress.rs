@@ -21,6 +21,7 @@ struct Counts {
     in_flight: Mutex<HashSet<usize>>,
     calls: AtomicU64,
     retries: AtomicU64,
+    repairs: AtomicU64,
     rate_limited: AtomicU64,
     hedges: AtomicU64,
     input_tokens: AtomicU64,
@@ -82,6 +83,10 @@ impl Progress {
             Event::Finished { index, .. } => {
                 counts.in_flight.lock().expect("never poisoned").remove(index);
             }
+            Event::Repairing { index, .. } => {
+                counts.in_flight.lock().expect("never poisoned").remove(index);
+                counts.repairs.fetch_add(1, Ordering::Relaxed);
+            }
             Event::Hedged { .. } => {
                 counts.hedges.fetch_add(1, Ordering::Relaxed);
             }
@@ -124,12 +129,17 @@ impl Progress {
             counts.retries.load(Ordering::Relaxed),
             counts.hedges.load(Ordering::Relaxed),
         );
+        let repairs = counts.repairs.load(Ordering::Relaxed);
+        if repairs > 0 {
+            line.push_str(&format!(" repairs {repairs}"));
+        }
         if let Some(price) = self.price {
             let spent = price.cost(usage);
             line.push_str(&format!(" | ${spent:.4}"));
             let done = self.bar.position();
-            if let Some(total) = self.bar.length().filter(|t| done > 0 && *t > done) {
-                line.push_str(&format!(" of ~${:.4}", spent / done as f64 * total as f64));
+            let total = self.bar.length().filter(|t| *t > done);
+            if let Some(projected) = total.and_then(|total| projected(spent, done, total)) {
+                line.push_str(&format!(" of ~${projected:.4}"));
             }
         }
         line
@@ -160,14 +170,19 @@ fn cost_said(totals: &Totals) -> String {
         return "unknown: no price for this model (give --price-in and --price-out)".into();
     };
     let unfinished = totals.cancelled + totals.not_run;
-    match (unfinished, totals.tasks - unfinished) {
-        (0, _) | (_, 0) => format!("${cost:.4}"),
-        (_, finished) => format!(
-            "${cost:.4} (all {} tasks: ~${:.4})",
-            totals.tasks,
-            cost / finished as f64 * totals.tasks as f64
-        ),
+    let finished = totals.tasks - unfinished;
+    match projected(cost, finished as u64, totals.tasks as u64) {
+        Some(all) if unfinished > 0 => {
+            format!("${cost:.4} (all {} tasks: ~${all:.4})", totals.tasks)
+        }
+        _ => format!("${cost:.4}"),
     }
+}
+
+/// What `spent` on `finished` tasks comes to over `total`, at the same cost
+/// a task; `None` before any finished.
+pub fn projected(spent: f64, finished: u64, total: u64) -> Option<f64> {
+    (finished > 0).then(|| spent / finished as f64 * total as f64)
 }
 
 /// The end-of-run summary, for stderr.

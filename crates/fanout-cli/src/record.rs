@@ -22,17 +22,17 @@ pub fn to_record(result: &TaskResult) -> Option<Record> {
             let response = &success.response;
             record.status = "succeeded".into();
             record.answer = Some(response.text.clone());
-            record.input_tokens = response.usage.input_tokens;
-            record.output_tokens = response.usage.output_tokens;
-            record.cached_input_tokens = response.usage.cached_input_tokens;
+            set_usage(&mut record, response.usage);
             record.usage_estimated = response.usage_estimated;
             record.latency_ms = Some(success.latency.as_secs_f64() * 1000.0);
             record.finish_reason = response.finish_reason.clone();
             record.model = response.model.clone();
             record.request_id = response.request_id.clone();
         }
-        Outcome::Failed { error, .. } => {
+        Outcome::Failed { error, usage, .. } => {
             record.status = "failed".into();
+            // Refused answers were paid for: the job's spending counts them.
+            set_usage(&mut record, *usage);
             record.error_kind = Some(kind_name(error.kind()));
             record.error_message = Some(error.message().to_owned());
             record.error_status = error.status();
@@ -46,6 +46,19 @@ pub fn to_record(result: &TaskResult) -> Option<Record> {
         }
     }
     Some(record)
+}
+
+fn set_usage(record: &mut Record, usage: Usage) {
+    record.input_tokens = usage.input_tokens;
+    record.output_tokens = usage.output_tokens;
+    record.cached_input_tokens = usage.cached_input_tokens;
+}
+
+fn usage_of(record: &Record) -> Usage {
+    Usage {
+        cached_input_tokens: record.cached_input_tokens,
+        ..Usage::new(record.input_tokens, record.output_tokens)
+    }
 }
 
 fn kind_name(kind: ErrorKind) -> String {
@@ -67,10 +80,7 @@ pub fn to_result(record: Record) -> TaskResult {
 pub fn to_outcome(record: Record) -> Outcome {
     match record.status.as_str() {
         "succeeded" => {
-            let usage = Usage {
-                cached_input_tokens: record.cached_input_tokens,
-                ..Usage::new(record.input_tokens, record.output_tokens)
-            };
+            let usage = usage_of(&record);
             let mut response = Response::new(record.answer.unwrap_or_default(), usage);
             response.usage_estimated = record.usage_estimated;
             response.finish_reason = record.finish_reason;
@@ -81,6 +91,7 @@ pub fn to_outcome(record: Record) -> Outcome {
         }
         "timed_out" => Outcome::TimedOut { timeout: Timeout::Task, attempts: record.attempts },
         _ => {
+            let usage = usage_of(&record);
             let kind = record
                 .error_kind
                 .and_then(|k| serde_json::from_value(serde_json::Value::String(k)).ok())
@@ -92,7 +103,7 @@ pub fn to_outcome(record: Record) -> Outcome {
             if let Some(id) = record.request_id {
                 error = error.with_request_id(id);
             }
-            Outcome::Failed { error, attempts: record.attempts }
+            Outcome::Failed { error, attempts: record.attempts, usage }
         }
     }
 }
@@ -108,7 +119,7 @@ mod tests {
         response.usage_estimated = true;
         let success = Outcome::Succeeded(Success::new(response, Duration::from_millis(250), 2));
         let error = ProviderError::from_status(400, "context too long").with_request_id("req_9");
-        let failure = Outcome::Failed { error, attempts: 1 };
+        let failure = Outcome::Failed { error, attempts: 1, usage: Usage::new(12, 40) };
         for outcome in [success, failure, Outcome::TimedOut { timeout: Timeout::Task, attempts: 3 }]
         {
             let result = TaskResult::new(4, TaskId::from("row"), outcome.clone());

@@ -88,7 +88,7 @@ pub struct Job {
     pub input: String,
     /// What it was started with, stored as JSON.
     pub fingerprint: Fingerprint,
-    /// The settings the job was started with, to resume it (never secrets).
+    /// The settings of the job's latest run, to resume it (never secrets).
     pub settings: serde_json::Value,
     /// Tasks in the input; `None` until a run has counted them ([`Store::set_total`]).
     pub total: Option<u64>,
@@ -143,9 +143,9 @@ pub struct Record {
     /// The HTTP status the error came with; `None` when it came without an
     /// answer, or did not fail.
     pub error_status: Option<u16>,
-    /// Input (prompt) tokens of the answer; 0 unless succeeded.
+    /// Input (prompt) tokens paid for: the answer's, or a failed task's refused answers.
     pub input_tokens: u64,
-    /// Output tokens of the answer; 0 unless succeeded.
+    /// Output tokens paid for, like `input_tokens`.
     pub output_tokens: u64,
     /// Milliseconds from the task's first launch to its answer, retries
     /// included; `None` unless succeeded.
@@ -463,6 +463,18 @@ impl Store {
             )
             .context(|| "cannot store the run's totals".into())?;
         Ok(())
+    }
+
+    /// Stores the settings of a job's latest run ([`Job::settings`]): a resume
+    /// with a larger budget or more concurrency keeps them for the next one.
+    pub fn set_settings(&self, job: i64, settings: &serde_json::Value) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE jobs SET settings = ?2, updated_at = ?3 WHERE id = ?1",
+                params![job, settings.to_string(), now()],
+            )
+            .map(drop)
+            .context(|| format!("cannot update the settings of job {job}"))
     }
 
     /// Stores a job's fingerprint anew (written by an older version of the program).

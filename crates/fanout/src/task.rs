@@ -187,6 +187,10 @@ pub enum Outcome {
         error: ProviderError,
         /// Attempts sent; 0 when the request could never fit the TPM limit.
         attempts: u32,
+        /// Tokens of answers that came but were refused (cut off, or not
+        /// matching the schema after every repair): paid for all the same.
+        #[serde(skip_serializing_if = "Usage::is_zero")]
+        usage: Usage,
     },
     /// A time limit ran out before an answer arrived.
     TimedOut {
@@ -250,9 +254,19 @@ impl Outcome {
         self.success().map(|s| s.response.text.as_str())
     }
 
-    /// Tokens the answer consumed; zero unless the task succeeded.
+    /// Tokens the task paid for: its answer's (repairs included), or those of
+    /// the answers a failed task refused; zero for a task that got none.
     pub fn usage(&self) -> Usage {
-        self.success().map(|s| s.response.usage).unwrap_or_default()
+        match self {
+            Self::Succeeded(success) => success.response.usage,
+            Self::Failed { usage, .. } => *usage,
+            _ => Usage::default(),
+        }
+    }
+
+    /// A failure after `attempts`, with nothing paid for.
+    pub fn failed(error: ProviderError, attempts: u32) -> Self {
+        Self::Failed { error, attempts, usage: Usage::default() }
     }
 
     /// What went wrong, in words, for an outcome that is not a success: the

@@ -10,7 +10,7 @@
 
 use tiktoken_rs::{ChatCompletionRequestMessage, CoreBPE};
 
-use crate::provider::{Request, Role};
+use crate::provider::{Request, ResponseFormat, Role};
 
 /// Output tokens assumed for a request that sets no `max_tokens`.
 pub const DEFAULT_OUTPUT_ESTIMATE: u32 = 256;
@@ -28,8 +28,7 @@ pub fn estimate_text(text: &str) -> u64 {
 }
 
 /// Roughly how many tokens the request's messages are, with the tool calls
-/// replayed in them and the tools it offers (schemas of an MCP server can be
-/// thousands of tokens, sent with every turn).
+/// replayed in them, and what it declares (tools, an answer schema).
 pub fn estimate_prompt(request: &Request) -> u64 {
     let messages: u64 = request
         .messages
@@ -40,16 +39,26 @@ pub fn estimate_prompt(request: &Request) -> u64 {
             estimate_text(&m.content) + calls + images + TOKENS_PER_MESSAGE
         })
         .sum();
+    messages + declared(request, estimate_text)
+}
+
+/// What the request declares beside its messages, counted by `count`: the
+/// tools it offers (schemas of an MCP server can be thousands of tokens, sent
+/// with every turn) and the JSON Schema its answer must follow. How a
+/// provider frames them is not published, so this is their text alone.
+fn declared(request: &Request, count: impl Fn(&str) -> u64) -> u64 {
     let tools: u64 = request
         .tools
         .iter()
-        .map(|t| {
-            estimate_text(&t.name)
-                + estimate_text(&t.description)
-                + estimate_text(&t.parameters.to_string())
-        })
+        .map(|t| count(&t.name) + count(&t.description) + count(&t.parameters.to_string()))
         .sum();
-    messages + tools
+    let schema = match &request.response_format {
+        Some(ResponseFormat::JsonSchema { name, schema }) => {
+            count(name) + count(&schema.to_string())
+        }
+        _ => 0,
+    };
+    tools + schema
 }
 
 /// The most a request can consume: its prompt plus its maximum output. This is
@@ -87,10 +96,10 @@ pub fn count_text(model: Option<&str>, text: &str) -> u64 {
 }
 
 /// How many prompt tokens the request's messages are for `model`, framing
-/// included, as OpenAI counts chat prompts (images estimated); estimated for
-/// unknown models.
+/// included, as OpenAI counts chat prompts (images estimated), with its tools
+/// and answer schema; estimated for unknown models.
 pub fn count_prompt(model: Option<&str>, request: &Request) -> u64 {
-    let Some(model) = model.filter(|m| tokenizer(m).is_some()) else {
+    let Some((model, bpe)) = model.and_then(|m| Some((m, tokenizer(m)?))) else {
         return estimate_prompt(request);
     };
     let messages: Vec<ChatCompletionRequestMessage> = request
@@ -108,7 +117,10 @@ pub fn count_prompt(model: Option<&str>, request: &Request) -> u64 {
     let images: u64 = request.messages.iter().map(|m| m.images.len() as u64).sum();
     tiktoken_rs::num_tokens_from_messages(model, &messages).map_or_else(
         |_| estimate_prompt(request),
-        |count| count as u64 + images * IMAGE_TOKENS_ESTIMATE,
+        |count| {
+            let declared = declared(request, |text| bpe.count_ordinary(text) as u64);
+            count as u64 + images * IMAGE_TOKENS_ESTIMATE + declared
+        },
     )
 }
 
@@ -148,5 +160,20 @@ mod tests {
         assert_eq!(count_text(None, "Hello world"), 3);
         let request = Request::user("Hello world");
         assert_eq!(count_prompt(Some("llama-3"), &request), estimate_prompt(&request));
+    }
+
+    /// The answer's schema is sent with the prompt, and counted with it.
+    #[test]
+    fn an_answer_schema_counts_as_prompt() {
+        let plain = Request::user("Hello world");
+        let mut structured = plain.clone();
+        let schema = serde_json::json!({"type": "object"});
+        structured.response_format =
+            Some(ResponseFormat::JsonSchema { name: "grade".into(), schema: schema.clone() });
+        let model = Some("gpt-4o-mini");
+        let schema_tokens = count_text(model, "grade") + count_text(model, &schema.to_string());
+        assert_eq!(count_prompt(model, &structured), count_prompt(model, &plain) + schema_tokens);
+        // `{"type":"object"}` is 17 characters, `grade` 5: 5 + 2 estimated.
+        assert_eq!(estimate_prompt(&structured), estimate_prompt(&plain) + 7);
     }
 }

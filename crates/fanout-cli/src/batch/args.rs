@@ -107,7 +107,7 @@ pub async fn command(flags: &Flags, args: BatchArgs) -> Result<ExitCode> {
         None => args.prompt.clone(),
     };
     let format = input::detect(&args.input, args.format).map_err(Refusal)?;
-    let input = if args.input.as_os_str() == "-" {
+    let input = if crate::input::is_stdin(&args.input) {
         args.input.clone()
     } else {
         std::path::absolute(&args.input).unwrap_or(args.input.clone())

@@ -54,7 +54,7 @@ fn scan_input(path: &Path) -> Result<(String, u64)> {
 /// Finds or creates the job; refuses (exit 2) a job whose input, template or
 /// settings changed, naming what changed.
 pub fn open(spec: &Spec, options: &RunOptions) -> Result<Opened> {
-    let stdin = spec.input.as_os_str() == "-";
+    let stdin = crate::input::is_stdin(&spec.input);
     let (input_hash, lines) = if stdin {
         ("stdin".to_string(), None)
     } else {
@@ -65,6 +65,7 @@ pub fn open(spec: &Spec, options: &RunOptions) -> Result<Opened> {
         return Ok(Opened::Empty);
     }
     let store = Store::open(&options.store)?;
+    let settings = serde_json::to_value(spec).expect("the spec serializes");
     let job = match store.job(&options.job)? {
         Some(mut job) => {
             let (changed, upgrade) = fingerprint::job_changes(&job.fingerprint, spec, input_hash);
@@ -81,17 +82,20 @@ pub fn open(spec: &Spec, options: &RunOptions) -> Result<Opened> {
                 ))
                 .into());
             }
+            // The same job: the limits it runs under now (a raised budget,
+            // another concurrency) are the ones the next resume starts from.
+            if job.settings != settings {
+                store.set_settings(job.id, &settings)?;
+                job.settings = settings;
+            }
             job
         }
-        None => {
-            let settings = serde_json::to_value(spec).expect("the spec serializes");
-            store.create_job(
-                &options.job,
-                &spec.input.display().to_string(),
-                &fingerprint::job(spec, input_hash),
-                &settings,
-            )?
-        }
+        None => store.create_job(
+            &options.job,
+            &spec.input.display().to_string(),
+            &fingerprint::job(spec, input_hash),
+            &settings,
+        )?,
     };
     let finished = store.finished(job.id, !options.retry_failed)?;
     Ok(Opened::Ready(Box::new(OpenJob { job, store, finished, lines })))

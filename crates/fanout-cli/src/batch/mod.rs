@@ -217,7 +217,7 @@ fn spending_said(settings: &Settings, spent: Usage) -> String {
 fn first_request(spec: &Spec) -> Result<Option<fanout::Request>> {
     let limited = spec.settings.budget.is_some() || spec.settings.max_total_tokens.is_some();
     // Standard input can be read once only.
-    if !limited || is_stdin(spec) {
+    if !limited || crate::input::is_stdin(&spec.input) {
         return Ok(None);
     }
     let Ok(prompt) = prompt(spec) else { return Ok(None) };
@@ -229,10 +229,6 @@ fn first_request(spec: &Spec) -> Result<Option<fanout::Request>> {
     Ok(tasks.find_map(|task| task.request().cloned()))
 }
 
-fn is_stdin(spec: &Spec) -> bool {
-    spec.input.as_os_str() == "-"
-}
-
 /// The CSV columns of the kept fields: as named, or for `--keep '*'` those
 /// of the input's first row.
 fn kept_columns(spec: &Spec) -> Result<Vec<String>> {
@@ -240,7 +236,7 @@ fn kept_columns(spec: &Spec) -> Result<Vec<String>> {
     if *keep != Keep::All || spec.output_format != OutputFormat::Csv {
         return Ok(keep.columns(None));
     }
-    if is_stdin(spec) {
+    if crate::input::is_stdin(&spec.input) {
         return Err(Refusal(anyhow::anyhow!(
             "--keep '*' with CSV output needs the fields named (--keep a,b) when the input is standard input"
         ))

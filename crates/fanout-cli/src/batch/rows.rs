@@ -27,7 +27,7 @@ struct ImageFields {
 
 impl ImageFields {
     fn new(spec: &Spec) -> Self {
-        let base = spec.input.parent().filter(|_| spec.input.as_os_str() != "-");
+        let base = spec.input.parent().filter(|_| !input::is_stdin(&spec.input));
         Self { fields: spec.images.clone(), base: base.map(PathBuf::from).unwrap_or_default() }
     }
 
@@ -53,6 +53,17 @@ impl ImageFields {
                     Image::File(path) if path.is_relative() => Image::File(self.base.join(path)),
                     image => image,
                 };
+                // A file that is not there fails its row now, before any
+                // call (and a dry run counts it); its bytes are read at send.
+                if let Image::File(path) = &image {
+                    match std::fs::metadata(path) {
+                        Ok(meta) if meta.is_file() => {}
+                        Ok(_) => {
+                            return Err(named(&format!("image {}: not a file", path.display())));
+                        }
+                        Err(e) => return Err(named(&format!("image {}: {e}", path.display()))),
+                    }
+                }
                 let message = request.messages.last_mut().expect("a rendered prompt is a message");
                 message.images.push(image);
             }
@@ -82,7 +93,7 @@ pub fn tasks(
         }
         let invalid = |message: String| {
             let error = ProviderError::new(ErrorKind::BadRequest, message);
-            Outcome::Failed { error, attempts: 0 }
+            Outcome::failed(error, 0)
         };
         if finished.contains(row.index) {
             let outcome = match restore.record_at(job, row.index) {

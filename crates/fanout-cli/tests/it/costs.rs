@@ -71,6 +71,8 @@ fn a_budget_stops_new_calls_and_a_resume_with_more_goes_on() {
     let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert!(shown["cost"].as_f64().unwrap() > spent, "{shown}");
     assert_eq!(shown["last_run"]["calls"], resumed_totals["calls"]);
+    // The raised budget is the job's now: a later resume starts from it.
+    assert_eq!(shown["settings"]["settings"]["budget"], 10.0, "{shown}");
 }
 
 #[test]

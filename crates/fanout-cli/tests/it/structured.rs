@@ -48,7 +48,7 @@ fn an_answer_that_stays_invalid_fails_its_row_after_the_repairs() {
         r#""comment": {"type": "string"}"#,
         r#""comment": {"type": "string", "pattern": "^[0-9]+$"}"#,
     );
-    let output = batch(&home, &digits, &["--schema-repairs", "1"]);
+    let output = batch(&home, &digits, &["--schema-repairs", "1", "--job", "stays"]);
     assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
     let rows = lines(&output.stdout);
     let message = rows[0]["error"]["message"].as_str().unwrap();
@@ -56,6 +56,13 @@ fn an_answer_that_stays_invalid_fails_its_row_after_the_repairs() {
     assert_eq!(rows[0]["error"]["kind"], "invalid_output");
     let totals = totals(&output);
     assert_eq!((totals["repairs"].as_u64(), totals["calls"].as_u64()), (Some(2), Some(4)));
+    // Both refused answers were paid for: the row, the totals and the job count them.
+    let paid = rows[0]["usage"]["output_tokens"].as_u64().unwrap();
+    assert!(paid > 0, "{}", rows[0]);
+    assert_eq!(totals["usage"]["output_tokens"].as_u64(), Some(2 * paid), "{totals}");
+    let shown = home.fanout().args(["jobs", "show", "stays"]).output().unwrap();
+    let shown: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["output_tokens"].as_u64(), Some(2 * paid), "{shown}");
 }
 
 #[test]

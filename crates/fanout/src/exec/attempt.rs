@@ -19,7 +19,7 @@ use super::breaker::CircuitBreaker;
 use super::check::{self, Verdict};
 use super::event::Event;
 use super::hedge::Hedger;
-use super::limit::Permit;
+use super::limit::{Permit, SpendLimit};
 use crate::provider::{ErrorKind, Progress, ProviderError, Request, Response, Usage};
 use crate::task::{NotRun, Outcome, Success, TaskId, TaskResult, Timeout};
 
@@ -152,10 +152,9 @@ impl Call<'_> {
             () = cut.cancelled() => interrupted(attempts.load(Ordering::Acquire)),
             done = bounded => match done {
                 Some(Ok(outcome)) => outcome,
-                Some(Err(panic)) => Outcome::Failed {
-                    error: panicked(&*panic),
-                    attempts: attempts.load(Ordering::Acquire),
-                },
+                Some(Err(panic)) => {
+                    Outcome::failed(panicked(&*panic), attempts.load(Ordering::Acquire))
+                }
                 None => Outcome::TimedOut {
                     timeout: Timeout::Task,
                     attempts: attempts.load(Ordering::Acquire),
@@ -190,7 +189,7 @@ async fn attempt_until_done(
     let exec = &*run.exec;
     let mut reserved = exec.limits.reservation(&*exec.provider, request);
     if let Err(error) = exec.limits.check_fits(reserved) {
-        return Outcome::Failed { error, attempts: 0 };
+        return Outcome::failed(error, 0);
     }
     // Seeded per task, so a run's jitter does not depend on scheduling.
     let mut rng =
@@ -211,7 +210,7 @@ async fn attempt_until_done(
             let error = cause.clone();
             return match attempt {
                 0 => Outcome::NotRun(NotRun::CircuitOpen(error)),
-                _ => Outcome::Failed { error, attempts: attempt },
+                _ => Outcome::Failed { error, attempts: attempt, usage: checked_out },
             };
         }
         // Reserved anew for each retry: the output allowance learns meanwhile.
@@ -219,11 +218,14 @@ async fn attempt_until_done(
             reserved = exec.limits.reservation(&*exec.provider, &current);
         }
         let hold = match &exec.spending {
-            Some(spending) => match spending.reserve(most_spent(exec, &current, reserved)).await {
+            Some(spending) => match spending
+                .reserve(SpendLimit::most_spent(&*exec.provider, &current, reserved))
+                .await
+            {
                 Some(hold) => Some(hold),
-                // A first attempt was never sent; a retry's task is left unfinished.
-                None if attempt == 0 => return Outcome::NotRun(NotRun::BudgetSpent),
-                None => return Outcome::Cancelled { attempts: attempt },
+                // A retry refused is the same as a first call refused: the
+                // task is unfinished, and a resume with more budget runs it.
+                None => return Outcome::NotRun(NotRun::BudgetSpent),
             },
             None => None,
         };
@@ -256,62 +258,62 @@ async fn attempt_until_done(
                     hedger.record(answer.first_sign);
                 }
                 let response = answer.response;
-                let error = match exec.checker.check(&current, &response) {
-                    Verdict::Accept => {
-                        let mut response = response;
-                        response.usage += checked_out;
-                        let latency = first_sent.elapsed();
-                        return Outcome::Succeeded(Success {
-                            response,
-                            latency,
-                            attempts: attempt,
-                        });
-                    }
-                    Verdict::CutOff => {
-                        return Outcome::Failed { error: truncated(&current), attempts: attempt };
-                    }
+                // Every answer that came is paid for, whether it is kept or refused.
+                let mut paid = checked_out;
+                paid += response.usage;
+                let refused = |error: ProviderError| Outcome::Failed {
+                    error,
+                    attempts: attempt,
+                    usage: paid,
+                };
+                let accepted = |mut response: Response| {
+                    response.usage = paid;
+                    let latency = first_sent.elapsed();
+                    Outcome::Succeeded(Success { response, latency, attempts: attempt })
+                };
+                match exec.checker.check(&current, &response) {
+                    Verdict::Accept => return accepted(response),
+                    Verdict::CutOff => return refused(truncated(&current)),
                     Verdict::BadSchema(message) => {
                         let message = format!("the response schema is {message}");
-                        let error = ProviderError::new(ErrorKind::BadRequest, message);
-                        return Outcome::Failed { error, attempts: attempt };
+                        return refused(ProviderError::new(ErrorKind::BadRequest, message));
                     }
                     Verdict::Truncated => {
                         failed_attempts += 1;
-                        let error = truncated(&current);
                         if failed_attempts >= exec.config.retry.max_attempts {
                             // Out of attempts: the last answer, paid for, stands
                             // (its finish reason says it was cut off).
-                            let mut response = response;
-                            response.usage += checked_out;
-                            let latency = first_sent.elapsed();
-                            return Outcome::Succeeded(Success {
-                                response,
-                                latency,
-                                attempts: attempt,
-                            });
+                            return accepted(response);
                         }
+                        let error = truncated(&current);
                         let factor = exec.checker.policy.retry_truncated.unwrap_or(1.0);
                         run.counters.retries.fetch_add(1, Ordering::Relaxed);
                         current = Cow::Owned(check::with_more_room(&current, factor));
-                        error
+                        // Asked again at once: the answer came, so nothing needs to wait.
+                        let delay = Duration::ZERO;
+                        exec.emit(|| Event::Retrying {
+                            index,
+                            id: id.clone(),
+                            attempt,
+                            error,
+                            delay,
+                        });
                     }
                     Verdict::Invalid(errors) => {
                         let message =
                             format!("the answer does not match the JSON Schema: {errors}");
                         let error = ProviderError::new(ErrorKind::InvalidOutput, message);
                         if repairs >= exec.checker.policy.repairs {
-                            return Outcome::Failed { error, attempts: attempt };
+                            return refused(error);
                         }
                         repairs += 1;
                         run.counters.repairs.fetch_add(1, Ordering::Relaxed);
                         current = Cow::Owned(check::repair(&current, &response.text, &errors));
-                        error
+                        exec.emit(|| Event::Repairing { index, id: id.clone(), attempt, error });
                     }
-                };
-                checked_out += response.usage;
-                // Asked again at once: the answer came, so nothing needs to wait.
-                let delay = Duration::ZERO;
-                exec.emit(|| Event::Retrying { index, id: id.clone(), attempt, error, delay });
+                }
+                // Refused, and asked again: the refused answer was paid for.
+                checked_out = paid;
             }
             Err(error) => {
                 // A failed call is charged nothing, and must not hold the
@@ -336,7 +338,7 @@ async fn attempt_until_done(
                     exec.emit(|| Event::ConcurrencyChanged { limit });
                 }
                 let Some(delay) = delay else {
-                    return Outcome::Failed { error, attempts: attempt };
+                    return Outcome::Failed { error, attempts: attempt, usage: checked_out };
                 };
                 run.counters.retries.fetch_add(1, Ordering::Relaxed);
                 let rate_limited = error.is_rate_limited();
@@ -355,13 +357,6 @@ async fn attempt_until_done(
             }
         }
     }
-}
-
-/// The most a call can spend: its prompt and, of the tokens reserved for it,
-/// the rest as output.
-fn most_spent(exec: &Shared, request: &Request, reserved: u64) -> Usage {
-    let prompt = exec.provider.estimate_prompt_tokens(request).min(reserved);
-    Usage::new(prompt, reserved - prompt)
 }
 
 fn truncated(request: &Request) -> ProviderError {
@@ -442,7 +437,8 @@ impl Attempt<'_> {
             }
             // A hedge is never worth waiting for money: without room now, none.
             let spending = self.run.exec.spending.as_ref();
-            let most = most_spent(&self.run.exec, self.request, self.reserved);
+            let most =
+                SpendLimit::most_spent(&*self.run.exec.provider, self.request, self.reserved);
             let hold = match spending.map(|s| s.reserve_now(most)) {
                 Some(None) => {
                     hedger.refund();

@@ -34,6 +34,18 @@ pub enum Event {
         /// The wait before the next attempt.
         delay: Duration,
     },
+    /// An answer did not match the request's JSON Schema, and the model is
+    /// asked again with the validation errors (a repair, not a retry).
+    Repairing {
+        /// The task's position in the input.
+        index: usize,
+        /// The task's id.
+        id: TaskId,
+        /// The number of the attempt whose answer is repaired, 1 for the first.
+        attempt: u32,
+        /// What the validation found.
+        error: ProviderError,
+    },
     /// A slow attempt got a duplicate.
     Hedged {
         /// The task's position in the input.

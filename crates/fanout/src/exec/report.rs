@@ -134,8 +134,9 @@ impl Tally {
             Status::Cancelled => totals.cancelled += 1,
             Status::NotRun => totals.not_run += 1,
         }
+        // A failed task's refused answers were paid for, so they count too.
+        totals.usage += result.outcome.usage();
         if let Some(success) = result.outcome.success() {
-            totals.usage += success.response.usage;
             if success.response.usage_estimated {
                 totals.estimated_usage += success.response.usage;
             }

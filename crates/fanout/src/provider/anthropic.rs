@@ -462,7 +462,7 @@ impl Provider for Anthropic {
         request: &Request,
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
-        let request = &*super::load_image_files(request).await?;
+        let request = &*super::read_image_files(request).await?;
         let answer = self.endpoint.post(&self.body(request)).await?;
         let headers = answer.headers().clone();
         let response = if self.stream {

@@ -101,8 +101,9 @@ fn media_type(bytes: &[u8]) -> Option<&'static str> {
 
 /// The request with its image files read, off the runtime's threads; the
 /// request itself when it has none. A file that cannot be read fails the
-/// call as a bad request naming the file, which is not retried.
-pub(crate) async fn load_files(request: &Request) -> Result<Cow<'_, Request>, ProviderError> {
+/// call as a bad request naming the file, which is not retried. Providers
+/// call it as they send; a cache calls it to key answers by the pictures.
+pub async fn read_image_files(request: &Request) -> Result<Cow<'_, Request>, ProviderError> {
     let has_files =
         request.messages.iter().flat_map(|m| &m.images).any(|i| matches!(i, Image::File(_)));
     if !has_files {

@@ -30,7 +30,7 @@ pub use headers::RateLimit;
 pub use http::HttpOptions;
 pub(crate) use http::install_crypto_provider;
 pub use image::Image;
-pub(crate) use image::load_files as load_image_files;
+pub use image::read_image_files;
 pub use mock::{Behavior, MockProvider};
 pub use openai::OpenAi;
 pub use progress::Progress;

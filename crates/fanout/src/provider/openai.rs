@@ -541,7 +541,7 @@ impl Provider for OpenAi {
         request: &Request,
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
-        let request = &*super::load_image_files(request).await?;
+        let request = &*super::read_image_files(request).await?;
         let response = self.endpoint.post(&self.body(request)).await?;
         if self.stream {
             let headers = response.headers().clone();

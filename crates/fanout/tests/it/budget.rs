@@ -98,3 +98,22 @@ async fn a_failed_call_waiting_to_retry_holds_no_budget() {
     assert!(report.totals.usage.total() <= 250, "{:?}", report.totals);
     assert_eq!(report.totals.succeeded, 2, "{:?}", report.totals);
 }
+
+/// A retry the limit cannot pay for leaves its task unfinished, said as the
+/// budget (not a cancellation): a resume with more budget runs it again.
+#[tokio::test(start_paused = true)]
+async fn a_repair_the_limit_cannot_pay_for_leaves_the_task_unfinished() {
+    let mock = MockProvider::new()
+        .with_rule(|_| Some(Behavior::respond(Response::new("not json", Usage::new(10, 5)))));
+    let mut request = Request::user("p0").with_max_tokens(95);
+    request.response_format = Some(fanout::ResponseFormat::JsonSchema {
+        name: "grade".into(),
+        schema: serde_json::json!({"type": "object"}),
+    });
+    // The first call reserves 100 and spends 15; the repair, a longer prompt
+    // with the same 95 of output, does not fit in the 95 left.
+    let executor = Executor::builder(mock).spend_limit(SpendLimit::tokens(110)).build();
+    let report = executor.run([request]).await;
+    assert_eq!(report.results[0].outcome, Outcome::NotRun(NotRun::BudgetSpent));
+    assert_eq!(report.totals.calls, 1);
+}

@@ -104,7 +104,7 @@ async fn settled_tasks_pass_through_in_order() {
     let executor = Executor::builder(mock.clone()).concurrency(2).build();
     let bad_row = fanout::ProviderError::new(fanout::ErrorKind::BadRequest, "line 3: invalid JSON");
     let tasks = prompts(6).into_iter().enumerate().map(move |(i, request)| match i {
-        2 => Task::settled("2", Outcome::Failed { error: bad_row.clone(), attempts: 0 }),
+        2 => Task::settled("2", Outcome::failed(bad_row.clone(), 0)),
         4 => Task::settled("4", Outcome::NotRun(NotRun::Cancelled)),
         _ => Task::with_id(i.to_string(), request),
     });

@@ -156,7 +156,7 @@ async fn request_larger_than_the_tpm_budget_fails_at_once() {
         .await;
     assert_eq!(start.elapsed(), ms(0));
     assert!(report.results[0].outcome.is_success());
-    let Outcome::Failed { error, attempts } = &report.results[1].outcome else {
+    let Outcome::Failed { error, attempts, .. } = &report.results[1].outcome else {
         panic!("{:?}", report.results[1])
     };
     assert_eq!((error.kind(), *attempts), (ErrorKind::BadRequest, 0));

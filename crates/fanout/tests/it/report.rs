@@ -86,7 +86,7 @@ impl Provider for Panicky {
 async fn a_panicking_provider_fails_only_its_task() {
     let report = Executor::new(Panicky).run(prompts(10)).await;
     assert_eq!(report.totals.succeeded, 9);
-    let Outcome::Failed { error, attempts } = &report.results[3].outcome else { panic!() };
+    let Outcome::Failed { error, attempts, .. } = &report.results[3].outcome else { panic!() };
     assert_eq!((error.kind(), *attempts), (ErrorKind::Server, 1));
     assert!(error.message().contains("bug in provider"), "{error}");
 }

@@ -54,7 +54,7 @@ async fn non_retryable_errors_fail_after_one_attempt() {
         mock.script("p0", [Behavior::fail(ProviderError::from_status(status, "no"))]);
         let executor = Executor::builder(mock.clone()).circuit_breaker(0).build();
         let report = executor.run(prompts(1)).await;
-        let Outcome::Failed { error, attempts } = &report.results[0].outcome else {
+        let Outcome::Failed { error, attempts, .. } = &report.results[0].outcome else {
             panic!("HTTP {status}: {:?}", report.results[0].outcome)
         };
         assert_eq!((error.kind(), *attempts, mock.calls()), (kind, 1, 1), "HTTP {status}");
@@ -65,7 +65,7 @@ async fn non_retryable_errors_fail_after_one_attempt() {
 async fn retries_stop_at_max_attempts_with_the_last_error() {
     let mock = MockProvider::new().with_rule(|_| Some(Behavior::server_error()));
     let report = Executor::builder(mock.clone()).max_attempts(3).build().run(prompts(1)).await;
-    let Outcome::Failed { error, attempts } = &report.results[0].outcome else { panic!() };
+    let Outcome::Failed { error, attempts, .. } = &report.results[0].outcome else { panic!() };
     assert_eq!((error.status(), *attempts, mock.calls()), (Some(500), 3, 3));
 }
 

@@ -4,9 +4,12 @@
 use std::sync::{Arc, Mutex};
 
 use fanout::{
-    Behavior, ErrorKind, Executor, MockProvider, Outcome, Request, Response, ResponseFormat, Usage,
+    Behavior, ErrorKind, Event, Executor, MockProvider, Outcome, Request, Response, ResponseFormat,
+    Usage,
 };
 use serde_json::json;
+
+use crate::Recorder;
 
 fn grade_request() -> Request {
     let mut request = Request::user("Grade the essay.");
@@ -35,11 +38,17 @@ async fn an_invalid_answer_is_repaired_with_its_errors() {
             _ => answer(r#"{"grade": 7}"#),
         }
     });
-    let report = Executor::builder(mock).build().run([grade_request()]).await;
+    let recorder = Recorder::default();
+    let report = recorder.attach(Executor::builder(mock)).build().run([grade_request()]).await;
     let Outcome::Succeeded(success) = &report.results[0].outcome else {
         panic!("{:?}", report.results[0].outcome)
     };
     assert_eq!(success.response.text, r#"{"grade": 7}"#);
+    // Said as a repair, not a retry: progress counts them apart.
+    let events = recorder.events();
+    assert!(events.iter().any(|(_, e)| matches!(e, Event::Repairing { attempt: 1, .. })));
+    assert!(!events.iter().any(|(_, e)| matches!(e, Event::Retrying { .. })));
+    assert_eq!(report.totals.retries, 0);
     assert_eq!(success.attempts, 2);
     assert_eq!(success.response.usage, Usage::new(20, 10), "the repaired answer was paid for too");
     assert_eq!((report.totals.repairs, report.totals.calls), (1, 2));
@@ -54,12 +63,15 @@ async fn repairs_run_out_and_the_task_fails_naming_the_schema() {
     let mock = MockProvider::new().with_rule(|_| answer("I think a seven."));
     let executor = Executor::builder(mock).schema_repairs(1).build();
     let report = executor.run([grade_request()]).await;
-    let Outcome::Failed { error, attempts } = &report.results[0].outcome else {
+    let Outcome::Failed { error, attempts, .. } = &report.results[0].outcome else {
         panic!("{:?}", report.results[0].outcome)
     };
     assert_eq!((error.kind(), *attempts), (ErrorKind::InvalidOutput, 2));
     assert!(error.message().contains("does not match the JSON Schema: the answer is not JSON"));
     assert_eq!(report.totals.repairs, 1);
+    let paid = Usage::new(20, 10);
+    assert_eq!(report.results[0].outcome.usage(), paid, "both refused answers were paid for");
+    assert_eq!(report.totals.usage, paid);
 }
 
 #[tokio::test(start_paused = true)]

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use tokio::sync::Notify;
 
 use crate::prices::Price;
-use crate::provider::Usage;
+use crate::provider::{Provider, Request, Usage};
 
 /// The most an executor may spend: money (at a price), tokens, or both,
 /// counting what earlier runs of the same job spent.
@@ -71,6 +71,15 @@ impl SpendLimit {
     /// What `usage` would cost at the limit's price, if it has one.
     pub fn cost_of(&self, usage: Usage) -> Option<f64> {
         self.max_cost.map(|(_, price)| price.cost(usage))
+    }
+
+    /// The most one call of `request` can spend with `reserved` tokens held
+    /// for it (prompt and output together): its prompt as `provider`
+    /// estimates it, and the rest as output — priced apart, since output
+    /// costs more. What a call reserves against the limit before it starts.
+    pub fn most_spent(provider: &dyn Provider, request: &Request, reserved: u64) -> Usage {
+        let prompt = provider.estimate_prompt_tokens(request).min(reserved);
+        Usage::new(prompt, reserved - prompt)
     }
 }
 

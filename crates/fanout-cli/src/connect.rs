@@ -19,17 +19,29 @@ use crate::settings::{Hedging, ProviderKind, Settings, env};
 /// loaded (and fetched first if it is missing).
 pub async fn provider(settings: &Settings, quiet: bool) -> Result<Arc<dyn Provider>> {
     let key = env(&settings.api_key_env);
+    match settings.provider {
+        ProviderKind::Openai if settings.base_url.is_none() && key.is_none() => bail!(
+            "{} is not set: the OpenAI API needs a key (or pass --base-url for a local server)",
+            settings.api_key_env
+        ),
+        ProviderKind::Anthropic if key.is_none() => {
+            bail!("{} is not set: the Anthropic API needs a key", settings.api_key_env)
+        }
+        ProviderKind::Openai | ProviderKind::Anthropic => http_provider(settings, key),
+        ProviderKind::Mock => Ok(Arc::new(MockProvider::new())),
+        ProviderKind::Local => models::load(settings, quiet).await,
+    }
+}
+
+/// The HTTP provider (OpenAI-compatible or Anthropic) these settings name,
+/// with `key`; `None` for another provider.
+pub fn http_provider(settings: &Settings, key: Option<String>) -> Result<Arc<dyn Provider>> {
     let http = HttpOptions { max_idle_connections: settings.concurrency, ..HttpOptions::default() };
     Ok(match settings.provider {
         ProviderKind::Openai => {
             let mut builder = OpenAi::builder(&settings.model).http(http);
             if let Some(url) = &settings.base_url {
                 builder = builder.base_url(url);
-            } else if key.is_none() {
-                bail!(
-                    "{} is not set: the OpenAI API needs a key (or pass --base-url for a local server)",
-                    settings.api_key_env
-                );
             }
             if let Some(key) = key {
                 builder = builder.api_key(key);
@@ -37,17 +49,18 @@ pub async fn provider(settings: &Settings, quiet: bool) -> Result<Arc<dyn Provid
             Arc::new(builder.build()?)
         }
         ProviderKind::Anthropic => {
-            let Some(key) = key else {
-                bail!("{} is not set: the Anthropic API needs a key", settings.api_key_env);
-            };
-            let mut builder = Anthropic::builder(&settings.model).http(http).api_key(key);
+            let mut builder = Anthropic::builder(&settings.model).http(http);
             if let Some(url) = &settings.base_url {
                 builder = builder.base_url(url);
             }
+            if let Some(key) = key {
+                builder = builder.api_key(key);
+            }
             Arc::new(builder.build()?)
         }
-        ProviderKind::Mock => Arc::new(MockProvider::new()),
-        ProviderKind::Local => models::load(settings, quiet).await?,
+        ProviderKind::Mock | ProviderKind::Local => {
+            bail!("{:?} is not an HTTP API", settings.provider)
+        }
     })
 }
 

@@ -19,6 +19,7 @@ mod models;
 mod output;
 mod patterns;
 mod progress;
+mod proxy;
 mod record;
 mod schema;
 mod settings;
@@ -80,6 +81,9 @@ enum Command {
     Perspectives(patterns::PerspectivesArgs),
     /// Run a workflow file of templated, parallel steps
     Run(patterns::WorkflowArgs),
+    /// Serve an OpenAI- or Anthropic-compatible endpoint that sends every
+    /// client's calls through fanout's limits, retries and records
+    Proxy(proxy::ProxyArgs),
     /// Fetch or locate the embedded local model
     #[command(subcommand)]
     Models(models::ModelsCommand),
@@ -96,6 +100,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::MapReduce(args) => patterns::run_map_reduce(flags, args).await,
         Command::Perspectives(args) => patterns::run_perspectives(flags, args).await,
         Command::Run(args) => patterns::run_workflow(flags, args).await,
+        Command::Proxy(args) => proxy::command(flags, args).await,
         Command::Models(command) => {
             let settings = Settings::resolve(flags).map_err(Refusal)?;
             models::command(command, &settings).await.map(|()| ExitCode::SUCCESS)

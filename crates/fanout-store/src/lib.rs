@@ -488,6 +488,19 @@ impl Store {
             .context(|| format!("cannot update the fingerprint of job {job}"))
     }
 
+    /// The index after the job's last record: where a job that grows as it
+    /// goes (the proxy's, a record per call) writes its next one.
+    pub fn next_index(&self, job: i64) -> Result<u64> {
+        self.conn
+            .query_row(
+                "SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job_id = ?1",
+                [job],
+                |row| row.get::<_, i64>(0),
+            )
+            .map(|next| next as u64)
+            .context(|| format!("cannot read the records of job {job}"))
+    }
+
     /// The record of a job's task at `index`; `None` when it has not finished.
     pub fn record_at(&self, job: i64, index: u64) -> Result<Option<Record>> {
         self.conn

@@ -10,6 +10,7 @@ mod exit_codes;
 mod jobs;
 mod local;
 mod patterns;
+mod proxy;
 mod structured;
 
 use std::path::{Path, PathBuf};

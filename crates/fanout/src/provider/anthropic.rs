@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
-use super::http::{Endpoint, decimal, header, request_id};
+use super::http::{Endpoint, decimal, header, request_id, streams, tapped, tapped_text};
 use super::{
     Check, ErrorKind, Image, Progress, Provider, ProviderError, RateLimit, Request, Response,
     ResponseFormat, Role, ToolCall, ToolChoice, Usage, sse,
@@ -334,6 +334,7 @@ fn response(
         model,
         request_id: request_id(headers),
         rate_limit: RateLimit::from_headers(headers, SystemTime::now()),
+        raw: None,
     }
 }
 
@@ -435,6 +436,25 @@ where
     Ok(response(text, tool_calls, usage, stop_reason, model, headers))
 }
 
+impl Anthropic {
+    /// Sends a client's own body as it is, and reads its answer both ways:
+    /// assembled (for usage and records) and as the bytes that came.
+    async fn forward(&self, body: &Value, progress: &Progress) -> Result<Response, ProviderError> {
+        let answer = self.endpoint.post(body).await?;
+        let headers = answer.headers().clone();
+        if streams(body) {
+            let (events, copy) = tapped(answer.bytes_stream());
+            let mut response = assemble_stream(&self.endpoint, events, &headers, progress).await?;
+            response.raw = Some(tapped_text(&copy));
+            return Ok(response);
+        }
+        let bytes = self.endpoint.body(answer).await?;
+        let mut response = parse_message(&bytes, &headers)?;
+        response.raw = Some(String::from_utf8_lossy(&bytes).into_owned());
+        Ok(response)
+    }
+}
+
 #[async_trait::async_trait]
 impl Provider for Anthropic {
     fn name(&self) -> &str {
@@ -463,6 +483,9 @@ impl Provider for Anthropic {
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
         let request = &*super::read_image_files(request).await?;
+        if let Some(body) = &request.body {
+            return self.forward(body, progress).await;
+        }
         let answer = self.endpoint.post(&self.body(request)).await?;
         let headers = answer.headers().clone();
         let response = if self.stream {

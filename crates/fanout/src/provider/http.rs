@@ -5,7 +5,7 @@
 //! pooled, so a run at concurrency 500 opens at most 500 connections, once.
 
 use std::fmt;
-use std::sync::Once;
+use std::sync::{Arc, Mutex, Once};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -60,6 +60,36 @@ impl fmt::Debug for ApiKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("ApiKey([redacted])")
     }
+}
+
+/// Whether a client's own body asks for a streamed answer.
+pub(crate) fn streams(body: &serde_json::Value) -> bool {
+    body.get("stream").and_then(serde_json::Value::as_bool).unwrap_or(false)
+}
+
+/// A body stream that keeps a copy of every chunk read from it, so a
+/// forwarded answer can be given back byte for byte once it is assembled.
+pub(crate) fn tapped<S, B, E>(
+    body: S,
+) -> (impl futures_util::Stream<Item = Result<B, E>> + Send + 'static, Arc<Mutex<Vec<u8>>>)
+where
+    S: futures_util::Stream<Item = Result<B, E>> + Send + 'static,
+    B: AsRef<[u8]>,
+{
+    use futures_util::StreamExt;
+    let copy = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&copy);
+    let body = body.inspect(move |chunk| {
+        if let Ok(chunk) = chunk {
+            sink.lock().expect("never poisoned").extend_from_slice(chunk.as_ref());
+        }
+    });
+    (body, copy)
+}
+
+/// What a tap kept, as text (SSE is UTF-8).
+pub(crate) fn tapped_text(copy: &Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&copy.lock().expect("never poisoned")).into_owned()
 }
 
 /// An HTTP endpoint with its client and authentication headers.

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
-use super::http::{Endpoint, decimal, header, request_id};
+use super::http::{Endpoint, decimal, header, request_id, streams, tapped, tapped_text};
 use super::{
     Check, ErrorKind, Image, Message, Progress, Provider, ProviderError, RateLimit, Request,
     Response, ResponseFormat, Role, ToolCall, ToolChoice, Usage, sse,
@@ -402,6 +402,7 @@ impl Assembly {
             model: self.model,
             request_id: request_id(headers),
             rate_limit: RateLimit::from_headers(headers, SystemTime::now()),
+            raw: None,
         })
     }
 }
@@ -521,6 +522,31 @@ where
     assembly.into_response(request, headers)
 }
 
+impl OpenAi {
+    /// Sends a client's own body as it is, and reads its answer both ways:
+    /// assembled (for usage and records) and as the bytes that came.
+    async fn forward(
+        &self,
+        body: &Value,
+        request: &Request,
+        progress: &Progress,
+    ) -> Result<Response, ProviderError> {
+        let answer = self.endpoint.post(body).await?;
+        let headers = answer.headers().clone();
+        if streams(body) {
+            let (events, copy) = tapped(answer.bytes_stream());
+            let mut response =
+                assemble_stream(&self.endpoint, events, request, &headers, progress).await?;
+            response.raw = Some(tapped_text(&copy));
+            return Ok(response);
+        }
+        let bytes = self.endpoint.body(answer).await?;
+        let mut response = parse_completion(&bytes, request, &headers)?;
+        response.raw = Some(String::from_utf8_lossy(&bytes).into_owned());
+        Ok(response)
+    }
+}
+
 #[async_trait::async_trait]
 impl Provider for OpenAi {
     fn name(&self) -> &str {
@@ -542,6 +568,9 @@ impl Provider for OpenAi {
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
         let request = &*super::read_image_files(request).await?;
+        if let Some(body) = &request.body {
+            return self.forward(body, request, progress).await;
+        }
         let response = self.endpoint.post(&self.body(request)).await?;
         if self.stream {
             let headers = response.headers().clone();

@@ -123,6 +123,13 @@ pub struct Request {
     /// Provider-specific body fields, passed through unchanged.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,
+    /// A whole body in the provider's own wire format, sent exactly as it is
+    /// instead of one built from the fields above (`fanout proxy` forwards its
+    /// clients' bodies so). The fields above are then only a reading of it,
+    /// for the limits to count; `stream` in it decides whether the answer
+    /// streams, and the answer's own bytes come back in [`Response::raw`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
 }
 
 /// The shape of output a request asks for.
@@ -263,6 +270,11 @@ pub struct Response {
     /// Rate-limit headers sent with the answer; the executor paces itself by them.
     #[serde(skip)]
     pub rate_limit: Option<RateLimit>,
+    /// The answer's body as the server sent it (its JSON, or its SSE events
+    /// for a streamed answer), for a request that gave its own
+    /// [`Request::body`]; `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw: Option<String>,
 }
 
 impl Response {

@@ -148,3 +148,32 @@ async fn a_schema_answer_is_a_forced_tool_call() {
     );
     assert!(response.tool_calls.is_empty());
 }
+
+/// A request with its own body (the proxy's) is sent exactly as given, and
+/// the answer's bytes come back whole beside the reading of it.
+#[tokio::test]
+async fn a_given_body_is_forwarded_as_it_is_and_its_answer_comes_back_whole() {
+    let server = MockServer::start().await;
+    let body = json!({"model": "claude-client", "max_tokens": 50, "stream": true,
+                      "messages": [{"role": "user", "content": "Hi"}],
+                      "thinking": {"type": "enabled", "budget_tokens": 1024}});
+    let stream = concat!(
+        "event: message_start\n",
+        "data: {\"type\":\"message_start\",\"message\":{\"id\":\"msg_1\",\"model\":\"claude-x\",\"content\":[],\"usage\":{\"input_tokens\":12,\"output_tokens\":1}}}\n\n",
+        "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Bonjour\"}}\n\n",
+        "event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\n",
+        "event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .and(wiremock::matchers::body_json(&body))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(stream, "text/event-stream"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    // The provider is set not to stream: the body's own `stream` decides.
+    let request = Request { body: Some(body), ..Request::user("Hi") };
+    let response = provider(&server, false).complete(&request).await.unwrap();
+    assert_eq!(response.raw.as_deref(), Some(stream));
+    assert_eq!((response.text.as_str(), response.usage.output_tokens), ("Bonjour", 3));
+}

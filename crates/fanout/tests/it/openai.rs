@@ -273,3 +273,43 @@ fn debug_output_never_shows_the_key() {
     let provider = builder.build().unwrap();
     assert!(!format!("{provider:?}").contains(KEY), "{provider:?}");
 }
+
+/// A request with its own body (the proxy's) is sent exactly as given,
+/// fields fanout does not know included, and the answer's bytes come back
+/// whole beside the reading of it; a streamed one too, event for event.
+#[tokio::test]
+async fn a_given_body_is_forwarded_as_it_is_and_its_answer_comes_back_whole() {
+    let server = server().await;
+    let body = json!({"model": "gpt-client", "messages": [{"role": "user", "content": "Hi"}],
+                      "n": 2, "future_field": {"nested": [1, 2]}, "logit_bias": {"50256": -100}});
+    let answer_text = answer().to_string();
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(wiremock::matchers::body_json(&body))
+        .respond_with(ResponseTemplate::new(200).set_body_string(answer_text.clone()))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let request = Request { body: Some(body.clone()), ..Request::user("Hi") };
+    let response = provider(&server).complete(&request).await.unwrap();
+    assert_eq!(response.raw.as_deref(), Some(answer_text.as_str()));
+    assert_eq!((response.text.as_str(), response.usage.input_tokens), ("Because.", 30));
+
+    let stream = concat!(
+        "data: {\"id\":\"c1\",\"model\":\"gpt-x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+        "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"lo\"},\"finish_reason\":\"stop\"}]}\n\n",
+        "data: [DONE]\n\n",
+    );
+    let mut streamed = body;
+    streamed["stream"] = json!(true);
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::body_json(&streamed))
+        .respond_with(ResponseTemplate::new(200).set_body_raw(stream, "text/event-stream"))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let request = Request { body: Some(streamed), ..Request::user("Hi") };
+    let response = provider(&server).complete(&request).await.unwrap();
+    assert_eq!(response.raw.as_deref(), Some(stream));
+    assert_eq!(response.text, "Hello");
+}

@@ -1,0 +1,144 @@
+//! One lane per API key: its own executor (concurrency cap, RPM, TPM, 429
+//! pause, breaker), since a vendor counts limits per key. Every client that
+//! sends the same key shares its lane. Keys are known by a hash; the key
+//! itself lives only in the lane's provider, which sends it upstream.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use fanout::{Branch, BranchResults, Calls, CancellationToken, Executor, Outcome, Request, Usage};
+use tokio::sync::{OnceCell, oneshot};
+
+use super::stats::Stats;
+use crate::cache::Cached;
+use crate::connect;
+use crate::fingerprint::{self, sha256};
+use crate::settings::{self, Settings};
+
+/// How lanes are made.
+pub struct LaneSettings {
+    pub settings: Settings,
+    /// The response cache's store, with `--cache`.
+    pub cache: Option<std::path::PathBuf>,
+    pub stats: Arc<Stats>,
+    /// Cancelled when the proxy stops: every lane's run ends with it.
+    pub shutdown: CancellationToken,
+}
+
+/// A key's executor, kept running for the proxy's life.
+pub struct Lane {
+    calls: Calls,
+    /// Calls taken in and not yet answered, waiting or running.
+    pending: AtomicU64,
+    concurrency: u64,
+    rpm: Option<u64>,
+    // Kept alive with the lane: dropping them would end its run.
+    _run: BranchResults<()>,
+    _executor: Executor,
+}
+
+impl Lane {
+    async fn start(made: &LaneSettings, key: Option<String>) -> Result<Self> {
+        let settings = &made.settings;
+        let mut provider = connect::http_provider(settings, key)?;
+        if let Some(store) = &made.cache {
+            let scope = fingerprint::cache_scope(settings);
+            let legacy = fingerprint::legacy_cache_scope(settings);
+            provider = Arc::new(Cached::new(provider, scope, legacy, store)?);
+        }
+        let stats = Arc::clone(&made.stats);
+        // A proxy runs until it is stopped: no deadline ends its lanes.
+        let executor = connect::executor(settings, provider, Usage::default())
+            .deadline(None)
+            .on_event(move |event| stats.observe(event))
+            .build();
+        let (give, handle) = oneshot::channel();
+        let stop = made.shutdown.clone();
+        let branch = Branch::new("proxy", move |calls| async move {
+            let _ = give.send(calls);
+            stop.cancelled().await;
+        });
+        let run = executor.stream_branches([branch]);
+        let calls = handle.await.map_err(|_| anyhow!("the lane's run ended before it began"))?;
+        Ok(Self {
+            calls,
+            pending: AtomicU64::new(0),
+            concurrency: settings.concurrency as u64,
+            rpm: settings.rpm,
+            _run: run,
+            _executor: executor,
+        })
+    }
+
+    /// How long a call taken in now would wait for its turn, when the lane's
+    /// RPM says (without one, calls start as slots free, and nothing says
+    /// how soon: the call waits).
+    pub fn expected_wait(&self) -> Duration {
+        let Some(rpm) = self.rpm.filter(|r| *r > 0) else { return Duration::ZERO };
+        let ahead = self.pending.load(Ordering::Relaxed).saturating_sub(self.concurrency);
+        Duration::from_secs_f64(ahead as f64 * 60.0 / rpm as f64)
+    }
+
+    /// Sends `request` through the lane's call path. Dropping the future
+    /// (the client went away) cancels the call upstream.
+    pub async fn complete(&self, request: Request) -> Outcome {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        let _counted = Pending(&self.pending);
+        self.calls.complete(request).await
+    }
+}
+
+struct Pending<'a>(&'a AtomicU64);
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The lanes, by key hash, each made on its first call.
+pub struct Lanes {
+    made: LaneSettings,
+    lanes: Mutex<HashMap<String, Arc<OnceCell<Arc<Lane>>>>>,
+}
+
+impl Lanes {
+    pub fn new(made: LaneSettings) -> Self {
+        Self { made, lanes: Mutex::default() }
+    }
+
+    /// The lane of a client's own key (`None`: the client sent none, and
+    /// none is sent upstream).
+    pub async fn of(&self, key: Option<String>) -> Result<Arc<Lane>> {
+        let name = key.as_deref().map(key_hash).unwrap_or_default();
+        self.lane(name, key).await
+    }
+
+    /// The lane of the proxy's own key, from the provider's key variable
+    /// (with `--client-token`).
+    pub async fn own(&self) -> Result<Arc<Lane>> {
+        let key = settings::env(&self.made.settings.api_key_env);
+        self.lane("own".to_owned(), key).await
+    }
+
+    async fn lane(&self, name: String, key: Option<String>) -> Result<Arc<Lane>> {
+        let cell = Arc::clone(self.lanes.lock().expect("never poisoned").entry(name).or_default());
+        let lane = cell
+            .get_or_try_init(|| async { Lane::start(&self.made, key).await.map(Arc::new) })
+            .await?;
+        Ok(Arc::clone(lane))
+    }
+
+    /// How many keys have a lane.
+    pub fn count(&self) -> usize {
+        self.lanes.lock().expect("never poisoned").len()
+    }
+}
+
+/// What a key is known by: the start of its SHA-256, never the key.
+pub fn key_hash(key: &str) -> String {
+    sha256(key.as_bytes())[..16].to_owned()
+}

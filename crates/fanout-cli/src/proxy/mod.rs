@@ -1,0 +1,280 @@
+//! `fanout proxy`: an OpenAI- or Anthropic-compatible endpoint on this
+//! machine that sends every client's calls through fanout's call path.
+//!
+//! Point `OPENAI_BASE_URL` (or `ANTHROPIC_BASE_URL`) at it and any program
+//! gets one concurrency cap, RPM and TPM for all its calls together, the
+//! shared 429 pause, retries, hedging and the circuit breaker, and a record of
+//! every call in the store. A client's body goes upstream exactly as it came
+//! and the upstream's answer comes back exactly as it was sent (a streamed
+//! answer as its SSE events, once it is complete: a call that is retried or
+//! hedged cannot have streamed half of itself to the client already).
+//!
+//! A call that would exceed a limit waits its turn rather than being refused;
+//! only one whose wait the lane's RPM says would pass `--max-queue` gets a 429,
+//! with the wait in `Retry-After`.
+
+mod lanes;
+mod records;
+mod stats;
+mod wire;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use fanout::{NotRun, Outcome, TaskId, TaskResult, Timeout};
+use serde_json::Value;
+
+use crate::Refusal;
+use crate::fingerprint::sha256;
+use crate::record::to_record;
+use crate::settings::{self, Flags, ProviderKind, Settings};
+use lanes::{LaneSettings, Lanes};
+use records::Records;
+use stats::{Refused, Stats};
+pub use wire::Api;
+
+/// The largest client body taken: requests with images inline run to megabytes.
+const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+
+#[derive(clap::Args, Debug)]
+pub struct ProxyArgs {
+    /// Address to listen on; anything but loopback needs --client-token
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    listen: SocketAddr,
+    /// Clients must send this token (as their API key); the proxy then calls
+    /// upstream with its own key, from the provider's key variable
+    #[arg(long, env = "FANOUT_PROXY_TOKEN", hide_env_values = true)]
+    client_token: Option<String>,
+    /// Seconds a call may wait for its turn before the client gets a 429
+    #[arg(long, default_value_t = 60.0)]
+    max_queue: f64,
+    /// The job the calls are recorded in (a header `X-Fanout-Job` names
+    /// another per request) [default: proxy-YYYYMMDD-HHMMSS]
+    #[arg(long)]
+    job: Option<String>,
+    /// Answer identical requests from the store (a request's `X-Fanout-Sample`
+    /// header keeps samples of one prompt apart)
+    #[arg(long)]
+    cache: bool,
+}
+
+/// What every request handler shares.
+struct Proxy {
+    api: Api,
+    client_token: Option<String>,
+    max_queue: Duration,
+    job: String,
+    lanes: Lanes,
+    records: Records,
+    stats: Arc<Stats>,
+    price: Option<fanout::Price>,
+}
+
+pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
+    let settings = Settings::resolve(flags).map_err(Refusal)?;
+    let api = match settings.provider {
+        ProviderKind::Openai => Api::OpenAi,
+        ProviderKind::Anthropic => Api::Anthropic,
+        _ => {
+            return Err(Refusal(anyhow::anyhow!(
+                "fanout proxy forwards to an HTTP API: give --provider openai or --provider anthropic"
+            ))
+            .into());
+        }
+    };
+    check_listen(&args).map_err(Refusal)?;
+    if !(args.max_queue.is_finite() && args.max_queue >= 0.0) {
+        return Err(Refusal(anyhow::anyhow!(
+            "--max-queue must be seconds, not {}",
+            args.max_queue
+        ))
+        .into());
+    }
+    let store = flags.store.clone().unwrap_or_else(settings::default_store);
+    let job = args.job.clone().unwrap_or_else(default_job);
+    let shutdown = fanout::CancellationToken::new();
+    let stats = Arc::new(Stats::default());
+    let price = settings.price;
+    let lane_settings = LaneSettings {
+        settings: settings.clone(),
+        cache: args.cache.then(|| store.clone()),
+        stats: Arc::clone(&stats),
+        shutdown: shutdown.clone(),
+    };
+    let recorded = serde_json::json!({"proxy": {
+        "provider": format!("{:?}", settings.provider).to_lowercase(),
+        "base_url": settings.base_url,
+        "model": settings.model,
+    }});
+    let proxy = Arc::new(Proxy {
+        api,
+        client_token: args.client_token.clone(),
+        max_queue: Duration::from_secs_f64(args.max_queue),
+        job: job.clone(),
+        lanes: Lanes::new(lane_settings),
+        records: Records::start(&store, recorded)?,
+        stats,
+        price,
+    });
+    let app = Router::new()
+        .route(api.path(), post(complete))
+        .route("/fanout/stats", get(stats_of))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(proxy);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let address = listener.local_addr()?;
+    eprintln!(
+        "fanout proxy: http://{address}{} -> {}, recording in job `{job}` of {}",
+        api.path(),
+        settings.base_url.as_deref().unwrap_or("the vendor's API"),
+        store.display()
+    );
+    // Ctrl-C: no new connection is taken, the calls in flight finish and are
+    // recorded, then the lanes stop.
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    shutdown.cancel();
+    Ok(ExitCode::SUCCESS)
+}
+
+fn check_listen(args: &ProxyArgs) -> Result<()> {
+    if !args.listen.ip().is_loopback() && args.client_token.is_none() {
+        bail!(
+            "listening on {} lets other machines use your keys: give --client-token (or listen on 127.0.0.1)",
+            args.listen
+        );
+    }
+    if args.client_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        bail!("--client-token must not be empty");
+    }
+    Ok(())
+}
+
+/// `proxy-20261201-200725`: the time the proxy started, in UTC.
+fn default_job() -> String {
+    let stamp = humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+    let digits: String = stamp.chars().filter(|c| c.is_ascii_digit() || *c == 'T').collect();
+    format!("proxy-{}", digits.replace('T', "-"))
+}
+
+/// One client call: checked, read, sent through its key's lane, recorded,
+/// and answered in the API's own shape.
+async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> Response {
+    let api = proxy.api;
+    proxy.stats.arrived();
+    let refuse = |why: Refused, status: StatusCode, message: &str| {
+        proxy.stats.refused(why);
+        api_error(api, status, message)
+    };
+    let client_key = api.client_key(&headers);
+    let own_key = match &proxy.client_token {
+        // The proxy's own key (from its environment) goes upstream.
+        Some(token) if client_key.as_deref() == Some(token.as_str()) => true,
+        Some(_) => {
+            let message = "this proxy needs its client token as the API key";
+            return refuse(Refused::Unauthorized, StatusCode::UNAUTHORIZED, message);
+        }
+        None => false,
+    };
+    let mut request = match api.read(&body) {
+        Ok(request) => request,
+        Err(message) => return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &message),
+    };
+    request.sample_index =
+        header_text(&headers, "x-fanout-sample").and_then(|s| s.parse().ok()).unwrap_or(0);
+    let job = header_text(&headers, "x-fanout-job").unwrap_or(&proxy.job).to_owned();
+    let lane = if own_key { proxy.lanes.own().await } else { proxy.lanes.of(client_key).await };
+    let lane = match lane {
+        Ok(lane) => lane,
+        Err(error) => {
+            let message = format!("the proxy cannot call upstream: {error:#}");
+            return api_error(api, StatusCode::INTERNAL_SERVER_ERROR, &message);
+        }
+    };
+    let wait = lane.expected_wait();
+    if wait > proxy.max_queue {
+        let retry_after = (wait - proxy.max_queue).as_secs_f64().ceil().max(1.0);
+        let message =
+            format!("the queue is {:.0} s long, more than --max-queue", wait.as_secs_f64());
+        let mut response = refuse(Refused::QueueFull, StatusCode::TOO_MANY_REQUESTS, &message);
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after as u64));
+        return response;
+    }
+    let streams = request.body.as_ref().and_then(|b| b.get("stream")).and_then(Value::as_bool);
+    let _in_flight = proxy.stats.started();
+    let started = Instant::now();
+    let outcome = lane.complete(request).await;
+    proxy.stats.ended(&outcome);
+    // Known by a hash of what was asked: the same request twice is the same id.
+    let id = TaskId::from(sha256(&body)[..16].to_owned());
+    if let Some(mut record) = to_record(&TaskResult::new(0, id, outcome.clone())) {
+        record.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        if let Err(error) = proxy.records.write(&job, record).await {
+            eprintln!("fanout proxy: a call's record was not saved: {error}");
+        }
+    }
+    answer(api, outcome, streams.unwrap_or(false))
+}
+
+fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// The client's answer: the upstream's own bytes, or an error in the API's shape.
+fn answer(api: Api, outcome: Outcome, streams: bool) -> Response {
+    let error = |status: u16, message: &str| {
+        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+        api_error(api, status, message)
+    };
+    match outcome {
+        Outcome::Succeeded(success) => {
+            let content_type = if streams { "text/event-stream" } else { "application/json" };
+            let body = success.response.raw.unwrap_or_default();
+            let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+            if let Some(id) =
+                success.response.request_id.and_then(|id| HeaderValue::from_str(&id).ok())
+            {
+                response.headers_mut().insert("x-request-id", id);
+            }
+            response
+        }
+        Outcome::Failed { error: failure, .. } | Outcome::NotRun(NotRun::CircuitOpen(failure)) => {
+            let (status, body) = api.failure(&failure);
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            (status, axum::Json(body)).into_response()
+        }
+        Outcome::TimedOut { timeout: Timeout::Task | Timeout::Deadline, .. } => {
+            error(504, "the upstream did not answer in time")
+        }
+        Outcome::NotRun(NotRun::BudgetSpent) => error(429, "the proxy's spending limit is reached"),
+        Outcome::Cancelled { .. } | Outcome::NotRun(_) => error(503, "the proxy is stopping"),
+    }
+}
+
+fn api_error(api: Api, status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(api.error_body(status.as_u16(), message))).into_response()
+}
+
+async fn stats_of(State(proxy): State<Arc<Proxy>>) -> axum::Json<Value> {
+    axum::Json(proxy.stats.json(proxy.lanes.count(), proxy.price))
+}
+
+async fn not_found(State(proxy): State<Arc<Proxy>>) -> Response {
+    let message = format!("this proxy serves POST {} and GET /fanout/stats", proxy.api.path());
+    api_error(proxy.api, StatusCode::NOT_FOUND, &message)
+}

@@ -1,0 +1,109 @@
+//! Every proxied call is a record in the store before its client gets the
+//! answer, so a proxy restart loses no finished call.
+//!
+//! One thread owns the store and commits in groups: a handler sends its
+//! record and waits; the thread takes every record waiting, writes them in
+//! one transaction and answers them all. Under load a commit serves many
+//! calls, so the wait stays about one commit long.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc as channel;
+
+use anyhow::{Context, Result};
+use fanout_store::{Fingerprint, Record, Store};
+use tokio::sync::oneshot;
+
+/// What a proxy job names as its input: its calls come from clients, not a file.
+const PROXY_INPUT: &str = "(proxy)";
+
+/// A record for `job`, and who waits for it to be written.
+struct Pending {
+    job: String,
+    record: Record,
+    written: oneshot::Sender<Result<(), String>>,
+}
+
+/// The sending side of the record writer. Cheap to clone.
+#[derive(Clone)]
+pub struct Records {
+    sender: channel::Sender<Pending>,
+}
+
+impl Records {
+    /// Starts the writer on the store at `path`; `settings` are stored with
+    /// each job it makes (never secrets).
+    pub fn start(path: &Path, settings: serde_json::Value) -> Result<Self> {
+        let store = Store::open(path)?;
+        let (sender, receiver) = channel::channel::<Pending>();
+        std::thread::Builder::new()
+            .name("fanout-proxy-records".into())
+            .spawn(move || write_all(store, receiver, &settings))
+            .context("cannot start the record writer")?;
+        Ok(Self { sender })
+    }
+
+    /// Writes `record` (its index is given here: the job's next) and
+    /// returns once it is committed.
+    pub async fn write(&self, job: &str, record: Record) -> Result<(), String> {
+        let (written, done) = oneshot::channel();
+        let pending = Pending { job: job.to_owned(), record, written };
+        self.sender.send(pending).map_err(|_| "the record writer stopped".to_owned())?;
+        done.await.unwrap_or_else(|_| Err("the record writer stopped".into()))
+    }
+}
+
+/// The job's id and next index, by name.
+type Jobs = HashMap<String, (i64, u64)>;
+
+fn write_all(mut store: Store, receiver: channel::Receiver<Pending>, settings: &serde_json::Value) {
+    let mut jobs = Jobs::new();
+    while let Ok(first) = receiver.recv() {
+        let mut batch = vec![first];
+        batch.extend(receiver.try_iter());
+        let mut by_job: HashMap<String, Vec<Pending>> = HashMap::new();
+        for pending in batch {
+            by_job.entry(pending.job.clone()).or_default().push(pending);
+        }
+        for (name, mut pendings) in by_job {
+            let result = job_of(&store, &mut jobs, &name, settings).and_then(|(id, next)| {
+                for (offset, pending) in pendings.iter_mut().enumerate() {
+                    pending.record.index = next + offset as u64;
+                }
+                let records: Vec<Record> = pendings.iter().map(|p| p.record.clone()).collect();
+                store.record(id, &records).map_err(|e| e.to_string())?;
+                jobs.insert(name.clone(), (id, next + records.len() as u64));
+                Ok(())
+            });
+            for pending in pendings {
+                let _ = pending.written.send(result.clone());
+            }
+        }
+    }
+}
+
+/// The job named `name`, made on first use, with its next index.
+fn job_of(
+    store: &Store,
+    jobs: &mut Jobs,
+    name: &str,
+    settings: &serde_json::Value,
+) -> Result<(i64, u64), String> {
+    if let Some(known) = jobs.get(name) {
+        return Ok(*known);
+    }
+    let error = |e: fanout_store::StoreError| e.to_string();
+    let job = match store.job(name).map_err(error)? {
+        Some(job) if job.input != PROXY_INPUT => {
+            return Err(format!("job `{name}` is a batch job, not the proxy's: name another"));
+        }
+        Some(job) => job,
+        None => {
+            let fingerprint = Fingerprint([("proxy".to_owned(), "1".to_owned())].into());
+            store.create_job(name, PROXY_INPUT, &fingerprint, settings).map_err(error)?
+        }
+    };
+    let known = (job.id, store.next_index(job.id).map_err(error)?);
+    jobs.insert(name.to_owned(), known);
+    Ok(known)
+}

@@ -1,0 +1,196 @@
+//! The two APIs the proxy serves, as their clients see them: the path, where
+//! the key travels, a reading of a body for the limits, and error bodies in
+//! each API's own shape.
+
+use fanout::{Message, ProviderError, Request, Role};
+use serde_json::{Value, json};
+
+/// Which vendor API the proxy speaks (and forwards to).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// OpenAI Chat Completions (and every server compatible with it).
+    OpenAi,
+    /// Anthropic Messages.
+    Anthropic,
+}
+
+impl Api {
+    /// The path clients post to, beside the base URL they were given.
+    pub fn path(self) -> &'static str {
+        match self {
+            Self::OpenAi => "/v1/chat/completions",
+            Self::Anthropic => "/v1/messages",
+        }
+    }
+
+    /// The client's key as it sent it: OpenAI's `Authorization: Bearer`,
+    /// Anthropic's `x-api-key` (or a bearer token, which its SDKs also send).
+    pub fn client_key(self, headers: &axum::http::HeaderMap) -> Option<String> {
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let bearer = header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")));
+        let key = match self {
+            Self::OpenAi => bearer,
+            Self::Anthropic => header("x-api-key").or(bearer),
+        };
+        key.map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned)
+    }
+
+    /// The client's body as a [`Request`] that carries it whole (sent as
+    /// it is) and a reading of it for the limits: the messages' text, the
+    /// model, the output allowance. Anything but a JSON object with a list of
+    /// messages is refused, as the API itself would refuse it.
+    pub fn read(self, bytes: &[u8]) -> Result<Request, String> {
+        let body: Value = serde_json::from_slice(bytes)
+            .map_err(|e| format!("the body is not valid JSON: {e}"))?;
+        let object = body.as_object().ok_or("the body must be a JSON object")?;
+        let messages = object
+            .get("messages")
+            .and_then(Value::as_array)
+            .ok_or("`messages` must be a list of messages")?;
+        let mut request = Request::default();
+        if let Some(system) = object.get("system") {
+            request.messages.push(Message::system(text_of(system)));
+        }
+        for (index, message) in messages.iter().enumerate() {
+            let message = message
+                .as_object()
+                .ok_or_else(|| format!("`messages[{index}]` must be an object"))?;
+            let role = match message.get("role").and_then(Value::as_str) {
+                Some("system" | "developer") => Role::System,
+                Some("assistant") => Role::Assistant,
+                Some("tool") => Role::Tool,
+                Some("user") => Role::User,
+                _ => return Err(format!("`messages[{index}].role` is missing or unknown")),
+            };
+            let content = message.get("content").map(text_of).unwrap_or_default();
+            request.messages.push(Message::new(role, content));
+        }
+        let count = |name: &str| object.get(name).and_then(Value::as_u64);
+        request.model = object.get("model").and_then(Value::as_str).map(str::to_owned);
+        let max_tokens = count("max_completion_tokens").or_else(|| count("max_tokens"));
+        request.max_tokens = max_tokens.map(|m| m.min(u64::from(u32::MAX)) as u32);
+        request.n = count("n").map(|n| n.min(128) as u32);
+        if self == Self::Anthropic && request.max_tokens.is_none() {
+            return Err("`max_tokens` is required".into());
+        }
+        request.body = Some(body);
+        Ok(request)
+    }
+
+    /// An error body in the API's own shape, for `status`.
+    pub fn error_body(self, status: u16, message: &str) -> Value {
+        match self {
+            Self::OpenAi => json!({"error": {
+                "message": message, "type": openai_type(status), "param": null, "code": null,
+            }}),
+            Self::Anthropic => json!({"type": "error", "error": {
+                "type": anthropic_type(status), "message": message,
+            }}),
+        }
+    }
+
+    /// What the client is told of a call that failed upstream: the
+    /// upstream's status (502 for a failure without one) and its message.
+    pub fn failure(self, error: &ProviderError) -> (u16, Value) {
+        let status = error.status().unwrap_or(502);
+        (status, self.error_body(status, error.message()))
+    }
+}
+
+/// The text of a message's content: a string, or the text parts of a list
+/// (images and other parts have no text to count).
+fn text_of(content: &Value) -> String {
+    match content {
+        Value::String(text) => text.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|part| part.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+fn openai_type(status: u16) -> &'static str {
+    match status {
+        400 | 404 | 422 => "invalid_request_error",
+        401 | 403 => "authentication_error",
+        429 => "rate_limit_exceeded",
+        _ => "server_error",
+    }
+}
+
+fn anthropic_type(status: u16) -> &'static str {
+    match status {
+        400 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_are_read_for_the_limits_and_kept_whole() {
+        let body = br#"{"model":"gpt-4o-mini","max_tokens":30,"n":2,"future":1,
+            "messages":[{"role":"system","content":"Be brief."},
+                        {"role":"user","content":[{"type":"text","text":"Hi"},{"type":"image_url"}]}]}"#;
+        let request = Api::OpenAi.read(body).unwrap();
+        assert_eq!(request.messages.len(), 2);
+        assert_eq!(
+            (request.messages[1].role, request.messages[1].content.as_str()),
+            (Role::User, "Hi")
+        );
+        assert_eq!((request.max_tokens, request.n), (Some(30), Some(2)));
+        assert_eq!(request.model.as_deref(), Some("gpt-4o-mini"));
+        assert_eq!(request.body.unwrap()["future"], 1, "the body travels whole");
+
+        let anthropic = br#"{"model":"claude","max_tokens":9,"system":"Brief.","messages":[{"role":"user","content":"Hi"}]}"#;
+        let request = Api::Anthropic.read(anthropic).unwrap();
+        assert_eq!(request.messages[0].role, Role::System);
+    }
+
+    #[test]
+    fn malformed_bodies_are_named() {
+        for (body, said) in [
+            (&b"{not json"[..], "not valid JSON"),
+            (b"[1]", "must be a JSON object"),
+            (b"{\"model\":\"m\"}", "`messages` must be a list"),
+            (b"{\"messages\":[3]}", "`messages[0]` must be an object"),
+            (b"{\"messages\":[{\"role\":\"wizard\"}]}", "`messages[0].role`"),
+        ] {
+            let error = Api::OpenAi.read(body).unwrap_err();
+            assert!(error.contains(said), "{error}");
+        }
+        let error = Api::Anthropic.read(br#"{"messages":[]}"#).unwrap_err();
+        assert!(error.contains("max_tokens"), "{error}");
+    }
+
+    #[test]
+    fn errors_take_each_apis_shape() {
+        let openai = Api::OpenAi.error_body(429, "slow down");
+        assert_eq!(openai["error"]["type"], "rate_limit_exceeded");
+        let anthropic = Api::Anthropic.error_body(400, "bad");
+        assert_eq!(
+            (anthropic["type"].as_str(), anthropic["error"]["type"].as_str()),
+            (Some("error"), Some("invalid_request_error"))
+        );
+    }
+
+    #[test]
+    fn keys_are_read_where_each_api_sends_them() {
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("authorization", "Bearer sk-one".parse().unwrap());
+        assert_eq!(Api::OpenAi.client_key(&headers).as_deref(), Some("sk-one"));
+        headers.insert("x-api-key", "sk-ant".parse().unwrap());
+        assert_eq!(Api::Anthropic.client_key(&headers).as_deref(), Some("sk-ant"));
+        assert_eq!(Api::OpenAi.client_key(&axum::http::HeaderMap::new()), None);
+    }
+}

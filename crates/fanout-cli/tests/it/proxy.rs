@@ -1,0 +1,399 @@
+//! `fanout proxy`, run as a user runs it, with real HTTP clients in front
+//! and the mock server (or wiremock, to see what arrives) behind.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use fanout_mock::{Config, Limit, MockServer};
+use serde_json::{Value, json};
+use wiremock::matchers::{header, method, path};
+use wiremock::{Mock, ResponseTemplate};
+
+use crate::Home;
+
+/// A proxy running in the background, stopped when dropped.
+struct Running {
+    child: Child,
+    /// `http://127.0.0.1:PORT`: clients add `/v1/...`.
+    root: String,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Running {
+    fn start(home: &Home, upstream: &str, flags: &[&str], args: &[&str]) -> Self {
+        Self::start_with(home.fanout(), upstream, flags, args)
+    }
+
+    fn start_with(
+        mut command: std::process::Command,
+        upstream: &str,
+        flags: &[&str],
+        args: &[&str],
+    ) -> Self {
+        let mut child = command
+            .args(["--provider", "openai", "--base-url", upstream])
+            .args(flags)
+            .args(["proxy", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut said = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        said.read_line(&mut line).unwrap();
+        // "fanout proxy: http://127.0.0.1:PORT/v1/chat/completions -> ..."
+        let url = line.split_whitespace().nth(2).unwrap_or_else(|| panic!("said: {line}"));
+        let root = url.trim_end_matches("/v1/chat/completions").to_owned();
+        // Drained, so the proxy never blocks on a full pipe.
+        std::thread::spawn(move || std::io::copy(&mut said, &mut std::io::sink()));
+        Self { child, root }
+    }
+
+    fn completions(&self) -> String {
+        format!("{}/v1/chat/completions", self.root)
+    }
+
+    async fn stats(&self) -> Value {
+        let url = format!("{}/fanout/stats", self.root);
+        client().get(url).send().await.unwrap().json().await.unwrap()
+    }
+}
+
+/// An HTTP client (with the TLS crypto reqwest needs installed, though
+/// every server here is plain HTTP on 127.0.0.1).
+fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+fn chat(prompt: &str) -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}]})
+}
+
+async fn post(client: &reqwest::Client, url: &str, key: &str, body: &Value) -> (u16, Value) {
+    let response = client.post(url).bearer_auth(key).json(body).send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Many clients at once against an upstream that allows 3,000 requests a
+/// minute: the proxy takes the upstream's 429s (it was told no limit) and
+/// retries them, and no client ever sees one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_under_an_upstream_limit_see_no_429() {
+    let config = Config { rpm: Some(Limit::per_minute(3_000)), ..Config::default() };
+    let upstream = MockServer::start(config).await.unwrap();
+    let home = Home::new();
+    let proxy =
+        Running::start(&home, &upstream.openai_base_url(), &["-c", "100"], &["--job", "load"]);
+    let client = client();
+    let calls = (0..150).map(|i| {
+        let (client, url) = (client.clone(), proxy.completions());
+        tokio::spawn(async move { post(&client, &url, "sk-client", &chat(&format!("q{i}"))).await })
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    let statuses: Vec<u16> = answers.into_iter().map(|a| a.unwrap().0).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let stats = proxy.stats().await;
+    assert_eq!(stats["succeeded"], 150, "{stats}");
+    assert_eq!(stats["upstream"]["rate_limited"], upstream.stats().count(429), "{stats}");
+    // Every call is a record, written before its client had the answer.
+    let shown = home.fanout().args(["jobs", "show", "load"]).output().unwrap();
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["by_status"]["succeeded"], 150, "{shown}");
+}
+
+/// The client's body reaches the upstream as it was sent, unknown fields
+/// included, and the answer comes back as the upstream sent it; keys are
+/// forwarded and kept apart: a bad key fails its own calls, not another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bodies_pass_through_and_each_key_has_its_own_lane() {
+    let upstream = wiremock::MockServer::start().await;
+    let body = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Hi"}],
+                      "n": 2, "tools": [{"type": "function", "function": {"name": "f"}}],
+                      "a_field_from_next_year": {"x": [1, 2]}});
+    let answer = r#"{"id":"c1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"Hello"},"finish_reason":"stop"},{"index":1,"message":{"role":"assistant","content":"Hey"},"finish_reason":"stop"}],"usage":{"prompt_tokens":5,"completion_tokens":2},"system_fingerprint":"fp_new"}"#;
+    Mock::given(method("POST"))
+        .and(path("/v1/chat/completions"))
+        .and(header("authorization", "Bearer sk-good"))
+        .and(wiremock::matchers::body_json(&body))
+        .respond_with(ResponseTemplate::new(200).set_body_string(answer))
+        .expect(2)
+        .mount(&upstream)
+        .await;
+    Mock::given(method("POST"))
+        .and(header("authorization", "Bearer sk-bad"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(
+            json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}),
+        ))
+        .expect(1)
+        .mount(&upstream)
+        .await;
+    let home = Home::new();
+    let proxy = Running::start(&home, &format!("{}/v1", upstream.uri()), &[], &[]);
+    let client = client();
+    let sent = client.post(proxy.completions()).bearer_auth("sk-good").json(&body).send();
+    let text = sent.await.unwrap().text().await.unwrap();
+    assert_eq!(text, answer, "the answer comes back byte for byte");
+    let (status, error) = post(&client, &proxy.completions(), "sk-bad", &body).await;
+    assert_eq!(status, 401, "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("Incorrect API key"), "{error}");
+    // The bad key's lane is broken; the good key's is not.
+    let (status, _) = post(&client, &proxy.completions(), "sk-good", &body).await;
+    assert_eq!(status, 200);
+    let stats = proxy.stats().await;
+    assert_eq!(stats["keys"], 2, "{stats}");
+    let store = std::fs::read(home.store()).unwrap();
+    let needle = b"sk-good";
+    assert!(!store.windows(needle.len()).any(|w| w == needle), "no key is stored");
+}
+
+/// A streamed answer comes back as the same events the upstream sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_answers_come_back_event_for_event() {
+    let upstream = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &[], &[]);
+    let client = client();
+    let mut body = chat("Tell me about the sea");
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let direct = format!("{}/chat/completions", upstream.openai_base_url());
+    let events = |text: String| -> Vec<Value> {
+        text.split("\n\n")
+            .filter_map(|event| event.strip_prefix("data: "))
+            .map(|data| match serde_json::from_str::<Value>(data) {
+                // The ids count the mock's calls: the rest must be equal.
+                Ok(mut chunk) => {
+                    chunk.as_object_mut().unwrap().remove("id");
+                    chunk
+                }
+                Err(_) => Value::String(data.to_owned()),
+            })
+            .collect()
+    };
+    let read = |url: String| {
+        let request = client.post(url).bearer_auth("sk-x").json(&body).send();
+        async move {
+            let response = request.await.unwrap();
+            let kind = response.headers()["content-type"].to_str().unwrap().to_owned();
+            (kind, response.text().await.unwrap())
+        }
+    };
+    let (direct_kind, direct_text) = read(direct).await;
+    let (proxied_kind, proxied_text) = read(proxy.completions()).await;
+    assert_eq!(proxied_kind, "text/event-stream");
+    assert!(direct_kind.starts_with("text/event-stream"));
+    let (direct, proxied) = (events(direct_text), events(proxied_text));
+    assert!(direct.len() > 3, "{direct:?}");
+    assert_eq!(proxied, direct);
+    assert_eq!(proxied.last(), Some(&Value::String("[DONE]".into())));
+}
+
+/// A client that goes away cancels its upstream call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_cancels_its_upstream_call() {
+    let config = Config { latency: Duration::from_secs(30), ..Config::default() };
+    let upstream = MockServer::start(config).await.unwrap();
+    let home = Home::new();
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &["--no-hedge"], &[]);
+    let impatient = {
+        client();
+        reqwest::Client::builder().timeout(Duration::from_millis(500)).build().unwrap()
+    };
+    let gone = impatient.post(proxy.completions()).json(&chat("slow")).send().await;
+    assert!(gone.is_err(), "the client gave up");
+    // The proxy drops the call, which closes the upstream connection.
+    for _ in 0..100 {
+        if upstream.stats().requests == 1 && upstream.stats().in_flight == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = upstream.stats();
+    assert_eq!((stats.requests, stats.in_flight), (1, 0), "{stats:?}");
+    assert_eq!(proxy.stats().await["in_flight"], 0);
+}
+
+/// Beyond loopback a client token is required; with one, clients must send
+/// it, and the proxy calls upstream with its own key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_token_guards_the_proxy_and_its_own_key_goes_upstream() {
+    let home = Home::new();
+    let open = home
+        .fanout()
+        .args(["--provider", "openai", "--base-url", "http://127.0.0.1:9/v1"])
+        .args(["proxy", "--listen", "0.0.0.0:0"])
+        .output()
+        .unwrap();
+    assert_eq!(open.status.code(), Some(2));
+    assert!(crate::stderr(&open).contains("--client-token"), "{}", crate::stderr(&open));
+
+    let upstream = wiremock::MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(header("authorization", "Bearer sk-proxy-own"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1}})))
+        .expect(1)
+        .mount(&upstream)
+        .await;
+    let mut command = home.fanout();
+    command.env("OPENAI_API_KEY", "sk-proxy-own");
+    let url = format!("{}/v1", upstream.uri());
+    let proxy = Running::start_with(command, &url, &[], &["--client-token", "let-me-in"]);
+    let client = client();
+    let (status, error) = post(&client, &proxy.completions(), "sk-someone", &chat("hi")).await;
+    assert_eq!(status, 401, "{error}");
+    assert_eq!(error["error"]["type"], "authentication_error");
+    let (status, answer) = post(&client, &proxy.completions(), "let-me-in", &chat("hi")).await;
+    assert_eq!(status, 200, "{answer}");
+}
+
+/// Bodies that are not a request get the API's own 400 without an upstream
+/// call, whatever their bytes; the proxy goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_are_refused_without_a_call_and_never_crash_it() {
+    let upstream = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &[], &[]);
+    let client = client();
+    let mut bodies: Vec<Vec<u8>> = vec![
+        Vec::new(),
+        b"null".to_vec(),
+        b"{\"messages\": \"hi\"}".to_vec(),
+        vec![0xff, 0xfe, 0x00, 0x7b],
+        "[".repeat(100_000).into_bytes(),
+        b"{\"messages\": [{\"role\": \"user\", \"content\": 5}]".to_vec(),
+    ];
+    // And random bytes, from a fixed seed.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for length in [1, 7, 64, 1_000, 20_000] {
+        bodies.push(
+            (0..length)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect(),
+        );
+    }
+    for body in bodies {
+        let response = client
+            .post(proxy.completions())
+            .header("content-type", "application/json")
+            .header("x-fanout-sample", "not a number")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 400);
+        let error: Value = response.json().await.unwrap();
+        assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
+    }
+    assert_eq!(upstream.stats().requests, 0, "no call went upstream");
+    let (status, _) = post(&client, &proxy.completions(), "sk-x", &chat("still here?")).await;
+    assert_eq!(status, 200);
+    let stats = proxy.stats().await;
+    assert_eq!(stats["refused"]["bad_request"], 11, "{stats}");
+}
+
+/// Calls wait their turn; only one whose wait would pass `--max-queue` (by
+/// the lane's RPM) is refused, with a 429 that says how long to wait. Calls
+/// are recorded in the job their `X-Fanout-Job` header names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_longer_than_max_queue_gets_an_honest_429() {
+    let upstream = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    let flags = ["-c", "1", "--rpm", "60"];
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &flags, &["--max-queue", "2"]);
+    let client = client();
+    let calls = (0..8).map(|i| {
+        let request = client
+            .post(proxy.completions())
+            .header("x-fanout-job", "queued")
+            .json(&chat(&format!("q{i}")))
+            .send();
+        tokio::spawn(async move {
+            let response = request.await.unwrap();
+            let retry_after =
+                response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            let status = response.status().as_u16();
+            (status, retry_after, response.json::<Value>().await.unwrap())
+        })
+    });
+    let answers: Vec<_> =
+        futures_util::future::join_all(calls).await.into_iter().map(Result::unwrap).collect();
+    let refused: Vec<_> = answers.iter().filter(|(status, ..)| *status == 429).collect();
+    let answered = answers.iter().filter(|(status, ..)| *status == 200).count();
+    assert_eq!(refused.len() + answered, 8, "{answers:?}");
+    assert!((3..=6).contains(&answered), "about 3 s of calls at 1 a second: {answers:?}");
+    for (_, retry_after, body) in &refused {
+        let seconds: u64 = retry_after.as_deref().unwrap().parse().unwrap();
+        assert!((1..=6).contains(&seconds), "{retry_after:?}");
+        assert_eq!(body["error"]["type"], "rate_limit_exceeded");
+    }
+    assert_eq!(proxy.stats().await["refused"]["queue_full"], refused.len());
+    let shown = home.fanout().args(["jobs", "show", "queued"]).output().unwrap();
+    let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(shown["by_status"]["succeeded"], answered, "{shown}");
+}
+
+/// The Python with the `openai` SDK that `.ci/run` installs in `target/python`
+/// (or `FANOUT_PYTHON`). CI must have it; a developer without it is told how
+/// to get it and the test does not run.
+fn python_with_openai() -> Option<std::path::PathBuf> {
+    let python =
+        std::env::var_os("FANOUT_PYTHON").map(std::path::PathBuf::from).unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/python/bin/python")
+        });
+    let has_openai = std::process::Command::new(&python)
+        .args(["-c", "import openai"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if has_openai {
+        return Some(python);
+    }
+    let how = "python3 -m venv target/python && target/python/bin/pip install openai";
+    if std::env::var_os("CI").is_some() {
+        panic!("CI must install the openai SDK: {how}");
+    }
+    eprintln!("no openai SDK at {}: skipped (run `{how}`)", python.display());
+    None
+}
+
+/// The seed's code, unchanged (`bench/peer.py`: `asyncio.gather` over the
+/// `openai` SDK, 100 at once), against an upstream allowing 100 requests a
+/// second: through the proxy, not one call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_through_the_proxy_loses_no_call_at_a_rate_limit() {
+    let Some(python) = python_with_openai() else { return };
+    let config = Config { rpm: Some(Limit::per_minute(6_000)), ..Config::default() };
+    let upstream = MockServer::start(config).await.unwrap();
+    let home = Home::new();
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &["-c", "100"], &[]);
+    let peer = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/peer.py");
+    let mut command = std::process::Command::new(python);
+    command.arg(peer).args(["--base-url", &format!("{}/v1", proxy.root)]);
+    command.args(["--n", "400", "--concurrency", "100"]);
+    let output = crate::run(command).await;
+    assert!(output.status.success(), "{}", crate::stderr(&output));
+    let said: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(
+        (said["succeeded"].as_u64(), said["failed"].as_u64()),
+        (Some(400), Some(0)),
+        "{said}"
+    );
+    let stats = proxy.stats().await;
+    assert_eq!(stats["refused"]["queue_full"], 0, "{stats}");
+}

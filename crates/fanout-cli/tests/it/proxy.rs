@@ -37,8 +37,9 @@ impl Running {
         flags: &[&str],
         args: &[&str],
     ) -> Self {
+        let provider = if upstream.ends_with("/v1") { "openai" } else { "anthropic" };
         let mut child = command
-            .args(["--provider", "openai", "--base-url", upstream])
+            .args(["--provider", provider, "--base-url", upstream])
             .args(flags)
             .args(["proxy", "--listen", "127.0.0.1:0"])
             .args(args)
@@ -51,7 +52,8 @@ impl Running {
         said.read_line(&mut line).unwrap();
         // "fanout proxy: http://127.0.0.1:PORT/v1/chat/completions -> ..."
         let url = line.split_whitespace().nth(2).unwrap_or_else(|| panic!("said: {line}"));
-        let root = url.trim_end_matches("/v1/chat/completions").to_owned();
+        let root = url.trim_end_matches("/v1/chat/completions").trim_end_matches("/v1/messages");
+        let root = root.to_owned();
         // Drained, so the proxy never blocks on a full pipe.
         std::thread::spawn(move || std::io::copy(&mut said, &mut std::io::sink()));
         Self { child, root }
@@ -105,7 +107,9 @@ async fn concurrent_clients_under_an_upstream_limit_see_no_429() {
     let stats = proxy.stats().await;
     assert_eq!(stats["succeeded"], 150, "{stats}");
     assert_eq!(stats["upstream"]["rate_limited"], upstream.stats().count(429), "{stats}");
-    // Every call is a record, written before its client had the answer.
+    // Every call is a record, written before its client had the answer: a
+    // kill -9 now loses none.
+    drop(proxy);
     let shown = home.fanout().args(["jobs", "show", "load"]).output().unwrap();
     let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(shown["by_status"]["succeeded"], 150, "{shown}");
@@ -289,10 +293,13 @@ async fn malformed_bodies_are_refused_without_a_call_and_never_crash_it() {
         );
     }
     for body in bodies {
+        let odd = reqwest::header::HeaderValue::from_bytes(b"Bearer \xff\xfe").unwrap();
         let response = client
             .post(proxy.completions())
             .header("content-type", "application/json")
             .header("x-fanout-sample", "not a number")
+            .header("x-fanout-job", odd.clone())
+            .header("authorization", odd)
             .body(body)
             .send()
             .await
@@ -396,4 +403,29 @@ async fn the_openai_sdk_through_the_proxy_loses_no_call_at_a_rate_limit() {
     );
     let stats = proxy.stats().await;
     assert_eq!(stats["refused"]["queue_full"], 0, "{stats}");
+}
+
+/// Anthropic's Messages API is served the same way, the key read from
+/// `x-api-key`; a body without `max_tokens` is refused as Anthropic refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_messages_are_proxied_too() {
+    let upstream = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    let proxy = Running::start(&home, &upstream.anthropic_base_url(), &[], &[]);
+    let url = format!("{}/v1/messages", proxy.root);
+    let body = json!({"model": "claude-x", "max_tokens": 50,
+                      "messages": [{"role": "user", "content": "Bonjour"}]});
+    let send = |body: Value| {
+        client().post(&url).header("x-api-key", "sk-ant-client").header("anthropic-version", "2023-06-01").json(&body).send()
+    };
+    let answer: Value = send(body.clone()).await.unwrap().json().await.unwrap();
+    assert_eq!(answer["type"], "message", "{answer}");
+    assert!(answer["content"][0]["text"].as_str().unwrap().contains("Bonjour"), "{answer}");
+    let mut missing = body;
+    missing.as_object_mut().unwrap().remove("max_tokens");
+    let refused = send(missing).await.unwrap();
+    assert_eq!(refused.status().as_u16(), 400);
+    let error: Value = refused.json().await.unwrap();
+    assert_eq!((error["type"].as_str(), error["error"]["type"].as_str()), (Some("error"), Some("invalid_request_error")));
+    assert_eq!(upstream.stats().requests, 1);
 }

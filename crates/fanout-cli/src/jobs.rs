@@ -67,12 +67,17 @@ fn open(store: &Path) -> Result<Store> {
 /// What the job's finished tasks cost at the price it runs with, and that
 /// projected over its whole input; `None` without a price.
 fn job_cost(summary: &JobSummary) -> Option<(f64, Option<f64>)> {
-    let spec: Spec = serde_json::from_value(summary.job.settings.clone()).ok()?;
+    let settings = &summary.job.settings;
+    let price = match serde_json::from_value::<Spec>(settings.clone()) {
+        Ok(spec) => spec.settings.price,
+        // A proxy's job keeps only where it forwarded to, and the price.
+        Err(_) => serde_json::from_value(settings["proxy"]["price"].clone()).ok(),
+    };
     let usage = Usage {
         cached_input_tokens: summary.cached_input_tokens,
         ..Usage::new(summary.input_tokens, summary.output_tokens)
     };
-    let spent = spec.settings.price?.cost(usage);
+    let spent = price?.cost(usage);
     let projected =
         summary.job.total.and_then(|total| progress::projected(spent, summary.finished(), total));
     Some((spent, projected))

@@ -114,6 +114,7 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
         "provider": format!("{:?}", settings.provider).to_lowercase(),
         "base_url": settings.base_url,
         "model": settings.model,
+        "price": settings.price,
     }});
     let proxy = Arc::new(Proxy {
         api,

@@ -113,6 +113,8 @@ async fn concurrent_clients_under_an_upstream_limit_see_no_429() {
     let shown = home.fanout().args(["jobs", "show", "load"]).output().unwrap();
     let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(shown["by_status"]["succeeded"], 150, "{shown}");
+    // gpt-4o-mini's price from the table: the job's cost is known.
+    assert!(shown["cost"].as_f64().unwrap() > 0.0, "{shown}");
 }
 
 /// The client's body reaches the upstream as it was sent, unknown fields
@@ -416,7 +418,12 @@ async fn anthropic_messages_are_proxied_too() {
     let body = json!({"model": "claude-x", "max_tokens": 50,
                       "messages": [{"role": "user", "content": "Bonjour"}]});
     let send = |body: Value| {
-        client().post(&url).header("x-api-key", "sk-ant-client").header("anthropic-version", "2023-06-01").json(&body).send()
+        client()
+            .post(&url)
+            .header("x-api-key", "sk-ant-client")
+            .header("anthropic-version", "2023-06-01")
+            .json(&body)
+            .send()
     };
     let answer: Value = send(body.clone()).await.unwrap().json().await.unwrap();
     assert_eq!(answer["type"], "message", "{answer}");
@@ -426,6 +433,9 @@ async fn anthropic_messages_are_proxied_too() {
     let refused = send(missing).await.unwrap();
     assert_eq!(refused.status().as_u16(), 400);
     let error: Value = refused.json().await.unwrap();
-    assert_eq!((error["type"].as_str(), error["error"]["type"].as_str()), (Some("error"), Some("invalid_request_error")));
+    assert_eq!(
+        (error["type"].as_str(), error["error"]["type"].as_str()),
+        (Some("error"), Some("invalid_request_error"))
+    );
     assert_eq!(upstream.stats().requests, 1);
 }

@@ -2,14 +2,21 @@
 //! pause, breaker), since a vendor counts limits per key. Every client that
 //! sends the same key shares its lane. Keys are known by a hash; the key
 //! itself lives only in the lane's provider, which sends it upstream.
+//!
+//! A lane whose breaker opened (a bad key, an unknown model, no quota) refuses
+//! its calls at once, without paying for them, for `--cool-down` seconds; the next
+//! call after that gets a fresh lane, so a key that was fixed (or a model
+//! another client names correctly) works again without a restart.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
-use fanout::{Branch, BranchResults, Calls, CancellationToken, Executor, Outcome, Request, Usage};
+use fanout::{
+    Branch, BranchResults, Calls, CancellationToken, Executor, NotRun, Outcome, Request, Usage,
+};
 use tokio::sync::{OnceCell, oneshot};
 
 use super::stats::Stats;
@@ -24,6 +31,8 @@ pub struct LaneSettings {
     /// The response cache's store, with `--cache`.
     pub cache: Option<std::path::PathBuf>,
     pub stats: Arc<Stats>,
+    /// How long a lane whose breaker opened keeps refusing calls.
+    pub cool_down: Duration,
     /// Cancelled when the proxy stops: every lane's run ends with it.
     pub shutdown: CancellationToken,
 }
@@ -33,6 +42,8 @@ pub struct Lane {
     calls: Calls,
     /// Calls taken in and not yet answered, waiting or running.
     pending: AtomicU64,
+    /// When the breaker opened, if it did.
+    broken_since: Mutex<Option<Instant>>,
     concurrency: u64,
     rpm: Option<u64>,
     // Kept alive with the lane: dropping them would end its run.
@@ -42,12 +53,15 @@ pub struct Lane {
 
 impl Lane {
     async fn start(made: &LaneSettings, key: Option<String>) -> Result<Self> {
-        let settings = &made.settings;
+        // The client's body is sent as it came: an answer cut off at its
+        // max_tokens cannot be asked again with more room.
+        let settings = &Settings { retry_truncated: None, ..made.settings.clone() };
+        let scope = key.as_deref().map(key_hash).unwrap_or_default();
         let mut provider = connect::http_provider(settings, key)?;
         if let Some(store) = &made.cache {
-            let scope = fingerprint::cache_scope(settings);
-            let legacy = fingerprint::legacy_cache_scope(settings);
-            provider = Arc::new(Cached::new(provider, scope, legacy, store)?);
+            // Answers paid by one key are never given to another.
+            let scope = format!("{}|key {scope}", fingerprint::cache_scope(settings));
+            provider = Arc::new(Cached::new(provider, scope.clone(), scope, store)?);
         }
         let stats = Arc::clone(&made.stats);
         // A proxy runs until it is stopped: no deadline ends its lanes.
@@ -66,6 +80,7 @@ impl Lane {
         Ok(Self {
             calls,
             pending: AtomicU64::new(0),
+            broken_since: Mutex::new(None),
             concurrency: settings.concurrency as u64,
             rpm: settings.rpm,
             _run: run,
@@ -87,7 +102,17 @@ impl Lane {
     pub async fn complete(&self, request: Request) -> Outcome {
         self.pending.fetch_add(1, Ordering::Relaxed);
         let _counted = Pending(&self.pending);
-        self.calls.complete(request).await
+        let outcome = self.calls.complete(request).await;
+        if matches!(outcome, Outcome::NotRun(NotRun::CircuitOpen(_))) {
+            self.broken_since.lock().expect("never poisoned").get_or_insert_with(Instant::now);
+        }
+        outcome
+    }
+
+    /// Whether the breaker opened longer than `cool_down` ago.
+    fn cooled_down(&self, cool_down: Duration) -> bool {
+        let since = *self.broken_since.lock().expect("never poisoned");
+        since.is_some_and(|since| since.elapsed() >= cool_down)
     }
 }
 
@@ -125,7 +150,15 @@ impl Lanes {
     }
 
     async fn lane(&self, name: String, key: Option<String>) -> Result<Arc<Lane>> {
-        let cell = Arc::clone(self.lanes.lock().expect("never poisoned").entry(name).or_default());
+        let cell = {
+            let mut lanes = self.lanes.lock().expect("never poisoned");
+            let cell = lanes.entry(name).or_default();
+            if cell.get().is_some_and(|lane| lane.cooled_down(self.made.cool_down)) {
+                // Its run ends when the last call holding it does.
+                *cell = Arc::default();
+            }
+            Arc::clone(cell)
+        };
         let lane = cell
             .get_or_try_init(|| async { Lane::start(&self.made, key).await.map(Arc::new) })
             .await?;

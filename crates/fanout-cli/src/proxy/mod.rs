@@ -31,7 +31,6 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use fanout::{NotRun, Outcome, TaskId, TaskResult, Timeout};
-use serde_json::Value;
 
 use crate::Refusal;
 use crate::fingerprint::sha256;
@@ -65,6 +64,10 @@ pub struct ProxyArgs {
     /// header keeps samples of one prompt apart)
     #[arg(long)]
     cache: bool,
+    /// Seconds a key's calls are refused at once after its answers showed they
+    /// cannot succeed (a bad key, an unknown model, no quota); then tried anew
+    #[arg(long, default_value_t = 30.0)]
+    cool_down: f64,
 }
 
 /// What every request handler shares.
@@ -72,6 +75,8 @@ struct Proxy {
     api: Api,
     client_token: Option<String>,
     max_queue: Duration,
+    /// The most a call may take, queue and every attempt together.
+    call_limit: Duration,
     job: String,
     lanes: Lanes,
     records: Records,
@@ -92,10 +97,21 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
         }
     };
     check_listen(&args).map_err(Refusal)?;
-    if !(args.max_queue.is_finite() && args.max_queue >= 0.0) {
+    for (flag, seconds) in [("--max-queue", args.max_queue), ("--cool-down", args.cool_down)] {
+        if !(seconds.is_finite() && seconds >= 0.0) {
+            return Err(Refusal(anyhow::anyhow!("{flag} must be seconds, not {seconds}")).into());
+        }
+    }
+    if settings.budget.is_some() || settings.max_total_tokens.is_some() {
         return Err(Refusal(anyhow::anyhow!(
-            "--max-queue must be seconds, not {}",
-            args.max_queue
+            "the proxy keeps no spending limit yet: --budget and --max-total-tokens are for jobs"
+        ))
+        .into());
+    }
+    if args.client_token.is_some() && settings::env(&settings.api_key_env).is_none() {
+        return Err(Refusal(anyhow::anyhow!(
+            "with --client-token the proxy calls upstream with its own key: set {}",
+            settings.api_key_env
         ))
         .into());
     }
@@ -108,11 +124,12 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
         settings: settings.clone(),
         cache: args.cache.then(|| store.clone()),
         stats: Arc::clone(&stats),
+        cool_down: Duration::from_secs_f64(args.cool_down),
         shutdown: shutdown.clone(),
     };
     let recorded = serde_json::json!({"proxy": {
         "provider": format!("{:?}", settings.provider).to_lowercase(),
-        "base_url": settings.base_url,
+        "base_url": settings.base_url.as_deref().map(without_credentials),
         "model": settings.model,
         "price": settings.price,
     }});
@@ -120,6 +137,9 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
         api,
         client_token: args.client_token.clone(),
         max_queue: Duration::from_secs_f64(args.max_queue),
+        call_limit: Duration::from_secs_f64(
+            args.max_queue + settings.attempt_timeout * f64::from(settings.retries + 1),
+        ),
         job: job.clone(),
         lanes: Lanes::new(lane_settings),
         records: Records::start(&store, recorded)?,
@@ -139,7 +159,7 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
     eprintln!(
         "fanout proxy: http://{address}{} -> {}, recording in job `{job}` of {}",
         api.path(),
-        settings.base_url.as_deref().unwrap_or("the vendor's API"),
+        settings.base_url.as_deref().map_or("the vendor's API".into(), without_credentials),
         store.display()
     );
     // Ctrl-C: no new connection is taken, the calls in flight finish and are
@@ -147,10 +167,31 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let _ = tokio::signal::ctrl_c().await;
+            eprintln!(
+                "fanout proxy: stopping; the calls in flight finish and are recorded (Ctrl-C again: now)"
+            );
+            tokio::spawn(async {
+                let _ = tokio::signal::ctrl_c().await;
+                // Every finished call is recorded already; those in flight are not finished.
+                std::process::exit(4);
+            });
         })
         .await?;
     shutdown.cancel();
     Ok(ExitCode::SUCCESS)
+}
+
+/// A URL without the user and password it may carry (`https://user:key@host`).
+fn without_credentials(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => {
+            let host_start = rest.find('/').unwrap_or(rest.len());
+            let (authority, path) = rest.split_at(host_start);
+            let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+            format!("{scheme}://{host}{path}")
+        }
+        None => url.to_owned(),
+    }
 }
 
 fn check_listen(args: &ProxyArgs) -> Result<()> {
@@ -173,6 +214,26 @@ fn default_job() -> String {
     format!("proxy-{}", digits.replace('T', "-"))
 }
 
+/// Whether a client may call, and with whose key.
+enum Admission {
+    /// No client token is set: the client's own key goes upstream.
+    ClientKey,
+    /// The client sent the token: the proxy's key goes upstream.
+    OwnKey,
+    Refused,
+}
+
+impl Proxy {
+    fn admits(&self, client_key: Option<&str>) -> Admission {
+        let Some(token) = &self.client_token else { return Admission::ClientKey };
+        // Compared by their hashes, so the time taken says nothing of the token.
+        match client_key.is_some_and(|key| sha256(key.as_bytes()) == sha256(token.as_bytes())) {
+            true => Admission::OwnKey,
+            false => Admission::Refused,
+        }
+    }
+}
+
 /// One client call: checked, read, sent through its key's lane, recorded,
 /// and answered in the API's own shape.
 async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -183,17 +244,17 @@ async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
         api_error(api, status, message)
     };
     let client_key = api.client_key(&headers);
-    let own_key = match &proxy.client_token {
+    let own_key = match proxy.admits(client_key.as_deref()) {
         // The proxy's own key (from its environment) goes upstream.
-        Some(token) if client_key.as_deref() == Some(token.as_str()) => true,
-        Some(_) => {
+        Admission::OwnKey => true,
+        Admission::Refused => {
             let message = "this proxy needs its client token as the API key";
             return refuse(Refused::Unauthorized, StatusCode::UNAUTHORIZED, message);
         }
-        None => false,
+        Admission::ClientKey => false,
     };
-    let mut request = match api.read(&body) {
-        Ok(request) => request,
+    let (mut request, streams) = match api.read(&body) {
+        Ok(read) => read,
         Err(message) => return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &message),
     };
     request.sample_index =
@@ -216,10 +277,17 @@ async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after as u64));
         return response;
     }
-    let streams = request.body.as_ref().and_then(|b| b.get("stream")).and_then(Value::as_bool);
     let _in_flight = proxy.stats.started();
     let started = Instant::now();
-    let outcome = lane.complete(request).await;
+    // However the upstream behaves (429s are retried without end), a client
+    // gets an answer within its queue time and every attempt's.
+    let Ok(outcome) = tokio::time::timeout(proxy.call_limit, lane.complete(request)).await else {
+        let message = format!(
+            "no answer within {:.0} s (--max-queue, and --attempt-timeout for every attempt)",
+            proxy.call_limit.as_secs_f64()
+        );
+        return api_error(api, StatusCode::GATEWAY_TIMEOUT, &message);
+    };
     proxy.stats.ended(&outcome);
     // Known by a hash of what was asked: the same request twice is the same id.
     let id = TaskId::from(sha256(&body)[..16].to_owned());
@@ -229,7 +297,7 @@ async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
             eprintln!("fanout proxy: a call's record was not saved: {error}");
         }
     }
-    answer(api, outcome, streams.unwrap_or(false))
+    answer(api, outcome, streams)
 }
 
 fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -247,10 +315,9 @@ fn answer(api: Api, outcome: Outcome, streams: bool) -> Response {
             let content_type = if streams { "text/event-stream" } else { "application/json" };
             let body = success.response.raw.unwrap_or_default();
             let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
-            if let Some(id) =
-                success.response.request_id.and_then(|id| HeaderValue::from_str(&id).ok())
-            {
-                response.headers_mut().insert("x-request-id", id);
+            let id = success.response.request_id.and_then(|id| HeaderValue::from_str(&id).ok());
+            if let Some(id) = id {
+                response.headers_mut().insert(api.request_id_header(), id);
             }
             response
         }
@@ -271,11 +338,31 @@ fn api_error(api: Api, status: StatusCode, message: &str) -> Response {
     (status, axum::Json(api.error_body(status.as_u16(), message))).into_response()
 }
 
-async fn stats_of(State(proxy): State<Arc<Proxy>>) -> axum::Json<Value> {
-    axum::Json(proxy.stats.json(proxy.lanes.count(), proxy.price))
+/// The live counters; with a client token, for its holders only.
+async fn stats_of(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> Response {
+    if let Admission::Refused = proxy.admits(proxy.api.client_key(&headers).as_deref()) {
+        let message = "this proxy needs its client token as the API key";
+        return api_error(proxy.api, StatusCode::UNAUTHORIZED, message);
+    }
+    axum::Json(proxy.stats.json(proxy.lanes.count(), proxy.price)).into_response()
 }
 
 async fn not_found(State(proxy): State<Arc<Proxy>>) -> Response {
     let message = format!("this proxy serves POST {} and GET /fanout/stats", proxy.api.path());
     api_error(proxy.api, StatusCode::NOT_FOUND, &message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_in_a_url_are_never_shown() {
+        assert_eq!(
+            without_credentials("https://user:sk-1@api.host:8443/v1"),
+            "https://api.host:8443/v1"
+        );
+        assert_eq!(without_credentials("http://127.0.0.1:9/v1"), "http://127.0.0.1:9/v1");
+        assert_eq!(without_credentials("https://k@host"), "https://host");
+    }
 }

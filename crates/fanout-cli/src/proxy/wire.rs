@@ -2,7 +2,7 @@
 //! the key travels, a reading of a body for the limits, and error bodies in
 //! each API's own shape.
 
-use fanout::{Message, ProviderError, Request, Role};
+use fanout::{ErrorKind, Message, ProviderError, Request, Role};
 use serde_json::{Value, json};
 
 /// Which vendor API the proxy speaks (and forwards to).
@@ -36,13 +36,15 @@ impl Api {
         key.map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned)
     }
 
-    /// The client's body as a [`Request`] that carries it whole (sent as
-    /// it is) and a reading of it for the limits: the messages' text, the
-    /// model, the output allowance. Anything but a JSON object with a list of
-    /// messages is refused, as the API itself would refuse it.
-    pub fn read(self, bytes: &[u8]) -> Result<Request, String> {
-        let body: Value = serde_json::from_slice(bytes)
-            .map_err(|e| format!("the body is not valid JSON: {e}"))?;
+    /// The client's body as a [`Request`] that carries it whole (sent byte
+    /// for byte) and a reading of it for the limits: the messages' text, the
+    /// model, the output allowance; and whether it asks to stream. Anything
+    /// but a JSON object with a list of messages is refused, as the API
+    /// itself would refuse it.
+    pub fn read(self, bytes: &[u8]) -> Result<(Request, bool), String> {
+        let text = std::str::from_utf8(bytes).map_err(|e| format!("the body is not UTF-8: {e}"))?;
+        let body: Value =
+            serde_json::from_str(text).map_err(|e| format!("the body is not valid JSON: {e}"))?;
         let object = body.as_object().ok_or("the body must be a JSON object")?;
         let messages = object
             .get("messages")
@@ -74,8 +76,9 @@ impl Api {
         if self == Self::Anthropic && request.max_tokens.is_none() {
             return Err("`max_tokens` is required".into());
         }
-        request.body = Some(body);
-        Ok(request)
+        let streams = object.get("stream").and_then(Value::as_bool).unwrap_or(false);
+        request.body = Some(text.to_owned());
+        Ok((request, streams))
     }
 
     /// An error body in the API's own shape, for `status`.
@@ -91,10 +94,24 @@ impl Api {
     }
 
     /// What the client is told of a call that failed upstream: the
-    /// upstream's status (502 for a failure without one) and its message.
+    /// upstream's status, or for a failure without one what it was (a
+    /// request that can never fit the limits 400, no answer in time 504,
+    /// anything else 502), and its message.
     pub fn failure(self, error: &ProviderError) -> (u16, Value) {
-        let status = error.status().unwrap_or(502);
+        let status = error.status().unwrap_or(match error.kind() {
+            ErrorKind::BadRequest => 400,
+            ErrorKind::Timeout => 504,
+            _ => 502,
+        });
         (status, self.error_body(status, error.message()))
+    }
+
+    /// The header the API's clients read the upstream's request id from.
+    pub fn request_id_header(self) -> &'static str {
+        match self {
+            Self::OpenAi => "x-request-id",
+            Self::Anthropic => "request-id",
+        }
     }
 }
 
@@ -142,7 +159,8 @@ mod tests {
         let body = br#"{"model":"gpt-4o-mini","max_tokens":30,"n":2,"future":1,
             "messages":[{"role":"system","content":"Be brief."},
                         {"role":"user","content":[{"type":"text","text":"Hi"},{"type":"image_url"}]}]}"#;
-        let request = Api::OpenAi.read(body).unwrap();
+        let (request, streams) = Api::OpenAi.read(body).unwrap();
+        assert!(!streams);
         assert_eq!(request.messages.len(), 2);
         assert_eq!(
             (request.messages[1].role, request.messages[1].content.as_str()),
@@ -150,10 +168,11 @@ mod tests {
         );
         assert_eq!((request.max_tokens, request.n), (Some(30), Some(2)));
         assert_eq!(request.model.as_deref(), Some("gpt-4o-mini"));
-        assert_eq!(request.body.unwrap()["future"], 1, "the body travels whole");
+        let sent = std::str::from_utf8(body).unwrap();
+        assert_eq!(request.body.as_deref(), Some(sent), "byte for byte");
 
         let anthropic = br#"{"model":"claude","max_tokens":9,"system":"Brief.","messages":[{"role":"user","content":"Hi"}]}"#;
-        let request = Api::Anthropic.read(anthropic).unwrap();
+        let (request, _) = Api::Anthropic.read(anthropic).unwrap();
         assert_eq!(request.messages[0].role, Role::System);
     }
 
@@ -161,6 +180,7 @@ mod tests {
     fn malformed_bodies_are_named() {
         for (body, said) in [
             (&b"{not json"[..], "not valid JSON"),
+            (b"{\"a\":\"\xff\"}", "not UTF-8"),
             (b"[1]", "must be a JSON object"),
             (b"{\"model\":\"m\"}", "`messages` must be a list"),
             (b"{\"messages\":[3]}", "`messages[0]` must be an object"),
@@ -182,6 +202,17 @@ mod tests {
             (anthropic["type"].as_str(), anthropic["error"]["type"].as_str()),
             (Some("error"), Some("invalid_request_error"))
         );
+    }
+
+    #[test]
+    fn failures_without_a_status_are_told_what_they_were() {
+        let status = |kind| Api::OpenAi.failure(&ProviderError::new(kind, "x")).0;
+        assert_eq!(status(ErrorKind::BadRequest), 400);
+        assert_eq!(status(ErrorKind::Timeout), 504);
+        assert_eq!(status(ErrorKind::Connection), 502);
+        let upstream = ProviderError::from_status(529, "overloaded");
+        let (status, body) = Api::Anthropic.failure(&upstream);
+        assert_eq!((status, body["error"]["type"].as_str()), (529, Some("overloaded_error")));
     }
 
     #[test]

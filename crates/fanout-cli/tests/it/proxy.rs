@@ -262,6 +262,11 @@ async fn a_client_token_guards_the_proxy_and_its_own_key_goes_upstream() {
     assert_eq!(error["error"]["type"], "authentication_error");
     let (status, answer) = post(&client, &proxy.completions(), "let-me-in", &chat("hi")).await;
     assert_eq!(status, 200, "{answer}");
+    // The counters are the token holders' too.
+    let stats = format!("{}/fanout/stats", proxy.root);
+    assert_eq!(client.get(&stats).send().await.unwrap().status().as_u16(), 401);
+    let shown = client.get(&stats).bearer_auth("let-me-in").send().await.unwrap();
+    assert_eq!(shown.json::<Value>().await.unwrap()["succeeded"], 1);
 }
 
 /// Bodies that are not a request get the API's own 400 without an upstream
@@ -438,4 +443,36 @@ async fn anthropic_messages_are_proxied_too() {
         (Some("error"), Some("invalid_request_error"))
     );
     assert_eq!(upstream.stats().requests, 1);
+}
+
+/// A key whose answers show it cannot succeed has its calls refused at once
+/// (not paid for) for `--cool-down`, then tried anew: fixed keys work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_lane_is_tried_anew_after_its_cool_down() {
+    let upstream = wiremock::MockServer::start().await;
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(401).set_body_json(
+            json!({"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}),
+        ))
+        .mount(&upstream)
+        .await;
+    let home = Home::new();
+    let url = format!("{}/v1", upstream.uri());
+    let proxy = Running::start(&home, &url, &[], &["--cool-down", "1"]);
+    let client = client();
+    // Calls only: a new lane also checks the key (GET /models/...).
+    let sent = || async {
+        let received = upstream.received_requests().await.unwrap();
+        received.iter().filter(|r| r.method == wiremock::http::Method::POST).count()
+    };
+    for _ in 0..6 {
+        let (status, _) = post(&client, &proxy.completions(), "sk-wrong", &chat("hi")).await;
+        assert_eq!(status, 401);
+    }
+    let before = sent().await;
+    assert!(before < 6, "the breaker refused some without a call: {before}");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (status, _) = post(&client, &proxy.completions(), "sk-wrong", &chat("hi")).await;
+    assert_eq!(status, 401);
+    assert_eq!(sent().await, before + 1, "after the cool-down the key is tried again");
 }

@@ -92,7 +92,7 @@ pub(crate) async fn run_task(
 ) -> (TaskResult, Option<Permit>) {
     // Empty while the task waits to retry (see `attempt_until_done`).
     let mut slot = Some(permit);
-    let call = Call { run: &run, index, id: &id, request: &request };
+    let call = Call { run: &run, index, id: &id, request: &request, sequence: 0 };
     let outcome = call
         .outcome(&mut slot, run.exec.config.task_timeout, &run.cancel, |attempts| {
             run.interrupted(attempts)
@@ -118,6 +118,9 @@ pub(crate) struct Call<'a> {
     pub index: usize,
     pub id: &'a TaskId,
     pub request: &'a Request,
+    /// Which of its task's calls this is (a branch makes many), so that
+    /// calls failing together do not retry in step.
+    pub sequence: u64,
 }
 
 impl Call<'_> {
@@ -137,6 +140,7 @@ impl Call<'_> {
             self.index,
             self.id,
             self.request,
+            self.sequence,
             &attempts,
             slot,
         ))
@@ -183,6 +187,7 @@ async fn attempt_until_done(
     index: usize,
     id: &TaskId,
     request: &Request,
+    sequence: u64,
     attempts: &AtomicU32,
     slot: &mut Option<Permit>,
 ) -> Outcome {
@@ -192,8 +197,9 @@ async fn attempt_until_done(
         return Outcome::failed(error, 0);
     }
     // Seeded per task, so a run's jitter does not depend on scheduling.
-    let mut rng =
-        fastrand::Rng::with_seed(run.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let salt = (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        ^ sequence.wrapping_mul(0xC2B2_AE3D_27D4_EB4F);
+    let mut rng = fastrand::Rng::with_seed(run.seed ^ salt);
     let mut first_sent = None;
     let mut attempt = 0;
     // Rate-limit answers are counted apart: they are a wait, not a failure, and
@@ -205,6 +211,8 @@ async fn attempt_until_done(
     let mut repairs = 0;
     // What answers that failed their check used: the task paid for them too.
     let mut checked_out = Usage::default();
+    // Why the last answer was refused, when one was.
+    let mut refusal: Option<ProviderError> = None;
     loop {
         if let Some(cause) = run.breaker.cause() {
             let error = cause.clone();
@@ -223,9 +231,7 @@ async fn attempt_until_done(
                 .await
             {
                 Some(hold) => Some(hold),
-                // A retry refused is the same as a first call refused: the
-                // task is unfinished, and a resume with more budget runs it.
-                None => return Outcome::NotRun(NotRun::BudgetSpent),
+                None => return budget_spent(refusal, attempt, checked_out),
             },
             None => None,
         };
@@ -286,6 +292,7 @@ async fn attempt_until_done(
                             return accepted(response);
                         }
                         let error = truncated(&current);
+                        refusal = Some(error.clone());
                         let factor = exec.checker.policy.retry_truncated.unwrap_or(1.0);
                         run.counters.retries.fetch_add(1, Ordering::Relaxed);
                         current = Cow::Owned(check::with_more_room(&current, factor));
@@ -309,6 +316,7 @@ async fn attempt_until_done(
                         repairs += 1;
                         run.counters.repairs.fetch_add(1, Ordering::Relaxed);
                         current = Cow::Owned(check::repair(&current, &response.text, &errors));
+                        refusal = Some(error.clone());
                         exec.emit(|| Event::Repairing { index, id: id.clone(), attempt, error });
                     }
                 }
@@ -356,6 +364,21 @@ async fn attempt_until_done(
                 }
             }
         }
+    }
+}
+
+/// A task whose next call the spending limit cannot pay for. Unfinished
+/// (a resume with more budget runs it), unless answers it already paid for
+/// were refused: then it fails with what it paid, naming why.
+fn budget_spent(refusal: Option<ProviderError>, attempts: u32, paid: Usage) -> Outcome {
+    match refusal {
+        Some(refused) => {
+            let message =
+                format!("{}; asking again would pass the spending limit", refused.message());
+            let error = ProviderError::new(refused.kind(), message);
+            Outcome::Failed { error, attempts, usage: paid }
+        }
+        None => Outcome::NotRun(NotRun::BudgetSpent),
     }
 }
 

@@ -45,6 +45,7 @@
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -99,6 +100,8 @@ pub struct Calls {
     /// Cancelled when the branch is cut: its calls and tools end with it.
     cut: CancellationToken,
     tally: Arc<Mutex<Tally>>,
+    /// Calls started through this branch: each call's own retry jitter.
+    calls_made: Arc<AtomicU64>,
 }
 
 impl Calls {
@@ -127,7 +130,8 @@ impl Calls {
             permit = exec.limits.concurrency.acquire() => permit,
         };
         let mut slot = Some(permit);
-        let call = Call { run: &self.run, index: self.index, id: &self.id, request };
+        let sequence = self.calls_made.fetch_add(1, Ordering::Relaxed);
+        let call = Call { run: &self.run, index: self.index, id: &self.id, request, sequence };
         call.outcome(&mut slot, None, &self.cut, interrupted).await
     }
 
@@ -287,6 +291,7 @@ async fn drive_branches<T: Send + 'static>(
             id,
             cut: run.cancel.child_token(),
             tally: Arc::clone(&tally),
+            calls_made: Arc::default(),
         };
         running.spawn(run_branch(calls, work));
     }

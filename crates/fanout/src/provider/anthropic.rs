@@ -439,8 +439,8 @@ where
 impl Anthropic {
     /// Sends a client's own body as it is, and reads its answer both ways:
     /// assembled (for usage and records) and as the bytes that came.
-    async fn forward(&self, body: &Value, progress: &Progress) -> Result<Response, ProviderError> {
-        let answer = self.endpoint.post(body).await?;
+    async fn forward(&self, body: &str, progress: &Progress) -> Result<Response, ProviderError> {
+        let answer = self.endpoint.post_text(body.to_owned()).await?;
         let headers = answer.headers().clone();
         if streams(body) {
             let (events, copy) = tapped(answer.bytes_stream());

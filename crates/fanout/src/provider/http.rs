@@ -63,8 +63,13 @@ impl fmt::Debug for ApiKey {
 }
 
 /// Whether a client's own body asks for a streamed answer.
-pub(crate) fn streams(body: &serde_json::Value) -> bool {
-    body.get("stream").and_then(serde_json::Value::as_bool).unwrap_or(false)
+pub(crate) fn streams(body: &str) -> bool {
+    #[derive(Deserialize)]
+    struct Stream {
+        #[serde(default)]
+        stream: Option<bool>,
+    }
+    serde_json::from_str::<Stream>(body).ok().and_then(|s| s.stream).unwrap_or(false)
 }
 
 /// A body stream that keeps a copy of every chunk read from it, so a
@@ -145,12 +150,21 @@ impl Endpoint {
         &self,
         body: &serde_json::Value,
     ) -> Result<reqwest::Response, ProviderError> {
+        self.post_text(serde_json::to_vec(body).expect("a JSON value always serializes")).await
+    }
+
+    /// Posts JSON text as it is (a client's own body: its keys keep their
+    /// order, which a schema's properties depend on).
+    pub(crate) async fn post_text(
+        &self,
+        body: impl Into<reqwest::Body>,
+    ) -> Result<reqwest::Response, ProviderError> {
         let response = self
             .client
             .post(self.url.clone())
             .headers(self.headers.clone())
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(serde_json::to_vec(body).expect("a JSON value always serializes"))
+            .body(body)
             .send()
             .await
             .map_err(|e| self.transport_error(e))?;

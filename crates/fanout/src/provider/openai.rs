@@ -527,11 +527,11 @@ impl OpenAi {
     /// assembled (for usage and records) and as the bytes that came.
     async fn forward(
         &self,
-        body: &Value,
+        body: &str,
         request: &Request,
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
-        let answer = self.endpoint.post(body).await?;
+        let answer = self.endpoint.post_text(body.to_owned()).await?;
         let headers = answer.headers().clone();
         if streams(body) {
             let (events, copy) = tapped(answer.bytes_stream());

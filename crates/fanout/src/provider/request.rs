@@ -123,13 +123,14 @@ pub struct Request {
     /// Provider-specific body fields, passed through unchanged.
     #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
     pub extra: serde_json::Map<String, serde_json::Value>,
-    /// A whole body in the provider's own wire format, sent exactly as it is
-    /// instead of one built from the fields above (`fanout proxy` forwards its
-    /// clients' bodies so). The fields above are then only a reading of it,
-    /// for the limits to count; `stream` in it decides whether the answer
-    /// streams, and the answer's own bytes come back in [`Response::raw`].
+    /// A whole JSON body in the provider's own wire format, sent byte for
+    /// byte instead of one built from the fields above (`fanout proxy`
+    /// forwards its clients' bodies so). The fields above are then only a
+    /// reading of it, for the limits to count; `stream` in it decides whether
+    /// the answer streams, and the answer's own bytes come back in
+    /// [`Response::raw`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub body: Option<serde_json::Value>,
+    pub body: Option<String>,
 }
 
 /// The shape of output a request asks for.

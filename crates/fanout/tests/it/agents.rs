@@ -497,3 +497,33 @@ async fn a_drained_run_starts_no_new_call() {
     assert_eq!(second, Outcome::NotRun(fanout::NotRun::Cancelled));
     assert_eq!((mock.calls(), report.calls.tasks, report.calls.not_run), (1, 2, 1));
 }
+
+/// Calls of one branch that fail together retry apart: each call draws its
+/// own jitter (a proxy's lane is one branch making every client's calls).
+#[tokio::test(start_paused = true)]
+async fn calls_of_one_branch_retry_with_their_own_jitter() {
+    let mock = MockProvider::new();
+    for prompt in ["a", "b", "c"] {
+        mock.script(prompt, [fanout::Behavior::server_error()]);
+    }
+    let recorder = crate::Recorder::default();
+    let executor = recorder.attach(Executor::builder(mock).hedge(None)).build();
+    let report = executor
+        .branches([Branch::new("lane", |calls| async move {
+            let ask = |p: &str| calls.complete(Request::user(p));
+            futures_util::join!(ask("a"), ask("b"), ask("c"))
+        })])
+        .await;
+    let (a, b, c) = report.results[0].outcome.value().unwrap();
+    assert!(a.is_success() && b.is_success() && c.is_success());
+    let delays: Vec<_> = recorder
+        .events()
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            fanout::Event::Retrying { delay, .. } => Some(delay),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(delays.len(), 3);
+    assert!(delays[0] != delays[1] || delays[1] != delays[2], "in step: {delays:?}");
+}

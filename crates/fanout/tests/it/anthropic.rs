@@ -172,7 +172,7 @@ async fn a_given_body_is_forwarded_as_it_is_and_its_answer_comes_back_whole() {
         .mount(&server)
         .await;
     // The provider is set not to stream: the body's own `stream` decides.
-    let request = Request { body: Some(body), ..Request::user("Hi") };
+    let request = Request { body: Some(body.to_string()), ..Request::user("Hi") };
     let response = provider(&server, false).complete(&request).await.unwrap();
     assert_eq!(response.raw.as_deref(), Some(stream));
     assert_eq!((response.text.as_str(), response.usage.output_tokens), ("Bonjour", 3));

@@ -99,10 +99,10 @@ async fn a_failed_call_waiting_to_retry_holds_no_budget() {
     assert_eq!(report.totals.succeeded, 2, "{:?}", report.totals);
 }
 
-/// A retry the limit cannot pay for leaves its task unfinished, said as the
-/// budget (not a cancellation): a resume with more budget runs it again.
+/// A repair the limit cannot pay for fails its task with what it paid for
+/// the refused answer, said as the budget (not a cancellation).
 #[tokio::test(start_paused = true)]
-async fn a_repair_the_limit_cannot_pay_for_leaves_the_task_unfinished() {
+async fn a_repair_the_limit_cannot_pay_for_fails_with_what_was_paid() {
     let mock = MockProvider::new()
         .with_rule(|_| Some(Behavior::respond(Response::new("not json", Usage::new(10, 5)))));
     let mut request = Request::user("p0").with_max_tokens(95);
@@ -114,6 +114,10 @@ async fn a_repair_the_limit_cannot_pay_for_leaves_the_task_unfinished() {
     // with the same 95 of output, does not fit in the 95 left.
     let executor = Executor::builder(mock).spend_limit(SpendLimit::tokens(110)).build();
     let report = executor.run([request]).await;
-    assert_eq!(report.results[0].outcome, Outcome::NotRun(NotRun::BudgetSpent));
+    let Outcome::Failed { error, usage, .. } = &report.results[0].outcome else {
+        panic!("{:?}", report.results[0].outcome)
+    };
+    assert!(error.message().ends_with("asking again would pass the spending limit"), "{error}");
+    assert_eq!((*usage, report.totals.usage), (Usage::new(10, 5), Usage::new(10, 5)));
     assert_eq!(report.totals.calls, 1);
 }

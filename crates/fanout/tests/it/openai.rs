@@ -283,6 +283,17 @@ async fn a_given_body_is_forwarded_as_it_is_and_its_answer_comes_back_whole() {
     let body = json!({"model": "gpt-client", "messages": [{"role": "user", "content": "Hi"}],
                       "n": 2, "future_field": {"nested": [1, 2]}, "logit_bias": {"50256": -100}});
     let answer_text = answer().to_string();
+    // Byte for byte: keys in the client's order (a schema's properties
+    // are generated in theirs), spacing and all.
+    let text = r#"{"model": "gpt-client", "zeta": 1, "alpha": {"b": 1, "a": 2}}"#;
+    Mock::given(method("POST"))
+        .and(wiremock::matchers::body_string(text))
+        .respond_with(ResponseTemplate::new(200).set_body_string(answer_text.clone()))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let request = Request { body: Some(text.to_owned()), ..Request::user("Hi") };
+    provider(&server).complete(&request).await.unwrap();
     Mock::given(method("POST"))
         .and(path("/v1/chat/completions"))
         .and(wiremock::matchers::body_json(&body))
@@ -290,7 +301,7 @@ async fn a_given_body_is_forwarded_as_it_is_and_its_answer_comes_back_whole() {
         .expect(1)
         .mount(&server)
         .await;
-    let request = Request { body: Some(body.clone()), ..Request::user("Hi") };
+    let request = Request { body: Some(body.to_string()), ..Request::user("Hi") };
     let response = provider(&server).complete(&request).await.unwrap();
     assert_eq!(response.raw.as_deref(), Some(answer_text.as_str()));
     assert_eq!((response.text.as_str(), response.usage.input_tokens), ("Because.", 30));
@@ -308,7 +319,7 @@ async fn a_given_body_is_forwarded_as_it_is_and_its_answer_comes_back_whole() {
         .expect(1)
         .mount(&server)
         .await;
-    let request = Request { body: Some(streamed), ..Request::user("Hi") };
+    let request = Request { body: Some(streamed.to_string()), ..Request::user("Hi") };
     let response = provider(&server).complete(&request).await.unwrap();
     assert_eq!(response.raw.as_deref(), Some(stream));
     assert_eq!(response.text, "Hello");

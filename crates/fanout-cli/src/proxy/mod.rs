@@ -292,6 +292,7 @@ async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
     // Known by a hash of what was asked: the same request twice is the same id.
     let id = TaskId::from(sha256(&body)[..16].to_owned());
     if let Some(mut record) = to_record(&TaskResult::new(0, id, outcome.clone())) {
+        // As the client saw it: its wait for a turn included.
         record.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         if let Err(error) = proxy.records.write(&job, record).await {
             eprintln!("fanout proxy: a call's record was not saved: {error}");

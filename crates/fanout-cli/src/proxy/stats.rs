@@ -11,14 +11,15 @@ pub struct Stats {
     in_flight: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
-    /// Refused by the proxy itself: a malformed body, a missing client
-    /// token, a queue too long to wait in.
+    // Refused by the proxy itself, without a call: a malformed body, a
+    // missing client token, a queue too long to wait in.
     bad_requests: AtomicU64,
     unauthorized: AtomicU64,
     queue_full: AtomicU64,
     /// Upstream calls, retries and hedges included.
     upstream_calls: AtomicU64,
-    /// The upstream's 429s, absorbed and retried: none reached a client.
+    /// The upstream's 429s, absorbed and retried (a client sees a 429 only
+    /// from the proxy's own queue).
     upstream_rate_limited: AtomicU64,
     retries: AtomicU64,
     hedges: AtomicU64,

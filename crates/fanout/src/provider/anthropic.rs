@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
-use super::http::{Endpoint, decimal, header, request_id, streams, tapped, tapped_text};
+use super::http::{Endpoint, decimal, forward, header, request_id};
 use super::{
     Check, ErrorKind, Image, Progress, Provider, ProviderError, RateLimit, Request, Response,
     ResponseFormat, Role, ToolCall, ToolChoice, Usage, sse,
@@ -436,25 +436,6 @@ where
     Ok(response(text, tool_calls, usage, stop_reason, model, headers))
 }
 
-impl Anthropic {
-    /// Sends a client's own body as it is, and reads its answer both ways:
-    /// assembled (for usage and records) and as the bytes that came.
-    async fn forward(&self, body: &str, progress: &Progress) -> Result<Response, ProviderError> {
-        let answer = self.endpoint.post_text(body.to_owned()).await?;
-        let headers = answer.headers().clone();
-        if streams(body) {
-            let (events, copy) = tapped(answer.bytes_stream());
-            let mut response = assemble_stream(&self.endpoint, events, &headers, progress).await?;
-            response.raw = Some(tapped_text(&copy));
-            return Ok(response);
-        }
-        let bytes = self.endpoint.body(answer).await?;
-        let mut response = parse_message(&bytes, &headers)?;
-        response.raw = Some(String::from_utf8_lossy(&bytes).into_owned());
-        Ok(response)
-    }
-}
-
 #[async_trait::async_trait]
 impl Provider for Anthropic {
     fn name(&self) -> &str {
@@ -484,7 +465,10 @@ impl Provider for Anthropic {
     ) -> Result<Response, ProviderError> {
         let request = &*super::read_image_files(request).await?;
         if let Some(body) = &request.body {
-            return self.forward(body, progress).await;
+            let assemble = |events, headers| async move {
+                assemble_stream(&self.endpoint, events, &headers, progress).await
+            };
+            return forward(&self.endpoint, body, parse_message, assemble).await;
         }
         let answer = self.endpoint.post(&self.body(request)).await?;
         let headers = answer.headers().clone();

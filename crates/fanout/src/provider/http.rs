@@ -63,7 +63,7 @@ impl fmt::Debug for ApiKey {
 }
 
 /// Whether a client's own body asks for a streamed answer.
-pub(crate) fn streams(body: &str) -> bool {
+fn streams(body: &str) -> bool {
     #[derive(Deserialize)]
     struct Stream {
         #[serde(default)]
@@ -72,29 +72,43 @@ pub(crate) fn streams(body: &str) -> bool {
     serde_json::from_str::<Stream>(body).ok().and_then(|s| s.stream).unwrap_or(false)
 }
 
-/// A body stream that keeps a copy of every chunk read from it, so a
-/// forwarded answer can be given back byte for byte once it is assembled.
-pub(crate) fn tapped<S, B, E>(
-    body: S,
-) -> (impl futures_util::Stream<Item = Result<B, E>> + Send + 'static, Arc<Mutex<Vec<u8>>>)
+/// An answer's body as it streams in.
+pub(crate) type BodyStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>;
+
+/// Sends a client's own body as it is, and reads the answer both ways: with
+/// `parse` (a whole body) or `assemble` (a stream), for usage and records,
+/// and as the bytes that came, kept in [`Response::raw`](super::Response::raw).
+pub(crate) async fn forward<Assembled>(
+    endpoint: &Endpoint,
+    body: &str,
+    parse: impl FnOnce(&[u8], &HeaderMap) -> Result<super::Response, ProviderError>,
+    assemble: impl FnOnce(BodyStream, HeaderMap) -> Assembled,
+) -> Result<super::Response, ProviderError>
 where
-    S: futures_util::Stream<Item = Result<B, E>> + Send + 'static,
-    B: AsRef<[u8]>,
+    Assembled: std::future::Future<Output = Result<super::Response, ProviderError>>,
 {
     use futures_util::StreamExt;
+    let answer = endpoint.post_text(body.to_owned()).await?;
+    let headers = answer.headers().clone();
+    if !streams(body) {
+        let bytes = endpoint.body(answer).await?;
+        let mut response = parse(&bytes, &headers)?;
+        response.raw = Some(String::from_utf8_lossy(&bytes).into_owned());
+        return Ok(response);
+    }
+    // Every chunk is copied as the assembly reads it.
     let copy = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&copy);
-    let body = body.inspect(move |chunk| {
+    let events = answer.bytes_stream().inspect(move |chunk| {
         if let Ok(chunk) = chunk {
-            sink.lock().expect("never poisoned").extend_from_slice(chunk.as_ref());
+            sink.lock().expect("never poisoned").extend_from_slice(chunk);
         }
     });
-    (body, copy)
-}
-
-/// What a tap kept, as text (SSE is UTF-8).
-pub(crate) fn tapped_text(copy: &Mutex<Vec<u8>>) -> String {
-    String::from_utf8_lossy(&copy.lock().expect("never poisoned")).into_owned()
+    let mut response = assemble(Box::pin(events), headers).await?;
+    let copied = copy.lock().expect("never poisoned");
+    response.raw = Some(String::from_utf8_lossy(&copied).into_owned());
+    Ok(response)
 }
 
 /// An HTTP endpoint with its client and authentication headers.

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::builder::{HttpApi, HttpBuilder, HttpSettings};
-use super::http::{Endpoint, decimal, header, request_id, streams, tapped, tapped_text};
+use super::http::{Endpoint, decimal, forward, header, request_id};
 use super::{
     Check, ErrorKind, Image, Message, Progress, Provider, ProviderError, RateLimit, Request,
     Response, ResponseFormat, Role, ToolCall, ToolChoice, Usage, sse,
@@ -522,31 +522,6 @@ where
     assembly.into_response(request, headers)
 }
 
-impl OpenAi {
-    /// Sends a client's own body as it is, and reads its answer both ways:
-    /// assembled (for usage and records) and as the bytes that came.
-    async fn forward(
-        &self,
-        body: &str,
-        request: &Request,
-        progress: &Progress,
-    ) -> Result<Response, ProviderError> {
-        let answer = self.endpoint.post_text(body.to_owned()).await?;
-        let headers = answer.headers().clone();
-        if streams(body) {
-            let (events, copy) = tapped(answer.bytes_stream());
-            let mut response =
-                assemble_stream(&self.endpoint, events, request, &headers, progress).await?;
-            response.raw = Some(tapped_text(&copy));
-            return Ok(response);
-        }
-        let bytes = self.endpoint.body(answer).await?;
-        let mut response = parse_completion(&bytes, request, &headers)?;
-        response.raw = Some(String::from_utf8_lossy(&bytes).into_owned());
-        Ok(response)
-    }
-}
-
 #[async_trait::async_trait]
 impl Provider for OpenAi {
     fn name(&self) -> &str {
@@ -569,7 +544,12 @@ impl Provider for OpenAi {
     ) -> Result<Response, ProviderError> {
         let request = &*super::read_image_files(request).await?;
         if let Some(body) = &request.body {
-            return self.forward(body, request, progress).await;
+            let parse =
+                |bytes: &[u8], headers: &HeaderMap| parse_completion(bytes, request, headers);
+            let assemble = |events, headers| async move {
+                assemble_stream(&self.endpoint, events, request, &headers, progress).await
+            };
+            return forward(&self.endpoint, body, parse, assemble).await;
         }
         let response = self.endpoint.post(&self.body(request)).await?;
         if self.stream {

@@ -257,6 +257,7 @@ async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
         Ok(read) => read,
         Err(message) => return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &message),
     };
+    request.headers = api.forwarded_headers(&headers);
     request.sample_index =
         header_text(&headers, "x-fanout-sample").and_then(|s| s.parse().ok()).unwrap_or(0);
     let job = header_text(&headers, "x-fanout-job").unwrap_or(&proxy.job).to_owned();

@@ -36,6 +36,21 @@ impl Api {
         key.map(str::trim).filter(|k| !k.is_empty()).map(str::to_owned)
     }
 
+    /// The client's headers that go upstream with its body: those that change
+    /// what the API does (a beta, a version, the organization billed).
+    pub fn forwarded_headers(self, headers: &axum::http::HeaderMap) -> Vec<(String, String)> {
+        let names: &[&str] = match self {
+            Self::OpenAi => &["openai-organization", "openai-project", "openai-beta"],
+            Self::Anthropic => &["anthropic-version", "anthropic-beta"],
+        };
+        names
+            .iter()
+            .filter_map(|name| {
+                Some((name.to_string(), headers.get(*name)?.to_str().ok()?.to_owned()))
+            })
+            .collect()
+    }
+
     /// The client's body as a [`Request`] that carries it whole (sent byte
     /// for byte) and a reading of it for the limits: the messages' text, the
     /// model, the output allowance; and whether it asks to stream. Anything

@@ -82,6 +82,7 @@ pub(crate) type BodyStream =
 pub(crate) async fn forward<Assembled>(
     endpoint: &Endpoint,
     body: &str,
+    headers: &[(String, String)],
     parse: impl FnOnce(&[u8], &HeaderMap) -> Result<super::Response, ProviderError>,
     assemble: impl FnOnce(BodyStream, HeaderMap) -> Assembled,
 ) -> Result<super::Response, ProviderError>
@@ -89,7 +90,7 @@ where
     Assembled: std::future::Future<Output = Result<super::Response, ProviderError>>,
 {
     use futures_util::StreamExt;
-    let answer = endpoint.post_text(body.to_owned()).await?;
+    let answer = endpoint.post_text(body.to_owned(), headers).await?;
     let headers = answer.headers().clone();
     if !streams(body) {
         let bytes = endpoint.body(answer).await?;
@@ -164,7 +165,8 @@ impl Endpoint {
         &self,
         body: &serde_json::Value,
     ) -> Result<reqwest::Response, ProviderError> {
-        self.post_text(serde_json::to_vec(body).expect("a JSON value always serializes")).await
+        let body = serde_json::to_vec(body).expect("a JSON value always serializes");
+        self.post_text(body, &[]).await
     }
 
     /// Posts JSON text as it is (a client's own body: its keys keep their
@@ -172,11 +174,12 @@ impl Endpoint {
     pub(crate) async fn post_text(
         &self,
         body: impl Into<reqwest::Body>,
+        extra_headers: &[(String, String)],
     ) -> Result<reqwest::Response, ProviderError> {
         let response = self
             .client
             .post(self.url.clone())
-            .headers(self.headers.clone())
+            .headers(self.headers_with(extra_headers))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(body)
             .send()
@@ -189,6 +192,25 @@ impl Endpoint {
         let headers = response.headers().clone();
         let body = response.bytes().await.unwrap_or_default();
         Err(self.answer_error(status.as_u16(), &headers, &body))
+    }
+
+    /// The endpoint's headers, with `extra` ones replacing those of their name,
+    /// except the key and the body's framing, and any that are not valid.
+    fn headers_with(&self, extra: &[(String, String)]) -> HeaderMap {
+        const KEPT: [&str; 5] =
+            ["authorization", "x-api-key", "content-type", "content-length", "host"];
+        let mut headers = self.headers.clone();
+        for (name, value) in extra {
+            let (Ok(name), Ok(value)) =
+                (HeaderName::try_from(name.as_str()), HeaderValue::try_from(value))
+            else {
+                continue;
+            };
+            if !KEPT.contains(&name.as_str()) {
+                headers.insert(name, value);
+            }
+        }
+        headers
     }
 
     /// Asks `url` (beside the endpoint, with its authentication) whether the

@@ -131,6 +131,13 @@ pub struct Request {
     /// [`Response::raw`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+    /// Headers sent with [`Request::body`] beside the provider's own (a proxy
+    /// client's `anthropic-beta`, `OpenAI-Organization`): one named like a
+    /// provider header replaces it; the key and the body's framing
+    /// (`authorization`, `x-api-key`, `content-type`, `content-length`, `host`)
+    /// are never taken from here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<(String, String)>,
 }
 
 /// The shape of output a request asks for.

@@ -166,13 +166,23 @@ async fn a_given_body_is_forwarded_as_it_is_and_its_answer_comes_back_whole() {
     );
     Mock::given(method("POST"))
         .and(path("/v1/messages"))
+        .and(header("anthropic-beta", "output-300k-2026-03-24"))
+        .and(header("anthropic-version", "2024-01-01"))
+        .and(header("x-api-key", KEY))
         .and(wiremock::matchers::body_json(&body))
         .respond_with(ResponseTemplate::new(200).set_body_raw(stream, "text/event-stream"))
         .expect(1)
         .mount(&server)
         .await;
     // The provider is set not to stream: the body's own `stream` decides.
-    let request = Request { body: Some(body.to_string()), ..Request::user("Hi") };
+    // The client's beta and version go with its body; its key never does.
+    let headers = [
+        ("anthropic-beta", "output-300k-2026-03-24"),
+        ("anthropic-version", "2024-01-01"),
+        ("x-api-key", "sk-ant-someone-else"),
+    ];
+    let headers = headers.map(|(n, v)| (n.to_owned(), v.to_owned())).to_vec();
+    let request = Request { body: Some(body.to_string()), headers, ..Request::user("Hi") };
     let response = provider(&server, false).complete(&request).await.unwrap();
     assert_eq!(response.raw.as_deref(), Some(stream));
     assert_eq!((response.text.as_str(), response.usage.output_tokens), ("Bonjour", 3));

@@ -65,8 +65,9 @@ pub use provider::headers::Budget;
 pub use provider::openai::OpenAiBuilder;
 pub use provider::{
     Anthropic, Behavior, Check, ErrorKind, HttpApi, HttpBuilder, HttpOptions, HttpSettings, Image,
-    Message, MockProvider, OpenAi, Progress, Provider, ProviderError, RateLimit, Request, Response,
-    ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec, Usage, read_image_files,
+    Message, MockProvider, OpenAi, Progress, Provider, ProviderError, RateLimit, Relay, Relayed,
+    Request, Response, ResponseFormat, Role, ToolCall, ToolChoice, ToolSpec, Usage,
+    read_image_files,
 };
 pub use task::{Failure, NotRun, Outcome, Status, Success, Task, TaskId, TaskResult, Timeout};
 pub use tokio_util::sync::CancellationToken;

@@ -22,7 +22,7 @@ use tokio::sync::{OnceCell, oneshot};
 use super::stats::Stats;
 use crate::cache::Cached;
 use crate::connect;
-use crate::fingerprint::{self, sha256};
+use crate::fingerprint;
 use crate::settings::{self, Settings};
 
 /// How lanes are made.
@@ -97,16 +97,11 @@ impl Lane {
         Duration::from_secs_f64(ahead as f64 * 60.0 / rpm as f64)
     }
 
-    /// Sends `request` through the lane's call path. Dropping the future
-    /// (the client went away) cancels the call upstream.
-    pub async fn complete(&self, request: Request) -> Outcome {
+    /// Takes a call in: it counts as waiting from now, for the calls that
+    /// come after it, until its [`Queued`] is dropped.
+    pub fn enqueue(self: &Arc<Self>) -> Queued {
         self.pending.fetch_add(1, Ordering::Relaxed);
-        let _counted = Pending(&self.pending);
-        let outcome = self.calls.complete(request).await;
-        if matches!(outcome, Outcome::NotRun(NotRun::CircuitOpen(_))) {
-            self.broken_since.lock().expect("never poisoned").get_or_insert_with(Instant::now);
-        }
-        outcome
+        Queued { lane: Arc::clone(self) }
     }
 
     /// Whether the breaker opened longer than `cool_down` ago.
@@ -116,11 +111,27 @@ impl Lane {
     }
 }
 
-struct Pending<'a>(&'a AtomicU64);
+/// A call taken into a lane and not yet answered.
+pub struct Queued {
+    lane: Arc<Lane>,
+}
 
-impl Drop for Pending<'_> {
+impl Queued {
+    /// Sends `request` through the lane's call path. Dropping the future
+    /// (the client went away) cancels the call upstream.
+    pub async fn complete(&self, request: Request) -> Outcome {
+        let outcome = self.lane.calls.complete(request).await;
+        if matches!(outcome, Outcome::NotRun(NotRun::CircuitOpen(_))) {
+            let mut broken_since = self.lane.broken_since.lock().expect("never poisoned");
+            broken_since.get_or_insert_with(Instant::now);
+        }
+        outcome
+    }
+}
+
+impl Drop for Queued {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.lane.pending.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -173,5 +184,5 @@ impl Lanes {
 
 /// What a key is known by: the start of its SHA-256, never the key.
 pub fn key_hash(key: &str) -> String {
-    sha256(key.as_bytes())[..16].to_owned()
+    super::short_hash(key.as_bytes())
 }

@@ -5,9 +5,11 @@
 //! gets one concurrency cap, RPM and TPM for all its calls together, the
 //! shared 429 pause, retries, hedging and the circuit breaker, and a record of
 //! every call in the store. A client's body goes upstream exactly as it came
-//! and the upstream's answer comes back exactly as it was sent (a streamed
-//! answer as its SSE events, once it is complete: a call that is retried or
-//! hedged cannot have streamed half of itself to the client already).
+//! and the upstream's answer comes back exactly as it was sent, a streamed
+//! one event by event as it arrives ([`fanout::Relay`]): until its first
+//! bytes a call is retried and hedged like any; after them it is committed,
+//! and should it break off, the client gets an error event, never the
+//! answer twice. An upstream error comes back as the upstream sent it.
 //!
 //! A call that would exceed a limit waits its turn rather than being refused;
 //! only one whose wait the lane's RPM says would pass `--max-queue` gets a 429,
@@ -30,7 +32,13 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use fanout::{NotRun, Outcome, TaskId, TaskResult, Timeout};
+use fanout::{
+    CancellationToken, NotRun, Outcome, Relay, Relayed, Request, TaskId, TaskResult, Timeout,
+};
+use fanout_store::Record;
+use futures_util::StreamExt;
+use tokio::sync::oneshot;
+use tokio_util::sync::DropGuard;
 
 use crate::Refusal;
 use crate::fingerprint::sha256;
@@ -40,6 +48,7 @@ use lanes::{LaneSettings, Lanes};
 use records::Records;
 use stats::{Refused, Stats};
 pub use wire::Api;
+use wire::ErrorAnswer;
 
 /// The largest client body taken: requests with images inline run to megabytes.
 const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
@@ -73,7 +82,9 @@ pub struct ProxyArgs {
 /// What every request handler shares.
 struct Proxy {
     api: Api,
-    client_token: Option<String>,
+    /// The client token's SHA-256: keys are compared by their hashes, so
+    /// the time taken says nothing of the token.
+    client_token_hash: Option<String>,
     max_queue: Duration,
     /// The most a call may take, queue and every attempt together.
     call_limit: Duration,
@@ -135,7 +146,7 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
     }});
     let proxy = Arc::new(Proxy {
         api,
-        client_token: args.client_token.clone(),
+        client_token_hash: args.client_token.as_deref().map(|t| sha256(t.as_bytes())),
         max_queue: Duration::from_secs_f64(args.max_queue),
         call_limit: Duration::from_secs_f64(
             args.max_queue + settings.attempt_timeout * f64::from(settings.retries + 1),
@@ -225,9 +236,8 @@ enum Admission {
 
 impl Proxy {
     fn admits(&self, client_key: Option<&str>) -> Admission {
-        let Some(token) = &self.client_token else { return Admission::ClientKey };
-        // Compared by their hashes, so the time taken says nothing of the token.
-        match client_key.is_some_and(|key| sha256(key.as_bytes()) == sha256(token.as_bytes())) {
+        let Some(token_hash) = &self.client_token_hash else { return Admission::ClientKey };
+        match client_key.is_some_and(|key| sha256(key.as_bytes()) == *token_hash) {
             true => Admission::OwnKey,
             false => Admission::Refused,
         }
@@ -278,28 +288,125 @@ async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after as u64));
         return response;
     }
+    let queued = lane.enqueue();
+    if let Err(why) = proxy.records.check(&job).await {
+        return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &why);
+    }
+    let (relay, mut relayed) = Relay::new();
+    if streams {
+        request.relay = Some(relay);
+    }
+    // The call runs on its own, so that it is recorded however it ends; the
+    // client going away (this handler, or its answer's body, dropped) cancels it.
+    let cancel = CancellationToken::new();
+    let (done, mut finished) = oneshot::channel();
+    let id = TaskId::from(short_hash(&body));
+    tokio::spawn(call(
+        Arc::clone(&proxy),
+        queued,
+        request,
+        Recorded { job, id },
+        cancel.clone(),
+        done,
+    ));
+    let cancel_if_dropped = cancel.drop_guard();
+    tokio::select! {
+        biased;
+        // A relayed chunk is there before the call's outcome is.
+        Some(first) = relayed.next() => streamed(api, first, relayed, finished, cancel_if_dropped),
+        outcome = &mut finished => {
+            let outcome = outcome.unwrap_or(Outcome::Cancelled { attempts: 0 });
+            answer(api, outcome, streams)
+        }
+    }
+}
+
+/// Where a call's record goes, and what it is known by.
+struct Recorded {
+    job: String,
+    /// A hash of what was asked: the same request twice is the same id.
+    id: TaskId,
+}
+
+/// Sends one client call through its lane, records it, then gives its outcome.
+async fn call(
+    proxy: Arc<Proxy>,
+    queued: lanes::Queued,
+    request: Request,
+    recorded: Recorded,
+    cancel: CancellationToken,
+    done: oneshot::Sender<Outcome>,
+) {
     let _in_flight = proxy.stats.started();
     let started = Instant::now();
     // However the upstream behaves (429s are retried without end), a client
     // gets an answer within its queue time and every attempt's.
-    let Ok(outcome) = tokio::time::timeout(proxy.call_limit, lane.complete(request)).await else {
-        let message = format!(
-            "no answer within {:.0} s (--max-queue, and --attempt-timeout for every attempt)",
-            proxy.call_limit.as_secs_f64()
-        );
-        return api_error(api, StatusCode::GATEWAY_TIMEOUT, &message);
+    let outcome = tokio::select! {
+        biased;
+        () = cancel.cancelled() => Outcome::Cancelled { attempts: 0 },
+        outcome = tokio::time::timeout(proxy.call_limit, queued.complete(request)) => {
+            outcome.unwrap_or(Outcome::TimedOut { timeout: Timeout::Task, attempts: 0 })
+        }
     };
     proxy.stats.ended(&outcome);
-    // Known by a hash of what was asked: the same request twice is the same id.
-    let id = TaskId::from(sha256(&body)[..16].to_owned());
-    if let Some(mut record) = to_record(&TaskResult::new(0, id, outcome.clone())) {
+    drop(queued);
+    let record = match &outcome {
+        Outcome::Cancelled { .. } => Some(Record {
+            task_id: recorded.id.to_string(),
+            status: "cancelled".into(),
+            error_message: Some("the client went away before its answer".into()),
+            finished_at: fanout_store::now(),
+            ..Record::default()
+        }),
+        _ => to_record(&TaskResult::new(0, recorded.id, outcome.clone())),
+    };
+    if let Some(mut record) = record {
         // As the client saw it: its wait for a turn included.
         record.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
-        if let Err(error) = proxy.records.write(&job, record).await {
+        if let Err(error) = proxy.records.write(&recorded.job, record).await {
             eprintln!("fanout proxy: a call's record was not saved: {error}");
         }
     }
-    answer(api, outcome, streams)
+    let _ = done.send(outcome);
+}
+
+/// A streamed answer passed on as it arrives; should the call fail after its
+/// first bytes, it ends with an error event in the API's shape. It ends once
+/// the call is recorded.
+fn streamed(
+    api: Api,
+    first: Bytes,
+    relayed: Relayed,
+    finished: oneshot::Receiver<Outcome>,
+    cancel_if_dropped: DropGuard,
+) -> Response {
+    let request_id = relayed.request_id().and_then(|id| HeaderValue::from_str(id).ok());
+    let rest = futures_util::stream::unfold(
+        (relayed, Some(finished), cancel_if_dropped),
+        move |(mut relayed, finished, guard)| async move {
+            let mut finished = finished?;
+            tokio::select! {
+                biased;
+                Some(bytes) = relayed.next() => Some((bytes, (relayed, Some(finished), guard))),
+                outcome = &mut finished => {
+                    let failure = failure_of(api, &outcome.ok()?)?;
+                    Some((api.stream_event(&failure), (relayed, None, guard)))
+                }
+            }
+        },
+    );
+    let chunks = futures_util::stream::once(std::future::ready(first)).chain(rest);
+    let body = axum::body::Body::from_stream(chunks.map(Ok::<_, std::convert::Infallible>));
+    let mut response = ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response();
+    if let Some(id) = request_id {
+        response.headers_mut().insert(api.request_id_header(), id);
+    }
+    response
+}
+
+/// What a request is known by: the start of its SHA-256.
+pub fn short_hash(bytes: &[u8]) -> String {
+    sha256(bytes)[..16].to_owned()
 }
 
 fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
@@ -308,36 +415,47 @@ fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
 
 /// The client's answer: the upstream's own bytes, or an error in the API's shape.
 fn answer(api: Api, outcome: Outcome, streams: bool) -> Response {
-    let error = |status: u16, message: &str| {
-        let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-        api_error(api, status, message)
+    let Outcome::Succeeded(success) = outcome else {
+        return error_response(&failure_of(api, &outcome).expect("not a success"));
     };
-    match outcome {
-        Outcome::Succeeded(success) => {
-            let content_type = if streams { "text/event-stream" } else { "application/json" };
-            let body = success.response.raw.unwrap_or_default();
-            let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
-            let id = success.response.request_id.and_then(|id| HeaderValue::from_str(&id).ok());
-            if let Some(id) = id {
-                response.headers_mut().insert(api.request_id_header(), id);
-            }
-            response
-        }
-        Outcome::Failed { error: failure, .. } | Outcome::NotRun(NotRun::CircuitOpen(failure)) => {
-            let (status, body) = api.failure(&failure);
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            (status, axum::Json(body)).into_response()
-        }
-        Outcome::TimedOut { timeout: Timeout::Task | Timeout::Deadline, .. } => {
-            error(504, "the upstream did not answer in time")
-        }
-        Outcome::NotRun(NotRun::BudgetSpent) => error(429, "the proxy's spending limit is reached"),
-        Outcome::Cancelled { .. } | Outcome::NotRun(_) => error(503, "the proxy is stopping"),
+    let content_type = if streams { "text/event-stream" } else { "application/json" };
+    let body = success.response.raw.unwrap_or_default();
+    let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    let id = success.response.request_id.and_then(|id| HeaderValue::from_str(&id).ok());
+    if let Some(id) = id {
+        response.headers_mut().insert(api.request_id_header(), id);
     }
+    response
+}
+
+/// What the client is told of a call that did not succeed; `None` for one that did.
+fn failure_of(api: Api, outcome: &Outcome) -> Option<ErrorAnswer> {
+    Some(match outcome {
+        Outcome::Succeeded(_) => return None,
+        Outcome::Failed { error, .. } | Outcome::NotRun(NotRun::CircuitOpen(error)) => {
+            api.failure(error)
+        }
+        Outcome::TimedOut { timeout: Timeout::Task | Timeout::Deadline, .. } => api
+            .error(504, "no answer in time (--max-queue, and --attempt-timeout for every attempt)"),
+        Outcome::NotRun(NotRun::BudgetSpent) => {
+            api.error(429, "the proxy's spending limit is reached")
+        }
+        Outcome::Cancelled { .. } | Outcome::NotRun(_) => api.error(503, "the proxy is stopping"),
+    })
+}
+
+fn error_response(error: &ErrorAnswer) -> Response {
+    let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut response = (status, axum::Json(&error.body)).into_response();
+    if let Some(wait) = error.retry_after {
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    response
 }
 
 fn api_error(api: Api, status: StatusCode, message: &str) -> Response {
-    (status, axum::Json(api.error_body(status.as_u16(), message))).into_response()
+    error_response(&api.error(status.as_u16(), message))
 }
 
 /// The live counters; with a client token, for its holders only.

@@ -6,8 +6,9 @@
 //! one transaction and answers them all. Under load a commit serves many
 //! calls, so the wait stays about one commit long.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
+use std::sync::Mutex;
 use std::sync::mpsc as channel;
 
 use anyhow::{Context, Result};
@@ -17,17 +18,20 @@ use tokio::sync::oneshot;
 /// What a proxy job names as its input: its calls come from clients, not a file.
 const PROXY_INPUT: &str = "(proxy)";
 
-/// A record for `job`, and who waits for it to be written.
+/// A record for `job` (none: only whether the job can take records), and
+/// who waits for it to be written.
 struct Pending {
     job: String,
-    record: Record,
+    record: Option<Record>,
     written: oneshot::Sender<Result<(), String>>,
 }
 
-/// The sending side of the record writer. Cheap to clone.
-#[derive(Clone)]
+/// The sending side of the record writer.
 pub struct Records {
     sender: channel::Sender<Pending>,
+    /// Jobs known to take the proxy's records, so that checking a job
+    /// before its call costs no trip to the writer.
+    accepting: Mutex<HashSet<String>>,
 }
 
 impl Records {
@@ -40,12 +44,28 @@ impl Records {
             .name("fanout-proxy-records".into())
             .spawn(move || write_all(store, receiver, &settings))
             .context("cannot start the record writer")?;
-        Ok(Self { sender })
+        Ok(Self { sender, accepting: Mutex::default() })
+    }
+
+    /// Whether `job` can take the proxy's records (a batch job of that name
+    /// cannot), made if it is new: asked before a call, so that none is paid
+    /// for that cannot be recorded.
+    pub async fn check(&self, job: &str) -> Result<(), String> {
+        if self.accepting.lock().expect("never poisoned").contains(job) {
+            return Ok(());
+        }
+        self.send(job, None).await?;
+        self.accepting.lock().expect("never poisoned").insert(job.to_owned());
+        Ok(())
     }
 
     /// Writes `record` (its index is given here: the job's next) and
     /// returns once it is committed.
     pub async fn write(&self, job: &str, record: Record) -> Result<(), String> {
+        self.send(job, Some(record)).await
+    }
+
+    async fn send(&self, job: &str, record: Option<Record>) -> Result<(), String> {
         let (written, done) = oneshot::channel();
         let pending = Pending { job: job.to_owned(), record, written };
         self.sender.send(pending).map_err(|_| "the record writer stopped".to_owned())?;
@@ -65,12 +85,17 @@ fn write_all(mut store: Store, receiver: channel::Receiver<Pending>, settings: &
         for pending in batch {
             by_job.entry(pending.job.clone()).or_default().push(pending);
         }
-        for (name, mut pendings) in by_job {
+        for (name, pendings) in by_job {
             let result = job_of(&store, &mut jobs, &name, settings).and_then(|(id, next)| {
-                for (offset, pending) in pendings.iter_mut().enumerate() {
-                    pending.record.index = next + offset as u64;
+                let records: Vec<Record> = pendings
+                    .iter()
+                    .filter_map(|pending| pending.record.clone())
+                    .zip(next..)
+                    .map(|(record, index)| Record { index, ..record })
+                    .collect();
+                if records.is_empty() {
+                    return Ok(());
                 }
-                let records: Vec<Record> = pendings.iter().map(|p| p.record.clone()).collect();
                 store.record(id, &records).map_err(|e| e.to_string())?;
                 jobs.insert(name.clone(), (id, next + records.len() as u64));
                 Ok(())

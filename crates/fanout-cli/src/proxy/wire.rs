@@ -5,6 +5,14 @@
 use fanout::{ErrorKind, Message, ProviderError, Request, Role};
 use serde_json::{Value, json};
 
+/// A failed call as its client is told it.
+#[derive(Debug, PartialEq)]
+pub struct ErrorAnswer {
+    pub status: u16,
+    pub body: Value,
+    pub retry_after: Option<std::time::Duration>,
+}
+
 /// Which vendor API the proxy speaks (and forwards to).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Api {
@@ -109,16 +117,38 @@ impl Api {
     }
 
     /// What the client is told of a call that failed upstream: the
-    /// upstream's status, or for a failure without one what it was (a
-    /// request that can never fit the limits 400, no answer in time 504,
-    /// anything else 502), and its message.
-    pub fn failure(self, error: &ProviderError) -> (u16, Value) {
+    /// upstream's own status and error body when it answered with one (its
+    /// code and param are the client's to read), and its Retry-After; for a
+    /// failure without one what it was (a request that can never fit the
+    /// limits 400, no answer in time 504, anything else 502), and its message.
+    pub fn failure(self, error: &ProviderError) -> ErrorAnswer {
+        let upstream = error.status().zip(error.body().and_then(|b| serde_json::from_str(b).ok()));
+        if let Some((status, body)) = upstream {
+            return ErrorAnswer { status, body, retry_after: error.retry_after() };
+        }
         let status = error.status().unwrap_or(match error.kind() {
             ErrorKind::BadRequest => 400,
             ErrorKind::Timeout => 504,
             _ => 502,
         });
-        (status, self.error_body(status, error.message()))
+        ErrorAnswer { retry_after: error.retry_after(), ..self.error(status, error.message()) }
+    }
+
+    /// An error of the proxy's own, in the API's shape.
+    pub fn error(self, status: u16, message: &str) -> ErrorAnswer {
+        ErrorAnswer { status, body: self.error_body(status, message), retry_after: None }
+    }
+
+    /// An error as the last event of a stream that broke off, as each API
+    /// sends one (its SDKs raise it).
+    pub fn stream_event(self, error: &ErrorAnswer) -> axum::body::Bytes {
+        // Compact: an SSE data line holds no line break.
+        let data = error.body.to_string();
+        let event = match self {
+            Self::OpenAi => format!("data: {data}\n\n"),
+            Self::Anthropic => format!("event: error\ndata: {data}\n\n"),
+        };
+        axum::body::Bytes::from(event)
     }
 
     /// The header the API's clients read the upstream's request id from.
@@ -221,13 +251,34 @@ mod tests {
 
     #[test]
     fn failures_without_a_status_are_told_what_they_were() {
-        let status = |kind| Api::OpenAi.failure(&ProviderError::new(kind, "x")).0;
+        let status = |kind| Api::OpenAi.failure(&ProviderError::new(kind, "x")).status;
         assert_eq!(status(ErrorKind::BadRequest), 400);
         assert_eq!(status(ErrorKind::Timeout), 504);
         assert_eq!(status(ErrorKind::Connection), 502);
         let upstream = ProviderError::from_status(529, "overloaded");
-        let (status, body) = Api::Anthropic.failure(&upstream);
-        assert_eq!((status, body["error"]["type"].as_str()), (529, Some("overloaded_error")));
+        let answer = Api::Anthropic.failure(&upstream);
+        assert_eq!(
+            (answer.status, answer.body["error"]["type"].as_str()),
+            (529, Some("overloaded_error"))
+        );
+    }
+
+    #[test]
+    fn the_upstreams_own_error_is_passed_on() {
+        let body = r#"{"error":{"message":"no","type":"invalid_request_error","param":"n","code":"bad_n"}}"#;
+        let upstream = ProviderError::from_status(400, "no")
+            .with_body(body)
+            .with_retry_after(std::time::Duration::from_secs(3));
+        let answer = Api::OpenAi.failure(&upstream);
+        assert_eq!(answer.body, serde_json::from_str::<Value>(body).unwrap());
+        assert_eq!((answer.status, answer.retry_after.map(|d| d.as_secs())), (400, Some(3)));
+        // Not JSON (a load balancer's page): the client gets the API's shape.
+        let page = ProviderError::from_status(502, "bad gateway").with_body("<html>502</html>");
+        assert_eq!(Api::OpenAi.failure(&page).body["error"]["message"], "bad gateway");
+        let event = Api::Anthropic.stream_event(&Api::Anthropic.error(529, "busy"));
+        let event = std::str::from_utf8(&event).unwrap();
+        assert!(event.starts_with("event: error\ndata: {") && event.ends_with("}\n\n"), "{event}");
+        assert_eq!(event.matches('\n').count(), 3, "one line of data: {event}");
     }
 
     #[test]

@@ -211,6 +211,104 @@ async fn streamed_answers_come_back_event_for_event() {
     assert_eq!(proxied.last(), Some(&Value::String("[DONE]".into())));
 }
 
+/// What `fanout jobs show NAME` says of a job.
+fn shown(home: &Home, job: &str) -> Value {
+    let shown = home.fanout().args(["jobs", "show", job]).output().unwrap();
+    serde_json::from_slice(&shown.stdout).unwrap_or(Value::Null)
+}
+
+/// A streamed answer reaches its client as it arrives: the first events come
+/// while the upstream stalls in the middle of its answer for ten minutes. The
+/// client then going away cancels the call, which is recorded as cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_answer_reaches_the_client_as_it_arrives() {
+    let config = Config { stall_rate: 1.0, hang: Duration::from_secs(600), ..Config::default() };
+    let upstream = MockServer::start(config).await.unwrap();
+    let home = Home::new();
+    let args = ["--job", "live"];
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &["--no-hedge"], &args);
+    let mut body = chat("Tell me about the sea");
+    body["stream"] = json!(true);
+    let mut response = client().post(proxy.completions()).json(&body).send().await.unwrap();
+    assert_eq!(response.headers()["content-type"], "text/event-stream");
+    assert!(response.headers().contains_key("x-request-id"), "{:?}", response.headers());
+    // Buffered until complete, nothing would come for ten minutes.
+    let first = tokio::time::timeout(Duration::from_secs(60), response.chunk()).await;
+    let first = first.expect("the first events come at once").unwrap().unwrap();
+    assert!(first.starts_with(b"data: {"), "{first:?}");
+    drop(response);
+    let mut recorded = shown(&home, "live");
+    for _ in 0..200 {
+        if recorded["by_status"]["cancelled"] == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        recorded = shown(&home, "live");
+    }
+    assert_eq!(recorded["by_status"]["cancelled"], 1, "{recorded}");
+    assert_eq!(proxy.stats().await["in_flight"], 0);
+}
+
+/// A stream that breaks off after its first bytes reached the client (here:
+/// no byte for longer than the attempt timeout) is not asked again, since the
+/// client would see the answer twice: it ends with an error event in the
+/// API's shape, which the SDKs raise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_broken_after_its_first_bytes_ends_with_an_error_event() {
+    let config = Config { stall_rate: 1.0, hang: Duration::from_secs(600), ..Config::default() };
+    let upstream = MockServer::start(config).await.unwrap();
+    let home = Home::new();
+    let flags = ["--no-hedge", "--attempt-timeout", "1"];
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &flags, &[]);
+    let mut body = chat("Tell me about the sea");
+    body["stream"] = json!(true);
+    let response = client().post(proxy.completions()).json(&body).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    let text = response.text().await.unwrap();
+    let events: Vec<&str> = text.split("\n\n").filter(|e| !e.is_empty()).collect();
+    assert!(events.len() >= 2, "{text}");
+    let last: Value = serde_json::from_str(events.last().unwrap().strip_prefix("data: ").unwrap())
+        .unwrap_or_else(|e| panic!("{e}: {text}"));
+    assert_eq!(last["error"]["type"], "server_error", "{last}");
+    assert!(last["error"]["message"].as_str().unwrap().contains("no sign of an answer"), "{last}");
+    assert!(!text.contains("[DONE]"), "{text}");
+    assert_eq!(upstream.stats().requests, 1, "asked once");
+}
+
+/// The upstream's own error (its code and param, its Retry-After) reaches
+/// the client as it came; a job that cannot take the proxy's records (a
+/// batch job's name) is refused before any call is paid for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_errors_pass_through_and_a_wrong_job_is_refused_first() {
+    let upstream = wiremock::MockServer::start().await;
+    let error = json!({"error": {"message": "n must be at most 8", "type": "invalid_request_error",
+                                 "param": "n", "code": "integer_above_max_value"}});
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(400).set_body_json(&error))
+        .expect(1)
+        .mount(&upstream)
+        .await;
+    let home = Home::new();
+    let rows = home.write("rows.jsonl", "{\"q\": \"a\"}\n");
+    let batch = home
+        .fanout()
+        .args(["--provider", "mock", "-q", "batch"])
+        .arg(&rows)
+        .args(["--prompt", "Say {{ q }}", "--job", "nightly"])
+        .output()
+        .unwrap();
+    assert!(batch.status.success(), "{}", String::from_utf8_lossy(&batch.stderr));
+    let proxy = Running::start(&home, &format!("{}/v1", upstream.uri()), &[], &[]);
+    let client = client();
+    let (status, answer) = post(&client, &proxy.completions(), "sk-x", &chat("many")).await;
+    assert_eq!((status, &answer), (400, &error));
+    let wrong = client.post(proxy.completions()).header("x-fanout-job", "nightly").json(&chat("x"));
+    let wrong = wrong.send().await.unwrap();
+    assert_eq!(wrong.status().as_u16(), 400);
+    let said: Value = wrong.json().await.unwrap();
+    assert!(said["error"]["message"].as_str().unwrap().contains("batch job"), "{said}");
+}
+
 /// A client that goes away cancels its upstream call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_cancels_its_upstream_call() {

@@ -20,7 +20,7 @@ use super::check::{self, Verdict};
 use super::event::Event;
 use super::hedge::Hedger;
 use super::limit::{Permit, SpendLimit};
-use crate::provider::{ErrorKind, Progress, ProviderError, Request, Response, Usage};
+use crate::provider::{ErrorKind, Progress, ProviderError, Relay, Request, Response, Usage};
 use crate::task::{NotRun, Outcome, Success, TaskId, TaskResult, Timeout};
 
 /// Why a run stopped before its tasks were done.
@@ -324,6 +324,12 @@ async fn attempt_until_done(
                 checked_out = paid;
             }
             Err(error) => {
+                // Whichever call of the attempt failed last, part of an answer
+                // was passed on: the call ends here.
+                let error = match current.relay.as_ref().is_some_and(Relay::is_held) {
+                    true => error.relayed(),
+                    false => error,
+                };
                 // A failed call is charged nothing, and must not hold the
                 // budget while it waits to retry: calls waiting for room would
                 // take every slot, and the retry would never get one back.
@@ -454,7 +460,8 @@ impl Attempt<'_> {
                 }
                 () = straggles(hedger, straggler) => {}
             }
-            if !hedger.try_spend() {
+            // Once a call's bytes are passed on, another cannot take over.
+            if self.request.relay.as_ref().is_some_and(Relay::is_held) || !hedger.try_spend() {
                 watched = None;
                 continue;
             }
@@ -505,7 +512,9 @@ impl Attempt<'_> {
     }
 
     /// The attempt's result once a call has answered: its success, or its
-    /// failure when no other call is left racing; `None` to wait for the others.
+    /// failure when no other call is left racing (or when it had passed part
+    /// of its answer on: the others cannot take over); `None` to wait for
+    /// the others.
     fn settle(&self, raced: Raced, last: bool) -> Option<Result<Answer, ProviderError>> {
         match raced.result {
             Ok(answer) => {
@@ -514,7 +523,7 @@ impl Attempt<'_> {
                 }
                 Some(Ok(answer))
             }
-            Err(error) => last.then_some(Err(error)),
+            Err(error) => (last || error.was_relayed()).then_some(Err(error)),
         }
     }
 

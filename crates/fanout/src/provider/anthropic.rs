@@ -464,11 +464,11 @@ impl Provider for Anthropic {
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
         let request = &*super::read_image_files(request).await?;
-        if let Some(body) = &request.body {
+        if request.body.is_some() {
             let assemble = |events, headers| async move {
                 assemble_stream(&self.endpoint, events, &headers, progress).await
             };
-            return forward(&self.endpoint, body, &request.headers, parse_message, assemble).await;
+            return forward(&self.endpoint, request, parse_message, assemble).await;
         }
         let answer = self.endpoint.post(&self.body(request)).await?;
         let headers = answer.headers().clone();

@@ -122,6 +122,10 @@ pub struct ProviderError {
     request_id: Option<String>,
     /// Boxed: most errors carry none, and errors travel in every `Result`.
     rate_limit: Option<Box<RateLimit>>,
+    /// The answer's body as it came, for those who pass it on.
+    body: Option<Box<str>>,
+    /// Part of the answer was passed on as it streamed.
+    relayed: bool,
 }
 
 impl ProviderError {
@@ -134,6 +138,8 @@ impl ProviderError {
             retry_after: None,
             request_id: None,
             rate_limit: None,
+            body: None,
+            relayed: false,
         }
     }
 
@@ -180,6 +186,23 @@ impl ProviderError {
         self
     }
 
+    /// Keeps the answer's body as it came (the upstream's own error, which
+    /// `fanout proxy` gives its client unchanged).
+    #[must_use]
+    pub fn with_body(mut self, body: impl Into<Box<str>>) -> Self {
+        self.body = Some(body.into());
+        self
+    }
+
+    /// Marks a failure after part of the answer was passed on through a
+    /// [`Relay`](super::Relay): the call ends here, since asking again would
+    /// show its reader the answer twice.
+    #[must_use]
+    pub(crate) fn relayed(mut self) -> Self {
+        self.relayed = true;
+        self
+    }
+
     /// What went wrong, as the executor classifies it.
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -210,9 +233,21 @@ impl ProviderError {
         self.rate_limit.as_deref()
     }
 
-    /// Whether trying the same request again may succeed.
+    /// The failed answer's body as the provider sent it, when it came with one.
+    pub fn body(&self) -> Option<&str> {
+        self.body.as_deref()
+    }
+
+    /// Whether part of the answer had been passed on as it streamed when the
+    /// call failed (see [`Relay`](super::Relay)).
+    pub fn was_relayed(&self) -> bool {
+        self.relayed
+    }
+
+    /// Whether trying the same request again may succeed (never once part of
+    /// the answer was passed on).
     pub fn is_retryable(&self) -> bool {
-        self.kind.is_retryable()
+        self.kind.is_retryable() && !self.relayed
     }
 
     /// Whether the attempt ran out of time (ours, or the server's 408).

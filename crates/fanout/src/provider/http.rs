@@ -79,10 +79,11 @@ pub(crate) type BodyStream =
 /// Sends a client's own body as it is, and reads the answer both ways: with
 /// `parse` (a whole body) or `assemble` (a stream), for usage and records,
 /// and as the bytes that came, kept in [`Response::raw`](super::Response::raw).
+/// A streamed answer's bytes are also passed on through the request's relay
+/// as they arrive.
 pub(crate) async fn forward<Assembled>(
     endpoint: &Endpoint,
-    body: &str,
-    headers: &[(String, String)],
+    request: &super::Request,
     parse: impl FnOnce(&[u8], &HeaderMap) -> Result<super::Response, ProviderError>,
     assemble: impl FnOnce(BodyStream, HeaderMap) -> Assembled,
 ) -> Result<super::Response, ProviderError>
@@ -90,7 +91,8 @@ where
     Assembled: std::future::Future<Output = Result<super::Response, ProviderError>>,
 {
     use futures_util::StreamExt;
-    let answer = endpoint.post_text(body.to_owned(), headers).await?;
+    let body = request.body.as_deref().unwrap_or_default();
+    let answer = endpoint.post_text(body.to_owned(), &request.headers).await?;
     let headers = answer.headers().clone();
     if !streams(body) {
         let bytes = endpoint.body(answer).await?;
@@ -98,19 +100,38 @@ where
         response.raw = Some(String::from_utf8_lossy(&bytes).into_owned());
         return Ok(response);
     }
-    // Every chunk is copied as the assembly reads it.
+    let seat = request.relay.as_ref().map(|relay| relay.seat(request_id(&headers)));
+    // Every chunk is copied as the assembly reads it, and passed on; the
+    // stream ends early for an attempt that may not pass its bytes on.
     let copy = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&copy);
-    let events = answer.bytes_stream().inspect(move |chunk| {
-        if let Ok(chunk) = chunk {
-            sink.lock().expect("never poisoned").extend_from_slice(chunk);
-        }
-    });
-    let mut response = assemble(Box::pin(events), headers).await?;
+    let passing = seat.clone();
+    let events = answer
+        .bytes_stream()
+        .inspect(move |chunk| {
+            if let Ok(chunk) = chunk {
+                sink.lock().expect("never poisoned").extend_from_slice(chunk);
+            }
+        })
+        .take_while(move |chunk| {
+            let go_on = match (&passing, chunk) {
+                (Some(seat), Ok(bytes)) => seat.pass(bytes),
+                _ => true,
+            };
+            std::future::ready(go_on)
+        });
+    let assembled = assemble(Box::pin(events), headers).await;
+    let mut response = match &seat {
+        Some(seat) => seat.settle(assembled)?,
+        None => assembled?,
+    };
     let copied = copy.lock().expect("never poisoned");
     response.raw = Some(String::from_utf8_lossy(&copied).into_owned());
     Ok(response)
 }
+
+/// The largest error body kept whole with its error ([`ProviderError::body`]).
+const MAX_KEPT_ERROR_BODY: usize = 64 * 1024;
 
 /// An HTTP endpoint with its client and authentication headers.
 #[derive(Clone, Debug)]
@@ -314,6 +335,12 @@ impl Endpoint {
             );
         }
         let mut error = ProviderError::new(kind, self.scrub(&message)).with_status(status);
+        // Kept for a proxy's client, which gets the upstream's error as it
+        // came (its code and param too); a body past any real error's size
+        // is not one worth keeping.
+        if body.len() <= MAX_KEPT_ERROR_BODY {
+            error = error.with_body(self.scrub(&String::from_utf8_lossy(body)));
+        }
         if let Some(id) = request_id(headers) {
             error = error.with_request_id(id);
         }

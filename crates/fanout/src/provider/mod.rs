@@ -19,6 +19,7 @@ mod image;
 pub mod mock;
 pub mod openai;
 mod progress;
+mod relay;
 mod request;
 mod sse;
 mod tool;
@@ -34,6 +35,7 @@ pub use image::read_image_files;
 pub use mock::{Behavior, MockProvider};
 pub use openai::OpenAi;
 pub use progress::Progress;
+pub use relay::{Relay, Relayed};
 pub use request::{Message, Request, Response, ResponseFormat, Role, Usage};
 pub use tool::{ToolCall, ToolChoice, ToolSpec};
 

@@ -543,13 +543,13 @@ impl Provider for OpenAi {
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
         let request = &*super::read_image_files(request).await?;
-        if let Some(body) = &request.body {
+        if request.body.is_some() {
             let parse =
                 |bytes: &[u8], headers: &HeaderMap| parse_completion(bytes, request, headers);
             let assemble = |events, headers| async move {
                 assemble_stream(&self.endpoint, events, request, &headers, progress).await
             };
-            return forward(&self.endpoint, body, &request.headers, parse, assemble).await;
+            return forward(&self.endpoint, request, parse, assemble).await;
         }
         let response = self.endpoint.post(&self.body(request)).await?;
         if self.stream {

@@ -138,6 +138,11 @@ pub struct Request {
     /// are never taken from here.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<(String, String)>,
+    /// Where a streamed answer to [`Request::body`] is passed on as it
+    /// arrives, for a reader that cannot wait for the whole of it. Not part
+    /// of what is asked: never serialized, and equal in every request.
+    #[serde(skip)]
+    pub relay: Option<super::Relay>,
 }
 
 /// The shape of output a request asks for.

@@ -517,6 +517,45 @@ async fn the_openai_sdk_through_the_proxy_loses_no_call_at_a_rate_limit() {
     assert_eq!(stats["refused"]["queue_full"], 0, "{stats}");
 }
 
+/// The `openai` SDK streams through the proxy as it would from the API: the
+/// text arrives event by event, and a stream that breaks off after its first
+/// bytes raises the SDK's `APIError` with the proxy's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openai_sdk_streams_through_the_proxy_and_raises_a_break_off() {
+    let Some(python) = python_with_openai() else { return };
+    const SCRIPT: &str = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1], api_key="sk-x", max_retries=0)
+text = ""
+try:
+    stream = client.chat.completions.create(model="gpt-4o-mini", stream=True,
+        messages=[{"role": "user", "content": "Tell me about the sea"}])
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            text += chunk.choices[0].delta.content
+    print("done", text)
+except openai.APIError as error:
+    print("raised", error.message)
+"#;
+    let home = Home::new();
+    for (config, flags, said) in [
+        (Config::default(), &["--no-hedge"][..], "done Mock answer"),
+        (
+            Config { stall_rate: 1.0, hang: Duration::from_secs(600), ..Config::default() },
+            &["--no-hedge", "--attempt-timeout", "1"][..],
+            "raised no sign of an answer",
+        ),
+    ] {
+        let upstream = MockServer::start(config).await.unwrap();
+        let proxy = Running::start(&home, &upstream.openai_base_url(), flags, &[]);
+        let mut command = std::process::Command::new(&python);
+        command.args(["-c", SCRIPT, &format!("{}/v1", proxy.root)]);
+        let output = crate::run(command).await;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.starts_with(said), "{stdout} {}", crate::stderr(&output));
+    }
+}
+
 /// Anthropic's Messages API is served the same way, the key read from
 /// `x-api-key`; a body without `max_tokens` is refused as Anthropic refuses it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

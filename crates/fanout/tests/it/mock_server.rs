@@ -207,3 +207,62 @@ async fn an_agent_loop_runs_end_to_end_on_both_apis() {
         }
     }
 }
+
+/// A streamed body whose answer is passed on through a [`fanout::Relay`].
+fn relayed_request() -> (Request, fanout::Relayed) {
+    let (relay, relayed) = fanout::Relay::new();
+    let body = serde_json::json!({"model": "mock-1", "stream": true,
+        "messages": [{"role": "user", "content": "Tell me about the sea"}]});
+    let request =
+        Request { body: Some(body.to_string()), relay: Some(relay), ..Request::user("sea") };
+    (request, relayed)
+}
+
+/// Everything a relay passed on, as text.
+async fn relayed_text(mut relayed: fanout::Relayed) -> String {
+    let mut text = Vec::new();
+    while let Some(bytes) = relayed.next().await {
+        text.extend_from_slice(&bytes);
+    }
+    String::from_utf8(text).unwrap()
+}
+
+/// Once a streamed answer's bytes are passed on, the call is committed to
+/// it: a stream that stalls past the hedging threshold is not hedged (the
+/// reader would get two answers), and what was passed on is the whole
+/// answer, the same bytes the call kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_stream_that_stalls_is_not_hedged() {
+    let config = Config { stall_rate: 1.0, hang: ms(1_500), ..Config::default() };
+    let server = MockServer::start(config).await.unwrap();
+    let hedge = fanout::HedgePolicy::after(ms(100)).with_budget(1.0);
+    let executor = Executor::builder(openai(&server)).probe(false).hedge(Some(hedge)).build();
+    let (request, relayed) = relayed_request();
+    let (report, text) = tokio::join!(executor.run([request]), relayed_text(relayed));
+    let outcome = &report.results[0].outcome;
+    let raw = outcome.success().and_then(|s| s.response.raw.clone());
+    assert_eq!(raw.as_deref(), Some(text.as_str()), "{outcome:?}");
+    assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+    assert_eq!((report.totals.hedges, server.stats().requests), (0, 1));
+}
+
+/// Until a byte has come, a relayed call is hedged like any: the hedge whose
+/// bytes arrive first is the one passed on, and the straggler is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_call_is_hedged_until_its_first_bytes() {
+    let config =
+        Config { hang_rate: 0.5, hang: Duration::from_secs(5), seed: 3, ..Config::default() };
+    let server = MockServer::start(config).await.unwrap();
+    let hedge = fanout::HedgePolicy::after(ms(200)).with_budget(1.0);
+    let executor = Executor::builder(openai(&server)).probe(false).hedge(Some(hedge)).build();
+    let mut hedged = 0;
+    for _ in 0..6 {
+        let (request, relayed) = relayed_request();
+        let (report, text) = tokio::join!(executor.run([request]), relayed_text(relayed));
+        let outcome = &report.results[0].outcome;
+        let raw = outcome.success().and_then(|s| s.response.raw.clone());
+        assert_eq!(raw.as_deref(), Some(text.as_str()), "one answer, passed on whole: {outcome:?}");
+        hedged += report.totals.hedges_won;
+    }
+    assert!(hedged > 0, "some first call hung and its hedge answered");
+}

@@ -414,44 +414,24 @@ impl Store {
     pub fn record(&mut self, job: i64, records: &[Record]) -> Result<()> {
         let context = || format!("cannot save {} results", records.len());
         let transaction = self.conn.transaction().context(context)?;
-        {
-            let mut insert = transaction
-                .prepare_cached(&format!(
-                    "INSERT OR REPLACE INTO tasks (job_id, {RECORD_COLUMNS}) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
-                ))
-                .context(context)?;
-            for r in records {
-                insert
-                    .execute(params![
-                        job,
-                        r.index as i64,
-                        r.task_id,
-                        r.status,
-                        r.answer,
-                        r.error_kind,
-                        r.error_message,
-                        r.error_status,
-                        r.input_tokens as i64,
-                        r.output_tokens as i64,
-                        r.latency_ms,
-                        r.attempts,
-                        r.finish_reason,
-                        r.model,
-                        r.request_id,
-                        r.finished_at,
-                        r.usage_estimated,
-                        r.cached_input_tokens as i64,
-                        r.kept,
-                    ])
-                    .context(context)?;
-            }
-        }
-        transaction
-            .prepare_cached("UPDATE jobs SET updated_at = ?2 WHERE id = ?1")
-            .and_then(|mut update| update.execute(params![job, now()]))
-            .context(context)?;
+        insert_records(&transaction, job, records.iter().map(|r| (r, r.index))).context(context)?;
         transaction.commit().context(context)
+    }
+
+    /// Adds `records` after the job's last, whatever indexes they carry, and
+    /// returns the first index given. The write lock is taken before the last
+    /// index is read, so two writers on one job (two proxies) never give two
+    /// records one index.
+    pub fn append(&mut self, job: i64, records: &[Record]) -> Result<u64> {
+        let context = || format!("cannot save {} results", records.len());
+        let transaction = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .context(context)?;
+        let next = next_index_of(&transaction, job).context(context)?;
+        insert_records(&transaction, job, records.iter().zip(next..)).context(context)?;
+        transaction.commit().context(context)?;
+        Ok(next)
     }
 
     /// Stores the totals of the job's run that just ended ([`Job::last_run`]).
@@ -486,19 +466,6 @@ impl Store {
             )
             .map(drop)
             .context(|| format!("cannot update the fingerprint of job {job}"))
-    }
-
-    /// The index after the job's last record: where a job that grows as it
-    /// goes (the proxy's, a record per call) writes its next one.
-    pub fn next_index(&self, job: i64) -> Result<u64> {
-        self.conn
-            .query_row(
-                "SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job_id = ?1",
-                [job],
-                |row| row.get::<_, i64>(0),
-            )
-            .map(|next| next as u64)
-            .context(|| format!("cannot read the records of job {job}"))
     }
 
     /// The record of a job's task at `index`; `None` when it has not finished.
@@ -578,3 +545,48 @@ impl Store {
 
 #[cfg(test)]
 mod tests;
+
+fn next_index_of(conn: &Connection, job: i64) -> rusqlite::Result<u64> {
+    conn.query_row("SELECT COALESCE(MAX(idx) + 1, 0) FROM tasks WHERE job_id = ?1", [job], |row| {
+        row.get::<_, i64>(0)
+    })
+    .map(|next| next as u64)
+}
+
+/// Writes records at the indexes paired with them, and marks the job updated.
+fn insert_records<'a>(
+    conn: &Connection,
+    job: i64,
+    records: impl Iterator<Item = (&'a Record, u64)>,
+) -> rusqlite::Result<()> {
+    let mut insert = conn.prepare_cached(&format!(
+        "INSERT OR REPLACE INTO tasks (job_id, {RECORD_COLUMNS}) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+    ))?;
+    for (r, index) in records {
+        insert.execute(params![
+            job,
+            index as i64,
+            r.task_id,
+            r.status,
+            r.answer,
+            r.error_kind,
+            r.error_message,
+            r.error_status,
+            r.input_tokens as i64,
+            r.output_tokens as i64,
+            r.latency_ms,
+            r.attempts,
+            r.finish_reason,
+            r.model,
+            r.request_id,
+            r.finished_at,
+            r.usage_estimated,
+            r.cached_input_tokens as i64,
+            r.kept,
+        ])?;
+    }
+    conn.prepare_cached("UPDATE jobs SET updated_at = ?2 WHERE id = ?1")
+        .and_then(|mut update| update.execute(params![job, now()]))?;
+    Ok(())
+}

@@ -138,3 +138,35 @@ fn an_older_store_gains_the_new_columns() {
     assert_eq!((summary.input_tokens, summary.cached_input_tokens), (17, 6));
     assert_eq!(summary.job.last_run, Some(totals));
 }
+
+/// Two writers appending to one job (two proxies) from their own threads and
+/// connections: every record gets its own index, none is overwritten.
+#[test]
+fn appends_from_two_writers_never_share_an_index() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fanout.db");
+    let job = Store::open(&path)
+        .unwrap()
+        .create_job("proxy", "(proxy)", &fingerprint("a"), &serde_json::json!({}))
+        .unwrap();
+    let writers: Vec<_> = (0..2)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let mut store = Store::open(&path).unwrap();
+                let mut firsts = Vec::new();
+                for _ in 0..50 {
+                    // Every record says index 0: append ignores it.
+                    let records = [record(0, "succeeded"), record(0, "failed")];
+                    firsts.push(store.append(job.id, &records).unwrap());
+                }
+                firsts
+            })
+        })
+        .collect();
+    let mut firsts: Vec<u64> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+    firsts.sort_unstable();
+    assert_eq!(firsts, (0..100).map(|i| i * 2).collect::<Vec<_>>());
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.finished(job.id, true).unwrap().len(), 200);
+}

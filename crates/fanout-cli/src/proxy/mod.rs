@@ -45,7 +45,7 @@ use crate::fingerprint::sha256;
 use crate::record::to_record;
 use crate::settings::{self, Flags, ProviderKind, Settings};
 use lanes::{LaneSettings, Lanes};
-use records::Records;
+use records::{Records, WriteError};
 use stats::{Refused, Stats};
 pub use wire::Api;
 use wire::ErrorAnswer;
@@ -281,20 +281,28 @@ async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
     };
     let wait = lane.expected_wait();
     if wait > proxy.max_queue {
-        let retry_after = (wait - proxy.max_queue).as_secs_f64().ceil().max(1.0);
+        proxy.stats.refused(Refused::QueueFull);
         let message =
             format!("the queue is {:.0} s long, more than --max-queue", wait.as_secs_f64());
-        let mut response = refuse(Refused::QueueFull, StatusCode::TOO_MANY_REQUESTS, &message);
-        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after as u64));
-        return response;
+        let retry_after = Some(wait - proxy.max_queue);
+        return error_response(&ErrorAnswer { retry_after, ..api.error(429, &message) });
     }
     let queued = lane.enqueue();
-    if let Err(why) = proxy.records.check(&job).await {
-        return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &why);
+    match proxy.records.check(&job).await {
+        Ok(()) => {}
+        Err(WriteError::NotTheProxys(why)) => {
+            return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &why);
+        }
+        Err(WriteError::Store(why)) => {
+            let message = format!("the proxy cannot record calls now: {why}");
+            return api_error(api, StatusCode::SERVICE_UNAVAILABLE, &message);
+        }
     }
-    let (relay, mut relayed) = Relay::new();
+    let mut relayed = None;
     if streams {
+        let (relay, reader) = Relay::new();
         request.relay = Some(relay);
+        relayed = Some(reader);
     }
     // The call runs on its own, so that it is recorded however it ends; the
     // client going away (this handler, or its answer's body, dropped) cancels it.
@@ -310,10 +318,19 @@ async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Byt
         done,
     ));
     let cancel_if_dropped = cancel.drop_guard();
+    let first_bytes = async {
+        match relayed.as_mut() {
+            Some(reader) => reader.next().await,
+            None => None,
+        }
+    };
     tokio::select! {
         biased;
         // A relayed chunk is there before the call's outcome is.
-        Some(first) = relayed.next() => streamed(api, first, relayed, finished, cancel_if_dropped),
+        Some(first) = first_bytes => {
+            let relayed = relayed.expect("bytes came through it");
+            streamed(api, first, relayed, finished, cancel_if_dropped)
+        }
         outcome = &mut finished => {
             let outcome = outcome.unwrap_or(Outcome::Cancelled { attempts: 0 });
             answer(api, outcome, streams)
@@ -337,24 +354,35 @@ async fn call(
     cancel: CancellationToken,
     done: oneshot::Sender<Outcome>,
 ) {
-    let _in_flight = proxy.stats.started();
+    let in_flight = proxy.stats.started();
     let started = Instant::now();
     // However the upstream behaves (429s are retried without end), a client
-    // gets an answer within its queue time and every attempt's.
+    // gets an answer within its queue time and every attempt's; one whose
+    // stream is being passed on is cut only by the attempt timeout (no byte
+    // for that long), never while it streams.
+    let relay = request.relay.clone();
+    let too_long = async {
+        tokio::time::sleep(proxy.call_limit).await;
+        if relay.as_ref().is_some_and(Relay::is_held) {
+            std::future::pending::<()>().await;
+        }
+    };
     let outcome = tokio::select! {
         biased;
         () = cancel.cancelled() => Outcome::Cancelled { attempts: 0 },
-        outcome = tokio::time::timeout(proxy.call_limit, queued.complete(request)) => {
-            outcome.unwrap_or(Outcome::TimedOut { timeout: Timeout::Task, attempts: 0 })
-        }
+        outcome = queued.complete(request) => outcome,
+        () = too_long => Outcome::TimedOut { timeout: Timeout::Task, attempts: 0 },
     };
     proxy.stats.ended(&outcome);
-    drop(queued);
+    drop((queued, in_flight));
     let record = match &outcome {
         Outcome::Cancelled { .. } => Some(Record {
             task_id: recorded.id.to_string(),
             status: "cancelled".into(),
-            error_message: Some("the client went away before its answer".into()),
+            error_message: Some(match cancel.is_cancelled() {
+                true => "the client went away before its answer".into(),
+                false => "the proxy stopped before its answer".into(),
+            }),
             finished_at: fanout_store::now(),
             ..Record::default()
         }),
@@ -371,8 +399,8 @@ async fn call(
 }
 
 /// A streamed answer passed on as it arrives; should the call fail after its
-/// first bytes, it ends with an error event in the API's shape. It ends once
-/// the call is recorded.
+/// first bytes, it ends with an error event in the API's shape (unless the
+/// upstream's own error event was passed on). It ends once the call is recorded.
 fn streamed(
     api: Api,
     first: Bytes,
@@ -389,16 +417,35 @@ fn streamed(
                 biased;
                 Some(bytes) = relayed.next() => Some((bytes, (relayed, Some(finished), guard))),
                 outcome = &mut finished => {
-                    let failure = failure_of(api, &outcome.ok()?)?;
-                    Some((api.stream_event(&failure), (relayed, None, guard)))
+                    // Bytes passed on just before the outcome came go first.
+                    let mut tail: Vec<Bytes> = std::iter::from_fn(|| relayed.try_next()).collect();
+                    let failure = match outcome {
+                        Ok(outcome) if told_in_the_stream(&outcome) => None,
+                        Ok(outcome) => failure_of(api, &outcome),
+                        // The call's task ended without an outcome (a panic).
+                        Err(_) => Some(api.error(503, "the proxy lost the call")),
+                    };
+                    tail.extend(failure.map(|failure| api.stream_event(&failure)));
+                    let tail = Bytes::from(tail.concat());
+                    (!tail.is_empty()).then_some((tail, (relayed, None, guard)))
                 }
             }
         },
     );
     let chunks = futures_util::stream::once(std::future::ready(first)).chain(rest);
     let body = axum::body::Body::from_stream(chunks.map(Ok::<_, std::convert::Infallible>));
-    let mut response = ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response();
-    if let Some(id) = request_id {
+    let response = ([(header::CONTENT_TYPE, "text/event-stream")], body).into_response();
+    with_request_id(api, response, request_id)
+}
+
+/// Whether a failure is the upstream's own error event, already passed on in
+/// the stream (an error inside a 200 answer has a body and no status).
+fn told_in_the_stream(outcome: &Outcome) -> bool {
+    matches!(outcome, Outcome::Failed { error, .. } if error.status().is_none() && error.body().is_some())
+}
+
+fn with_request_id(api: Api, mut response: Response, id: Option<HeaderValue>) -> Response {
+    if let Some(id) = id {
         response.headers_mut().insert(api.request_id_header(), id);
     }
     response
@@ -420,12 +467,9 @@ fn answer(api: Api, outcome: Outcome, streams: bool) -> Response {
     };
     let content_type = if streams { "text/event-stream" } else { "application/json" };
     let body = success.response.raw.unwrap_or_default();
-    let mut response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
+    let response = ([(header::CONTENT_TYPE, content_type)], body).into_response();
     let id = success.response.request_id.and_then(|id| HeaderValue::from_str(&id).ok());
-    if let Some(id) = id {
-        response.headers_mut().insert(api.request_id_header(), id);
-    }
-    response
+    with_request_id(api, response, id)
 }
 
 /// What the client is told of a call that did not succeed; `None` for one that did.
@@ -446,7 +490,8 @@ fn failure_of(api: Api, outcome: &Outcome) -> Option<ErrorAnswer> {
 
 fn error_response(error: &ErrorAnswer) -> Response {
     let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    let mut response = (status, axum::Json(&error.body)).into_response();
+    let content_type = [(header::CONTENT_TYPE, "application/json")];
+    let mut response = (status, content_type, error.body.clone()).into_response();
     if let Some(wait) = error.retry_after {
         let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
         response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds));

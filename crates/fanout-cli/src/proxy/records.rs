@@ -23,7 +23,24 @@ const PROXY_INPUT: &str = "(proxy)";
 struct Pending {
     job: String,
     record: Option<Record>,
-    written: oneshot::Sender<Result<(), String>>,
+    written: oneshot::Sender<Result<(), WriteError>>,
+}
+
+/// Why a record was not written.
+#[derive(Clone, Debug)]
+pub enum WriteError {
+    /// The job is not the proxy's (a batch job of that name).
+    NotTheProxys(String),
+    /// The store failed (or the writer stopped).
+    Store(String),
+}
+
+impl std::fmt::Display for WriteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotTheProxys(why) | Self::Store(why) => f.write_str(why),
+        }
+    }
 }
 
 /// The sending side of the record writer.
@@ -50,7 +67,7 @@ impl Records {
     /// Whether `job` can take the proxy's records (a batch job of that name
     /// cannot), made if it is new: asked before a call, so that none is paid
     /// for that cannot be recorded.
-    pub async fn check(&self, job: &str) -> Result<(), String> {
+    pub async fn check(&self, job: &str) -> Result<(), WriteError> {
         if self.accepting.lock().expect("never poisoned").contains(job) {
             return Ok(());
         }
@@ -59,22 +76,23 @@ impl Records {
         Ok(())
     }
 
-    /// Writes `record` (its index is given here: the job's next) and
+    /// Writes `record` (its index is given here: after the job's last) and
     /// returns once it is committed.
-    pub async fn write(&self, job: &str, record: Record) -> Result<(), String> {
+    pub async fn write(&self, job: &str, record: Record) -> Result<(), WriteError> {
         self.send(job, Some(record)).await
     }
 
-    async fn send(&self, job: &str, record: Option<Record>) -> Result<(), String> {
+    async fn send(&self, job: &str, record: Option<Record>) -> Result<(), WriteError> {
+        let stopped = || WriteError::Store("the record writer stopped".into());
         let (written, done) = oneshot::channel();
         let pending = Pending { job: job.to_owned(), record, written };
-        self.sender.send(pending).map_err(|_| "the record writer stopped".to_owned())?;
-        done.await.unwrap_or_else(|_| Err("the record writer stopped".into()))
+        self.sender.send(pending).map_err(|_| stopped())?;
+        done.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
 
-/// The job's id and next index, by name.
-type Jobs = HashMap<String, (i64, u64)>;
+/// The proxy's jobs' ids, by name.
+type Jobs = HashMap<String, i64>;
 
 fn write_all(mut store: Store, receiver: channel::Receiver<Pending>, settings: &serde_json::Value) {
     let mut jobs = Jobs::new();
@@ -86,19 +104,15 @@ fn write_all(mut store: Store, receiver: channel::Receiver<Pending>, settings: &
             by_job.entry(pending.job.clone()).or_default().push(pending);
         }
         for (name, pendings) in by_job {
-            let result = job_of(&store, &mut jobs, &name, settings).and_then(|(id, next)| {
-                let records: Vec<Record> = pendings
-                    .iter()
-                    .filter_map(|pending| pending.record.clone())
-                    .zip(next..)
-                    .map(|(record, index)| Record { index, ..record })
-                    .collect();
+            let result = job_of(&store, &mut jobs, &name, settings).and_then(|id| {
+                let records: Vec<Record> =
+                    pendings.iter().filter_map(|pending| pending.record.clone()).collect();
                 if records.is_empty() {
                     return Ok(());
                 }
-                store.record(id, &records).map_err(|e| e.to_string())?;
-                jobs.insert(name.clone(), (id, next + records.len() as u64));
-                Ok(())
+                // Indexed after the job's last record as the store has it, so
+                // that another proxy writing the same job takes none of them.
+                store.append(id, &records).map(drop).map_err(|e| WriteError::Store(e.to_string()))
             });
             for pending in pendings {
                 let _ = pending.written.send(result.clone());
@@ -107,20 +121,21 @@ fn write_all(mut store: Store, receiver: channel::Receiver<Pending>, settings: &
     }
 }
 
-/// The job named `name`, made on first use, with its next index.
+/// The id of the job named `name`, made on first use.
 fn job_of(
     store: &Store,
     jobs: &mut Jobs,
     name: &str,
     settings: &serde_json::Value,
-) -> Result<(i64, u64), String> {
-    if let Some(known) = jobs.get(name) {
-        return Ok(*known);
+) -> Result<i64, WriteError> {
+    if let Some(id) = jobs.get(name) {
+        return Ok(*id);
     }
-    let error = |e: fanout_store::StoreError| e.to_string();
+    let error = |e: fanout_store::StoreError| WriteError::Store(e.to_string());
     let job = match store.job(name).map_err(error)? {
         Some(job) if job.input != PROXY_INPUT => {
-            return Err(format!("job `{name}` is a batch job, not the proxy's: name another"));
+            let why = format!("job `{name}` is a batch job, not the proxy's: name another");
+            return Err(WriteError::NotTheProxys(why));
         }
         Some(job) => job,
         None => {
@@ -128,7 +143,6 @@ fn job_of(
             store.create_job(name, PROXY_INPUT, &fingerprint, settings).map_err(error)?
         }
     };
-    let known = (job.id, store.next_index(job.id).map_err(error)?);
-    jobs.insert(name.to_owned(), known);
-    Ok(known)
+    jobs.insert(name.to_owned(), job.id);
+    Ok(job.id)
 }

@@ -9,7 +9,8 @@ use serde_json::{Value, json};
 #[derive(Debug, PartialEq)]
 pub struct ErrorAnswer {
     pub status: u16,
-    pub body: Value,
+    /// JSON text: the upstream's as it came, or one in the API's shape.
+    pub body: String,
     pub retry_after: Option<std::time::Duration>,
 }
 
@@ -122,9 +123,9 @@ impl Api {
     /// failure without one what it was (a request that can never fit the
     /// limits 400, no answer in time 504, anything else 502), and its message.
     pub fn failure(self, error: &ProviderError) -> ErrorAnswer {
-        let upstream = error.status().zip(error.body().and_then(|b| serde_json::from_str(b).ok()));
-        if let Some((status, body)) = upstream {
-            return ErrorAnswer { status, body, retry_after: error.retry_after() };
+        // The provider keeps a body only when it is JSON.
+        if let Some((status, body)) = error.status().zip(error.body()) {
+            return ErrorAnswer { status, body: body.to_owned(), retry_after: error.retry_after() };
         }
         let status = error.status().unwrap_or(match error.kind() {
             ErrorKind::BadRequest => 400,
@@ -136,14 +137,22 @@ impl Api {
 
     /// An error of the proxy's own, in the API's shape.
     pub fn error(self, status: u16, message: &str) -> ErrorAnswer {
-        ErrorAnswer { status, body: self.error_body(status, message), retry_after: None }
+        ErrorAnswer {
+            status,
+            body: self.error_body(status, message).to_string(),
+            retry_after: None,
+        }
     }
 
     /// An error as the last event of a stream that broke off, as each API
     /// sends one (its SDKs raise it).
     pub fn stream_event(self, error: &ErrorAnswer) -> axum::body::Bytes {
         // Compact: an SSE data line holds no line break.
-        let data = error.body.to_string();
+        let data = match error.body.contains(['\n', '\r']) {
+            true => serde_json::from_str::<Value>(&error.body)
+                .map_or_else(|_| error.body.replace(['\n', '\r'], " "), |body| body.to_string()),
+            false => error.body.clone(),
+        };
         let event = match self {
             Self::OpenAi => format!("data: {data}\n\n"),
             Self::Anthropic => format!("event: error\ndata: {data}\n\n"),
@@ -257,8 +266,9 @@ mod tests {
         assert_eq!(status(ErrorKind::Connection), 502);
         let upstream = ProviderError::from_status(529, "overloaded");
         let answer = Api::Anthropic.failure(&upstream);
+        let body: Value = serde_json::from_str(&answer.body).unwrap();
         assert_eq!(
-            (answer.status, answer.body["error"]["type"].as_str()),
+            (answer.status, body["error"]["type"].as_str()),
             (529, Some("overloaded_error"))
         );
     }
@@ -270,11 +280,15 @@ mod tests {
             .with_body(body)
             .with_retry_after(std::time::Duration::from_secs(3));
         let answer = Api::OpenAi.failure(&upstream);
-        assert_eq!(answer.body, serde_json::from_str::<Value>(body).unwrap());
+        assert_eq!(answer.body, body, "as it came");
         assert_eq!((answer.status, answer.retry_after.map(|d| d.as_secs())), (400, Some(3)));
-        // Not JSON (a load balancer's page): the client gets the API's shape.
-        let page = ProviderError::from_status(502, "bad gateway").with_body("<html>502</html>");
-        assert_eq!(Api::OpenAi.failure(&page).body["error"]["message"], "bad gateway");
+        // Without a body (a load balancer's page is not kept): the API's shape.
+        let page = ProviderError::from_status(502, "bad gateway");
+        let built: Value = serde_json::from_str(&Api::OpenAi.failure(&page).body).unwrap();
+        assert_eq!(built["error"]["message"], "bad gateway");
+        let pretty =
+            ErrorAnswer { body: "{\n  \"error\": {}\n}".into(), ..Api::OpenAi.error(500, "x") };
+        assert_eq!(&Api::OpenAi.stream_event(&pretty)[..], b"data: {\"error\":{}}\n\n");
         let event = Api::Anthropic.stream_event(&Api::Anthropic.error(529, "busy"));
         let event = std::str::from_utf8(&event).unwrap();
         assert!(event.starts_with("event: error\ndata: {") && event.ends_with("}\n\n"), "{event}");

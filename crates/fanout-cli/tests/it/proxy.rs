@@ -284,7 +284,9 @@ async fn upstream_errors_pass_through_and_a_wrong_job_is_refused_first() {
     let error = json!({"error": {"message": "n must be at most 8", "type": "invalid_request_error",
                                  "param": "n", "code": "integer_above_max_value"}});
     Mock::given(method("POST"))
-        .respond_with(ResponseTemplate::new(400).set_body_json(&error))
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(&error).insert_header("retry-after", "7"),
+        )
         .expect(1)
         .mount(&upstream)
         .await;
@@ -300,8 +302,10 @@ async fn upstream_errors_pass_through_and_a_wrong_job_is_refused_first() {
     assert!(batch.status.success(), "{}", String::from_utf8_lossy(&batch.stderr));
     let proxy = Running::start(&home, &format!("{}/v1", upstream.uri()), &[], &[]);
     let client = client();
-    let (status, answer) = post(&client, &proxy.completions(), "sk-x", &chat("many")).await;
-    assert_eq!((status, &answer), (400, &error));
+    let answer = client.post(proxy.completions()).json(&chat("many")).send().await.unwrap();
+    let retry_after = answer.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+    assert_eq!((answer.status().as_u16(), retry_after.as_deref()), (400, Some("7")));
+    assert_eq!(answer.json::<Value>().await.unwrap(), error);
     let wrong = client.post(proxy.completions()).header("x-fanout-job", "nightly").json(&chat("x"));
     let wrong = wrong.send().await.unwrap();
     assert_eq!(wrong.status().as_u16(), 400);

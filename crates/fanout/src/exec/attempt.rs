@@ -20,7 +20,7 @@ use super::check::{self, Verdict};
 use super::event::Event;
 use super::hedge::Hedger;
 use super::limit::{Permit, SpendLimit};
-use crate::provider::{ErrorKind, Progress, ProviderError, Relay, Request, Response, Usage};
+use crate::provider::{ErrorKind, Progress, ProviderError, Request, Response, Usage};
 use crate::task::{NotRun, Outcome, Success, TaskId, TaskResult, Timeout};
 
 /// Why a run stopped before its tasks were done.
@@ -326,7 +326,7 @@ async fn attempt_until_done(
             Err(error) => {
                 // Whichever call of the attempt failed last, part of an answer
                 // was passed on: the call ends here.
-                let error = match current.relay.as_ref().is_some_and(Relay::is_held) {
+                let error = match current.relay_is_held() {
                     true => error.relayed(),
                     false => error,
                 };
@@ -461,7 +461,7 @@ impl Attempt<'_> {
                 () = straggles(hedger, straggler) => {}
             }
             // Once a call's bytes are passed on, another cannot take over.
-            if self.request.relay.as_ref().is_some_and(Relay::is_held) || !hedger.try_spend() {
+            if self.request.relay_is_held() || !hedger.try_spend() {
                 watched = None;
                 continue;
             }
@@ -496,6 +496,12 @@ impl Attempt<'_> {
                     slot = &mut admitted => break slot,
                 }
             };
+            // Bytes may have been passed on while the hedge waited for its slot.
+            if self.request.relay_is_held() {
+                hedger.refund();
+                watched = None;
+                continue;
+            }
             self.run.counters.hedges.fetch_add(1, Ordering::Relaxed);
             self.run.exec.emit(|| Event::Hedged {
                 index: self.index,
@@ -545,7 +551,11 @@ impl Attempt<'_> {
                     if let Some(limit) = limit
                         && Instant::now() >= progress.last_sign_of_life() + limit
                     {
-                        return Err(attempt_timed_out(limit));
+                        let error = attempt_timed_out(limit);
+                        // A stream passed on that stopped: the call ends here,
+                        // whatever else is racing (it was outrun).
+                        let holds = self.request.relay.as_ref().is_some_and(|r| r.is_held_by(progress));
+                        return Err(if holds { error.relayed() } else { error });
                     }
                 }
             }

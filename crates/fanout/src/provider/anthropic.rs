@@ -468,7 +468,7 @@ impl Provider for Anthropic {
             let assemble = |events, headers| async move {
                 assemble_stream(&self.endpoint, events, &headers, progress).await
             };
-            return forward(&self.endpoint, request, parse_message, assemble).await;
+            return forward(&self.endpoint, request, progress, parse_message, assemble).await;
         }
         let answer = self.endpoint.post(&self.body(request)).await?;
         let headers = answer.headers().clone();

@@ -84,6 +84,7 @@ pub(crate) type BodyStream =
 pub(crate) async fn forward<Assembled>(
     endpoint: &Endpoint,
     request: &super::Request,
+    progress: &super::Progress,
     parse: impl FnOnce(&[u8], &HeaderMap) -> Result<super::Response, ProviderError>,
     assemble: impl FnOnce(BodyStream, HeaderMap) -> Assembled,
 ) -> Result<super::Response, ProviderError>
@@ -100,7 +101,17 @@ where
         response.raw = Some(String::from_utf8_lossy(&bytes).into_owned());
         return Ok(response);
     }
-    let seat = request.relay.as_ref().map(|relay| relay.seat(request_id(&headers)));
+    // Passed on only as events: an API that ignored `stream` and answered
+    // JSON is not half-relayed as one.
+    let is_event_stream = headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    let seat = request
+        .relay
+        .as_ref()
+        .filter(|_| is_event_stream)
+        .map(|relay| Arc::new(Mutex::new(relay.seat(progress, request_id(&headers)))));
     // Every chunk is copied as the assembly reads it, and passed on; the
     // stream ends early for an attempt that may not pass its bytes on.
     let copy = Arc::new(Mutex::new(Vec::new()));
@@ -115,14 +126,14 @@ where
         })
         .take_while(move |chunk| {
             let go_on = match (&passing, chunk) {
-                (Some(seat), Ok(bytes)) => seat.pass(bytes),
+                (Some(seat), Ok(bytes)) => seat.lock().expect("never poisoned").pass(bytes),
                 _ => true,
             };
             std::future::ready(go_on)
         });
     let assembled = assemble(Box::pin(events), headers).await;
     let mut response = match &seat {
-        Some(seat) => seat.settle(assembled)?,
+        Some(seat) => seat.lock().expect("never poisoned").settle(assembled)?,
         None => assembled?,
     };
     let copied = copy.lock().expect("never poisoned");
@@ -336,9 +347,10 @@ impl Endpoint {
         }
         let mut error = ProviderError::new(kind, self.scrub(&message)).with_status(status);
         // Kept for a proxy's client, which gets the upstream's error as it
-        // came (its code and param too); a body past any real error's size
-        // is not one worth keeping.
-        if body.len() <= MAX_KEPT_ERROR_BODY {
+        // came (its code and param too); only a JSON error is one, and one
+        // past any real error's size is not worth keeping.
+        let json = || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+        if body.len() <= MAX_KEPT_ERROR_BODY && json() {
             error = error.with_body(self.scrub(&String::from_utf8_lossy(body)));
         }
         if let Some(id) = request_id(headers) {
@@ -354,7 +366,8 @@ impl Endpoint {
     pub(crate) fn body_error(&self, body: &[u8]) -> Option<ProviderError> {
         let detail = ErrorBody::parse(body)?;
         let kind = detail.kind().unwrap_or(ErrorKind::Server);
-        Some(ProviderError::new(kind, self.scrub(&detail.message)))
+        let event = self.scrub(&String::from_utf8_lossy(body));
+        Some(ProviderError::new(kind, self.scrub(&detail.message)).with_body(event))
     }
 
     pub(crate) fn scrub(&self, text: &str) -> String {

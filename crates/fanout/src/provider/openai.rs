@@ -549,7 +549,7 @@ impl Provider for OpenAi {
             let assemble = |events, headers| async move {
                 assemble_stream(&self.endpoint, events, request, &headers, progress).await
             };
-            return forward(&self.endpoint, request, parse, assemble).await;
+            return forward(&self.endpoint, request, progress, parse, assemble).await;
         }
         let response = self.endpoint.post(&self.body(request)).await?;
         if self.stream {

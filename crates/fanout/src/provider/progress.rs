@@ -15,6 +15,8 @@ use tokio::time::Instant;
 /// Activity of one attempt, shared between the provider and the executor.
 #[derive(Debug)]
 pub struct Progress {
+    /// Which call this is, among every call of the process (never 0).
+    id: u64,
     sent: Instant,
     /// Microseconds from `sent` to the latest activity, plus one; 0: none yet.
     last_micros: AtomicU64,
@@ -24,7 +26,9 @@ pub struct Progress {
 impl Progress {
     /// A progress whose clock starts now, when the attempt is sent.
     pub fn new() -> Self {
+        static CALLS: AtomicU64 = AtomicU64::new(1);
         Self {
+            id: CALLS.fetch_add(1, Ordering::Relaxed),
             sent: Instant::now(),
             last_micros: AtomicU64::new(0),
             first_micros: AtomicU64::new(0),
@@ -36,6 +40,11 @@ impl Progress {
         let micros = self.sent.elapsed().as_micros() as u64 + 1;
         let _ = self.first_micros.compare_exchange(0, micros, Ordering::AcqRel, Ordering::Acquire);
         self.last_micros.fetch_max(micros, Ordering::AcqRel);
+    }
+
+    /// Which call this is: a [`Relay`](super::Relay) knows its holder by it.
+    pub(crate) fn id(&self) -> u64 {
+        self.id
     }
 
     /// When the attempt was sent: the start of its clock.

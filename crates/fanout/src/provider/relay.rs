@@ -17,7 +17,7 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::{ErrorKind, ProviderError};
+use super::{ErrorKind, Progress, ProviderError};
 
 /// The sending side, carried by [`Request::relay`](super::Request::relay).
 /// Clones share one relay.
@@ -27,9 +27,8 @@ pub struct Relay {
 }
 
 struct Shared {
-    /// The seat holding the relay; 0 while none does.
+    /// The call holding the relay, by its [`Progress::id`]; 0 while none does.
     holder: AtomicU64,
-    next_seat: AtomicU64,
     /// Unbounded: what it holds is at most the answer, which the call keeps
     /// whole anyway (`Response::raw`), and a bounded one would stall the
     /// upstream read behind a slow reader until the attempt timeout cut it.
@@ -49,24 +48,26 @@ impl Relay {
     pub fn new() -> (Self, Relayed) {
         let (sender, receiver) = mpsc::unbounded_channel();
         let request_id = Arc::new(OnceLock::new());
-        let shared = Shared {
-            holder: AtomicU64::new(0),
-            next_seat: AtomicU64::new(1),
-            sender,
-            request_id: Arc::clone(&request_id),
-        };
+        let shared =
+            Shared { holder: AtomicU64::new(0), sender, request_id: Arc::clone(&request_id) };
         (Self { shared: Arc::new(shared) }, Relayed { receiver, request_id })
     }
 
     /// Whether an attempt's bytes were passed on: the call is committed to it.
-    pub(crate) fn is_held(&self) -> bool {
+    pub fn is_held(&self) -> bool {
         self.shared.holder.load(Ordering::Acquire) != 0
     }
 
-    /// A place for one attempt's answer, which may take the relay.
-    pub(crate) fn seat(&self, request_id: Option<String>) -> Seat {
-        let id = self.shared.next_seat.fetch_add(1, Ordering::Relaxed);
-        Seat { shared: Arc::clone(&self.shared), id, request_id }
+    /// Whether the call behind `progress` holds the relay.
+    pub(crate) fn is_held_by(&self, progress: &Progress) -> bool {
+        self.shared.holder.load(Ordering::Acquire) == progress.id()
+    }
+
+    /// A place for one call's answer (the call behind `progress`), which may
+    /// take the relay.
+    pub(crate) fn seat(&self, progress: &Progress, request_id: Option<String>) -> Seat {
+        let id = progress.id();
+        Seat { shared: Arc::clone(&self.shared), id, request_id, unsent: Vec::new() }
     }
 }
 
@@ -96,6 +97,11 @@ impl Relayed {
         self.receiver.recv().await
     }
 
+    /// The next bytes passed on if some are waiting, without waiting.
+    pub fn try_next(&mut self) -> Option<Bytes> {
+        self.receiver.try_recv().ok()
+    }
+
     /// The request id of the answer being passed on, once one is.
     pub fn request_id(&self) -> Option<&str> {
         self.request_id.get().map(String::as_str)
@@ -113,31 +119,63 @@ pub(crate) enum Standing {
     Outrun,
 }
 
-/// One attempt's place at a relay.
-#[derive(Clone)]
+/// One attempt's place at a relay. Bytes are passed on in whole SSE events,
+/// so that an error event added after a break-off is never glued to half of
+/// one; and the relay is taken only by an event with data, so that a
+/// keep-alive comment does not commit the call before any answer came.
 pub(crate) struct Seat {
     shared: Arc<Shared>,
     id: u64,
     request_id: Option<String>,
+    /// Bytes read and not yet passed on: the end of an unfinished event, or
+    /// (before the relay is taken) comments that came before any data.
+    unsent: Vec<u8>,
 }
 
 impl Seat {
-    /// Passes `bytes` on, taking the relay if it is free. `false` when the
-    /// attempt should stop reading: another holds the relay, or the reader
-    /// went away.
-    pub(crate) fn pass(&self, bytes: &Bytes) -> bool {
-        let holder =
-            self.shared.holder.compare_exchange(0, self.id, Ordering::AcqRel, Ordering::Acquire);
-        match holder {
-            Ok(_) => {
-                if let Some(id) = &self.request_id {
-                    let _ = self.shared.request_id.set(id.clone());
-                }
+    /// Takes `bytes` in and passes on every event they complete, taking the
+    /// relay at the first event with data. `false` when the attempt should
+    /// stop reading: another holds the relay, or the reader went away.
+    pub(crate) fn pass(&mut self, bytes: &[u8]) -> bool {
+        self.unsent.extend_from_slice(bytes);
+        let Some(end) = last_event_end(&self.unsent) else { return !self.outrun() };
+        if !self.holds() {
+            if !has_data(&self.unsent[..end]) {
+                return !self.outrun();
             }
-            Err(holder) if holder == self.id => {}
-            Err(_) => return false,
+            if !self.take() {
+                return false;
+            }
         }
-        self.shared.sender.send(bytes.clone()).is_ok()
+        let events: Vec<u8> = self.unsent.drain(..end).collect();
+        self.shared.sender.send(Bytes::from(events)).is_ok()
+    }
+
+    /// Passes on what is left once the answer is complete (a last event the
+    /// upstream did not end with a blank line).
+    pub(crate) fn finish(&mut self) {
+        if self.holds() && !self.unsent.is_empty() {
+            let _ = self.shared.sender.send(Bytes::from(std::mem::take(&mut self.unsent)));
+        }
+    }
+
+    fn take(&self) -> bool {
+        let taken =
+            self.shared.holder.compare_exchange(0, self.id, Ordering::AcqRel, Ordering::Acquire);
+        if taken.is_ok()
+            && let Some(id) = &self.request_id
+        {
+            let _ = self.shared.request_id.set(id.clone());
+        }
+        taken.is_ok()
+    }
+
+    fn holds(&self) -> bool {
+        self.standing() == Standing::Holding
+    }
+
+    fn outrun(&self) -> bool {
+        self.standing() == Standing::Outrun
     }
 
     pub(crate) fn standing(&self) -> Standing {
@@ -151,16 +189,36 @@ impl Seat {
     /// What the attempt's result becomes, given how it stood: a holder's
     /// failure can no longer be retried; an outrun attempt fails quietly
     /// (its hedge partner's answer is the call's).
-    pub(crate) fn settle<T>(&self, result: Result<T, ProviderError>) -> Result<T, ProviderError> {
+    pub(crate) fn settle<T>(
+        &mut self,
+        result: Result<T, ProviderError>,
+    ) -> Result<T, ProviderError> {
         match (self.standing(), result) {
             (Standing::Holding, Err(error)) => Err(error.relayed()),
+            (Standing::Holding, Ok(done)) => {
+                self.finish();
+                Ok(done)
+            }
             (Standing::Outrun, _) => Err(ProviderError::new(
                 ErrorKind::InvalidOutput,
                 "the answer was already passed on as it streamed: it cannot be asked again",
             )),
-            (_, result) => result,
+            (Standing::Unseated, result) => result,
         }
     }
+}
+
+/// Where the last complete event in `bytes` ends (after its blank line).
+fn last_event_end(bytes: &[u8]) -> Option<usize> {
+    let after = |separator: &[u8]| {
+        bytes.windows(separator.len()).rposition(|w| w == separator).map(|at| at + separator.len())
+    };
+    [after(b"\n\n"), after(b"\r\n\r\n"), after(b"\r\r")].into_iter().flatten().max()
+}
+
+/// Whether any line of `events` is a data line (the rest may be comments).
+fn has_data(events: &[u8]) -> bool {
+    events.split(|b| *b == b'\n' || *b == b'\r').any(|line| line.starts_with(b"data:"))
 }
 
 #[cfg(test)]
@@ -168,26 +226,37 @@ mod tests {
     use super::*;
 
     #[tokio::test]
-    async fn the_first_attempt_with_bytes_holds_the_relay() {
+    async fn the_first_attempt_with_data_holds_the_relay_and_passes_whole_events() {
         let (relay, mut relayed) = Relay::new();
-        let (first, second) = (relay.seat(Some("req_1".into())), relay.seat(Some("req_2".into())));
+        let calls = (Progress::new(), Progress::new());
+        let (mut first, mut second) = (
+            relay.seat(&calls.0, Some("req_1".into())),
+            relay.seat(&calls.1, Some("req_2".into())),
+        );
+        assert!(first.pass(b": keep-alive\n\n"), "a comment takes nothing");
         assert_eq!(first.standing(), Standing::Unseated);
-        assert!(second.pass(&Bytes::from_static(b"data: a\n\n")));
-        assert!(!first.pass(&Bytes::from_static(b"data: b\n\n")), "outrun: stop reading");
-        assert!(second.pass(&Bytes::from_static(b"data: c\n\n")));
+        assert!(second.pass(b"data: a\n\nda"), "half an event waits for its end");
+        assert!(!first.pass(b"data: b\n\n"), "outrun: stop reading");
+        assert!(second.pass(b"ta: c\r\n\r\n"));
+        assert!(second.pass(b"data: [DONE]"));
         assert_eq!((first.standing(), second.standing()), (Standing::Outrun, Standing::Holding));
         assert_eq!(relayed.request_id(), Some("req_2"));
+        assert!(relay.is_held_by(&calls.1) && !relay.is_held_by(&calls.0));
+        second.settle(Ok(())).unwrap();
         drop((relay, first, second));
-        assert_eq!(relayed.next().await.as_deref(), Some(&b"data: a\n\n"[..]));
-        assert_eq!(relayed.next().await.as_deref(), Some(&b"data: c\n\n"[..]));
-        assert_eq!(relayed.next().await, None);
+        let mut passed = Vec::new();
+        while let Some(bytes) = relayed.next().await {
+            passed.push(String::from_utf8(bytes.to_vec()).unwrap());
+        }
+        assert_eq!(passed, ["data: a\n\n", "data: c\r\n\r\n", "data: [DONE]"]);
     }
 
     #[test]
     fn a_holder_that_breaks_off_is_not_retried_and_an_outrun_one_fails() {
         let (relay, _relayed) = Relay::new();
-        let (holder, outrun) = (relay.seat(None), relay.seat(None));
-        holder.pass(&Bytes::from_static(b"x"));
+        let calls = (Progress::new(), Progress::new());
+        let (mut holder, mut outrun) = (relay.seat(&calls.0, None), relay.seat(&calls.1, None));
+        holder.pass(b"data: x\n\n");
         let broke = ProviderError::new(ErrorKind::Connection, "reset");
         assert!(broke.is_retryable());
         let settled = holder.settle::<()>(Err(broke)).unwrap_err();
@@ -200,6 +269,6 @@ mod tests {
     fn a_reader_that_went_away_stops_the_reading() {
         let (relay, relayed) = Relay::new();
         drop(relayed);
-        assert!(!relay.seat(None).pass(&Bytes::from_static(b"x")));
+        assert!(!relay.seat(&Progress::new(), None).pass(b"data: x\n\n"));
     }
 }

@@ -140,7 +140,7 @@ pub struct Request {
     pub headers: Vec<(String, String)>,
     /// Where a streamed answer to [`Request::body`] is passed on as it
     /// arrives, for a reader that cannot wait for the whole of it. Not part
-    /// of what is asked: never serialized, and equal in every request.
+    /// of what is asked: never serialized, and any two relays compare equal.
     #[serde(skip)]
     pub relay: Option<super::Relay>,
 }
@@ -173,6 +173,12 @@ fn is_zero(n: &u32) -> bool {
 }
 
 impl Request {
+    /// Whether part of this request's answer was passed on through its
+    /// relay: the call is committed to that answer.
+    pub fn relay_is_held(&self) -> bool {
+        self.relay.as_ref().is_some_and(super::Relay::is_held)
+    }
+
     /// A request with a single user message.
     pub fn user(prompt: impl Into<String>) -> Self {
         Self { messages: vec![Message::user(prompt)], ..Self::default() }

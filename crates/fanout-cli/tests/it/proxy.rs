@@ -256,7 +256,7 @@ async fn a_streamed_answer_reaches_the_client_as_it_arrives() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_broken_after_its_first_bytes_ends_with_an_error_event() {
     let config = Config { stall_rate: 1.0, hang: Duration::from_secs(600), ..Config::default() };
-    let upstream = MockServer::start(config).await.unwrap();
+    let upstream = MockServer::start(config.clone()).await.unwrap();
     let home = Home::new();
     let flags = ["--no-hedge", "--attempt-timeout", "1"];
     let proxy = Running::start(&home, &upstream.openai_base_url(), &flags, &[]);
@@ -272,6 +272,24 @@ async fn a_stream_broken_after_its_first_bytes_ends_with_an_error_event() {
     assert_eq!(last["error"]["type"], "server_error", "{last}");
     assert!(last["error"]["message"].as_str().unwrap().contains("no sign of an answer"), "{last}");
     assert!(!text.contains("[DONE]"), "{text}");
+    assert_eq!(upstream.stats().requests, 1, "asked once");
+
+    // Anthropic's stream ends with its own `event: error` framing.
+    let upstream = MockServer::start(config).await.unwrap();
+    let proxy = Running::start(&home, &upstream.anthropic_base_url(), &flags, &[]);
+    let body = json!({"model": "claude-x", "max_tokens": 50, "stream": true,
+                      "messages": [{"role": "user", "content": "Tell me about the sea"}]});
+    let url = format!("{}/v1/messages", proxy.root);
+    let response = client().post(url).header("x-api-key", "sk-ant").json(&body).send().await;
+    let text = response.unwrap().text().await.unwrap();
+    assert!(text.starts_with("event: message_start"), "{text}");
+    let last = text.trim_end().rsplit("\n\n").next().unwrap();
+    let data = last.strip_prefix("event: error\ndata: ").unwrap_or_else(|| panic!("{text}"));
+    let error: Value = serde_json::from_str(data).unwrap();
+    assert_eq!(
+        (error["type"].as_str(), error["error"]["type"].as_str()),
+        (Some("error"), Some("api_error"))
+    );
     assert_eq!(upstream.stats().requests, 1, "asked once");
 }
 

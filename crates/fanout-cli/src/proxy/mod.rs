@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -246,12 +247,24 @@ impl Proxy {
 
 /// One client call: checked, read, sent through its key's lane, recorded,
 /// and answered in the API's own shape.
-async fn complete(State(proxy): State<Arc<Proxy>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn complete(
+    State(proxy): State<Arc<Proxy>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let api = proxy.api;
     proxy.stats.arrived();
     let refuse = |why: Refused, status: StatusCode, message: &str| {
         proxy.stats.refused(why);
         api_error(api, status, message)
+    };
+    // Refused in the API's shape, as any bad body is (axum's own is plain text).
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) => {
+            let message = format!("the body cannot be read: {}", rejection.body_text());
+            return refuse(Refused::BadRequest, rejection.status(), &message);
+        }
     };
     let client_key = api.client_key(&headers);
     let own_key = match proxy.admits(client_key.as_deref()) {

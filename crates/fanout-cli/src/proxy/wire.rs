@@ -185,7 +185,7 @@ fn text_of(content: &Value) -> String {
 
 fn openai_type(status: u16) -> &'static str {
     match status {
-        400 | 404 | 422 => "invalid_request_error",
+        400 | 404 | 413 | 422 => "invalid_request_error",
         401 | 403 => "authentication_error",
         429 => "rate_limit_exceeded",
         _ => "server_error",
@@ -198,6 +198,7 @@ fn anthropic_type(status: u16) -> &'static str {
         401 => "authentication_error",
         403 => "permission_error",
         404 => "not_found_error",
+        413 => "request_too_large",
         429 => "rate_limit_error",
         529 => "overloaded_error",
         _ => "api_error",

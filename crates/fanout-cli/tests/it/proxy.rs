@@ -442,11 +442,16 @@ async fn malformed_bodies_are_refused_without_a_call_and_never_crash_it() {
         let error: Value = response.json().await.unwrap();
         assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
     }
+    // Past the largest body taken (32 MiB): the API's shape too.
+    let huge = client.post(proxy.completions()).body(vec![b' '; 33 << 20]).send().await.unwrap();
+    assert_eq!(huge.status().as_u16(), 413);
+    let error: Value = huge.json().await.unwrap();
+    assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
     assert_eq!(upstream.stats().requests, 0, "no call went upstream");
     let (status, _) = post(&client, &proxy.completions(), "sk-x", &chat("still here?")).await;
     assert_eq!(status, 200);
     let stats = proxy.stats().await;
-    assert_eq!(stats["refused"]["bad_request"], 11, "{stats}");
+    assert_eq!(stats["refused"]["bad_request"], 12, "{stats}");
 }
 
 /// Calls wait their turn; only one whose wait would pass `--max-queue` (by

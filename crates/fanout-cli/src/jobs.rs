@@ -55,7 +55,7 @@ pub async fn command(flags: &Flags, command: JobsCommand) -> Result<ExitCode> {
     }
 }
 
-fn when(seconds: i64) -> String {
+pub fn when(seconds: i64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(seconds.max(0) as u64))
         .to_string()
 }
@@ -66,7 +66,7 @@ fn open(store: &Path) -> Result<Store> {
 
 /// What the job's finished tasks cost at the price it runs with, and that
 /// projected over its whole input; `None` without a price.
-fn job_cost(summary: &JobSummary) -> Option<(f64, Option<f64>)> {
+pub fn job_cost(summary: &JobSummary) -> Option<(f64, Option<f64>)> {
     let settings = &summary.job.settings;
     let price = match serde_json::from_value::<Spec>(settings.clone()) {
         Ok(spec) => spec.settings.price,

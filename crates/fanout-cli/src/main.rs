@@ -21,6 +21,7 @@ mod patterns;
 mod progress;
 mod proxy;
 mod record;
+mod report;
 mod schema;
 mod settings;
 mod template;
@@ -84,6 +85,8 @@ enum Command {
     /// Serve an OpenAI- or Anthropic-compatible endpoint that sends every
     /// client's calls through fanout's limits, retries and records
     Proxy(proxy::ProxyArgs),
+    /// Write a job's report: one self-contained HTML file
+    Report(report::ReportArgs),
     /// Fetch or locate the embedded local model
     #[command(subcommand)]
     Models(models::ModelsCommand),
@@ -101,6 +104,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Perspectives(args) => patterns::run_perspectives(flags, args).await,
         Command::Run(args) => patterns::run_workflow(flags, args).await,
         Command::Proxy(args) => proxy::command(flags, args).await,
+        Command::Report(args) => report::command(flags, args),
         Command::Models(command) => {
             let settings = Settings::resolve(flags).map_err(Refusal)?;
             models::command(command, &settings).await.map(|()| ExitCode::SUCCESS)

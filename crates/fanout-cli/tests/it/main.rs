@@ -11,6 +11,7 @@ mod jobs;
 mod local;
 mod patterns;
 mod proxy;
+mod report;
 mod structured;
 
 use std::path::{Path, PathBuf};

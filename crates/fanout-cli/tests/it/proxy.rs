@@ -493,6 +493,13 @@ async fn a_queue_longer_than_max_queue_gets_an_honest_429() {
     let shown = home.fanout().args(["jobs", "show", "queued"]).output().unwrap();
     let shown: Value = serde_json::from_slice(&shown.stdout).unwrap();
     assert_eq!(shown["by_status"]["succeeded"], answered, "{shown}");
+    // `fanout report` works on a proxy's job as on a batch.
+    let report = home.fanout().args(["report", "queued", "-o"]).arg(home.path("q.html")).output();
+    let report = report.unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let html = std::fs::read_to_string(home.path("q.html")).unwrap();
+    assert!(html.contains(&format!("succeeded<b>{answered}</b>")), "{html}");
+    assert!(html.contains("p50 latency") && html.contains("(proxy)"), "{html}");
 }
 
 /// The Python with the `openai` SDK that `.ci/run` installs in `target/python`

@@ -1,0 +1,92 @@
+//! `fanout report NAME`: what a job did, as one self-contained HTML file —
+//! no network and no CDN: the styles are inline and the charts are inline
+//! SVG drawn here. It shows the counts, answers and failures over time, the
+//! latency distribution with p50/p90/p99, tokens and cost, and the slowest
+//! and the failed rows. Every figure is folded while the records stream past
+//! ([`aggregate`]), so a million-row job gives a page the size of a
+//! thousand-row one. Batch and proxy jobs alike.
+
+mod aggregate;
+mod chart;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, anyhow};
+use fanout_store::Store;
+use minijinja::Environment;
+use serde_json::json;
+
+use crate::Refusal;
+use crate::jobs::{job_cost, when};
+use crate::settings::{self, Flags};
+use aggregate::Aggregate;
+
+#[derive(clap::Args, Debug)]
+pub struct ReportArgs {
+    /// The job to report on (`fanout jobs list` names them)
+    name: String,
+    /// Where to write the HTML [default: NAME.html]
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+}
+
+const TEMPLATE: &str = include_str!("report.html");
+
+pub fn command(flags: &Flags, args: ReportArgs) -> Result<ExitCode> {
+    let path = flags.store.clone().unwrap_or_else(settings::default_store);
+    let store = Store::open(&path)?;
+    let Some(job) = store.job(&args.name)? else {
+        let message = anyhow!("no job `{}` in {} (fanout jobs list)", args.name, path.display());
+        return Err(Refusal(message).into());
+    };
+    let summary = store.summary(job.clone())?;
+    let mut folded = Aggregate::default();
+    store.each_record::<anyhow::Error>(job.id, |record| {
+        folded.add(&record);
+        Ok(())
+    })?;
+    let html = render(&summary, &mut folded)?;
+    let output = args.output.unwrap_or_else(|| PathBuf::from(format!("{}.html", args.name)));
+    std::fs::write(&output, html).with_context(|| format!("cannot write {}", output.display()))?;
+    eprintln!("fanout: the report on job `{}` is in {}", args.name, output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn render(summary: &fanout_store::JobSummary, folded: &mut Aggregate) -> Result<String> {
+    let quantiles: Vec<_> =
+        [0.5, 0.9, 0.99].into_iter().filter_map(|q| Some((q, folded.quantile(q)?))).collect();
+    let cost = job_cost(summary);
+    let finished = summary.finished();
+    let row = |row: &aggregate::Row| {
+        json!({"index": row.index, "id": row.task_id, "latency": chart::duration(row.micros as f64 / 1000.0),
+               "error": row.error})
+    };
+    let view = json!({
+        "name": summary.job.name,
+        "input": summary.job.input,
+        "created": when(summary.job.created_at),
+        "updated": when(summary.job.updated_at),
+        "total": summary.job.total,
+        "finished": finished,
+        "answered": folded.answered(),
+        "counts": folded.counts,
+        "errors_by_kind": folded.errors_by_kind,
+        "tokens": {"input": folded.input_tokens, "output": folded.output_tokens,
+                   "cached": folded.cached_input_tokens},
+        "cost": cost.map(|(spent, _)| format!("${spent:.4}")),
+        "cost_per_row": cost.filter(|_| finished > 0).map(|(spent, _)| format!("${:.6}", spent / finished as f64)),
+        "projected": cost.and_then(|(_, projected)| projected).map(|p| format!("${p:.4}")),
+        "quantiles": quantiles.iter().map(|(q, ms)| json!({"q": format!("p{}", (q * 100.0).round()), "ms": chart::duration(*ms)})).collect::<Vec<_>>(),
+        "over_time": chart::over_time(&folded.over_time(chart::BARS)),
+        "latency": chart::latency(&folded.histogram(chart::BINS), &quantiles),
+        "slowest": folded.slowest().iter().map(row).collect::<Vec<_>>(),
+        "failed": folded.failed.iter().map(row).collect::<Vec<_>>(),
+        "failed_more": folded.errors_by_kind.values().sum::<u64>().saturating_sub(folded.failed.len() as u64),
+        "settings": serde_json::to_string_pretty(&summary.job.settings)?,
+    });
+    let mut environment = Environment::new();
+    // Named .html, so every value is escaped (a row's id or error is the user's text).
+    environment.add_template("report.html", TEMPLATE)?;
+    Ok(environment.get_template("report.html")?.render(view)?)
+}

@@ -1,0 +1,63 @@
+//! `fanout report`: one self-contained HTML file for a job, batch or proxy.
+
+use fanout_mock::{Config, MockServer};
+
+use crate::{Home, run, stderr};
+
+/// A batch where a third of the calls fail (no retries) reports its counts,
+/// its two charts, the latency quantiles and the failed rows with their
+/// errors; a row's own text is escaped; nothing is loaded from elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_with_failures_is_reported_in_one_file() {
+    let server =
+        MockServer::start(Config { error_rate: 0.3, seed: 11, ..Config::default() }).await.unwrap();
+    let home = Home::new();
+    let rows: String = (0..40).map(|i| format!("{{\"id\":\"r{i}\",\"q\":\"q{i}\"}}\n")).collect();
+    let path = home.write("rows.jsonl", rows);
+    let mut batch = home.fanout();
+    batch
+        .args(["--provider", "openai", "--base-url", &server.openai_base_url(), "-q"])
+        .args(["--retries", "0", "--no-hedge", "batch"])
+        .arg(&path)
+        .args([
+            "--prompt",
+            "Say {{ q }} <script>alert(1)</script>",
+            "--id",
+            "id",
+            "--job",
+            "graded",
+        ]);
+    let output = run(batch).await;
+    assert_eq!(output.status.code(), Some(3), "some rows failed: {}", stderr(&output));
+    let failed = server.stats().count(500);
+    assert!(failed > 0, "{:?}", server.stats());
+
+    let report = home.path("graded.html");
+    let mut command = home.fanout();
+    command.args(["report", "graded", "-o"]).arg(&report);
+    let output = run(command).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert_eq!(html.matches("<svg class=\"chart\"").count(), 2, "over time and latency");
+    assert!(html.contains("p50 latency") && html.contains("p99 latency"), "{html}");
+    let listed = html.matches("<td class=\"error\">server (HTTP 500)").count() as u64;
+    assert_eq!(listed, failed.min(20), "the failed rows, with their errors");
+    assert!(html.contains(&format!("failed<b>{failed}</b>")), "{html}");
+    assert!(!html.contains("<script>alert"), "the user's text is escaped");
+    assert!(html.contains("&lt;script&gt;alert(1)"), "the settings are shown: {html}");
+    for external in ["src=", "href=", "<link", "@import", "url("] {
+        assert!(!html.contains(external), "self-contained: {external} in the report");
+    }
+}
+
+/// A job that is not there is named, and nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_job_is_named() {
+    let home = Home::new();
+    let mut command = home.fanout();
+    command.args(["report", "nowhere", "-o"]).arg(home.path("nowhere.html"));
+    let output = run(command).await;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("no job `nowhere`"), "{}", stderr(&output));
+    assert!(!home.path("nowhere.html").exists());
+}

@@ -48,6 +48,44 @@ async fn a_batch_with_failures_is_reported_in_one_file() {
     for external in ["src=", "href=", "<link", "@import", "url("] {
         assert!(!html.contains(external), "self-contained: {external} in the report");
     }
+
+    // As a browser renders it: no console message, and the parts are there.
+    let Some(chromium) = chromium() else { return };
+    let profile = home.path("chromium-profile");
+    let mut browser = std::process::Command::new(chromium);
+    browser
+        .args(["--headless", "--no-sandbox", "--disable-gpu", "--enable-logging=stderr", "--v=0"])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", report.display()));
+    let rendered = run(browser).await;
+    assert!(rendered.status.success(), "{}", stderr(&rendered));
+    let said = stderr(&rendered);
+    let console: Vec<&str> = said.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(console.is_empty(), "the page said: {console:?}");
+    let dom = String::from_utf8_lossy(&rendered.stdout);
+    let part =
+        |id: &str| dom.split(&format!("id=\"{id}\"")).nth(1).unwrap_or_else(|| panic!("no #{id}"));
+    assert!(part("over-time").trim_start().starts_with("><svg"), "a chart of time");
+    assert!(part("latency").contains("class=\"quantile\""), "quantile lines");
+    let failed_rows = part("failed").split("</table>").next().unwrap().matches("<tr>").count();
+    assert_eq!(failed_rows as u64, failed.min(20) + 1, "the failed rows and the header");
+}
+
+/// Headless Chromium (`.ci/run` installs Debian's `chromium`; or
+/// `FANOUT_CHROMIUM`). CI must have it; a developer without it is told and
+/// the browser's part of the test does not run.
+fn chromium() -> Option<std::path::PathBuf> {
+    let browser = std::env::var_os("FANOUT_CHROMIUM").unwrap_or_else(|| "chromium".into());
+    let found = std::process::Command::new(&browser).arg("--version").output();
+    if found.is_ok_and(|o| o.status.success()) {
+        return Some(browser.into());
+    }
+    if std::env::var_os("CI").is_some() {
+        panic!("CI must install chromium (apt-get install chromium)");
+    }
+    eprintln!("no chromium: the report is not rendered in a browser (apt-get install chromium)");
+    None
 }
 
 /// A job that is not there is named, and nothing is written.

@@ -349,7 +349,9 @@ impl Endpoint {
         // Kept for a proxy's client, which gets the upstream's error as it
         // came (its code and param too); only a JSON error is one, and one
         // past any real error's size is not worth keeping.
-        let json = || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+        // A body read as an error above is JSON already: parsed once, not twice.
+        let json =
+            || detail.is_some() || serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
         if body.len() <= MAX_KEPT_ERROR_BODY && json() {
             error = error.with_body(self.scrub(&String::from_utf8_lossy(body)));
         }

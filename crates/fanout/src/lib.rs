@@ -53,6 +53,7 @@ pub use exec::branch::{
 pub use exec::check::parse_json as answer_json;
 pub use exec::event::{Event, EventSink};
 pub use exec::hedge::{HedgeAfter, HedgePolicy};
+pub use exec::history::{CallEnd, CallRecord, CallRole};
 pub use exec::limit::{Rate, SpendLimit};
 pub use exec::report::{Latency, Report, Totals};
 pub use exec::retry::RetryPolicy;

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::exec::history::CallRecord;
 use crate::provider::{ProviderError, Request, Response, Usage};
 
 /// A task's stable identifier: given by the caller, or the task's index.
@@ -351,12 +352,17 @@ pub struct TaskResult {
     /// How the task ended; flattened into the result when serialized.
     #[serde(flatten)]
     pub outcome: Outcome,
+    /// Every call the task made, in the order they were sent: its attempts
+    /// and their hedges, how long each took and how it ended. Empty when the
+    /// executor keeps no history, or the task made no call.
+    #[serde(skip)]
+    pub calls: Vec<CallRecord>,
 }
 
 impl TaskResult {
-    /// The outcome of the task at `index` with this id.
+    /// The outcome of the task at `index` with this id, with no call history.
     pub fn new(index: usize, id: TaskId, outcome: Outcome) -> Self {
-        Self { index, id, outcome }
+        Self { index, id, outcome, calls: Vec::new() }
     }
 }
 

@@ -19,6 +19,7 @@ use super::breaker::CircuitBreaker;
 use super::check::{self, Verdict};
 use super::event::Event;
 use super::hedge::Hedger;
+use super::history::{CallRole, Epoch, History};
 use super::limit::{Permit, SpendLimit};
 use crate::provider::{ErrorKind, Progress, ProviderError, Request, Response, Usage};
 use crate::task::{NotRun, Outcome, Success, TaskId, TaskResult, Timeout};
@@ -61,7 +62,8 @@ pub(crate) struct Run {
     pub breaker: CircuitBreaker,
     pub counters: Counters,
     pub seed: u64,
-    pub started: Instant,
+    /// When the run started: its calls' times are told from it.
+    pub epoch: Epoch,
     pub deadline: Option<Instant>,
     /// Whether results keep their call's slot until the receiver drops it.
     pub hold_slots: bool,
@@ -93,8 +95,9 @@ pub(crate) async fn run_task(
     // Empty while the task waits to retry (see `attempt_until_done`).
     let mut slot = Some(permit);
     let call = Call { run: &run, index, id: &id, request: &request, sequence: 0 };
+    let history = History::new(run.exec.config.history);
     let outcome = call
-        .outcome(&mut slot, run.exec.config.task_timeout, &run.cancel, |attempts| {
+        .outcome(&mut slot, &history, run.exec.config.task_timeout, &run.cancel, |attempts| {
             run.interrupted(attempts)
         })
         .await;
@@ -108,7 +111,7 @@ pub(crate) async fn run_task(
     });
     // The slot is freed here, unless the receiver frees it once the result is safe.
     let permit = slot.filter(|_| run.hold_slots);
-    (TaskResult { index, id, outcome }, permit)
+    (TaskResult { index, id, outcome, calls: history.take() }, permit)
 }
 
 /// One model call through the whole call path (attempts, retries, hedges),
@@ -126,9 +129,11 @@ pub(crate) struct Call<'a> {
 impl Call<'_> {
     /// The call's outcome, its attempts bounded by `limit` in all, and cut
     /// short when `cut` is cancelled (`interrupted` then says what it became).
+    /// Each call it makes is logged in `history`, cut ones included.
     pub(crate) async fn outcome(
         &self,
         slot: &mut Option<Permit>,
+        history: &History,
         limit: Option<Duration>,
         cut: &CancellationToken,
         interrupted: impl FnOnce(u32) -> Outcome,
@@ -143,6 +148,7 @@ impl Call<'_> {
             self.sequence,
             &attempts,
             slot,
+            history,
         ))
         .catch_unwind();
         let bounded = async {
@@ -190,6 +196,7 @@ async fn attempt_until_done(
     sequence: u64,
     attempts: &AtomicU32,
     slot: &mut Option<Permit>,
+    history: &History,
 ) -> Outcome {
     let exec = &*run.exec;
     let mut reserved = exec.limits.reservation(&*exec.provider, request);
@@ -213,6 +220,8 @@ async fn attempt_until_done(
     let mut checked_out = Usage::default();
     // Why the last answer was refused, when one was.
     let mut refusal: Option<ProviderError> = None;
+    // Why the next attempt is sent.
+    let mut role = CallRole::First;
     loop {
         if let Some(cause) = run.breaker.cause() {
             let error = cause.clone();
@@ -243,7 +252,7 @@ async fn attempt_until_done(
         let first_sent = *first_sent.get_or_insert(sent);
         exec.emit(|| Event::Started { index, id: id.clone(), attempt });
         let generation = exec.limits.concurrency.generation();
-        let call = Attempt { run, index, id, request: &current, reserved, attempt };
+        let call = Attempt { run, index, id, request: &current, reserved, attempt, role, history };
         match call.watched().await {
             Ok(answer) => {
                 let changed = exec.limits.on_success(
@@ -296,6 +305,7 @@ async fn attempt_until_done(
                         let factor = exec.checker.policy.retry_truncated.unwrap_or(1.0);
                         run.counters.retries.fetch_add(1, Ordering::Relaxed);
                         current = Cow::Owned(check::with_more_room(&current, factor));
+                        role = CallRole::Retry;
                         // Asked again at once: the answer came, so nothing needs to wait.
                         let delay = Duration::ZERO;
                         exec.emit(|| Event::Retrying {
@@ -316,6 +326,7 @@ async fn attempt_until_done(
                         repairs += 1;
                         run.counters.repairs.fetch_add(1, Ordering::Relaxed);
                         current = Cow::Owned(check::repair(&current, &response.text, &errors));
+                        role = CallRole::Repair;
                         refusal = Some(error.clone());
                         exec.emit(|| Event::Repairing { index, id: id.clone(), attempt, error });
                     }
@@ -355,6 +366,7 @@ async fn attempt_until_done(
                     return Outcome::Failed { error, attempts: attempt, usage: checked_out };
                 };
                 run.counters.retries.fetch_add(1, Ordering::Relaxed);
+                role = CallRole::Retry;
                 let rate_limited = error.is_rate_limited();
                 exec.emit(|| Event::Retrying { index, id: id.clone(), attempt, error, delay });
                 if rate_limited {
@@ -416,6 +428,9 @@ struct Attempt<'a> {
     request: &'a Request,
     reserved: u64,
     attempt: u32,
+    /// Why the attempt's first call is sent (its hedges are hedges).
+    role: CallRole,
+    history: &'a History,
 }
 
 /// The most calls one attempt may have racing: the primary and two hedges, for
@@ -439,14 +454,14 @@ impl Attempt<'_> {
     /// call that streams steadily is never hedged or cut, however long its answer.
     async fn watched(&self) -> Result<Answer, ProviderError> {
         let Some(hedger) = &self.run.exec.hedger else {
-            return self.bounded(&Progress::new()).await;
+            return self.logged(&Progress::new(), self.role).await;
         };
         hedger.count_call();
         let primary = Arc::new(Progress::new());
         let mut watched = Some(Arc::clone(&primary));
         let mut racing: Racing<'_> = FuturesUnordered::new();
         racing.push(Box::pin(async move {
-            Raced { hedge: false, result: self.bounded(&primary).await }
+            Raced { hedge: false, result: self.logged(&primary, self.role).await }
         }));
         loop {
             let straggler = watched.as_deref().filter(|_| racing.len() < MAX_RACING);
@@ -512,7 +527,7 @@ impl Attempt<'_> {
             watched = Some(Arc::clone(&hedge));
             racing.push(Box::pin(async move {
                 let (_slot, _hold) = (slot, hold);
-                Raced { hedge: true, result: self.bounded(&hedge).await }
+                Raced { hedge: true, result: self.logged(&hedge, CallRole::Hedge).await }
             }));
         }
     }
@@ -531,6 +546,17 @@ impl Attempt<'_> {
             }
             Err(error) => (last || error.was_relayed()).then_some(Err(error)),
         }
+    }
+
+    /// [`Self::bounded`], logged in the task's history (as cancelled, should
+    /// the call be dropped unfinished).
+    async fn logged(&self, progress: &Progress, role: CallRole) -> Result<Answer, ProviderError> {
+        let log = self.history.start(&self.run.epoch, self.attempt, role, progress);
+        let result = self.bounded(progress).await;
+        if let Some(log) = log {
+            log.ended(result.as_ref().map(|answer| answer.response.usage));
+        }
+        result
     }
 
     /// One call to the provider, cut once it has shown no life for the attempt

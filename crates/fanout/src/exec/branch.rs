@@ -58,6 +58,7 @@ use tokio_util::sync::CancellationToken;
 use super::Executor;
 use super::attempt::{Call, Run, Stop};
 use super::driver::{Release, finish};
+use super::history::History;
 use super::report::{Tally, Totals};
 use crate::provider::Request;
 use crate::task::{NotRun, Outcome, TaskId, TaskResult, Timeout};
@@ -110,13 +111,21 @@ impl Calls {
     /// was cut before it could start. Once the run is drained (the
     /// executor's drain token), no new call starts: `NotRun(Cancelled)`.
     pub async fn complete(&self, request: Request) -> Outcome {
-        let outcome = self.call(&request).await;
-        let result = TaskResult::new(self.index, self.id.clone(), outcome);
-        self.tally.lock().unwrap().add(&result);
-        result.outcome
+        self.complete_result(request).await.outcome
     }
 
-    async fn call(&self, request: &Request) -> Outcome {
+    /// [`Self::complete`], with the branch's index and id and the history of
+    /// the call's attempts ([`TaskResult::calls`]).
+    pub async fn complete_result(&self, request: Request) -> TaskResult {
+        let history = History::new(self.run.exec.config.history);
+        let outcome = self.call(&request, &history).await;
+        let mut result = TaskResult::new(self.index, self.id.clone(), outcome);
+        result.calls = history.take();
+        self.tally.lock().unwrap().add(&result);
+        result
+    }
+
+    async fn call(&self, request: &Request, history: &History) -> Outcome {
         let exec = &self.run.exec;
         let interrupted = |attempts| self.interrupted(attempts);
         // A drained run starts no new call; the branch may still return.
@@ -132,7 +141,7 @@ impl Calls {
         let mut slot = Some(permit);
         let sequence = self.calls_made.fetch_add(1, Ordering::Relaxed);
         let call = Call { run: &self.run, index: self.index, id: &self.id, request, sequence };
-        call.outcome(&mut slot, None, &self.cut, interrupted).await
+        call.outcome(&mut slot, history, None, &self.cut, interrupted).await
     }
 
     /// The branch's id.

@@ -34,6 +34,7 @@ pub(crate) struct Config {
     pub events: Option<EventSink>,
     pub order_window: Option<usize>,
     pub seed: Option<u64>,
+    pub history: bool,
 }
 
 impl fmt::Debug for Config {
@@ -105,6 +106,7 @@ impl ExecutorBuilder {
                 events: None,
                 order_window: None,
                 seed: None,
+                history: true,
             },
         }
     }
@@ -256,6 +258,13 @@ impl ExecutorBuilder {
     /// Seeds the retry jitter, for reproducible runs.
     pub fn seed(mut self, seed: u64) -> Self {
         self.config.seed = Some(seed);
+        self
+    }
+
+    /// Whether each result keeps the history of its calls
+    /// ([`TaskResult::calls`](crate::TaskResult::calls)); on by default.
+    pub fn call_history(mut self, keep: bool) -> Self {
+        self.config.history = keep;
         self
     }
 

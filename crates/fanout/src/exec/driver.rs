@@ -148,7 +148,7 @@ where
                         }
                         Work::Settled(outcome) => {
                             drop(permit);
-                            if !output.accept(TaskResult { index, id, outcome: *outcome }, None).await {
+                            if !output.accept(TaskResult::new(index, id, *outcome), None).await {
                                 break End::Abandoned;
                             }
                         }
@@ -190,7 +190,7 @@ where
         while let Some(Task { id, .. }) = tasks.next().await {
             let id = id.unwrap_or_else(|| TaskId::from(next_index));
             let outcome = Outcome::NotRun(reason.clone());
-            if !output.accept(TaskResult { index: next_index, id, outcome }, None).await {
+            if !output.accept(TaskResult::new(next_index, id, outcome), None).await {
                 break;
             }
             next_index += 1;
@@ -202,7 +202,7 @@ where
 pub(crate) fn finish(run: &Run, tally: Tally) -> Totals {
     use std::sync::atomic::Ordering::Relaxed;
     let mut totals = tally.finish(run.exec.config.price);
-    totals.wall = run.started.elapsed();
+    totals.wall = run.epoch.instant.elapsed();
     totals.calls = run.counters.calls.load(Relaxed);
     totals.retries = run.counters.retries.load(Relaxed);
     totals.rate_limited = run.counters.rate_limited.load(Relaxed);

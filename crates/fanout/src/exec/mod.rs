@@ -29,6 +29,7 @@ pub(crate) mod check;
 mod driver;
 pub mod event;
 pub mod hedge;
+pub mod history;
 pub mod limit;
 mod order;
 pub mod report;
@@ -42,7 +43,6 @@ use std::task::{Context, Poll};
 use futures_util::Stream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
 use crate::provider::{Check, Provider};
 use crate::task::{Task, TaskResult};
@@ -125,7 +125,7 @@ impl Executor {
     fn start_run(&self, release: Release) -> Arc<Run> {
         self.check_provider_once();
         let config = &self.shared.config;
-        let started = Instant::now();
+        let epoch = history::Epoch::now();
         Arc::new(Run {
             exec: Arc::clone(&self.shared),
             cancel: config.cancel.child_token(),
@@ -134,8 +134,8 @@ impl Executor {
             breaker: CircuitBreaker::new(config.breaker_threshold),
             counters: Counters::default(),
             seed: config.seed.unwrap_or_else(|| fastrand::u64(..)),
-            started,
-            deadline: config.deadline.map(|limit| started + limit),
+            epoch,
+            deadline: config.deadline.map(|limit| epoch.instant + limit),
             hold_slots: matches!(release, Release::Held),
         })
     }

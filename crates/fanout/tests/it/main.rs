@@ -8,6 +8,7 @@ mod breaker;
 mod budget;
 mod deadline;
 mod hedge;
+mod history;
 mod images;
 mod limits;
 mod mcp;

@@ -13,6 +13,7 @@ mod connect;
 mod documents;
 mod exit;
 mod fingerprint;
+mod history;
 mod input;
 mod jobs;
 mod models;

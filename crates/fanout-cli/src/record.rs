@@ -15,6 +15,7 @@ pub fn to_record(result: &TaskResult) -> Option<Record> {
         task_id: result.id.to_string(),
         attempts: result.outcome.attempts(),
         finished_at: fanout_store::now(),
+        calls: crate::history::encode(&result.calls),
         ..Record::default()
     };
     match &result.outcome {
@@ -61,7 +62,7 @@ fn usage_of(record: &Record) -> Usage {
     }
 }
 
-fn kind_name(kind: ErrorKind) -> String {
+pub fn kind_name(kind: ErrorKind) -> String {
     serde_json::to_value(kind).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 

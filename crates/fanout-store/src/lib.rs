@@ -169,6 +169,22 @@ pub struct Record {
     pub cached_input_tokens: u64,
     /// The input fields kept beside the answer (`--keep`), as a JSON object.
     pub kept: Option<String>,
+    /// The history of the task's calls (attempts, hedges), in the compact
+    /// form its writer chose; `None` when none was kept.
+    pub calls: Option<String>,
+}
+
+/// Something that happened to a job's run as a whole, rather than to one task.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RunEvent {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    /// What happened: the writer's name for it (`limit`, `pause`, ...).
+    pub kind: String,
+    /// Its measure: a new limit, a pause's milliseconds.
+    pub value: f64,
+    /// What caused it, in words; `None` when nothing needs saying.
+    pub detail: Option<String>,
 }
 
 impl Record {
@@ -231,7 +247,7 @@ const JOB_COLUMNS: &str =
     "id, name, input, fingerprint, settings, total, created_at, updated_at, last_run";
 const RECORD_COLUMNS: &str = "idx, task_id, status, answer, error_kind, error_message, error_status, \
      input_tokens, output_tokens, latency_ms, attempts, finish_reason, model, request_id, finished_at, \
-     usage_estimated, cached_input_tokens, kept";
+     usage_estimated, cached_input_tokens, kept, calls";
 
 fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let settings: String = row.get(4)?;
@@ -270,6 +286,7 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         usage_estimated: row.get(15)?,
         cached_input_tokens: row.get::<_, i64>(16)? as u64,
         kept: row.get(17)?,
+        calls: row.get(18)?,
     })
 }
 
@@ -412,10 +429,47 @@ impl Store {
     /// Records finished tasks in one transaction (a record replaces an earlier
     /// one for the same index: a retried failure).
     pub fn record(&mut self, job: i64, records: &[Record]) -> Result<()> {
+        self.commit(job, records, &[])
+    }
+
+    /// Records finished tasks and what happened to the run meanwhile, in one
+    /// transaction.
+    pub fn commit(&mut self, job: i64, records: &[Record], events: &[RunEvent]) -> Result<()> {
         let context = || format!("cannot save {} results", records.len());
         let transaction = self.conn.transaction().context(context)?;
         insert_records(&transaction, job, records.iter().map(|r| (r, r.index))).context(context)?;
+        insert_events(&transaction, job, events).context(context)?;
         transaction.commit().context(context)
+    }
+
+    /// Calls `each` with a job's run events, oldest first.
+    pub fn each_event<E: From<StoreError>>(
+        &self,
+        job: i64,
+        mut each: impl FnMut(RunEvent) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let context = || "cannot read the job's run events".to_string();
+        let mut statement = self
+            .conn
+            .prepare(
+                "SELECT at_ms, kind, value, detail FROM run_events WHERE job_id = ?1 \
+                 ORDER BY at_ms, rowid",
+            )
+            .context(context)?;
+        let rows = statement
+            .query_map([job], |row| {
+                Ok(RunEvent {
+                    at_ms: row.get(0)?,
+                    kind: row.get(1)?,
+                    value: row.get(2)?,
+                    detail: row.get(3)?,
+                })
+            })
+            .context(context)?;
+        for row in rows {
+            each(row.context(context)?)?;
+        }
+        Ok(())
     }
 
     /// Adds `records` after the job's last, whatever indexes they carry, and
@@ -561,7 +615,7 @@ fn insert_records<'a>(
 ) -> rusqlite::Result<()> {
     let mut insert = conn.prepare_cached(&format!(
         "INSERT OR REPLACE INTO tasks (job_id, {RECORD_COLUMNS}) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
     ))?;
     for (r, index) in records {
         insert.execute(params![
@@ -584,9 +638,23 @@ fn insert_records<'a>(
             r.usage_estimated,
             r.cached_input_tokens as i64,
             r.kept,
+            r.calls,
         ])?;
     }
     conn.prepare_cached("UPDATE jobs SET updated_at = ?2 WHERE id = ?1")
         .and_then(|mut update| update.execute(params![job, now()]))?;
+    Ok(())
+}
+
+fn insert_events(conn: &Connection, job: i64, events: &[RunEvent]) -> rusqlite::Result<()> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO run_events (job_id, at_ms, kind, value, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for event in events {
+        insert.execute(params![job, event.at_ms, event.kind, event.value, event.detail])?;
+    }
     Ok(())
 }

@@ -36,6 +36,14 @@ CREATE TABLE IF NOT EXISTS tasks (
     kept          TEXT,
     PRIMARY KEY (job_id, idx)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS run_events (
+    job_id INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    at_ms  INTEGER NOT NULL,
+    kind   TEXT NOT NULL,
+    value  REAL NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS run_events_by_job ON run_events (job_id, at_ms);
 CREATE TABLE IF NOT EXISTS cache (
     key        TEXT PRIMARY KEY,
     response   TEXT NOT NULL,
@@ -57,11 +65,12 @@ pub(crate) fn prepare(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Columns added after the first release (table, column, definition), added
 /// to stores made before them.
-const ADDED_COLUMNS: [(&str, &str, &str); 4] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 5] = [
     ("tasks", "usage_estimated", "INTEGER NOT NULL DEFAULT 0"),
     ("tasks", "cached_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "last_run", "TEXT"),
     ("tasks", "kept", "TEXT"),
+    ("tasks", "calls", "TEXT"),
 ];
 
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {

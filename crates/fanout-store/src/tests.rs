@@ -170,3 +170,35 @@ fn appends_from_two_writers_never_share_an_index() {
     let store = Store::open(&path).unwrap();
     assert_eq!(store.finished(job.id, true).unwrap().len(), 200);
 }
+
+/// A commit stores records with their call history and the run's events
+/// together; events come back oldest first, and go with their job.
+#[test]
+fn run_events_and_call_history_are_stored_with_the_records() {
+    let mut store = Store::open(Path::new(":memory:")).unwrap();
+    let settings = serde_json::json!({});
+    let job = store.create_job("history", "in.jsonl", &fingerprint("a"), &settings).unwrap();
+    let event = |at_ms, kind: &str, value, detail: Option<&str>| RunEvent {
+        at_ms,
+        kind: kind.into(),
+        value,
+        detail: detail.map(str::to_owned),
+    };
+    let with_calls = Record { calls: Some("[[1,2]]".into()), ..record(0, "succeeded") };
+    let pause = event(2_000, "pause", 1_500.0, Some("429: slow down"));
+    let limit = event(1_000, "limit", 8.0, None);
+    store.commit(job.id, &[with_calls.clone()], &[pause.clone(), limit.clone()]).unwrap();
+    assert_eq!(store.record_at(job.id, 0).unwrap(), Some(with_calls));
+    let mut events = Vec::new();
+    store
+        .each_event::<StoreError>(job.id, |e| {
+            events.push(e);
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(events, [limit, pause]);
+    assert!(store.remove_job("history").unwrap());
+    let left: i64 =
+        store.conn.query_row("SELECT count(*) FROM run_events", [], |r| r.get(0)).unwrap();
+    assert_eq!(left, 0);
+}

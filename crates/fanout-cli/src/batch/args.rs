@@ -70,6 +70,10 @@ pub struct JobRunArgs {
     /// Seconds in-flight calls may take to finish after Ctrl-C
     #[arg(long, default_value_t = 30.0)]
     grace: f64,
+    /// Keep no history of each call (attempts, hedges, their times) or of the
+    /// run's pauses in the store: `fanout report` then shows no timeline
+    #[arg(long)]
+    no_history: bool,
 }
 
 impl JobRunArgs {
@@ -84,6 +88,7 @@ impl JobRunArgs {
             quiet: flags.quiet,
             json: flags.json,
             grace: Duration::from_secs_f64(self.grace.max(0.0)),
+            history: !self.no_history,
         }
     }
 }

@@ -24,6 +24,7 @@ use futures_util::{FutureExt, StreamExt};
 use super::job::OpenJob;
 use super::keep::KeptFields;
 use crate::exit::Ending;
+use crate::history::{self, RunLog};
 use crate::output::{Kept, Output};
 use crate::progress::Progress;
 use crate::record::{kept_of, to_record, to_result};
@@ -47,6 +48,8 @@ pub struct Committer {
     /// Cancelled when the output's reader has gone: no new calls start.
     drain: CancellationToken,
     output_closed: bool,
+    /// The run's events, committed with the results; `None` when no history is kept.
+    run_log: Option<RunLog>,
 }
 
 /// What ends a committer's work.
@@ -81,7 +84,14 @@ impl Committer {
             order: StoreOrder::new(in_memory),
             drain,
             output_closed: false,
+            run_log: None,
         }
+    }
+
+    /// Commits the run's events (pauses, limit changes) with the results.
+    pub fn with_run_log(mut self, run_log: Option<RunLog>) -> Self {
+        self.run_log = run_log;
+        self
     }
 
     /// Commits and writes every result of `results` on a thread of its own.
@@ -115,6 +125,10 @@ impl Committer {
             self.commit(&mut group)?;
         }
         let totals = runtime.block_on(results.totals());
+        if let Some(run_log) = &self.run_log {
+            run_log.push(history::kind::END, 0.0, None);
+            self.store.commit(self.job, &[], &run_log.take())?;
+        }
         self.write_out()?;
         self.store.set_total(self.job, totals.tasks as u64)?;
         self.progress.finish();
@@ -140,8 +154,9 @@ impl Committer {
                 record
             })
             .collect();
-        if !records.is_empty() {
-            self.store.record(self.job, &records)?;
+        let events = self.run_log.as_ref().map(RunLog::take).unwrap_or_default();
+        if !records.is_empty() || !events.is_empty() {
+            self.store.commit(self.job, &records, &events)?;
         }
         for ((held, stored), kept) in group.drain(..).zip(stored).zip(kept) {
             // Safe now: the slot may go to the next call.

@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::Refusal;
 use crate::cache::Cached;
 use crate::connect;
+use crate::history::{self, RunLog};
 use crate::input::Format;
 use crate::output::{Columns, Output, OutputFormat};
 use crate::progress::{self, Progress};
@@ -78,6 +79,8 @@ pub struct RunOptions {
     pub json: bool,
     /// After the first Ctrl-C, how long in-flight calls may take to finish.
     pub grace: Duration,
+    /// Whether the store keeps each call's history and the run's events.
+    pub history: bool,
 }
 
 /// Ctrl-C once: stop launching and let in-flight calls finish within the grace
@@ -173,6 +176,7 @@ async fn executor(
     progress: &Progress,
     interrupts: &Interrupts,
     spent: Usage,
+    run_log: &RunLog,
 ) -> Result<Executor> {
     let mut provider = connect::provider(&spec.settings, options.quiet).await.map_err(Refusal)?;
     if spent.total() == 0
@@ -185,10 +189,18 @@ async fn executor(
         let legacy_scope = crate::fingerprint::legacy_cache_scope(&spec.settings);
         provider = Arc::new(Cached::new(provider, scope, legacy_scope, &options.store)?);
     }
+    let (shown, logged) = (progress.events(), run_log.clone());
+    let history = options.history;
     Ok(connect::executor(&spec.settings, provider, spent)
         .drain_token(interrupts.drain.clone())
         .cancel_token(interrupts.cancel.clone())
-        .on_event(progress.events())
+        .call_history(history)
+        .on_event(move |event| {
+            shown(event);
+            if history {
+                logged.observe(event);
+            }
+        })
         .build())
 }
 
@@ -277,12 +289,16 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     let progress = Progress::new(open.lines, options.quiet, spec.settings.price);
     let interrupts = Interrupts::install(options.grace);
     let spent = job_usage(&open.store.summary(open.job.clone())?);
-    let executor = executor(&spec, &options, &progress, &interrupts, spent).await?;
+    let run_log = RunLog::default();
+    let executor = executor(&spec, &options, &progress, &interrupts, spent, &run_log).await?;
     let restore = Store::open(&options.store)?;
     let kept = KeptFields::default();
     let tasks =
         rows::tasks(&spec, prompt, restore, open.job.id, open.finished.clone(), kept.clone())
             .map_err(Refusal)?;
+    if options.history {
+        run_log.push(history::kind::START, executor.concurrency_limit() as f64, None);
+    }
     let results = executor.stream_held(futures_util::stream::iter(tasks));
     let columns = Columns {
         kept: kept_columns(&spec)?,
@@ -292,7 +308,8 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     let in_memory = committer::memory_budget(spec.settings.concurrency);
     let job_id = open.job.id;
     let committer =
-        Committer::new(open, output, kept, progress, in_memory, interrupts.drain.clone());
+        Committer::new(open, output, kept, progress, in_memory, interrupts.drain.clone())
+            .with_run_log(options.history.then(|| run_log.clone()));
     let Committed { ending, totals, output_closed } = committer.run(results).await?;
     let totals_json = serde_json::to_value(&totals).expect("totals serialize");
     Store::open(&options.store)?.set_last_run(job_id, &totals_json)?;

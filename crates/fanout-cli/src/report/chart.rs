@@ -4,6 +4,8 @@
 
 use std::fmt::Write;
 
+use super::calls::Calls;
+
 /// Bars of the over-time chart, and bins of the latency histogram.
 pub const BARS: usize = 120;
 pub const BINS: usize = 40;
@@ -115,6 +117,118 @@ pub fn latency(bins: &[(f64, f64, u64)], quantiles: &[(f64, f64)]) -> String {
     svg("latency distribution", &body)
 }
 
+/// One lane per concurrency slot the calls used, each call a bar coloured by
+/// what it was and how it ended, and every pause of the run a band across
+/// all lanes.
+pub fn timeline(calls: &Calls) -> String {
+    let (Some(first), Some(last)) = (calls.first_ms, calls.last_ms) else {
+        return String::new();
+    };
+    let pauses = calls.pauses.iter().map(|&(at, ms, _)| (at, at + ms as i64));
+    let (first, last) = pauses.fold((first, last), |(f, l), (from, to)| (f.min(from), l.max(to)));
+    let span = (last - first).max(1) as f64;
+    let x_of = |ms: i64| (ms - first) as f64 / span * WIDTH;
+    let (placed, lanes) = calls.lanes();
+    let lane_height = (300.0 / lanes.max(1) as f64).clamp(2.0, 12.0);
+    let height = lanes as f64 * lane_height;
+    let mut by_lane = vec![String::new(); lanes];
+    for (lane, drawn) in placed {
+        let x = x_of(drawn.sent_ms);
+        let width = (f64::from(drawn.elapsed_ms) / span * WIDTH).max(0.8);
+        let _ = write!(
+            by_lane[lane],
+            r#"<rect class="call {}" x="{x:.1}" y="{:.1}" width="{width:.1}" height="{:.1}"><title>row {}: {}, {}</title></rect>"#,
+            drawn.look.class(),
+            lane as f64 * lane_height,
+            (lane_height - 0.5).max(1.0),
+            drawn.index,
+            drawn.what,
+            duration(f64::from(drawn.elapsed_ms)),
+        );
+    }
+    let mut body = String::new();
+    for lane in by_lane {
+        let _ = write!(body, r#"<g class="lane">{lane}</g>"#);
+    }
+    for &(at, ms, _) in &calls.pauses {
+        let _ = write!(
+            body,
+            r#"<rect class="pause" x="{:.1}" y="0" width="{:.1}" height="{height:.1}"><title>every call paused {}</title></rect>"#,
+            x_of(at),
+            (ms / span * WIDTH).max(1.0),
+            duration(ms),
+        );
+    }
+    let _ = write!(
+        body,
+        r#"<text x="0" y="{y}">{}</text><text x="{WIDTH}" y="{y}" text-anchor="end">{}</text><text x="{mid}" y="{y}" text-anchor="middle">{lanes} lanes over {}</text>"#,
+        clock(first.div_euclid(1000)),
+        clock(last.div_euclid(1000)),
+        duration(span),
+        y = height + AXIS - 4.0,
+        mid = WIDTH / 2.0,
+    );
+    let total = height + AXIS;
+    format!(
+        r#"<svg class="chart timeline" role="img" aria-label="timeline of the calls" viewBox="0 0 {WIDTH} {total}" width="100%" preserveAspectRatio="none">{body}</svg>"#
+    )
+}
+
+/// Calls in flight (the average over each bucket), with the concurrency
+/// limit as a line and the 429s that came back as red bars:
+/// buckets of `(start, seconds, in flight, sent, 429s)`.
+pub fn load(buckets: &[(i64, i64, f64, u64, u64)], limits: &[(i64, f64)]) -> String {
+    let Some(&(first, width_s, ..)) = buckets.first() else { return String::new() };
+    let most_limit = limits.iter().map(|l| l.1).fold(0.0, f64::max);
+    let most = buckets.iter().map(|b| b.2).fold(most_limit, f64::max).max(1.0);
+    let most_limited = buckets.iter().map(|b| b.4).max().unwrap_or(0).max(1);
+    let width = WIDTH / buckets.len() as f64;
+    let span_s = (buckets.len() as i64 * width_s) as f64;
+    let mut body = String::new();
+    for (i, &(start, seconds, in_flight, sent, limited)) in buckets.iter().enumerate() {
+        let x = i as f64 * width;
+        let h = in_flight / most * (HEIGHT - 4.0);
+        let red = limited as f64 / most_limited as f64 * HEIGHT / 3.0;
+        let title = format!(
+            "{} +{seconds} s: {in_flight:.1} in flight, {sent} sent, {limited} rate-limited",
+            clock(start)
+        );
+        let _ = write!(
+            body,
+            r#"<g><title>{title}</title><rect class="inflight" x="{x:.1}" y="{:.1}" width="{w:.1}" height="{h:.1}"/><rect class="limited" x="{x:.1}" y="{:.1}" width="{w:.1}" height="{red:.1}"/></g>"#,
+            HEIGHT - h,
+            HEIGHT - red,
+            w = (width - 1.0).max(0.5),
+        );
+    }
+    if !limits.is_empty() {
+        // A step line: each limit holds until the next.
+        let y_of = |limit: f64| HEIGHT - limit / most * (HEIGHT - 4.0);
+        let x_of =
+            |ms: i64| ((ms as f64 / 1000.0 - first as f64) / span_s * WIDTH).clamp(0.0, WIDTH);
+        let mut points = String::new();
+        for (i, &(at, limit)) in limits.iter().enumerate() {
+            let x = x_of(at);
+            if i > 0 {
+                let _ = write!(points, "{x:.1},{:.1} ", y_of(limits[i - 1].1));
+            }
+            let _ = write!(points, "{x:.1},{:.1} ", y_of(limit));
+        }
+        let _ = write!(points, "{WIDTH:.1},{:.1}", y_of(limits[limits.len() - 1].1));
+        let _ = write!(body, r#"<polyline class="limit" points="{points}"/>"#);
+    }
+    let (last, per) = (first + span_s as i64, width_s);
+    let _ = write!(
+        body,
+        r#"<text x="0" y="{y}">{}</text><text x="{WIDTH}" y="{y}" text-anchor="end">{}</text><text x="{mid}" y="{y}" text-anchor="middle">most in flight: {most:.0}; a bar is {per} s</text>"#,
+        clock(first),
+        clock(last),
+        y = HEIGHT + AXIS - 4.0,
+        mid = WIDTH / 2.0,
+    );
+    svg("calls in flight and 429s over time", &body)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -137,5 +251,39 @@ mod tests {
         assert_eq!(drawn.matches("class=\"quantile\" x1").count(), 2);
         assert!(drawn.contains("p99 35 ms"), "{drawn}");
         assert_eq!(over_time(&[]), "");
+    }
+
+    #[test]
+    fn the_timeline_has_a_lane_per_slot_and_a_band_per_pause() {
+        use crate::history::{Role, StoredCall};
+        let mut calls = Calls::default();
+        let call = |sent_ms, end: &str| StoredCall {
+            sent_ms,
+            elapsed_ms: 400,
+            role: Role::First,
+            end: end.into(),
+            status: None,
+            first_token_ms: None,
+            input_tokens: 0,
+            output_tokens: 0,
+        };
+        calls.add(0, &call(1_000, "rate_limited"));
+        calls.add(1, &call(1_100, "ok"));
+        calls.add_event(&fanout_store::RunEvent {
+            at_ms: 1_400,
+            kind: "pause".into(),
+            value: 1_000.0,
+            detail: Some("429".into()),
+        });
+        let drawn = timeline(&calls);
+        assert_eq!(drawn.matches(r#"<g class="lane">"#).count(), 2);
+        assert_eq!(drawn.matches(r#"class="pause""#).count(), 1);
+        assert!(
+            drawn.contains(r#"class="call limited""#) && drawn.contains("every call paused 1.00 s")
+        );
+        assert_eq!(timeline(&Calls::default()), "");
+        let drawn = load(&calls.load(10), &[(1_000, 4.0), (1_500, 2.0)]);
+        assert_eq!(drawn.matches(r#"class="limit""#).count(), 1);
+        assert!(drawn.contains("rate-limited"), "{drawn}");
     }
 }

@@ -7,6 +7,7 @@
 //! thousand-row one. Batch and proxy jobs alike.
 
 mod aggregate;
+mod calls;
 mod chart;
 
 use std::path::PathBuf;
@@ -18,9 +19,11 @@ use minijinja::Environment;
 use serde_json::json;
 
 use crate::Refusal;
+use crate::history;
 use crate::jobs::{job_cost, when};
 use crate::settings::{self, Flags};
 use aggregate::Aggregate;
+use calls::Calls;
 
 #[derive(clap::Args, Debug)]
 pub struct ReportArgs {
@@ -42,18 +45,30 @@ pub fn command(flags: &Flags, args: ReportArgs) -> Result<ExitCode> {
     };
     let summary = store.summary(job.clone())?;
     let mut folded = Aggregate::default();
+    let mut calls = Calls::default();
     store.each_record::<anyhow::Error>(job.id, |record| {
         folded.add(&record);
+        for call in history::decode(record.calls.as_deref()) {
+            calls.add(record.index, &call);
+        }
         Ok(())
     })?;
-    let html = render(&summary, &mut folded)?;
+    store.each_event::<anyhow::Error>(job.id, |event| {
+        calls.add_event(&event);
+        Ok(())
+    })?;
+    let html = render(&summary, &mut folded, &calls)?;
     let output = args.output.unwrap_or_else(|| PathBuf::from(format!("{}.html", args.name)));
     std::fs::write(&output, html).with_context(|| format!("cannot write {}", output.display()))?;
     eprintln!("fanout: the report on job `{}` is in {}", args.name, output.display());
     Ok(ExitCode::SUCCESS)
 }
 
-fn render(summary: &fanout_store::JobSummary, folded: &mut Aggregate) -> Result<String> {
+fn render(
+    summary: &fanout_store::JobSummary,
+    folded: &mut Aggregate,
+    calls: &Calls,
+) -> Result<String> {
     let quantiles: Vec<_> =
         [0.5, 0.9, 0.99].into_iter().filter_map(|q| Some((q, folded.quantile(q)?))).collect();
     let cost = job_cost(summary);
@@ -84,6 +99,15 @@ fn render(summary: &fanout_store::JobSummary, folded: &mut Aggregate) -> Result<
         "failed": folded.failed.iter().map(row).collect::<Vec<_>>(),
         "failed_more": folded.errors_by_kind.values().sum::<u64>().saturating_sub(folded.failed.len() as u64),
         "settings": serde_json::to_string_pretty(&summary.job.settings)?,
+        "calls": {"all": calls.calls, "retries": calls.retries, "hedges": calls.hedges,
+                  "repairs": calls.repairs, "rate_limited": calls.rate_limited,
+                  "cancelled": calls.cancelled, "drawn": calls.sample.len(),
+                  "complete": calls.complete()},
+        "timeline": chart::timeline(calls),
+        "load": chart::load(&calls.load(chart::BARS), &calls.limits),
+        "pauses": calls.pauses.iter().take(aggregate::LISTED).map(|(at, ms, cause)| json!({
+            "at": when(at.div_euclid(1000)), "length": chart::duration(*ms), "cause": cause})).collect::<Vec<_>>(),
+        "pauses_more": calls.pauses.len().saturating_sub(aggregate::LISTED),
     });
     let mut environment = Environment::new();
     // Named .html, so every value is escaped (a row's id or error is the user's text).

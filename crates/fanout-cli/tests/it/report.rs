@@ -1,6 +1,6 @@
 //! `fanout report`: one self-contained HTML file for a job, batch or proxy.
 
-use fanout_mock::{Config, MockServer};
+use fanout_mock::{Config, Limit, MockServer};
 
 use crate::{Home, run, stderr};
 
@@ -38,7 +38,7 @@ async fn a_batch_with_failures_is_reported_in_one_file() {
     let output = run(command).await;
     assert!(output.status.success(), "{}", stderr(&output));
     let html = std::fs::read_to_string(&report).unwrap();
-    assert_eq!(html.matches("<svg class=\"chart\"").count(), 2, "over time and latency");
+    assert_eq!(html.matches("<svg class=\"chart").count(), 4, "timeline, load, over time, latency");
     assert!(html.contains("p50 latency") && html.contains("p99 latency"), "{html}");
     let listed = html.matches("<td class=\"error\">server (HTTP 500)").count() as u64;
     assert_eq!(listed, failed.min(20), "the failed rows, with their errors");
@@ -50,7 +50,19 @@ async fn a_batch_with_failures_is_reported_in_one_file() {
     }
 
     // As a browser renders it: no console message, and the parts are there.
-    let Some(chromium) = chromium() else { return };
+    let Some(dom) = rendered(&home, &report).await else { return };
+    let part =
+        |id: &str| dom.split(&format!("id=\"{id}\"")).nth(1).unwrap_or_else(|| panic!("no #{id}"));
+    assert!(part("over-time").trim_start().starts_with("><svg"), "a chart of time");
+    assert!(part("latency").contains("class=\"quantile\""), "quantile lines");
+    let failed_rows = part("failed").split("</table>").next().unwrap().matches("<tr>").count();
+    assert_eq!(failed_rows as u64, failed.min(20) + 1, "the failed rows and the header");
+}
+
+/// The report's DOM as headless Chromium rendered it, once it said nothing on
+/// its console; `None` without a browser (outside CI).
+async fn rendered(home: &Home, report: &std::path::Path) -> Option<String> {
+    let chromium = chromium()?;
     let profile = home.path("chromium-profile");
     let mut browser = std::process::Command::new(chromium);
     browser
@@ -63,13 +75,61 @@ async fn a_batch_with_failures_is_reported_in_one_file() {
     let said = stderr(&rendered);
     let console: Vec<&str> = said.lines().filter(|l| l.contains(":CONSOLE")).collect();
     assert!(console.is_empty(), "the page said: {console:?}");
-    let dom = String::from_utf8_lossy(&rendered.stdout);
+    Some(String::from_utf8_lossy(&rendered.stdout).into_owned())
+}
+
+/// A job with retries, hedges, 429s and the pauses they caused, and rows that
+/// failed: the timeline has its lanes, its coloured calls and a band per
+/// pause, the load chart its limit line, and the failed rows are listed — in
+/// the file and in the DOM Chromium renders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_timeline_shows_retries_hedges_pauses_and_failures() {
+    let config = Config {
+        latency: std::time::Duration::from_millis(40),
+        error_rate: 0.3,
+        hang_rate: 0.1,
+        hang: std::time::Duration::from_secs(2),
+        rpm: Some(Limit { per_minute: 1_200, burst: 8 }),
+        seed: 5,
+        ..Config::default()
+    };
+    let server = MockServer::start(config).await.unwrap();
+    let home = Home::new();
+    let path = home.write("rows.jsonl", crate::rows(60));
+    let mut batch = home.fanout();
+    batch
+        .args(["--provider", "openai", "--base-url", &server.openai_base_url(), "-q"])
+        .args(["--retries", "1", "--hedge-after", "0.3", "--hedge-budget", "0.5", "-c", "8"])
+        .args(["batch"])
+        .arg(&path)
+        .args(["--prompt", "Grade {{ essay }}", "--id", "id", "--job", "eventful"]);
+    let output = run(batch).await;
+    assert_eq!(output.status.code(), Some(3), "some rows failed: {}", stderr(&output));
+    let stats = server.stats();
+    assert!(stats.count(429) > 0 && stats.count(500) > 0, "{stats:?}");
+
+    let report = home.path("eventful.html");
+    let mut command = home.fanout();
+    command.args(["report", "eventful", "-o"]).arg(&report);
+    let output = run(command).await;
+    assert!(output.status.success(), "{}", stderr(&output));
+    let html = std::fs::read_to_string(&report).unwrap();
+    for drawn in ["call ok", "call retry", "call hedge", "call limited", "call failed"] {
+        assert!(html.contains(&format!("class=\"{drawn}\"")), "a {drawn} bar: {html}");
+    }
+    assert!(html.contains("class=\"pause\""), "a pause band");
+    assert!(html.contains("class=\"limit\""), "the concurrency limit line");
+    assert!(html.contains("<tr class=\"pause-row\">"), "the pauses listed");
+
+    let Some(dom) = rendered(&home, &report).await else { return };
     let part =
         |id: &str| dom.split(&format!("id=\"{id}\"")).nth(1).unwrap_or_else(|| panic!("no #{id}"));
-    assert!(part("over-time").trim_start().starts_with("><svg"), "a chart of time");
-    assert!(part("latency").contains("class=\"quantile\""), "quantile lines");
-    let failed_rows = part("failed").split("</table>").next().unwrap().matches("<tr>").count();
-    assert_eq!(failed_rows as u64, failed.min(20) + 1, "the failed rows and the header");
+    let timeline = part("timeline").split("id=\"load\"").next().unwrap();
+    assert!(timeline.matches("<g class=\"lane\">").count() >= 2, "lanes: {timeline}");
+    assert!(timeline.contains("class=\"pause\""), "the pause band is drawn");
+    assert!(part("load").contains("class=\"limit\""), "the limit line is drawn");
+    let failed = part("failed").split("</table>").next().unwrap();
+    assert!(failed.matches("<tr>").count() > 1, "the failed rows: {failed}");
 }
 
 /// Headless Chromium (`.ci/run` installs Debian's `chromium`; or

@@ -27,6 +27,8 @@ struct Counts {
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
     cached_input_tokens: AtomicU64,
+    /// When the latest 429 pause of every call ends.
+    paused_until: Mutex<Option<Instant>>,
 }
 
 impl Counts {
@@ -41,6 +43,7 @@ impl Counts {
     }
 }
 
+#[derive(Clone)]
 pub struct Progress {
     bar: ProgressBar,
     counts: Arc<Counts>,
@@ -67,30 +70,43 @@ impl Progress {
     /// Counts attempts in flight, retries, 429s and hedges as the executor
     /// reports them.
     pub fn events(&self) -> impl Fn(&Event) + Send + Sync + 'static {
-        let counts = Arc::clone(&self.counts);
-        move |event| match event {
-            Event::Started { index, .. } => {
-                counts.in_flight.lock().expect("never poisoned").insert(*index);
-                counts.calls.fetch_add(1, Ordering::Relaxed);
-            }
-            Event::Retrying { index, error, .. } => {
-                counts.in_flight.lock().expect("never poisoned").remove(index);
-                counts.retries.fetch_add(1, Ordering::Relaxed);
-                if error.is_rate_limited() {
-                    counts.rate_limited.fetch_add(1, Ordering::Relaxed);
+        let progress = self.clone();
+        move |event| {
+            let counts = &progress.counts;
+            match event {
+                Event::Started { index, .. } => {
+                    counts.in_flight.lock().expect("never poisoned").insert(*index);
+                    counts.calls.fetch_add(1, Ordering::Relaxed);
                 }
+                Event::Retrying { index, error, .. } => {
+                    counts.in_flight.lock().expect("never poisoned").remove(index);
+                    counts.retries.fetch_add(1, Ordering::Relaxed);
+                    if error.is_rate_limited() {
+                        counts.rate_limited.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Event::Finished { index, .. } => {
+                    counts.in_flight.lock().expect("never poisoned").remove(index);
+                }
+                Event::Repairing { index, .. } => {
+                    counts.in_flight.lock().expect("never poisoned").remove(index);
+                    counts.repairs.fetch_add(1, Ordering::Relaxed);
+                }
+                Event::Hedged { .. } => {
+                    counts.hedges.fetch_add(1, Ordering::Relaxed);
+                }
+                Event::Paused { duration, .. } => {
+                    let until = Instant::now() + *duration;
+                    let mut paused = counts.paused_until.lock().expect("never poisoned");
+                    *paused = Some(paused.map_or(until, |p| p.max(until)));
+                    drop(paused);
+                    // Nothing finishes while every call waits: say so now.
+                    if !progress.bar.is_hidden() {
+                        progress.bar.set_message(progress.line());
+                    }
+                }
+                _ => {}
             }
-            Event::Finished { index, .. } => {
-                counts.in_flight.lock().expect("never poisoned").remove(index);
-            }
-            Event::Repairing { index, .. } => {
-                counts.in_flight.lock().expect("never poisoned").remove(index);
-                counts.repairs.fetch_add(1, Ordering::Relaxed);
-            }
-            Event::Hedged { .. } => {
-                counts.hedges.fetch_add(1, Ordering::Relaxed);
-            }
-            _ => {}
         }
     }
 
@@ -132,6 +148,10 @@ impl Progress {
         let repairs = counts.repairs.load(Ordering::Relaxed);
         if repairs > 0 {
             line.push_str(&format!(" repairs {repairs}"));
+        }
+        let paused_until = *counts.paused_until.lock().expect("never poisoned");
+        if let Some(left) = paused_until.and_then(|u| u.checked_duration_since(Instant::now())) {
+            line.push_str(&format!(" | paused {:.1} s (429)", left.as_secs_f64()));
         }
         if let Some(price) = self.price {
             let spent = price.cost(usage);
@@ -235,4 +255,30 @@ pub fn summary(totals: &Totals) -> String {
         );
     }
     table.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A 429 pause shows on the live line while it lasts, with the hedges and 429s.
+    #[test]
+    fn the_line_says_a_pause_is_on() {
+        let progress = Progress::new(Some(10), true, None);
+        let events = progress.events();
+        assert!(!progress.line().contains("paused"));
+        let error = fanout::ProviderError::from_status(429, "slow down");
+        events(&Event::Retrying {
+            index: 0,
+            id: "0".into(),
+            attempt: 1,
+            error: error.clone(),
+            delay: Duration::from_secs(60),
+        });
+        events(&Event::Paused { duration: Duration::from_secs(60), error });
+        events(&Event::Hedged { index: 1, id: "1".into(), attempt: 1 });
+        let line = progress.line();
+        assert!(line.contains("| paused 6") && line.contains("(429)"), "{line}");
+        assert!(line.contains("429s 1 retries 1 hedges 1"), "{line}");
+    }
 }

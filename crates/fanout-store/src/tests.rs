@@ -187,7 +187,9 @@ fn run_events_and_call_history_are_stored_with_the_records() {
     let with_calls = Record { calls: Some("[[1,2]]".into()), ..record(0, "succeeded") };
     let pause = event(2_000, "pause", 1_500.0, Some("429: slow down"));
     let limit = event(1_000, "limit", 8.0, None);
-    store.commit(job.id, &[with_calls.clone()], &[pause.clone(), limit.clone()]).unwrap();
+    store
+        .commit(job.id, std::slice::from_ref(&with_calls), &[pause.clone(), limit.clone()])
+        .unwrap();
     assert_eq!(store.record_at(job.id, 0).unwrap(), Some(with_calls));
     let mut events = Vec::new();
     store

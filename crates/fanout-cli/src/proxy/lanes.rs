@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 use fanout::{
-    Branch, BranchResults, Calls, CancellationToken, Executor, NotRun, Outcome, Request, Usage,
+    Branch, BranchResults, Calls, CancellationToken, Executor, NotRun, Outcome, Request,
+    TaskResult, Usage,
 };
 use tokio::sync::{OnceCell, oneshot};
 
@@ -118,14 +119,15 @@ pub struct Queued {
 
 impl Queued {
     /// Sends `request` through the lane's call path. Dropping the future
-    /// (the client went away) cancels the call upstream.
-    pub async fn complete(&self, request: Request) -> Outcome {
-        let outcome = self.lane.calls.complete(request).await;
-        if matches!(outcome, Outcome::NotRun(NotRun::CircuitOpen(_))) {
+    /// (the client went away) cancels the call upstream. The result
+    /// carries the history of the call's attempts.
+    pub async fn complete(&self, request: Request) -> TaskResult {
+        let result = self.lane.calls.complete_result(request).await;
+        if matches!(result.outcome, Outcome::NotRun(NotRun::CircuitOpen(_))) {
             let mut broken_since = self.lane.broken_since.lock().expect("never poisoned");
             broken_since.get_or_insert_with(Instant::now);
         }
-        outcome
+        result
     }
 }
 

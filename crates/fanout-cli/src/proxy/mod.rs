@@ -380,11 +380,11 @@ async fn call(
             std::future::pending::<()>().await;
         }
     };
-    let outcome = tokio::select! {
+    let (outcome, calls) = tokio::select! {
         biased;
-        () = cancel.cancelled() => Outcome::Cancelled { attempts: 0 },
-        outcome = queued.complete(request) => outcome,
-        () = too_long => Outcome::TimedOut { timeout: Timeout::Task, attempts: 0 },
+        () = cancel.cancelled() => (Outcome::Cancelled { attempts: 0 }, Vec::new()),
+        result = queued.complete(request) => (result.outcome, result.calls),
+        () = too_long => (Outcome::TimedOut { timeout: Timeout::Task, attempts: 0 }, Vec::new()),
     };
     proxy.stats.ended(&outcome);
     drop((queued, in_flight));
@@ -399,7 +399,11 @@ async fn call(
             finished_at: fanout_store::now(),
             ..Record::default()
         }),
-        _ => to_record(&TaskResult::new(0, recorded.id, outcome.clone())),
+        _ => {
+            let mut result = TaskResult::new(0, recorded.id, outcome.clone());
+            result.calls = calls;
+            to_record(&result)
+        }
     };
     if let Some(mut record) = record {
         // As the client saw it: its wait for a turn included.

@@ -29,7 +29,7 @@ use calls::Calls;
 pub struct ReportArgs {
     /// The job to report on (`fanout jobs list` names them)
     name: String,
-    /// Where to write the HTML [default: NAME.html]
+    /// Where to write the HTML; `-` for standard output [default: NAME.html]
     #[arg(short, long)]
     output: Option<PathBuf>,
 }
@@ -59,6 +59,15 @@ pub fn command(flags: &Flags, args: ReportArgs) -> Result<ExitCode> {
     })?;
     let html = render(&summary, &mut folded, &calls)?;
     let output = args.output.unwrap_or_else(|| PathBuf::from(format!("{}.html", args.name)));
+    if output.as_os_str() == "-" {
+        use std::io::Write;
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(html.as_bytes())
+            .and_then(|()| stdout.flush())
+            .context("cannot write the report")?;
+        return Ok(ExitCode::SUCCESS);
+    }
     std::fs::write(&output, html).with_context(|| format!("cannot write {}", output.display()))?;
     eprintln!("fanout: the report on job `{}` is in {}", args.name, output.display());
     Ok(ExitCode::SUCCESS)

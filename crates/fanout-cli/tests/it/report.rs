@@ -48,6 +48,10 @@ async fn a_batch_with_failures_is_reported_in_one_file() {
     for external in ["src=", "href=", "<link", "@import", "url("] {
         assert!(!html.contains(external), "self-contained: {external} in the report");
     }
+    let mut to_stdout = home.fanout();
+    to_stdout.args(["report", "graded", "-o", "-"]);
+    let printed = run(to_stdout).await;
+    assert!(printed.status.success() && printed.stdout == html.as_bytes(), "-o - prints it");
 
     // As a browser renders it: no console message, and the parts are there.
     let Some(dom) = rendered(&home, &report).await else { return };

@@ -140,17 +140,8 @@ impl Call<'_> {
     ) -> Outcome {
         // Read by the cancellation branch while the attempts future is dropped.
         let attempts = AtomicU32::new(0);
-        let work = AssertUnwindSafe(attempt_until_done(
-            self.run,
-            self.index,
-            self.id,
-            self.request,
-            self.sequence,
-            &attempts,
-            slot,
-            history,
-        ))
-        .catch_unwind();
+        let work =
+            AssertUnwindSafe(attempt_until_done(self, &attempts, slot, history)).catch_unwind();
         let bounded = async {
             match limit {
                 Some(limit) => timeout(limit, work).await.ok(),
@@ -189,15 +180,12 @@ pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 }
 
 async fn attempt_until_done(
-    run: &Run,
-    index: usize,
-    id: &TaskId,
-    request: &Request,
-    sequence: u64,
+    call: &Call<'_>,
     attempts: &AtomicU32,
     slot: &mut Option<Permit>,
     history: &History,
 ) -> Outcome {
+    let Call { run, index, id, request, sequence } = *call;
     let exec = &*run.exec;
     let mut reserved = exec.limits.reservation(&*exec.provider, request);
     if let Err(error) = exec.limits.check_fits(reserved) {

@@ -9,6 +9,7 @@ use crate::Refusal;
 use crate::connect;
 use crate::exit::Ending;
 use crate::output;
+use crate::recorded::{self, Recording};
 use crate::settings::{Flags, Settings};
 
 #[derive(Debug, clap::Args)]
@@ -44,8 +45,10 @@ pub async fn command(flags: &Flags, args: AskArgs) -> Result<ExitCode> {
     request.temperature = settings.temperature;
     request.max_tokens = settings.max_tokens;
     connect::check_budget_fits(&settings, &*provider, &request).map_err(Refusal)?;
-    let report =
-        connect::executor(&settings, provider, Usage::default()).build().run([request]).await;
+    let recording = Recording::start(flags, &settings, "ask", "-");
+    let builder = connect::executor(&settings, provider, Usage::default());
+    let report = recorded::attach(recording.as_ref(), builder).build().run([request]).await;
+    drop(recording);
     let result = &report.results[0];
     if flags.json {
         println!("{}", output::result_line(result));

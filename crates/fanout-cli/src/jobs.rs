@@ -91,6 +91,7 @@ fn summary_json(summary: &JobSummary) -> serde_json::Value {
         "cached_input_tokens": summary.cached_input_tokens,
         "last_run": summary.job.last_run,
         "name": summary.job.name,
+        "command": summary.job.settings.get("command").and_then(|c| c.as_str()).unwrap_or("batch"),
         "input": summary.job.input,
         "created": when(summary.job.created_at),
         "updated": when(summary.job.updated_at),
@@ -203,6 +204,13 @@ fn remove(store: &Path, name: &str) -> Result<ExitCode> {
 /// budget) apply, and are kept for the next resume.
 async fn resume(options: RunOptions, flags: &Flags) -> Result<ExitCode> {
     let job = find(&open(&options.store)?, &options.job)?;
+    if let Some(command) = job.settings.get("command").and_then(|c| c.as_str()) {
+        return Err(Refusal(anyhow!(
+            "job `{}` is a `fanout {command}` run, not a batch: run the command again",
+            options.job
+        ))
+        .into());
+    }
     let mut spec: Spec = serde_json::from_value(job.settings).map_err(|e| {
         Refusal(anyhow!("job `{}` was saved by another version of fanout: {e}", options.job))
     })?;

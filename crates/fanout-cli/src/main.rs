@@ -22,6 +22,7 @@ mod patterns;
 mod progress;
 mod proxy;
 mod record;
+mod recorded;
 mod report;
 mod schema;
 mod settings;

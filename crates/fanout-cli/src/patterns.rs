@@ -22,14 +22,23 @@ use crate::connect;
 use crate::documents;
 use crate::exit::{Ending, Exit};
 use crate::input::{self, Content};
+use crate::recorded::{self, Recording};
 use crate::settings::{self, Flags, Settings};
 use crate::template::Prompt;
 use crate::tools::ToolArgs;
 
-async fn executor(flags: &Flags) -> Result<(Executor, Settings)> {
+/// The executor of a `command` run reading `source`, recording its calls
+/// in a job of its own (kept until the recording is dropped).
+async fn executor(
+    flags: &Flags,
+    command: &str,
+    source: &str,
+) -> Result<(Executor, Settings, Option<Recording>)> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
     let provider = connect::provider(&settings, flags.quiet).await.map_err(Refusal)?;
-    Ok((connect::executor(&settings, provider, fanout::Usage::default()).build(), settings))
+    let recording = Recording::start(flags, &settings, command, source);
+    let builder = connect::executor(&settings, provider, fanout::Usage::default());
+    Ok((recorded::attach(recording.as_ref(), builder).build(), settings, recording))
 }
 
 /// Says every failure on stderr, named (even when stdout is JSON or shows it
@@ -165,7 +174,8 @@ impl VoteArgs {
 const SAMPLE_TEMPERATURE: f32 = 0.7;
 
 pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
-    let (executor, settings) = executor(flags).await?;
+    let source = args.input.as_ref().map_or("-".into(), |p| p.display().to_string());
+    let (executor, settings, _recording) = executor(flags, "vote", &source).await?;
     let options = args.options()?;
     let temperature = settings.temperature.unwrap_or(SAMPLE_TEMPERATURE);
     if let Some(path) = &args.input {
@@ -322,7 +332,7 @@ async fn agent(flags: &Flags, tools: &ToolArgs) -> Result<Option<Agent>> {
 }
 
 pub async fn run_sections(flags: &Flags, args: SectionsArgs) -> Result<ExitCode> {
-    let (executor, settings) = executor(flags).await?;
+    let (executor, settings, _recording) = executor(flags, "sections", "-").await?;
     let agent = agent(flags, &args.tools).await?;
     let parts = args
         .sections
@@ -359,7 +369,8 @@ pub struct MapReduceArgs {
 
 pub async fn run_map_reduce(flags: &Flags, args: MapReduceArgs) -> Result<ExitCode> {
     let documents = documents::gather(&args.paths, args.field.as_deref())?;
-    let (executor, _) = executor(flags).await?;
+    let source = args.paths.join(" ");
+    let (executor, _, _recording) = executor(flags, "map-reduce", &source).await?;
     let options = MapReduceOptions {
         chunk_tokens: args.chunk_tokens,
         overlap_tokens: args.overlap_tokens,
@@ -432,7 +443,8 @@ pub async fn run_perspectives(flags: &Flags, args: PerspectivesArgs) -> Result<E
             .filter_map(|n| perspectives::builtin(n))
             .collect();
     }
-    let (executor, _) = executor(flags).await?;
+    let source = args.input.display().to_string();
+    let (executor, _, _recording) = executor(flags, "perspectives", &source).await?;
     let agent = agent(flags, &args.tools).await?;
     let synthesis =
         (!args.no_synthesis).then(|| args.synthesize.as_deref().unwrap_or(DEFAULT_SYNTHESIS));
@@ -485,7 +497,8 @@ pub async fn run_workflow(flags: &Flags, args: WorkflowArgs) -> Result<ExitCode>
                 .map_err(|e| Refusal(anyhow!("{}: step `{step}`: {e}", args.workflow.display())))?;
         }
     }
-    let (executor, _) = executor(flags).await?;
+    let source = args.workflow.display().to_string();
+    let (executor, _, _recording) = executor(flags, "run", &source).await?;
     let result = plan.run(&executor, &sets).await;
     if flags.json {
         print_json(&result)?;

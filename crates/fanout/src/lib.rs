@@ -51,7 +51,7 @@ pub use exec::branch::{
     BRANCH_GRACE, Branch, BranchOutcome, BranchReport, BranchResult, BranchResults, Calls,
 };
 pub use exec::check::parse_json as answer_json;
-pub use exec::event::{Event, EventSink};
+pub use exec::event::{Event, EventSink, ResultSink};
 pub use exec::hedge::{HedgeAfter, HedgePolicy};
 pub use exec::history::{CallEnd, CallRecord, CallRole};
 pub use exec::limit::{Rate, SpendLimit};

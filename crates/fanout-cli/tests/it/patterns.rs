@@ -156,3 +156,44 @@ fn workflow_runs_and_refuses_invalid_files() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("cycle: a -> b -> a"), "{}", stderr(&output));
 }
+
+/// Every run is a job: a vote's samples and an ask's call are recorded with
+/// their history, listed by `jobs list`, reported by `fanout report`; a
+/// pattern job is not resumed as a batch.
+#[test]
+fn every_run_is_a_recorded_job() {
+    let home = Home::new();
+    let fanout = || {
+        let mut command = home.fanout();
+        command.args(["--provider", "mock"]);
+        command
+    };
+    let output = fanout().args(["vote", "What is 6 x 7?", "-n", "4"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let said = stderr(&output);
+    assert!(said.contains("4 calls recorded as job `vote-"), "{said}");
+    let output = fanout().args(["-q", "ask", "hello"]).output().unwrap();
+    assert!(output.status.success() && stderr(&output).is_empty(), "{}", stderr(&output));
+
+    let listed = fanout().args(["--json", "jobs", "list"]).output().unwrap();
+    let jobs = json(&listed);
+    let jobs = jobs.as_array().unwrap();
+    let of = |command: &str| jobs.iter().find(|j| j["command"] == command).unwrap().clone();
+    let (vote, ask) = (of("vote"), of("ask"));
+    assert_eq!((vote["finished"].as_u64(), vote["total"].as_u64()), (Some(4), Some(4)));
+    assert_eq!(vote["by_status"]["succeeded"], 4);
+    assert!(vote["output_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(ask["finished"], 1);
+    let name = vote["name"].as_str().unwrap();
+
+    let report = home.path("vote.html");
+    let output = fanout().args(["report", name, "-o"]).arg(&report).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let html = std::fs::read_to_string(&report).unwrap();
+    assert!(html.contains("4 calls: 0 retries"), "the samples' history: {html}");
+    assert_eq!(html.matches("class=\"call ok\"").count(), 4);
+
+    let output = fanout().args(["jobs", "resume", name]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("is a `fanout vote` run, not a batch"), "{}", stderr(&output));
+}

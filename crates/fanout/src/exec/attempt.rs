@@ -111,7 +111,9 @@ pub(crate) async fn run_task(
     });
     // The slot is freed here, unless the receiver frees it once the result is safe.
     let permit = slot.filter(|_| run.hold_slots);
-    (TaskResult { index, id, outcome, calls: history.take() }, permit)
+    let result = TaskResult { index, id, outcome, calls: history.take() };
+    run.exec.tell(&result);
+    (result, permit)
 }
 
 /// One model call through the whole call path (attempts, retries, hedges),

@@ -35,6 +35,7 @@ pub(crate) struct Config {
     pub order_window: Option<usize>,
     pub seed: Option<u64>,
     pub history: bool,
+    pub results: Option<super::event::ResultSink>,
 }
 
 impl fmt::Debug for Config {
@@ -54,6 +55,7 @@ impl fmt::Debug for Config {
             .field("spend_limit", &self.spend_limit)
             .field("check", &self.check)
             .field("events", &self.events.is_some())
+            .field("results", &self.results.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -107,6 +109,7 @@ impl ExecutorBuilder {
                 order_window: None,
                 seed: None,
                 history: true,
+                results: None,
             },
         }
     }
@@ -244,6 +247,15 @@ impl ExecutorBuilder {
     /// Calls `sink` with every [`Event`], on whichever thread produced it; keep it quick.
     pub fn on_event(mut self, sink: impl Fn(&Event) + Send + Sync + 'static) -> Self {
         self.config.events = Some(Arc::new(sink));
+        self
+    }
+
+    /// Calls `sink` with every result as it finishes — each task of every run
+    /// and each call a branch makes, with its calls' history — before it is
+    /// handed on: to record everything an executor did, whatever pattern
+    /// drove it. On whichever thread produced it; keep it quick.
+    pub fn on_result(mut self, sink: impl Fn(&crate::TaskResult) + Send + Sync + 'static) -> Self {
+        self.config.results = Some(Arc::new(sink));
         self
     }
 

@@ -86,3 +86,7 @@ pub enum Event {
 
 /// Receives every event, on whichever thread produced it; keep it quick.
 pub type EventSink = Arc<dyn Fn(&Event) + Send + Sync>;
+
+/// Receives every finished result, a run's task or a branch's call, with
+/// its call history; on whichever thread produced it, so keep it quick.
+pub type ResultSink = Arc<dyn Fn(&crate::TaskResult) + Send + Sync>;

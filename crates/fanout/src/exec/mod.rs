@@ -88,6 +88,13 @@ impl Shared {
             sink(&event());
         }
     }
+
+    /// Hands a finished result to the result sink, if there is one.
+    fn tell(&self, result: &TaskResult) {
+        if let Some(sink) = &self.config.results {
+            sink(result);
+        }
+    }
 }
 
 /// Runs tasks on one provider in parallel; cheap to clone.

@@ -94,3 +94,27 @@ async fn history_can_be_turned_off() {
     let result = run_one(&executor, "p").await;
     assert!(result.outcome.is_success() && result.calls.is_empty());
 }
+
+/// The result sink sees every task of a run and every call a branch makes,
+/// each with its history: what a recorder needs, whatever the pattern.
+#[tokio::test(start_paused = true)]
+async fn the_result_sink_sees_every_task_and_branch_call() {
+    use std::sync::{Arc, Mutex};
+    let seen: Arc<Mutex<Vec<(String, usize)>>> = Arc::default();
+    let sink = Arc::clone(&seen);
+    let executor = Executor::builder(MockProvider::new().with_latency(ms(10)))
+        .probe(false)
+        .on_result(move |result| {
+            sink.lock().unwrap().push((result.id.to_string(), result.calls.len()));
+        })
+        .build();
+    executor.run([Task::with_id("task", Request::user("a"))]).await;
+    executor
+        .branches([fanout::Branch::new("branch", |calls| async move {
+            calls.complete(Request::user("b")).await;
+            calls.complete(Request::user("c")).await;
+        })])
+        .await;
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen, [("task".into(), 1), ("branch".into(), 1), ("branch".into(), 1)]);
+}

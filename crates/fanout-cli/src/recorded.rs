@@ -1,0 +1,166 @@
+//! Every run is a job: `ask`, `vote`, `sections`, `map-reduce`, `perspectives`
+//! and `run` record each call they make in the job store, as `batch` does —
+//! its result, usage and call history, and the run's pauses — so that
+//! `fanout jobs list/show/export` and `fanout report` work on them too.
+//!
+//! The executor hands each finished call to a sink ([`fanout::ExecutorBuilder::on_result`]);
+//! the sink sends its record to a writer thread that appends them in groups
+//! (SQLite blocks, and a call must never wait for the disk). A store that
+//! cannot be opened is said once, and the command goes on unrecorded.
+
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use anyhow::Result;
+use fanout::{ExecutorBuilder, TaskResult};
+use fanout_store::{Fingerprint, Record, Store};
+
+use crate::history::{self, RunLog};
+use crate::record::to_record;
+use crate::settings::{self, Flags, Settings};
+
+/// The most records appended in one transaction.
+const MAX_GROUP: usize = 1024;
+
+enum Message {
+    Record(Box<Record>),
+    /// Every record sent before it is to be written; then the writer ends.
+    End,
+}
+
+/// A command's job, recorded while it runs; dropping it writes what is left.
+pub struct Recording {
+    name: String,
+    sender: mpsc::Sender<Message>,
+    writer: Option<JoinHandle<Result<u64>>>,
+    run_log: RunLog,
+    quiet: bool,
+}
+
+/// Settings stored for a job that is not a batch: the command that made it.
+#[derive(serde::Serialize)]
+struct Made<'a> {
+    command: &'a str,
+    settings: &'a Settings,
+}
+
+impl Recording {
+    /// Starts the job of a `command` run reading `input` (`-` when it reads
+    /// none), named after the command and the time; `None`, said on stderr,
+    /// when the store cannot take it.
+    pub fn start(flags: &Flags, settings: &Settings, command: &str, input: &str) -> Option<Self> {
+        let path = flags.store.clone().unwrap_or_else(settings::default_store);
+        match Self::open(&path, settings, command, input, flags.quiet) {
+            Ok(recording) => Some(recording),
+            Err(error) => {
+                eprintln!("fanout: this run is not recorded: {error:#}");
+                None
+            }
+        }
+    }
+
+    fn open(
+        path: &Path,
+        settings: &Settings,
+        command: &str,
+        input: &str,
+        quiet: bool,
+    ) -> Result<Self> {
+        let mut store = Store::open(path)?;
+        let stamp = fanout_store::now();
+        let mut name = format!("{command}-{stamp}");
+        for n in 2.. {
+            if store.job(&name)?.is_none() {
+                break;
+            }
+            name = format!("{command}-{stamp}-{n}");
+        }
+        let fingerprint = Fingerprint([("command".to_owned(), command.to_owned())].into());
+        let made = serde_json::to_value(Made { command, settings })?;
+        let job = store.create_job(&name, input, &fingerprint, &made)?.id;
+        let (sender, receiver) = mpsc::channel();
+        let run_log = RunLog::default();
+        run_log.push(history::kind::START, settings.concurrency as f64, None);
+        let events = run_log.clone();
+        let writer = std::thread::Builder::new()
+            .name("fanout-recorder".into())
+            .spawn(move || write_all(&mut store, job, &receiver, &events))?;
+        Ok(Self { name, sender, writer: Some(writer), run_log, quiet })
+    }
+
+    /// `builder`, recording every call and the run's pauses in the job.
+    pub fn attach(&self, builder: ExecutorBuilder) -> ExecutorBuilder {
+        let sender = self.sender.clone();
+        let run_log = self.run_log.clone();
+        builder
+            .on_result(move |result: &TaskResult| {
+                if let Some(record) = to_record(result) {
+                    // The writer ends only when the recording is dropped.
+                    let _ = sender.send(Message::Record(Box::new(record)));
+                }
+            })
+            .on_event(move |event| run_log.observe(event))
+    }
+}
+
+/// Attaches `recording`'s sink when there is one.
+pub fn attach(recording: Option<&Recording>, builder: ExecutorBuilder) -> ExecutorBuilder {
+    match recording {
+        Some(recording) => recording.attach(builder),
+        None => builder,
+    }
+}
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        self.run_log.push(history::kind::END, 0.0, None);
+        let _ = self.sender.send(Message::End);
+        let Some(writer) = self.writer.take() else { return };
+        match writer.join() {
+            Ok(Ok(calls)) if !self.quiet => eprintln!(
+                "fanout: {calls} calls recorded as job `{}` (fanout report {0})",
+                self.name
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                eprintln!("fanout: job `{}` was not fully recorded: {error:#}", self.name)
+            }
+            Err(_) => eprintln!("fanout: job `{}` was not fully recorded", self.name),
+        }
+    }
+}
+
+/// Appends records as they come, whatever arrived meanwhile in one
+/// transaction with the run's events; returns how many were written.
+fn write_all(
+    store: &mut Store,
+    job: i64,
+    receiver: &mpsc::Receiver<Message>,
+    run_log: &RunLog,
+) -> Result<u64> {
+    let mut written = 0;
+    let mut group = Vec::new();
+    let mut ended = false;
+    while !ended {
+        match receiver.recv() {
+            Ok(Message::Record(record)) => group.push(*record),
+            Ok(Message::End) | Err(_) => ended = true,
+        }
+        while !ended && group.len() < MAX_GROUP {
+            match receiver.try_recv() {
+                Ok(Message::Record(record)) => group.push(*record),
+                Ok(Message::End) => ended = true,
+                Err(_) => break,
+            }
+        }
+        if !group.is_empty() {
+            store.append(job, &group)?;
+            written += group.len() as u64;
+            group.clear();
+        }
+        store.commit(job, &[], &run_log.take())?;
+    }
+    store.set_total(job, written)?;
+    Ok(written)
+}

@@ -446,30 +446,23 @@ impl Store {
     pub fn each_event<E: From<StoreError>>(
         &self,
         job: i64,
-        mut each: impl FnMut(RunEvent) -> Result<(), E>,
+        each: impl FnMut(RunEvent) -> Result<(), E>,
     ) -> Result<(), E> {
-        let context = || "cannot read the job's run events".to_string();
-        let mut statement = self
-            .conn
-            .prepare(
-                "SELECT at_ms, kind, value, detail FROM run_events WHERE job_id = ?1 \
-                 ORDER BY at_ms, rowid",
-            )
-            .context(context)?;
-        let rows = statement
-            .query_map([job], |row| {
+        self.each_row(
+            "SELECT at_ms, kind, value, detail FROM run_events WHERE job_id = ?1 \
+             ORDER BY at_ms, rowid",
+            [job],
+            || "cannot read the job's run events".to_string(),
+            |row| {
                 Ok(RunEvent {
                     at_ms: row.get(0)?,
                     kind: row.get(1)?,
                     value: row.get(2)?,
                     detail: row.get(3)?,
                 })
-            })
-            .context(context)?;
-        for row in rows {
-            each(row.context(context)?)?;
-        }
-        Ok(())
+            },
+            each,
+        )
     }
 
     /// Adds `records` after the job's last, whatever indexes they carry, and
@@ -539,23 +532,18 @@ impl Store {
         job: i64,
         from: u64,
         to: u64,
-        mut each: impl FnMut(Record) -> Result<(), E>,
+        each: impl FnMut(Record) -> Result<(), E>,
     ) -> Result<(), E> {
-        let context = || format!("cannot read the results of tasks {from} to {to}");
-        let mut statement = self
-            .conn
-            .prepare_cached(&format!(
+        self.each_row(
+            &format!(
                 "SELECT {RECORD_COLUMNS} FROM tasks WHERE job_id = ?1 AND idx >= ?2 AND idx < ?3 \
                  ORDER BY idx"
-            ))
-            .context(context)?;
-        let rows = statement
-            .query_map(params![job, from as i64, to as i64], record_from_row)
-            .context(context)?;
-        for row in rows {
-            each(row.context(context)?)?;
-        }
-        Ok(())
+            ),
+            params![job, from as i64, to as i64],
+            || format!("cannot read the results of tasks {from} to {to}"),
+            record_from_row,
+            each,
+        )
     }
 
     /// Calls `each` with every record of a job, in index order, without holding
@@ -563,16 +551,31 @@ impl Store {
     pub fn each_record<E: From<StoreError>>(
         &self,
         job: i64,
-        mut each: impl FnMut(Record) -> Result<(), E>,
+        each: impl FnMut(Record) -> Result<(), E>,
     ) -> Result<(), E> {
-        let context = || "cannot read the job's results".to_string();
-        let mut statement = self
-            .conn
-            .prepare(&format!("SELECT {RECORD_COLUMNS} FROM tasks WHERE job_id = ?1 ORDER BY idx"))
-            .context(context)?;
-        let rows = statement.query_map([job], record_from_row).context(context)?;
+        self.each_row(
+            &format!("SELECT {RECORD_COLUMNS} FROM tasks WHERE job_id = ?1 ORDER BY idx"),
+            [job],
+            || "cannot read the job's results".to_string(),
+            record_from_row,
+            each,
+        )
+    }
+
+    /// Calls `each` with every row `sql` selects, mapped by `map`, one at a
+    /// time; errors name what was being read (`context`).
+    fn each_row<T, E: From<StoreError>>(
+        &self,
+        sql: &str,
+        params: impl rusqlite::Params,
+        context: impl Fn() -> String,
+        map: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+        mut each: impl FnMut(T) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut statement = self.conn.prepare_cached(sql).context(&context)?;
+        let rows = statement.query_map(params, map).context(&context)?;
         for row in rows {
-            each(row.context(context)?)?;
+            each(row.context(&context)?)?;
         }
         Ok(())
     }

@@ -36,6 +36,19 @@ fn svg(label: &str, body: &str) -> String {
     )
 }
 
+/// The labels under a chart: its start on the left, its end on the right,
+/// and what a reader needs to scale it in the middle.
+fn axis(body: &mut String, y: f64, left: &str, right: &str, middle: Option<&str>) {
+    let _ = write!(
+        body,
+        r#"<text x="0" y="{y}">{left}</text><text x="{WIDTH}" y="{y}" text-anchor="end">{right}</text>"#
+    );
+    if let Some(middle) = middle {
+        let mid = WIDTH / 2.0;
+        let _ = write!(body, r#"<text x="{mid}" y="{y}" text-anchor="middle">{middle}</text>"#);
+    }
+}
+
 /// Records finished over time, answered (green) under the rest (red), one
 /// bar per bucket of `(start, seconds, answered, not)`.
 pub fn over_time(buckets: &[(i64, i64, u64, u64)]) -> String {
@@ -60,14 +73,8 @@ pub fn over_time(buckets: &[(i64, i64, u64, u64)]) -> String {
     }
     let (first, last) = (buckets[0].0, buckets[buckets.len() - 1].0 + buckets[buckets.len() - 1].1);
     let per = buckets[0].1;
-    let _ = write!(
-        body,
-        r#"<text x="0" y="{y}">{}</text><text x="{WIDTH}" y="{y}" text-anchor="end">{}</text><text x="{mid}" y="{y}" text-anchor="middle">most: {most} in {per} s</text>"#,
-        clock(first),
-        clock(last),
-        y = HEIGHT + AXIS - 4.0,
-        mid = WIDTH / 2.0,
-    );
+    let scale = format!("most: {most} in {per} s");
+    axis(&mut body, HEIGHT + AXIS - 4.0, &clock(first), &clock(last), Some(&scale));
     svg("records finished over time", &body)
 }
 
@@ -107,13 +114,7 @@ pub fn latency(bins: &[(f64, f64, u64)], quantiles: &[(f64, f64)]) -> String {
             duration(ms),
         );
     }
-    let _ = write!(
-        body,
-        r#"<text x="0" y="{y}">{}</text><text x="{WIDTH}" y="{y}" text-anchor="end">{}</text>"#,
-        duration(low),
-        duration(high),
-        y = HEIGHT + AXIS - 4.0,
-    );
+    axis(&mut body, HEIGHT + AXIS - 4.0, &duration(low), &duration(high), None);
     svg("latency distribution", &body)
 }
 
@@ -159,15 +160,9 @@ pub fn timeline(calls: &Calls) -> String {
             duration(ms),
         );
     }
-    let _ = write!(
-        body,
-        r#"<text x="0" y="{y}">{}</text><text x="{WIDTH}" y="{y}" text-anchor="end">{}</text><text x="{mid}" y="{y}" text-anchor="middle">{lanes} lanes over {}</text>"#,
-        clock(first.div_euclid(1000)),
-        clock(last.div_euclid(1000)),
-        duration(span),
-        y = height + AXIS - 4.0,
-        mid = WIDTH / 2.0,
-    );
+    let scale = format!("{lanes} lanes over {}", duration(span));
+    let (from, to) = (clock(first.div_euclid(1000)), clock(last.div_euclid(1000)));
+    axis(&mut body, height + AXIS - 4.0, &from, &to, Some(&scale));
     let total = height + AXIS;
     format!(
         r#"<svg class="chart timeline" role="img" aria-label="timeline of the calls" viewBox="0 0 {WIDTH} {total}" width="100%" preserveAspectRatio="none">{body}</svg>"#
@@ -218,14 +213,8 @@ pub fn load(buckets: &[(i64, i64, f64, u64, u64)], limits: &[(i64, f64)]) -> Str
         let _ = write!(body, r#"<polyline class="limit" points="{points}"/>"#);
     }
     let (last, per) = (first + span_s as i64, width_s);
-    let _ = write!(
-        body,
-        r#"<text x="0" y="{y}">{}</text><text x="{WIDTH}" y="{y}" text-anchor="end">{}</text><text x="{mid}" y="{y}" text-anchor="middle">most in flight: {most:.0}; a bar is {per} s</text>"#,
-        clock(first),
-        clock(last),
-        y = HEIGHT + AXIS - 4.0,
-        mid = WIDTH / 2.0,
-    );
+    let scale = format!("most in flight: {most:.0}; a bar is {per} s");
+    axis(&mut body, HEIGHT + AXIS - 4.0, &clock(first), &clock(last), Some(&scale));
     svg("calls in flight and 429s over time", &body)
 }
 

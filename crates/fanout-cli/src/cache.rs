@@ -65,6 +65,10 @@ impl Provider for Cached {
         self.inner.name()
     }
 
+    fn default_model(&self) -> Option<&str> {
+        self.inner.default_model()
+    }
+
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
         self.complete_observed(request, &Progress::new()).await
     }

@@ -96,7 +96,8 @@ pub fn executor(settings: &Settings, provider: Arc<dyn Provider>, spent: Usage) 
         .concurrency(settings.concurrency)
         .max_attempts(settings.retries.saturating_add(1))
         .attempt_timeout(Some(Duration::from_secs_f64(settings.attempt_timeout.max(0.001))))
-        .deadline(settings.deadline.map(|d| Duration::from_secs_f64(d.max(0.0))));
+        .deadline(settings.deadline.map(|d| Duration::from_secs_f64(d.max(0.0))))
+        .span_content(crate::telemetry::content());
     if let Some(rpm) = settings.rpm {
         builder = builder.rpm(rpm);
     }

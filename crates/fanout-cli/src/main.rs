@@ -17,6 +17,7 @@ mod history;
 mod input;
 mod jobs;
 mod models;
+mod outcome;
 mod output;
 mod patterns;
 mod progress;
@@ -26,6 +27,7 @@ mod recorded;
 mod report;
 mod schema;
 mod settings;
+mod telemetry;
 mod template;
 mod tools;
 
@@ -33,7 +35,8 @@ use std::fmt;
 use std::process::ExitCode;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use tracing::Instrument;
 
 use exit::Exit;
 use settings::{Flags, Settings};
@@ -61,6 +64,8 @@ impl std::error::Error for Refusal {}
 struct Cli {
     #[command(flatten)]
     flags: Flags,
+    #[command(flatten)]
+    telemetry: telemetry::TelemetryArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -120,10 +125,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let command = matches.subcommand_name().unwrap_or_default().to_owned();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|error| error.exit());
+    // Before the runtime: the exporter's blocking HTTP client brings its own.
+    let telemetry = match telemetry::Telemetry::start(&cli.telemetry) {
+        Ok(telemetry) => telemetry,
+        Err(error) => {
+            eprintln!("fanout: {error:#}");
+            return Exit::Refused.into();
+        }
+    };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a tokio runtime");
-    match runtime.block_on(run(cli)) {
+    let ended = runtime.block_on(run(cli).instrument(telemetry::Telemetry::root(&command)));
+    // Sends the spans still batched (outside the runtime: it blocks).
+    drop(telemetry);
+    match ended {
         Ok(code) => code,
         Err(error) => {
             let refused = error.downcast_ref::<Refusal>().is_some();

@@ -22,6 +22,7 @@ use crate::connect;
 use crate::documents;
 use crate::exit::{Ending, Exit};
 use crate::input::{self, Content};
+use crate::outcome;
 use crate::recorded::{self, Recording};
 use crate::settings::{self, Flags, Settings};
 use crate::template::Prompt;
@@ -175,7 +176,7 @@ const SAMPLE_TEMPERATURE: f32 = 0.7;
 
 pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
     let source = args.input.as_ref().map_or("-".into(), |p| p.display().to_string());
-    let (executor, settings, _recording) = executor(flags, "vote", &source).await?;
+    let (executor, settings, recording) = executor(flags, "vote", &source).await?;
     let options = args.options()?;
     let temperature = settings.temperature.unwrap_or(SAMPLE_TEMPERATURE);
     if let Some(path) = &args.input {
@@ -183,12 +184,18 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
         let format = input::detect(path, None).map_err(Refusal)?;
         let mut no_consensus = false;
         let mut samples = Ending::default();
+        let (mut questions, mut more) = (Vec::new(), 0);
         for row in input::rows(path, format, args.id_field.clone()).map_err(Refusal)? {
             let line = match row.content {
                 Content::Fields(fields) => match prompt.render(&fields, row.line) {
                     Ok(request) => {
                         let result = vote(&executor, &request, &options).await;
                         no_consensus |= !result.consensus;
+                        if questions.len() < outcome::MAX_QUESTIONS {
+                            questions.push(outcome::vote_question(&row.id, &result, args.samples));
+                        } else {
+                            more += 1;
+                        }
                         let failures = sample_failures(&result.samples)
                             .map(|(what, failure)| (format!("{} {what}", row.id), failure));
                         conclude(&mut samples, failures);
@@ -205,6 +212,7 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
             };
             println!("{line}");
         }
+        recorded::keep_outcome(recording.as_ref(), || outcome::votes(questions, more));
         return Ok(vote_exit(!no_consensus, &samples).into());
     }
     let request = request(&settings, args.prompt.clone(), args.system.as_deref());
@@ -242,6 +250,9 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let result = vote(&executor, &request, &options).await;
+    recorded::keep_outcome(recording.as_ref(), || {
+        outcome::votes(vec![outcome::vote_question(&args.prompt, &result, args.samples)], 0)
+    });
     if flags.json {
         print_json(&result)?;
     } else {
@@ -332,7 +343,7 @@ async fn agent(flags: &Flags, tools: &ToolArgs) -> Result<Option<Agent>> {
 }
 
 pub async fn run_sections(flags: &Flags, args: SectionsArgs) -> Result<ExitCode> {
-    let (executor, settings, _recording) = executor(flags, "sections", "-").await?;
+    let (executor, settings, recording) = executor(flags, "sections", "-").await?;
     let agent = agent(flags, &args.tools).await?;
     let parts = args
         .sections
@@ -344,6 +355,7 @@ pub async fn run_sections(flags: &Flags, args: SectionsArgs) -> Result<ExitCode>
         })
         .collect();
     let result = sections(&executor, parts, args.synthesize.as_deref()).await;
+    recorded::keep_outcome(recording.as_ref(), || outcome::parts(&result));
     print_parts(&result, flags.json)
 }
 
@@ -370,7 +382,7 @@ pub struct MapReduceArgs {
 pub async fn run_map_reduce(flags: &Flags, args: MapReduceArgs) -> Result<ExitCode> {
     let documents = documents::gather(&args.paths, args.field.as_deref())?;
     let source = args.paths.join(" ");
-    let (executor, _, _recording) = executor(flags, "map-reduce", &source).await?;
+    let (executor, _, recording) = executor(flags, "map-reduce", &source).await?;
     let options = MapReduceOptions {
         chunk_tokens: args.chunk_tokens,
         overlap_tokens: args.overlap_tokens,
@@ -378,6 +390,7 @@ pub async fn run_map_reduce(flags: &Flags, args: MapReduceArgs) -> Result<ExitCo
         ..MapReduceOptions::new(args.map, args.reduce)
     };
     let result = map_reduce(&executor, &documents, &options).await;
+    recorded::keep_outcome(recording.as_ref(), || outcome::collapse(&result));
     if flags.json {
         print_json(&result)?;
     } else {
@@ -444,11 +457,12 @@ pub async fn run_perspectives(flags: &Flags, args: PerspectivesArgs) -> Result<E
             .collect();
     }
     let source = args.input.display().to_string();
-    let (executor, _, _recording) = executor(flags, "perspectives", &source).await?;
+    let (executor, _, recording) = executor(flags, "perspectives", &source).await?;
     let agent = agent(flags, &args.tools).await?;
     let synthesis =
         (!args.no_synthesis).then(|| args.synthesize.as_deref().unwrap_or(DEFAULT_SYNTHESIS));
     let result = perspectives(&executor, &input, &personas, synthesis, agent.as_ref()).await;
+    recorded::keep_outcome(recording.as_ref(), || outcome::parts(&result));
     print_parts(&result, flags.json)
 }
 
@@ -498,8 +512,9 @@ pub async fn run_workflow(flags: &Flags, args: WorkflowArgs) -> Result<ExitCode>
         }
     }
     let source = args.workflow.display().to_string();
-    let (executor, _, _recording) = executor(flags, "run", &source).await?;
+    let (executor, _, recording) = executor(flags, "run", &source).await?;
     let result = plan.run(&executor, &sets).await;
+    recorded::keep_outcome(recording.as_ref(), || outcome::workflow(&plan.needs(), &result));
     if flags.json {
         print_json(&result)?;
     } else {

@@ -25,6 +25,9 @@ const MAX_GROUP: usize = 1024;
 
 enum Message {
     Record(Box<Record>),
+    /// The run's shape, kept in the job's settings for the report: a vote's
+    /// answer distribution, a workflow's step graph, a map-reduce's collapse tree.
+    Outcome(serde_json::Value),
     /// Every record sent before it is to be written; then the writer ends.
     End,
 }
@@ -79,13 +82,14 @@ impl Recording {
         let fingerprint = Fingerprint([("command".to_owned(), command.to_owned())].into());
         let made = serde_json::to_value(Made { command, settings })?;
         let job = store.create_job(&name, input, &fingerprint, &made)?.id;
+        let mut kept = made;
         let (sender, receiver) = mpsc::channel();
         let run_log = RunLog::default();
         run_log.push(history::kind::START, settings.concurrency as f64, None);
         let events = run_log.clone();
         let writer = std::thread::Builder::new()
             .name("fanout-recorder".into())
-            .spawn(move || write_all(&mut store, job, &receiver, &events))?;
+            .spawn(move || write_all(&mut store, job, &mut kept, &receiver, &events))?;
         Ok(Self { name, sender, writer: Some(writer), run_log, quiet })
     }
 
@@ -101,6 +105,18 @@ impl Recording {
                 }
             })
             .on_event(move |event| run_log.observe(event))
+    }
+
+    /// Keeps the run's shape with the job (see [`Message::Outcome`]).
+    pub fn keep_outcome(&self, outcome: serde_json::Value) {
+        let _ = self.sender.send(Message::Outcome(outcome));
+    }
+}
+
+/// Keeps `outcome` with `recording`'s job when there is one.
+pub fn keep_outcome(recording: Option<&Recording>, outcome: impl FnOnce() -> serde_json::Value) {
+    if let Some(recording) = recording {
+        recording.keep_outcome(outcome());
     }
 }
 
@@ -119,7 +135,8 @@ impl Drop for Recording {
         let Some(writer) = self.writer.take() else { return };
         match writer.join() {
             Ok(Ok(calls)) if !self.quiet => eprintln!(
-                "fanout: {calls} calls recorded as job `{}` (fanout report {0})",
+                "fanout: {calls} call{} recorded as job `{}` (fanout report {1})",
+                if calls == 1 { "" } else { "s" },
                 self.name
             ),
             Ok(Ok(_)) => {}
@@ -136,6 +153,7 @@ impl Drop for Recording {
 fn write_all(
     store: &mut Store,
     job: i64,
+    settings: &mut serde_json::Value,
     receiver: &mpsc::Receiver<Message>,
     run_log: &RunLog,
 ) -> Result<u64> {
@@ -143,16 +161,23 @@ fn write_all(
     let mut group = Vec::new();
     let mut ended = false;
     while !ended {
+        let mut outcome = None;
         match receiver.recv() {
             Ok(Message::Record(record)) => group.push(*record),
+            Ok(Message::Outcome(value)) => outcome = Some(value),
             Ok(Message::End) | Err(_) => ended = true,
         }
         while !ended && group.len() < MAX_GROUP {
             match receiver.try_recv() {
                 Ok(Message::Record(record)) => group.push(*record),
+                Ok(Message::Outcome(value)) => outcome = Some(value),
                 Ok(Message::End) => ended = true,
                 Err(_) => break,
             }
+        }
+        if let Some(outcome) = outcome {
+            settings["outcome"] = outcome;
+            store.set_settings(job, settings)?;
         }
         if !group.is_empty() {
             store.append(job, &group)?;

@@ -164,6 +164,10 @@ impl Provider for LocalModel {
         "local"
     }
 
+    fn default_model(&self) -> Option<&str> {
+        Some(&self.inner.name)
+    }
+
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
         if !request.tools.is_empty() {
             // SmolLM2-360M's chat template has no tool-call format, so no

@@ -9,6 +9,7 @@
 mod aggregate;
 mod calls;
 mod chart;
+mod shape;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -46,18 +47,23 @@ pub fn command(flags: &Flags, args: ReportArgs) -> Result<ExitCode> {
     let summary = store.summary(job.clone())?;
     let mut folded = Aggregate::default();
     let mut calls = Calls::default();
+    let outcome = job.settings.get("outcome");
+    let mut step_times = shape::StepTimes::of(outcome);
     store.each_record::<anyhow::Error>(job.id, |record| {
         folded.add(&record);
-        for call in history::decode(record.calls.as_deref()) {
-            calls.add(record.index, &call);
+        let history = history::decode(record.calls.as_deref());
+        for call in &history {
+            calls.add(record.index, call);
         }
+        step_times.add(&record.task_id, &history);
         Ok(())
     })?;
     store.each_event::<anyhow::Error>(job.id, |event| {
         calls.add_event(&event);
         Ok(())
     })?;
-    let html = render(&summary, &mut folded, &calls)?;
+    let pattern = shape::view(outcome, &step_times);
+    let html = render(&summary, &mut folded, &calls, &pattern)?;
     let output = args.output.unwrap_or_else(|| PathBuf::from(format!("{}.html", args.name)));
     if output.as_os_str() == "-" {
         use std::io::Write;
@@ -77,7 +83,13 @@ fn render(
     summary: &fanout_store::JobSummary,
     folded: &mut Aggregate,
     calls: &Calls,
+    pattern: &serde_json::Value,
 ) -> Result<String> {
+    // The pattern's shape has a section of its own.
+    let mut settings = summary.job.settings.clone();
+    if let Some(settings) = settings.as_object_mut() {
+        settings.remove("outcome");
+    }
     let quantiles: Vec<_> =
         [0.5, 0.9, 0.99].into_iter().filter_map(|q| Some((q, folded.quantile(q)?))).collect();
     let cost = job_cost(summary);
@@ -107,7 +119,8 @@ fn render(
         "slowest": folded.slowest().iter().map(row).collect::<Vec<_>>(),
         "failed": folded.failed.iter().map(row).collect::<Vec<_>>(),
         "failed_more": folded.errors_by_kind.values().sum::<u64>().saturating_sub(folded.failed.len() as u64),
-        "settings": serde_json::to_string_pretty(&summary.job.settings)?,
+        "settings": serde_json::to_string_pretty(&settings)?,
+        "pattern": pattern,
         "calls": {"all": calls.calls, "retries": calls.retries, "hedges": calls.hedges,
                   "repairs": calls.repairs, "rate_limited": calls.rate_limited,
                   "cancelled": calls.cancelled, "drawn": calls.sample.len(),

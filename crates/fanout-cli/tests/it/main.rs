@@ -13,6 +13,8 @@ mod patterns;
 mod proxy;
 mod report;
 mod structured;
+#[cfg(feature = "otlp")]
+mod telemetry;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -197,3 +197,68 @@ fn every_run_is_a_recorded_job() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("is a `fanout vote` run, not a batch"), "{}", stderr(&output));
 }
+
+/// A pattern job's report shows the pattern: a vote's answers with the
+/// winner and where early stopping cut, the step graph of sections with each
+/// step's time, a map-reduce's collapse tree.
+#[test]
+fn pattern_reports_show_votes_steps_and_the_collapse_tree() {
+    let home = Home::new();
+    let fanout = || {
+        let mut command = home.fanout();
+        command.args(["--provider", "mock", "-q"]);
+        command
+    };
+    let report_of = |command: &str| {
+        let listed = json(&fanout().args(["--json", "jobs", "list"]).output().unwrap());
+        let job = listed.as_array().unwrap().iter().find(|j| j["command"] == command).cloned();
+        let name = job.unwrap()["name"].as_str().unwrap().to_owned();
+        let output = fanout().args(["report", &name, "-o", "-"]).output().unwrap();
+        assert!(output.status.success(), "{}", stderr(&output));
+        String::from_utf8(output.stdout).unwrap()
+    };
+
+    let vote = fanout().args(["vote", "What is 6 x 7?", "-n", "9", "--early-stop"]).output();
+    assert!(vote.unwrap().status.success());
+    let html = report_of("vote");
+    assert!(html.contains("<h2>Votes</h2>"), "{html}");
+    assert_eq!(html.matches("class=\"answer-row winner\"").count(), 1, "one answer, the winner");
+    assert!(html.contains("stopped early:"), "the mock always agrees, so the vote stops early");
+    assert!(html.contains("of 9 samples drawn"));
+
+    let sections = fanout()
+        .args(["sections", "--section", "a=Alpha", "--section", "b=Beta", "--synthesize", "Join."])
+        .output()
+        .unwrap();
+    assert!(sections.status.success(), "{}", stderr(&sections));
+    let html = report_of("sections");
+    assert_eq!(html.matches("class=\"step-row done\"").count(), 3, "{html}");
+    assert_eq!(html.matches("<line class=\"need\"").count(), 2, "the synthesis needs both");
+    assert!(!html.contains("<td></td></tr>"), "every step has its time");
+
+    home.write(
+        "talk.toml",
+        "[[step]]\nname = \"outline\"\nprompt = \"Outline\"\n[[step]]\nname = \"facts\"\nprompt = \"Facts\"\n\
+         [[step]]\nname = \"draft\"\nprompt = \"{{ steps.outline }} {{ steps.facts }}\"\n",
+    );
+    let workflow = fanout().args(["run", "talk.toml"]).output().unwrap();
+    assert!(workflow.status.success(), "{}", stderr(&workflow));
+    let html = report_of("run");
+    assert_eq!(html.matches("class=\"step-row done\"").count(), 3, "{html}");
+    assert_eq!(html.matches("<line class=\"need\"").count(), 2, "draft needs both");
+    assert!(html.contains("<td>draft</td><td>outline, facts</td>"), "{html}");
+    assert!(!html.contains("<td></td></tr>") && !html.contains("no call"), "each step's time");
+
+    std::fs::create_dir_all(home.path("docs")).unwrap();
+    for name in ["a", "b", "c"] {
+        home.write(&format!("docs/{name}.txt"), format!("{name} words here. ").repeat(40));
+    }
+    let args =
+        ["map-reduce", "docs", "--map", "Notes.", "--reduce", "Sum.", "--chunk-tokens", "60"];
+    let output = fanout().args(args).args(["--reduce-tokens", "400"]).output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let html = report_of("map-reduce");
+    assert!(html.contains("class=\"chart collapse\""), "{html}");
+    assert!(html.contains("chunks mapped"));
+    assert!(html.matches("<circle").count() > 3, "chunks, summaries and the answer");
+}

@@ -13,6 +13,7 @@ use std::pin::Pin;
 
 use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Shared;
 use super::breaker::CircuitBreaker;
@@ -21,6 +22,7 @@ use super::event::Event;
 use super::hedge::Hedger;
 use super::history::{CallRole, Epoch, History};
 use super::limit::{Permit, SpendLimit};
+use super::telemetry::{self, CallSpan};
 use crate::provider::{ErrorKind, Progress, ProviderError, Request, Response, Usage};
 use crate::task::{NotRun, Outcome, Success, TaskId, TaskResult, Timeout};
 
@@ -67,6 +69,8 @@ pub(crate) struct Run {
     pub deadline: Option<Instant>,
     /// Whether results keep their call's slot until the receiver drops it.
     pub hold_slots: bool,
+    /// The run's telemetry span, the parent of its tasks' spans.
+    pub span: tracing::Span,
 }
 
 impl Run {
@@ -96,11 +100,14 @@ pub(crate) async fn run_task(
     let mut slot = Some(permit);
     let call = Call { run: &run, index, id: &id, request: &request, sequence: 0 };
     let history = History::new(run.exec.config.history);
+    let span = telemetry::task_span(&run.span, index, &id);
     let outcome = call
         .outcome(&mut slot, &history, run.exec.config.task_timeout, &run.cancel, |attempts| {
             run.interrupted(attempts)
         })
+        .instrument(span.clone())
         .await;
+    telemetry::task_ended(&span, &outcome);
     run.exec.emit(|| Event::Finished {
         index,
         id: id.clone(),
@@ -538,14 +545,26 @@ impl Attempt<'_> {
         }
     }
 
-    /// [`Self::bounded`], logged in the task's history (as cancelled, should
-    /// the call be dropped unfinished).
+    /// [`Self::bounded`], logged in the task's history and in a telemetry
+    /// span (as cancelled, should the call be dropped unfinished).
     async fn logged(&self, progress: &Progress, role: CallRole) -> Result<Answer, ProviderError> {
+        let exec = &self.run.exec;
+        let content = exec.config.span_content;
+        let provider = &*exec.provider;
+        let span = CallSpan::start(
+            provider.name(),
+            provider.default_model(),
+            self.request,
+            self.attempt,
+            role,
+            content,
+        );
         let log = self.history.start(&self.run.epoch, self.attempt, role, progress);
-        let result = self.bounded(progress).await;
+        let result = self.bounded(progress).instrument(span.span.clone()).await;
         if let Some(log) = log {
             log.ended(result.as_ref().map(|answer| answer.response.usage));
         }
+        span.ended(result.as_ref().map(|answer| &answer.response), content);
         result
     }
 

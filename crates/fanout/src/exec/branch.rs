@@ -54,12 +54,14 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::{sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::Executor;
 use super::attempt::{Call, Run, Stop};
 use super::driver::{Release, finish};
 use super::history::History;
 use super::report::{Tally, Totals};
+use super::telemetry;
 use crate::provider::Request;
 use crate::task::{NotRun, Outcome, TaskId, TaskResult, Timeout};
 
@@ -339,7 +341,8 @@ async fn run_branch<T: Send + 'static>(calls: Calls, work: BranchWork<T>) -> Bra
     let (index, id, cut) = (calls.index, calls.id.clone(), calls.cut.clone());
     let run = Arc::clone(&calls.run);
     let limit = run.exec.config.task_timeout;
-    let work = AssertUnwindSafe(work(calls)).catch_unwind();
+    let span = telemetry::task_span(&run.span, index, &id);
+    let work = AssertUnwindSafe(work(calls)).catch_unwind().instrument(span.clone());
     let mut work = std::pin::pin!(work);
     let timed_out = async {
         match limit {
@@ -370,5 +373,12 @@ async fn run_branch<T: Send + 'static>(calls: Calls, work: BranchWork<T>) -> Bra
             None => BranchOutcome::TimedOut(Timeout::Task),
         },
     };
+    let (status, finished) = match &outcome {
+        BranchOutcome::Finished(_) => ("finished", true),
+        BranchOutcome::Panicked(_) => ("panicked", false),
+        BranchOutcome::TimedOut(_) => ("timed_out", false),
+        BranchOutcome::Cancelled => ("cancelled", false),
+    };
+    telemetry::branch_ended(&span, status, finished);
     BranchResult { index, id, outcome }
 }

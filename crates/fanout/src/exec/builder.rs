@@ -35,6 +35,7 @@ pub(crate) struct Config {
     pub order_window: Option<usize>,
     pub seed: Option<u64>,
     pub history: bool,
+    pub span_content: bool,
     pub results: Option<super::event::ResultSink>,
 }
 
@@ -109,6 +110,7 @@ impl ExecutorBuilder {
                 order_window: None,
                 seed: None,
                 history: true,
+                span_content: false,
                 results: None,
             },
         }
@@ -277,6 +279,14 @@ impl ExecutorBuilder {
     /// ([`TaskResult::calls`](crate::TaskResult::calls)); on by default.
     pub fn call_history(mut self, keep: bool) -> Self {
         self.config.history = keep;
+        self
+    }
+
+    /// Whether each call's telemetry span carries the prompt and the answer
+    /// (`gen_ai.input.messages`, `gen_ai.output.messages`); off by default,
+    /// since they may hold what must not leave the process.
+    pub fn span_content(mut self, include: bool) -> Self {
+        self.config.span_content = include;
         self
     }
 

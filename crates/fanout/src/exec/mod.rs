@@ -34,6 +34,7 @@ pub mod limit;
 mod order;
 pub mod report;
 pub mod retry;
+mod telemetry;
 
 use std::fmt;
 use std::pin::Pin;
@@ -144,6 +145,7 @@ impl Executor {
             epoch,
             deadline: config.deadline.map(|limit| epoch.instant + limit),
             hold_slots: matches!(release, Release::Held),
+            span: telemetry::run_span(self.shared.provider.name()),
         })
     }
 

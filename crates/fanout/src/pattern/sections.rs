@@ -8,7 +8,10 @@ use serde::Serialize;
 
 use super::asked::{Ask, ask_all};
 use crate::agent::{Agent, Transcript};
-use crate::{Executor, Failure, Request};
+use crate::{Executor, Failure, Request, Task};
+
+/// The synthesis call's task id, beside the sections' `s1`, `s2`, ...
+pub const SYNTHESIS_ID: &str = "synthesis";
 
 /// A named subtask.
 #[derive(Clone, Debug)]
@@ -114,8 +117,8 @@ pub async fn sections(
     let synthesis = match synthesize {
         None => None,
         Some(instructions) => {
-            let report =
-                executor.run([Request::user(synthesis_prompt(instructions, &parts))]).await;
+            let request = Request::user(synthesis_prompt(instructions, &parts));
+            let report = executor.run([Task::with_id(SYNTHESIS_ID, request)]).await;
             let outcome = &report.results[0].outcome;
             Some(Synthesis { text: outcome.text().map(str::to_owned), error: outcome.failure() })
         }

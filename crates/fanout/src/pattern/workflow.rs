@@ -280,6 +280,14 @@ fn waves(needs: &[BTreeSet<usize>]) -> Result<Vec<Vec<usize>>, Vec<usize>> {
 }
 
 impl Plan {
+    /// Each step's name and the names of the steps it needs, in the file's order.
+    pub fn needs(&self) -> Vec<(&str, Vec<&str>)> {
+        let name = |i: usize| self.workflow.steps[i].name.as_str();
+        (0..self.needs.len())
+            .map(|i| (name(i), self.needs[i].iter().map(|&j| name(j)).collect()))
+            .collect()
+    }
+
     /// The MCP servers the file declares, by name.
     pub fn mcp(&self) -> &BTreeMap<String, McpConfig> {
         &self.workflow.mcp
@@ -318,12 +326,15 @@ impl Plan {
                     continue;
                 }
                 match self.request(i, &results).and_then(|r| Ok((r, agent(&steps[i], tools)?))) {
-                    Ok((request, agent)) => asks.push(Ask { id: i.to_string(), request, agent }),
+                    // A step's calls are recorded under its name.
+                    Ok((request, agent)) => {
+                        asks.push(Ask { id: steps[i].name.clone(), request, agent })
+                    }
                     Err(error) => results[i] = Some(StepResult::failed(&steps[i].name, error)),
                 }
             }
             for answer in ask_all(executor, asks).await {
-                let i: usize = answer.id.parse().expect("ids are step indices");
+                let i = steps.iter().position(|s| s.name == answer.id).expect("ids are step names");
                 results[i] = Some(StepResult {
                     name: steps[i].name.clone(),
                     text: answer.text,

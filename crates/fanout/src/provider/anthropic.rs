@@ -442,6 +442,10 @@ impl Provider for Anthropic {
         "anthropic"
     }
 
+    fn default_model(&self) -> Option<&str> {
+        Some(&self.model)
+    }
+
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
         self.complete_observed(request, &Progress::new()).await
     }

@@ -58,6 +58,12 @@ pub trait Provider: Send + Sync + 'static {
     /// A short name for logs and reports (`openai`, `anthropic`, `local`, `mock`).
     fn name(&self) -> &str;
 
+    /// The model a request without a `model` of its own is sent to, for
+    /// telemetry spans and reports; `None` when it is not known.
+    fn default_model(&self) -> Option<&str> {
+        None
+    }
+
     /// Makes one attempt. Dropping the future cancels the call.
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError>;
 
@@ -100,6 +106,10 @@ pub trait Provider: Send + Sync + 'static {
 impl<P: Provider + ?Sized> Provider for std::sync::Arc<P> {
     fn name(&self) -> &str {
         (**self).name()
+    }
+
+    fn default_model(&self) -> Option<&str> {
+        (**self).default_model()
     }
 
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {

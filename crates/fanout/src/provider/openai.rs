@@ -528,6 +528,10 @@ impl Provider for OpenAi {
         "openai"
     }
 
+    fn default_model(&self) -> Option<&str> {
+        Some(&self.model)
+    }
+
     async fn complete(&self, request: &Request) -> Result<Response, ProviderError> {
         self.complete_observed(request, &Progress::new()).await
     }

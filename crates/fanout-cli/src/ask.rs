@@ -47,7 +47,7 @@ pub async fn command(flags: &Flags, args: AskArgs) -> Result<ExitCode> {
     connect::check_budget_fits(&settings, &*provider, &request).map_err(Refusal)?;
     let recording = Recording::start(flags, &settings, "ask", "-");
     let builder = connect::executor(&settings, provider, Usage::default());
-    let report = recorded::attach(recording.as_ref(), builder).build().run([request]).await;
+    let report = recorded::attach(recording.as_ref(), None, builder).build().run([request]).await;
     drop(recording);
     let result = &report.results[0];
     if flags.json {

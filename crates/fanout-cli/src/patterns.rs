@@ -22,24 +22,33 @@ use crate::connect;
 use crate::documents;
 use crate::exit::{Ending, Exit};
 use crate::input::{self, Content};
+use crate::live::Live;
 use crate::outcome;
 use crate::recorded::{self, Recording};
 use crate::settings::{self, Flags, Settings};
 use crate::template::Prompt;
 use crate::tools::ToolArgs;
 
+/// What a pattern command runs with.
+struct Run {
+    executor: Executor,
+    settings: Settings,
+    /// The job its calls are recorded in, until it is dropped.
+    recording: Option<Recording>,
+    /// Its lines on stderr while it runs.
+    live: Live,
+}
+
 /// The executor of a `command` run reading `source`, recording its calls
-/// in a job of its own (kept until the recording is dropped).
-async fn executor(
-    flags: &Flags,
-    command: &str,
-    source: &str,
-) -> Result<(Executor, Settings, Option<Recording>)> {
+/// in a job of its own and showing them live.
+async fn start(flags: &Flags, command: &str, source: &str) -> Result<Run> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
     let provider = connect::provider(&settings, flags.quiet).await.map_err(Refusal)?;
     let recording = Recording::start(flags, &settings, command, source);
+    let live = Live::for_command(command, flags.quiet, settings.price);
     let builder = connect::executor(&settings, provider, fanout::Usage::default());
-    Ok((recorded::attach(recording.as_ref(), builder).build(), settings, recording))
+    let executor = recorded::attach(recording.as_ref(), Some(&live), builder).build();
+    Ok(Run { executor, settings, recording, live })
 }
 
 /// Says every failure on stderr, named (even when stdout is JSON or shows it
@@ -176,7 +185,7 @@ const SAMPLE_TEMPERATURE: f32 = 0.7;
 
 pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
     let source = args.input.as_ref().map_or("-".into(), |p| p.display().to_string());
-    let (executor, settings, recording) = executor(flags, "vote", &source).await?;
+    let Run { executor, settings, recording, live } = start(flags, "vote", &source).await?;
     let options = args.options()?;
     let temperature = settings.temperature.unwrap_or(SAMPLE_TEMPERATURE);
     if let Some(path) = &args.input {
@@ -212,12 +221,14 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
             };
             println!("{line}");
         }
+        live.finish();
         recorded::keep_outcome(recording.as_ref(), || outcome::votes(questions, more));
         return Ok(vote_exit(!no_consensus, &samples).into());
     }
     let request = request(&settings, args.prompt.clone(), args.system.as_deref());
     if args.judge {
         let result = most_consistent(&executor, &request, args.samples, temperature).await;
+        live.finish();
         if flags.json {
             print_json(&result)?;
         } else if let Some(text) = &result.text {
@@ -232,6 +243,7 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
         let budget = args.max_samples.unwrap_or(args.samples * 3);
         let result =
             distinct(&executor, &request, args.samples, budget, args.similarity, temperature).await;
+        live.finish();
         if flags.json {
             print_json(&result)?;
         } else {
@@ -250,6 +262,7 @@ pub async fn run_vote(flags: &Flags, args: VoteArgs) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let result = vote(&executor, &request, &options).await;
+    live.finish();
     recorded::keep_outcome(recording.as_ref(), || {
         outcome::votes(vec![outcome::vote_question(&args.prompt, &result, args.samples)], 0)
     });
@@ -343,7 +356,7 @@ async fn agent(flags: &Flags, tools: &ToolArgs) -> Result<Option<Agent>> {
 }
 
 pub async fn run_sections(flags: &Flags, args: SectionsArgs) -> Result<ExitCode> {
-    let (executor, settings, recording) = executor(flags, "sections", "-").await?;
+    let Run { executor, settings, recording, live } = start(flags, "sections", "-").await?;
     let agent = agent(flags, &args.tools).await?;
     let parts = args
         .sections
@@ -355,6 +368,7 @@ pub async fn run_sections(flags: &Flags, args: SectionsArgs) -> Result<ExitCode>
         })
         .collect();
     let result = sections(&executor, parts, args.synthesize.as_deref()).await;
+    live.finish();
     recorded::keep_outcome(recording.as_ref(), || outcome::parts(&result));
     print_parts(&result, flags.json)
 }
@@ -382,7 +396,7 @@ pub struct MapReduceArgs {
 pub async fn run_map_reduce(flags: &Flags, args: MapReduceArgs) -> Result<ExitCode> {
     let documents = documents::gather(&args.paths, args.field.as_deref())?;
     let source = args.paths.join(" ");
-    let (executor, _, recording) = executor(flags, "map-reduce", &source).await?;
+    let Run { executor, recording, live, .. } = start(flags, "map-reduce", &source).await?;
     let options = MapReduceOptions {
         chunk_tokens: args.chunk_tokens,
         overlap_tokens: args.overlap_tokens,
@@ -390,6 +404,7 @@ pub async fn run_map_reduce(flags: &Flags, args: MapReduceArgs) -> Result<ExitCo
         ..MapReduceOptions::new(args.map, args.reduce)
     };
     let result = map_reduce(&executor, &documents, &options).await;
+    live.finish();
     recorded::keep_outcome(recording.as_ref(), || outcome::collapse(&result));
     if flags.json {
         print_json(&result)?;
@@ -457,11 +472,12 @@ pub async fn run_perspectives(flags: &Flags, args: PerspectivesArgs) -> Result<E
             .collect();
     }
     let source = args.input.display().to_string();
-    let (executor, _, recording) = executor(flags, "perspectives", &source).await?;
+    let Run { executor, recording, live, .. } = start(flags, "perspectives", &source).await?;
     let agent = agent(flags, &args.tools).await?;
     let synthesis =
         (!args.no_synthesis).then(|| args.synthesize.as_deref().unwrap_or(DEFAULT_SYNTHESIS));
     let result = perspectives(&executor, &input, &personas, synthesis, agent.as_ref()).await;
+    live.finish();
     recorded::keep_outcome(recording.as_ref(), || outcome::parts(&result));
     print_parts(&result, flags.json)
 }
@@ -512,8 +528,9 @@ pub async fn run_workflow(flags: &Flags, args: WorkflowArgs) -> Result<ExitCode>
         }
     }
     let source = args.workflow.display().to_string();
-    let (executor, _, recording) = executor(flags, "run", &source).await?;
+    let Run { executor, recording, live, .. } = start(flags, "run", &source).await?;
     let result = plan.run(&executor, &sets).await;
+    live.finish();
     recorded::keep_outcome(recording.as_ref(), || outcome::workflow(&plan.needs(), &result));
     if flags.json {
         print_json(&result)?;

@@ -71,42 +71,45 @@ impl Progress {
     /// reports them.
     pub fn events(&self) -> impl Fn(&Event) + Send + Sync + 'static {
         let progress = self.clone();
-        move |event| {
-            let counts = &progress.counts;
-            match event {
-                Event::Started { index, .. } => {
-                    counts.in_flight.lock().expect("never poisoned").insert(*index);
-                    counts.calls.fetch_add(1, Ordering::Relaxed);
-                }
-                Event::Retrying { index, error, .. } => {
-                    counts.in_flight.lock().expect("never poisoned").remove(index);
-                    counts.retries.fetch_add(1, Ordering::Relaxed);
-                    if error.is_rate_limited() {
-                        counts.rate_limited.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Event::Finished { index, .. } => {
-                    counts.in_flight.lock().expect("never poisoned").remove(index);
-                }
-                Event::Repairing { index, .. } => {
-                    counts.in_flight.lock().expect("never poisoned").remove(index);
-                    counts.repairs.fetch_add(1, Ordering::Relaxed);
-                }
-                Event::Hedged { .. } => {
-                    counts.hedges.fetch_add(1, Ordering::Relaxed);
-                }
-                Event::Paused { duration, .. } => {
-                    let until = Instant::now() + *duration;
-                    let mut paused = counts.paused_until.lock().expect("never poisoned");
-                    *paused = Some(paused.map_or(until, |p| p.max(until)));
-                    drop(paused);
-                    // Nothing finishes while every call waits: say so now.
-                    if !progress.bar.is_hidden() {
-                        progress.bar.set_message(progress.line());
-                    }
-                }
-                _ => {}
+        move |event| progress.observe(event)
+    }
+
+    /// Counts what `event` says.
+    pub fn observe(&self, event: &Event) {
+        let counts = &self.counts;
+        match event {
+            Event::Started { index, .. } => {
+                counts.in_flight.lock().expect("never poisoned").insert(*index);
+                counts.calls.fetch_add(1, Ordering::Relaxed);
             }
+            Event::Retrying { index, error, .. } => {
+                counts.in_flight.lock().expect("never poisoned").remove(index);
+                counts.retries.fetch_add(1, Ordering::Relaxed);
+                if error.is_rate_limited() {
+                    counts.rate_limited.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Event::Finished { index, .. } => {
+                counts.in_flight.lock().expect("never poisoned").remove(index);
+            }
+            Event::Repairing { index, .. } => {
+                counts.in_flight.lock().expect("never poisoned").remove(index);
+                counts.repairs.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Hedged { .. } => {
+                counts.hedges.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Paused { duration, .. } => {
+                let until = Instant::now() + *duration;
+                let mut paused = counts.paused_until.lock().expect("never poisoned");
+                *paused = Some(paused.map_or(until, |p| p.max(until)));
+                drop(paused);
+                // Nothing finishes while every call waits: say so now.
+                if !self.bar.is_hidden() {
+                    self.bar.set_message(self.line());
+                }
+            }
+            _ => {}
         }
     }
 

@@ -17,6 +17,7 @@ use fanout::{ExecutorBuilder, TaskResult};
 use fanout_store::{Fingerprint, Record, Store};
 
 use crate::history::{self, RunLog};
+use crate::live::Live;
 use crate::record::to_record;
 use crate::settings::{self, Flags, Settings};
 
@@ -93,20 +94,6 @@ impl Recording {
         Ok(Self { name, sender, writer: Some(writer), run_log, quiet })
     }
 
-    /// `builder`, recording every call and the run's pauses in the job.
-    pub fn attach(&self, builder: ExecutorBuilder) -> ExecutorBuilder {
-        let sender = self.sender.clone();
-        let run_log = self.run_log.clone();
-        builder
-            .on_result(move |result: &TaskResult| {
-                if let Some(record) = to_record(result) {
-                    // The writer ends only when the recording is dropped.
-                    let _ = sender.send(Message::Record(Box::new(record)));
-                }
-            })
-            .on_event(move |event| run_log.observe(event))
-    }
-
     /// Keeps the run's shape with the job (see [`Message::Outcome`]).
     pub fn keep_outcome(&self, outcome: serde_json::Value) {
         let _ = self.sender.send(Message::Outcome(outcome));
@@ -120,11 +107,49 @@ pub fn keep_outcome(recording: Option<&Recording>, outcome: impl FnOnce() -> ser
     }
 }
 
-/// Attaches `recording`'s sink when there is one.
-pub fn attach(recording: Option<&Recording>, builder: ExecutorBuilder) -> ExecutorBuilder {
-    match recording {
-        Some(recording) => recording.attach(builder),
-        None => builder,
+/// `builder`, telling every finished call and every event to the command's
+/// `recording` (its calls and pauses go in the job) and its `live` lines,
+/// those it has.
+pub fn attach(
+    recording: Option<&Recording>,
+    live: Option<&Live>,
+    builder: ExecutorBuilder,
+) -> ExecutorBuilder {
+    let record =
+        recording.map(|r| Recorder { sender: r.sender.clone(), run_log: r.run_log.clone() });
+    let observe = record.as_ref().map(|r| r.run_log.clone());
+    let (live_results, live_events) = (live.cloned(), live.cloned());
+    builder
+        .on_result(move |result: &TaskResult| {
+            if let Some(record) = &record {
+                record.record(result);
+            }
+            if let Some(live) = &live_results {
+                live.finished(result);
+            }
+        })
+        .on_event(move |event| {
+            if let Some(run_log) = &observe {
+                run_log.observe(event);
+            }
+            if let Some(live) = &live_events {
+                live.observe(event);
+            }
+        })
+}
+
+/// What the executor's sink needs of a [`Recording`].
+struct Recorder {
+    sender: mpsc::Sender<Message>,
+    run_log: RunLog,
+}
+
+impl Recorder {
+    fn record(&self, result: &TaskResult) {
+        if let Some(record) = to_record(result) {
+            // The writer ends only when the recording is dropped.
+            let _ = self.sender.send(Message::Record(Box::new(record)));
+        }
     }
 }
 

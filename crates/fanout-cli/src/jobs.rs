@@ -7,7 +7,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use anyhow::{Context, Result, anyhow};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
 use fanout::Usage;
-use fanout_store::{JobSummary, Store};
+use fanout_store::{Job, JobSummary, Store};
 
 use std::path::PathBuf;
 
@@ -199,17 +199,38 @@ fn remove(store: &Path, name: &str) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Runs a pattern job's command again from its arguments and folder, in
+/// the same job, answering the calls it answered before from the job (see
+/// [`crate::replay`]): only what failed, or what changed, is asked again.
+async fn resume_pattern(job: &Job, command: &str, options: &RunOptions) -> Result<ExitCode> {
+    let argv: Option<Vec<String>> =
+        job.settings.get("argv").and_then(|argv| serde_json::from_value(argv.clone()).ok());
+    let Some(mut argv) = argv else {
+        return Err(Refusal(anyhow!(
+            "job `{}` is a `fanout {command}` run recorded without its arguments \
+             (by an older fanout): run the command again",
+            job.name
+        ))
+        .into());
+    };
+    if let Some(cwd) = job.settings.get("cwd").and_then(|c| c.as_str()) {
+        std::env::set_current_dir(cwd).with_context(|| {
+            format!("job `{}` ran in {cwd}, which cannot be entered now", job.name)
+        })?;
+    }
+    argv.insert(0, "fanout".into());
+    argv.extend(["--resume-job".into(), job.name.clone()]);
+    argv.extend(["--store".into(), options.store.display().to_string()]);
+    crate::rerun(argv).await
+}
+
 /// Runs a job's unfinished tasks with the settings of its latest run; run
 /// limits given as flags now (concurrency, rates, timeouts, deadline, retries,
 /// budget) apply, and are kept for the next resume.
 async fn resume(options: RunOptions, flags: &Flags) -> Result<ExitCode> {
     let job = find(&open(&options.store)?, &options.job)?;
     if let Some(command) = job.settings.get("command").and_then(|c| c.as_str()) {
-        return Err(Refusal(anyhow!(
-            "job `{}` is a `fanout {command}` run, not a batch: run the command again",
-            options.job
-        ))
-        .into());
+        return resume_pattern(&job, command, &options).await;
     }
     let mut spec: Spec = serde_json::from_value(job.settings).map_err(|e| {
         Refusal(anyhow!("job `{}` was saved by another version of fanout: {e}", options.job))

@@ -25,6 +25,7 @@ mod progress;
 mod proxy;
 mod record;
 mod recorded;
+mod replay;
 mod report;
 mod schema;
 mod settings;
@@ -118,6 +119,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             models::command(command, &settings).await.map(|()| ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs a command line again in this process (`fanout jobs resume` of a
+/// pattern job).
+/// Boxed: it is reached from `run` itself.
+pub fn rerun(argv: Vec<String>) -> std::pin::Pin<Box<dyn Future<Output = Result<ExitCode>>>> {
+    Box::pin(async move {
+        let cli =
+            Cli::try_parse_from(&argv).map_err(|error| Refusal(anyhow::anyhow!("{error}")))?;
+        run(cli).await
+    })
 }
 
 /// mimalloc: glibc's malloc took about a seventh of each call's CPU in

@@ -9,16 +9,18 @@
 //! cannot be opened is said once, and the command goes on unrecorded.
 
 use std::path::Path;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread::JoinHandle;
 
 use anyhow::Result;
-use fanout::{ExecutorBuilder, TaskResult};
+use fanout::{ExecutorBuilder, Provider, TaskResult};
 use fanout_store::{Fingerprint, Record, Store};
 
+use crate::fingerprint::request_hash;
 use crate::history::{self, RunLog};
 use crate::live::Live;
 use crate::record::to_record;
+use crate::replay::{Replay, Replayed};
 use crate::settings::{self, Flags, Settings};
 
 /// The most records appended in one transaction.
@@ -40,22 +42,34 @@ pub struct Recording {
     writer: Option<JoinHandle<Result<u64>>>,
     run_log: RunLog,
     quiet: bool,
+    /// The job's answers, when this run resumes it.
+    replay: Option<Arc<Replay>>,
 }
 
-/// Settings stored for a job that is not a batch: the command that made it.
+/// Settings stored for a job that is not a batch: the command that made it,
+/// and its arguments and folder, for `fanout jobs resume` to run it again.
 #[derive(serde::Serialize)]
 struct Made<'a> {
     command: &'a str,
     settings: &'a Settings,
+    argv: Vec<String>,
+    cwd: Option<String>,
 }
 
 impl Recording {
     /// Starts the job of a `command` run reading `input` (`-` when it reads
     /// none), named after the command and the time; `None`, said on stderr,
     /// when the store cannot take it.
+    /// With `--resume-job NAME` (what `fanout jobs resume` runs), the run
+    /// goes on in that job instead: its failed records are dropped (they are
+    /// asked again) and its answers replayed ([`crate::replay`]).
     pub fn start(flags: &Flags, settings: &Settings, command: &str, input: &str) -> Option<Self> {
         let path = flags.store.clone().unwrap_or_else(settings::default_store);
-        match Self::open(&path, settings, command, input, flags.quiet) {
+        let opened = match &flags.resume_job {
+            Some(name) => Self::resume(&path, name, settings, flags.quiet),
+            None => Self::open(&path, settings, command, input, flags.quiet),
+        };
+        match opened {
             Ok(recording) => Some(recording),
             Err(error) => {
                 eprintln!("fanout: this run is not recorded: {error:#}");
@@ -71,7 +85,7 @@ impl Recording {
         input: &str,
         quiet: bool,
     ) -> Result<Self> {
-        let mut store = Store::open(path)?;
+        let store = Store::open(path)?;
         let stamp = fanout_store::now();
         let mut name = format!("{command}-{stamp}");
         for n in 2.. {
@@ -81,22 +95,82 @@ impl Recording {
             name = format!("{command}-{stamp}-{n}");
         }
         let fingerprint = Fingerprint([("command".to_owned(), command.to_owned())].into());
-        let made = serde_json::to_value(Made { command, settings })?;
+        let argv = std::env::args().skip(1).collect();
+        let cwd = std::env::current_dir().ok().map(|dir| dir.display().to_string());
+        let made = serde_json::to_value(Made { command, settings, argv, cwd })?;
         let job = store.create_job(&name, input, &fingerprint, &made)?.id;
-        let mut kept = made;
+        Self::record_into(store, job, name, made, 0, settings, quiet, None)
+    }
+
+    fn resume(path: &Path, name: &str, settings: &Settings, quiet: bool) -> Result<Self> {
+        let store = Store::open(path)?;
+        let job = store.job(name)?.ok_or_else(|| anyhow::anyhow!("no job `{name}`"))?;
+        store.forget_unsucceeded(job.id)?;
+        let replay = Arc::new(Replay::load(&store, job.id)?);
+        let kept = store.summary(job.clone())?.finished();
+        Self::record_into(
+            store,
+            job.id,
+            name.to_owned(),
+            job.settings,
+            kept,
+            settings,
+            quiet,
+            Some(replay),
+        )
+    }
+
+    /// Starts the writer of `job`, which holds `kept` records already.
+    #[allow(clippy::too_many_arguments)]
+    fn record_into(
+        mut store: Store,
+        job: i64,
+        name: String,
+        mut made: serde_json::Value,
+        kept: u64,
+        settings: &Settings,
+        quiet: bool,
+        replay: Option<Arc<Replay>>,
+    ) -> Result<Self> {
         let (sender, receiver) = mpsc::channel();
         let run_log = RunLog::default();
         run_log.push(history::kind::START, settings.concurrency as f64, None);
         let events = run_log.clone();
         let writer = std::thread::Builder::new()
             .name("fanout-recorder".into())
-            .spawn(move || write_all(&mut store, job, &mut kept, &receiver, &events))?;
-        Ok(Self { name, sender, writer: Some(writer), run_log, quiet })
+            .spawn(move || write_all(&mut store, job, &mut made, kept, &receiver, &events))?;
+        Ok(Self { name, sender, writer: Some(writer), run_log, quiet, replay })
+    }
+
+    /// `provider`, answering first from the job's answers when this run
+    /// resumes it.
+    pub fn provider(&self, provider: Arc<dyn Provider>) -> Arc<dyn Provider> {
+        match &self.replay {
+            Some(replay) => {
+                if !self.quiet {
+                    eprintln!(
+                        "fanout: resuming job `{}`: {} answers kept, asked again only if needed",
+                        self.name,
+                        replay.len()
+                    );
+                }
+                Arc::new(Replayed::new(provider, Arc::clone(replay)))
+            }
+            None => provider,
+        }
     }
 
     /// Keeps the run's shape with the job (see [`Message::Outcome`]).
     pub fn keep_outcome(&self, outcome: serde_json::Value) {
         let _ = self.sender.send(Message::Outcome(outcome));
+    }
+}
+
+/// `provider`, answering from the job first when the recording resumes one.
+pub fn provider(recording: Option<&Recording>, provider: Arc<dyn Provider>) -> Arc<dyn Provider> {
+    match recording {
+        Some(recording) => recording.provider(provider),
+        None => provider,
     }
 }
 
@@ -115,8 +189,11 @@ pub fn attach(
     live: Option<&Live>,
     builder: ExecutorBuilder,
 ) -> ExecutorBuilder {
-    let record =
-        recording.map(|r| Recorder { sender: r.sender.clone(), run_log: r.run_log.clone() });
+    let record = recording.map(|r| Recorder {
+        sender: r.sender.clone(),
+        run_log: r.run_log.clone(),
+        replay: r.replay.clone(),
+    });
     let observe = record.as_ref().map(|r| r.run_log.clone());
     let (live_results, live_events) = (live.cloned(), live.cloned());
     builder
@@ -142,11 +219,20 @@ pub fn attach(
 struct Recorder {
     sender: mpsc::Sender<Message>,
     run_log: RunLog,
+    replay: Option<Arc<Replay>>,
 }
 
 impl Recorder {
     fn record(&self, result: &TaskResult) {
-        if let Some(record) = to_record(result) {
+        let hash = result.request.as_deref().map(request_hash);
+        if let (Some(replay), Some(hash)) = (&self.replay, &hash)
+            && replay.was_served(hash)
+        {
+            // Answered from the job, which has it already.
+            return;
+        }
+        if let Some(mut record) = to_record(result) {
+            record.request_hash = hash;
             // The writer ends only when the recording is dropped.
             let _ = self.sender.send(Message::Record(Box::new(record)));
         }
@@ -179,6 +265,7 @@ fn write_all(
     store: &mut Store,
     job: i64,
     settings: &mut serde_json::Value,
+    kept: u64,
     receiver: &mpsc::Receiver<Message>,
     run_log: &RunLog,
 ) -> Result<u64> {
@@ -211,6 +298,6 @@ fn write_all(
         }
         store.commit(job, &[], &run_log.take())?;
     }
-    store.set_total(job, written)?;
+    store.set_total(job, kept + written)?;
     Ok(written)
 }

@@ -101,6 +101,10 @@ pub struct Flags {
     /// The job store [default: $FANOUT_HOME/fanout.db or ~/.local/share/fanout/fanout.db]
     #[arg(long, global = true, env = "FANOUT_STORE")]
     pub store: Option<PathBuf>,
+    /// Goes on in this pattern job, answering what it answered before from
+    /// it (what `fanout jobs resume` runs)
+    #[arg(long, global = true, hide = true, value_name = "JOB")]
+    pub resume_job: Option<String>,
 }
 
 /// Every setting, declared once: as a flag (`--max-tokens`) and as a config

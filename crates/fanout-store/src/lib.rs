@@ -172,6 +172,9 @@ pub struct Record {
     /// The history of the task's calls (attempts, hedges), in the compact
     /// form its writer chose; `None` when none was kept.
     pub calls: Option<String>,
+    /// A hash of the request the task sent, for the jobs that replay their
+    /// answers on a rerun (pattern jobs); `None` for the others.
+    pub request_hash: Option<String>,
 }
 
 /// Something that happened to a job's run as a whole, rather than to one task.
@@ -247,7 +250,7 @@ const JOB_COLUMNS: &str =
     "id, name, input, fingerprint, settings, total, created_at, updated_at, last_run";
 const RECORD_COLUMNS: &str = "idx, task_id, status, answer, error_kind, error_message, error_status, \
      input_tokens, output_tokens, latency_ms, attempts, finish_reason, model, request_id, finished_at, \
-     usage_estimated, cached_input_tokens, kept, calls";
+     usage_estimated, cached_input_tokens, kept, calls, request_hash";
 
 fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let settings: String = row.get(4)?;
@@ -287,6 +290,7 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         cached_input_tokens: row.get::<_, i64>(16)? as u64,
         kept: row.get(17)?,
         calls: row.get(18)?,
+        request_hash: row.get(19)?,
     })
 }
 
@@ -344,6 +348,15 @@ impl Store {
             )
             .context(|| "cannot update the job's task count".into())?;
         Ok(())
+    }
+
+    /// Removes the job's records that did not succeed, so that a rerun
+    /// leaves one record per call it makes; returns how many went.
+    pub fn forget_unsucceeded(&self, job: i64) -> Result<u64> {
+        self.conn
+            .execute("DELETE FROM tasks WHERE job_id = ?1 AND status != 'succeeded'", [job])
+            .map(|n| n as u64)
+            .context(|| format!("cannot clear the failed records of job {job}"))
     }
 
     /// Removes the job named `name` with its task records; `false` when there
@@ -618,7 +631,7 @@ fn insert_records<'a>(
 ) -> rusqlite::Result<()> {
     let mut insert = conn.prepare_cached(&format!(
         "INSERT OR REPLACE INTO tasks (job_id, {RECORD_COLUMNS}) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
     ))?;
     for (r, index) in records {
         insert.execute(params![
@@ -642,6 +655,7 @@ fn insert_records<'a>(
             r.cached_input_tokens as i64,
             r.kept,
             r.calls,
+            r.request_hash,
         ])?;
     }
     conn.prepare_cached("UPDATE jobs SET updated_at = ?2 WHERE id = ?1")

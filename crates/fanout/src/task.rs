@@ -357,12 +357,16 @@ pub struct TaskResult {
     /// executor keeps no history, or the task made no call.
     #[serde(skip)]
     pub calls: Vec<CallRecord>,
+    /// The request the task sent (its first attempt's, before any repair);
+    /// `None` for a settled task, or a result rebuilt from a store.
+    #[serde(skip)]
+    pub request: Option<Arc<Request>>,
 }
 
 impl TaskResult {
     /// The outcome of the task at `index` with this id, with no call history.
     pub fn new(index: usize, id: TaskId, outcome: Outcome) -> Self {
-        Self { index, id, outcome, calls: Vec::new() }
+        Self { index, id, outcome, calls: Vec::new(), request: None }
     }
 }
 

@@ -158,8 +158,8 @@ fn workflow_runs_and_refuses_invalid_files() {
 }
 
 /// Every run is a job: a vote's samples and an ask's call are recorded with
-/// their history, listed by `jobs list`, reported by `fanout report`; a
-/// pattern job is not resumed as a batch.
+/// their history, listed by `jobs list`, reported by `fanout report`, and
+/// resumed from their answers.
 #[test]
 fn every_run_is_a_recorded_job() {
     let home = Home::new();
@@ -193,9 +193,13 @@ fn every_run_is_a_recorded_job() {
     assert!(html.contains("4 calls: 0 retries"), "the samples' history: {html}");
     assert_eq!(html.matches("class=\"call ok\"").count(), 4);
 
+    // Resumed, the vote is answered from the job: no sample is drawn again.
     let output = fanout().args(["jobs", "resume", name]).output().unwrap();
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("is a `fanout vote` run, not a batch"), "{}", stderr(&output));
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("4 answers kept"), "{}", stderr(&output));
+    assert!(stderr(&output).contains("0 calls recorded"), "{}", stderr(&output));
+    let shown = json(&fanout().args(["--json", "jobs", "show", name]).output().unwrap());
+    assert_eq!(shown["finished"], 4, "{shown}");
 }
 
 /// A pattern job's report shows the pattern: a vote's answers with the
@@ -261,4 +265,92 @@ fn pattern_reports_show_votes_steps_and_the_collapse_tree() {
     assert!(html.contains("class=\"chart collapse\""), "{html}");
     assert!(html.contains("chunks mapped"));
     assert!(html.matches("<circle").count() > 3, "chunks, summaries and the answer");
+}
+
+/// A pattern job resumes where it makes sense: a workflow whose last step
+/// failed (its template could not be rendered) and was mended reruns only
+/// that step, the others answered from the job; a resumed map-reduce asks
+/// nothing its finished calls answered; nothing is paid or recorded twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_pattern_job_asks_only_what_it_has_no_answer_for() {
+    let server = fanout_mock::MockServer::start(fanout_mock::Config::default()).await.unwrap();
+    let home = Home::new();
+    let fanout = || {
+        let mut command = home.fanout();
+        command.args(["--provider", "openai", "--base-url", &server.openai_base_url(), "-q"]);
+        command
+    };
+    let steps = |report: &str| {
+        format!(
+            "[[step]]\nname = \"outline\"\nprompt = \"Outline\"\n[[step]]\nname = \"draft\"\n\
+             prompt = \"Draft {{{{ steps.outline }}}}\"\n[[step]]\nname = \"report\"\nprompt = \"{report}\"\n"
+        )
+    };
+    home.write("talk.toml", steps("Report {{ steps.draft | int }}"));
+    let first = crate::run({
+        let mut command = fanout();
+        command.args(["run", "talk.toml"]);
+        command
+    })
+    .await;
+    assert_eq!(first.status.code(), Some(3), "{}", stderr(&first));
+    assert_eq!(server.stats().requests, 2, "outline and draft");
+    let listed = json(
+        &crate::run({
+            let mut command = fanout();
+            command.args(["--json", "jobs", "list"]);
+            command
+        })
+        .await,
+    );
+    let name = listed[0]["name"].as_str().unwrap().to_owned();
+
+    // Mended: the report step no longer breaks; resumed from another folder.
+    home.write("talk.toml", steps("Report {{ steps.draft }}"));
+    let mut resume = fanout();
+    resume.current_dir("/").args(["jobs", "resume", &name]);
+    let resumed = crate::run(resume).await;
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_eq!(server.stats().requests, 3, "only the report step was asked");
+    let shown = json(
+        &crate::run({
+            let mut command = fanout();
+            command.args(["--json", "jobs", "show", &name]);
+            command
+        })
+        .await,
+    );
+    assert_eq!(shown["finished"], 3, "one record per call: {shown}");
+    assert_eq!(shown["by_status"]["succeeded"], 3);
+
+    std::fs::create_dir_all(home.path("docs")).unwrap();
+    home.write("docs/a.txt", "alpha beta gamma. ".repeat(60));
+    let map_reduce = |command: &mut std::process::Command| {
+        command.args(["map-reduce", "docs", "--map", "Notes.", "--reduce", "Sum."]);
+        command.args(["--chunk-tokens", "60", "--reduce-tokens", "300"]);
+    };
+    let mut first = fanout();
+    map_reduce(&mut first);
+    let first = crate::run(first).await;
+    assert!(first.status.success(), "{}", stderr(&first));
+    let asked = server.stats().requests;
+    let listed = json(
+        &crate::run({
+            let mut command = fanout();
+            command.args(["--json", "jobs", "list"]);
+            command
+        })
+        .await,
+    );
+    let job = listed.as_array().unwrap().iter().find(|j| j["command"] == "map-reduce").unwrap();
+    let name = job["name"].as_str().unwrap().to_owned();
+    let resumed = crate::run({
+        let mut command = fanout();
+        command.args(["jobs", "resume", &name]);
+        command
+    })
+    .await;
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    assert_eq!(server.stats().requests, asked, "every call was answered from the job");
+    assert_eq!(resumed.stdout, first.stdout, "the same answer");
 }

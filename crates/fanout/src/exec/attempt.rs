@@ -118,7 +118,7 @@ pub(crate) async fn run_task(
     });
     // The slot is freed here, unless the receiver frees it once the result is safe.
     let permit = slot.filter(|_| run.hold_slots);
-    let result = TaskResult { index, id, outcome, calls: history.take() };
+    let result = TaskResult { index, id, outcome, calls: history.take(), request: Some(request) };
     run.exec.tell(&result);
     (result, permit)
 }

@@ -213,6 +213,8 @@ async fn resume_pattern(job: &Job, command: &str, options: &RunOptions) -> Resul
         ))
         .into());
     };
+    // The store as found from here, before moving to the job's folder.
+    let store = std::path::absolute(&options.store).unwrap_or_else(|_| options.store.clone());
     if let Some(cwd) = job.settings.get("cwd").and_then(|c| c.as_str()) {
         std::env::set_current_dir(cwd).with_context(|| {
             format!("job `{}` ran in {cwd}, which cannot be entered now", job.name)
@@ -220,7 +222,9 @@ async fn resume_pattern(job: &Job, command: &str, options: &RunOptions) -> Resul
     }
     argv.insert(0, "fanout".into());
     argv.extend(["--resume-job".into(), job.name.clone()]);
-    argv.extend(["--store".into(), options.store.display().to_string()]);
+    if !argv.iter().any(|arg| arg == "--store" || arg.starts_with("--store=")) {
+        argv.extend(["--store".into(), store.display().to_string()]);
+    }
     crate::rerun(argv).await
 }
 

@@ -358,7 +358,8 @@ pub struct TaskResult {
     #[serde(skip)]
     pub calls: Vec<CallRecord>,
     /// The request the task sent (its first attempt's, before any repair);
-    /// `None` for a settled task, or a result rebuilt from a store.
+    /// `None` for a settled task, a relayed request (a proxy's stream), or a
+    /// result rebuilt from a store.
     #[serde(skip)]
     pub request: Option<Arc<Request>>,
 }

@@ -45,7 +45,7 @@ pub async fn command(flags: &Flags, args: AskArgs) -> Result<ExitCode> {
     request.temperature = settings.temperature;
     request.max_tokens = settings.max_tokens;
     connect::check_budget_fits(&settings, &*provider, &request).map_err(Refusal)?;
-    let recording = Recording::start(flags, &settings, "ask", "-");
+    let recording = Recording::start(flags, &settings, "ask", "-")?;
     let provider = recorded::provider(recording.as_ref(), provider);
     let builder = connect::executor(&settings, provider, Usage::default());
     let report = recorded::attach(recording.as_ref(), None, builder).build().run([request]).await;

@@ -24,12 +24,6 @@ pub fn sha256(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
-/// A hash of everything a request sends (model, parameters, messages, the
-/// sample index): equal hashes, the same call.
-pub fn request_hash(request: &fanout::Request) -> String {
-    sha256(&serde_json::to_vec(request).unwrap_or_default())
-}
-
 /// The settings that change answers (not limits or timeouts), by name.
 #[derive(Serialize)]
 struct Answering<'a> {

@@ -205,7 +205,7 @@ fn remove(store: &Path, name: &str) -> Result<ExitCode> {
 async fn resume_pattern(job: &Job, command: &str, options: &RunOptions) -> Result<ExitCode> {
     let argv: Option<Vec<String>> =
         job.settings.get("argv").and_then(|argv| serde_json::from_value(argv.clone()).ok());
-    let Some(mut argv) = argv else {
+    let Some(argv) = argv else {
         return Err(Refusal(anyhow!(
             "job `{}` is a `fanout {command}` run recorded without its arguments \
              (by an older fanout): run the command again",
@@ -220,12 +220,31 @@ async fn resume_pattern(job: &Job, command: &str, options: &RunOptions) -> Resul
             format!("job `{}` ran in {cwd}, which cannot be entered now", job.name)
         })?;
     }
-    argv.insert(0, "fanout".into());
-    argv.extend(["--resume-job".into(), job.name.clone()]);
-    if !argv.iter().any(|arg| arg == "--store" || arg.starts_with("--store=")) {
-        argv.extend(["--store".into(), store.display().to_string()]);
-    }
+    let argv = resume_argv(argv, &job.name, &store.display().to_string());
     crate::rerun(argv).await
+}
+
+/// The command line that resumes job `name` from its stored `argv`: it goes
+/// on in the store it was found in, whatever the command said then, and the
+/// flags go first, before any `--` of the command.
+fn resume_argv(argv: Vec<String>, name: &str, store: &str) -> Vec<String> {
+    let mut kept =
+        vec!["fanout".into(), "--resume-job".into(), name.into(), "--store".into(), store.into()];
+    let mut stored = argv.into_iter();
+    while let Some(arg) = stored.next() {
+        match arg.as_str() {
+            "--" => {
+                kept.push(arg);
+                kept.extend(stored.by_ref());
+            }
+            "--store" => {
+                stored.next();
+            }
+            _ if arg.starts_with("--store=") => {}
+            _ => kept.push(arg),
+        }
+    }
+    kept
 }
 
 /// Runs a job's unfinished tasks with the settings of its latest run; run
@@ -241,4 +260,35 @@ async fn resume(options: RunOptions, flags: &Flags) -> Result<ExitCode> {
     })?;
     spec.settings = spec.settings.with_run_limits(flags).map_err(Refusal)?;
     batch::run(spec, options).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resume_argv;
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    /// The found store wins over the one the command named; the resume flags
+    /// go before the command, so a `--` in it keeps its meaning.
+    #[test]
+    fn a_resumed_command_line_keeps_its_arguments_and_takes_the_found_store() {
+        let stored =
+            strings(&["--store", "old.db", "-q", "map-reduce", "--store=x.db", "--", "--store"]);
+        assert_eq!(
+            resume_argv(stored, "mr-1", "/abs/fanout.db"),
+            strings(&[
+                "fanout",
+                "--resume-job",
+                "mr-1",
+                "--store",
+                "/abs/fanout.db",
+                "-q",
+                "map-reduce",
+                "--",
+                "--store"
+            ])
+        );
+    }
 }

@@ -58,8 +58,9 @@ impl Live {
     }
 
     pub fn finished(&self, result: &TaskResult) {
-        if let Self::Counts(progress) = self {
-            progress.record(result);
+        match self {
+            Self::Steps(lines) => lines.finished(result),
+            Self::Counts(progress) => progress.record(result),
         }
     }
 
@@ -140,6 +141,18 @@ impl StepLines {
         step.calls += u32::from(matches!(state, State::Running { .. }));
         step.state = state;
         self.draw(step);
+    }
+
+    /// A result ends its step's line: an agent's calls send no `Finished`
+    /// event, but each of its results comes here.
+    fn finished(&self, result: &TaskResult) {
+        let latency = result.outcome.success().map(|success| success.latency);
+        let state = State::Done { status: result.outcome.status(), latency };
+        let mut steps = self.steps.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(step) = steps.get_mut(result.id.as_str()) {
+            step.state = state;
+            self.draw(step);
+        }
     }
 
     fn paused_for(&self) -> Option<Duration> {

@@ -2,8 +2,9 @@
 //! `outcome`) so that `fanout report` can draw it: a vote's answer
 //! distribution per question and where early stopping cut; a workflow's (or
 //! sections', or perspectives') step graph with each step's status; a
-//! map-reduce's collapse tree. Only the shape: no answer text beyond the
-//! extracted vote answers, which are what a vote's report is about.
+//! map-reduce's collapse tree. Only the shape and names: no answer text
+//! beyond the extracted vote answers and the question voted on, which are
+//! what a vote's report is about.
 
 use fanout::Failure;
 use fanout::pattern::map_reduce::MapReduceResult;

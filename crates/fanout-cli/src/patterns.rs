@@ -44,7 +44,7 @@ struct Run {
 async fn start(flags: &Flags, command: &str, source: &str) -> Result<Run> {
     let settings = Settings::resolve(flags).map_err(Refusal)?;
     let provider = connect::provider(&settings, flags.quiet).await.map_err(Refusal)?;
-    let recording = Recording::start(flags, &settings, command, source);
+    let recording = Recording::start(flags, &settings, command, source)?;
     let provider = recorded::provider(recording.as_ref(), provider);
     let live = Live::for_command(command, flags.quiet, settings.price);
     let builder = connect::executor(&settings, provider, fanout::Usage::default());

@@ -16,11 +16,11 @@ use anyhow::Result;
 use fanout::{ExecutorBuilder, Provider, TaskResult};
 use fanout_store::{Fingerprint, Record, Store};
 
-use crate::fingerprint::request_hash;
+use crate::Refusal;
 use crate::history::{self, RunLog};
 use crate::live::Live;
 use crate::record::to_record;
-use crate::replay::{Replay, Replayed};
+use crate::replay::{self, Replay, Replayed};
 use crate::settings::{self, Flags, Settings};
 
 /// The most records appended in one transaction.
@@ -44,6 +44,8 @@ pub struct Recording {
     quiet: bool,
     /// The job's answers, when this run resumes it.
     replay: Option<Arc<Replay>>,
+    /// What calls are keyed under besides their request (see [`replay::call_key`]).
+    scope: String,
 }
 
 /// Settings stored for a job that is not a batch: the command that made it,
@@ -52,7 +54,7 @@ pub struct Recording {
 struct Made<'a> {
     command: &'a str,
     settings: &'a Settings,
-    argv: Vec<String>,
+    argv: Option<Vec<String>>,
     cwd: Option<String>,
 }
 
@@ -62,18 +64,26 @@ impl Recording {
     /// when the store cannot take it.
     /// With `--resume-job NAME` (what `fanout jobs resume` runs), the run
     /// goes on in that job instead: its failed records are dropped (they are
-    /// asked again) and its answers replayed ([`crate::replay`]).
-    pub fn start(flags: &Flags, settings: &Settings, command: &str, input: &str) -> Option<Self> {
+    /// asked again) and its answers replayed ([`crate::replay`]); a job that
+    /// cannot be resumed is refused, since the run would pay for everything again.
+    pub fn start(
+        flags: &Flags,
+        settings: &Settings,
+        command: &str,
+        input: &str,
+    ) -> Result<Option<Self>> {
         let path = flags.store.clone().unwrap_or_else(settings::default_store);
-        let opened = match &flags.resume_job {
-            Some(name) => Self::resume(&path, name, settings, flags.quiet),
-            None => Self::open(&path, settings, command, input, flags.quiet),
-        };
-        match opened {
-            Ok(recording) => Some(recording),
+        if let Some(name) = &flags.resume_job {
+            let resumed = Self::resume(&path, name, settings, flags.quiet);
+            return resumed
+                .map(Some)
+                .map_err(|e| Refusal(e.context(format!("cannot resume job `{name}`"))).into());
+        }
+        match Self::open(&path, settings, command, input, flags.quiet) {
+            Ok(recording) => Ok(Some(recording)),
             Err(error) => {
                 eprintln!("fanout: this run is not recorded: {error:#}");
-                None
+                Ok(None)
             }
         }
     }
@@ -95,7 +105,10 @@ impl Recording {
             name = format!("{command}-{stamp}-{n}");
         }
         let fingerprint = Fingerprint([("command".to_owned(), command.to_owned())].into());
-        let argv = std::env::args().skip(1).collect();
+        // Kept only when every argument is text: a resume could not give
+        // another back as it was.
+        let argv: Option<Vec<String>> =
+            std::env::args_os().skip(1).map(|arg| arg.into_string().ok()).collect();
         let cwd = std::env::current_dir().ok().map(|dir| dir.display().to_string());
         let made = serde_json::to_value(Made { command, settings, argv, cwd })?;
         let job = store.create_job(&name, input, &fingerprint, &made)?.id;
@@ -139,7 +152,8 @@ impl Recording {
         let writer = std::thread::Builder::new()
             .name("fanout-recorder".into())
             .spawn(move || write_all(&mut store, job, &mut made, kept, &receiver, &events))?;
-        Ok(Self { name, sender, writer: Some(writer), run_log, quiet, replay })
+        let scope = replay::scope(settings);
+        Ok(Self { name, sender, writer: Some(writer), run_log, quiet, replay, scope })
     }
 
     /// `provider`, answering first from the job's answers when this run
@@ -154,7 +168,7 @@ impl Recording {
                         replay.len()
                     );
                 }
-                Arc::new(Replayed::new(provider, Arc::clone(replay)))
+                Arc::new(Replayed::new(provider, Arc::clone(replay), self.scope.clone()))
             }
             None => provider,
         }
@@ -192,8 +206,10 @@ pub fn attach(
     let record = recording.map(|r| Recorder {
         sender: r.sender.clone(),
         run_log: r.run_log.clone(),
-        replay: r.replay.clone(),
+        scope: r.scope.clone(),
     });
+    // The recorder keys each call by its request.
+    let builder = builder.keep_requests(record.is_some());
     let observe = record.as_ref().map(|r| r.run_log.clone());
     let (live_results, live_events) = (live.cloned(), live.cloned());
     builder
@@ -219,20 +235,23 @@ pub fn attach(
 struct Recorder {
     sender: mpsc::Sender<Message>,
     run_log: RunLog,
-    replay: Option<Arc<Replay>>,
+    scope: String,
 }
 
 impl Recorder {
     fn record(&self, result: &TaskResult) {
-        let hash = result.request.as_deref().map(request_hash);
-        if let (Some(replay), Some(hash)) = (&self.replay, &hash)
-            && replay.was_served(hash)
-        {
+        let answer = result.outcome.success().map(|success| &success.response);
+        if answer.is_some_and(replay::is_replayed) {
             // Answered from the job, which has it already.
             return;
         }
+        // Only an answer a record holds whole is replayed: not one that
+        // called tools or came with other choices.
+        let whole = answer.is_none_or(|a| a.tool_calls.is_empty() && a.other_choices.is_empty());
+        let key =
+            result.request.as_deref().filter(|_| whole).map(|r| replay::call_key(&self.scope, r));
         if let Some(mut record) = to_record(result) {
-            record.request_hash = hash;
+            record.request_hash = key;
             // The writer ends only when the recording is dropped.
             let _ = self.sender.send(Message::Record(Box::new(record)));
         }

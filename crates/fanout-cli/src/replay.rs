@@ -16,36 +16,63 @@ use anyhow::Result;
 use fanout::{Check, Progress, Provider, ProviderError, Request, Response, Usage};
 use fanout_store::Store;
 
-use crate::fingerprint::request_hash;
+/// What a replayed answer's `request_id` starts with: the recorder skips
+/// results whose answer carries it (the job has them already), while an
+/// answer the executor asked anew (a retry of a replayed answer cut off,
+/// a repair) is recorded like any other.
+const REPLAYED: &str = "fanout-replay:";
 
-/// A job's answers, by request hash, served once each.
+/// Whether `response` was answered from the job.
+pub fn is_replayed(response: &Response) -> bool {
+    response.request_id.as_deref().is_some_and(|id| id.starts_with(REPLAYED))
+}
+
+/// The key a call is recorded and replayed under: the provider, its
+/// endpoint and model (`scope`, from the settings) and the whole request,
+/// so a run against another model or server asks anew.
+pub fn call_key(scope: &str, request: &Request) -> String {
+    crate::fingerprint::sha256(
+        &[scope.as_bytes(), &[0], &serde_json::to_vec(request).unwrap_or_default()].concat(),
+    )
+}
+
+/// The scope of [`call_key`] for these settings.
+pub fn scope(settings: &crate::settings::Settings) -> String {
+    format!(
+        "{:?}\0{}\0{}",
+        settings.provider,
+        settings.model,
+        settings.base_url.as_deref().unwrap_or("")
+    )
+}
+
+/// A job's answers, by call key, each served once.
 #[derive(Debug, Default)]
 pub struct Replay {
     answers: Mutex<HashMap<String, Vec<Response>>>,
-    /// Hashes served, not yet seen by the recorder (which must not record
-    /// them again: the job has them).
-    served: Mutex<HashMap<String, u32>>,
 }
 
 impl Replay {
-    /// The succeeded records of `job` that carry their request's hash.
+    /// The succeeded records of `job` that carry their call's key.
     pub fn load(store: &Store, job: i64) -> Result<Self> {
         let mut answers: HashMap<String, Vec<Response>> = HashMap::new();
         store.each_record::<anyhow::Error>(job, |record| {
-            let (Some(hash), Some(text)) = (record.request_hash, record.answer) else {
+            let (Some(key), Some(text)) = (record.request_hash, record.answer) else {
                 return Ok(());
             };
             if record.status == "succeeded" {
                 let mut response = Response::new(text, Usage::default());
                 response.finish_reason = record.finish_reason;
                 response.model = record.model;
-                answers.entry(hash).or_default().push(response);
+                let id = record.request_id.unwrap_or_default();
+                response.request_id = Some(format!("{REPLAYED}{id}"));
+                answers.entry(key).or_default().push(response);
             }
             Ok(())
         })?;
         // Served in the order they were recorded.
         answers.values_mut().for_each(|list| list.reverse());
-        Ok(Self { answers: Mutex::new(answers), served: Mutex::default() })
+        Ok(Self { answers: Mutex::new(answers) })
     }
 
     /// How many answers are kept for a rerun.
@@ -53,29 +80,8 @@ impl Replay {
         self.answers.lock().unwrap_or_else(|p| p.into_inner()).values().map(Vec::len).sum()
     }
 
-    fn take(&self, hash: &str) -> Option<Response> {
-        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
-        let response = answers.get_mut(hash)?.pop()?;
-        *self
-            .served
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(hash.to_owned())
-            .or_default() += 1;
-        Some(response)
-    }
-
-    /// Whether a result of the request with `hash` was answered from the job
-    /// (each served answer says so once).
-    pub fn was_served(&self, hash: &str) -> bool {
-        let mut served = self.served.lock().unwrap_or_else(|p| p.into_inner());
-        match served.get_mut(hash) {
-            Some(count) if *count > 0 => {
-                *count -= 1;
-                true
-            }
-            _ => false,
-        }
+    fn take(&self, key: &str) -> Option<Response> {
+        self.answers.lock().unwrap_or_else(|p| p.into_inner()).get_mut(key)?.pop()
     }
 }
 
@@ -83,11 +89,12 @@ impl Replay {
 pub struct Replayed {
     inner: Arc<dyn Provider>,
     replay: Arc<Replay>,
+    scope: String,
 }
 
 impl Replayed {
-    pub fn new(inner: Arc<dyn Provider>, replay: Arc<Replay>) -> Self {
-        Self { inner, replay }
+    pub fn new(inner: Arc<dyn Provider>, replay: Arc<Replay>, scope: String) -> Self {
+        Self { inner, replay, scope }
     }
 }
 
@@ -110,7 +117,7 @@ impl Provider for Replayed {
         request: &Request,
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
-        if let Some(response) = self.replay.take(&request_hash(request)) {
+        if let Some(response) = self.replay.take(&call_key(&self.scope, request)) {
             return Ok(response);
         }
         self.inner.complete_observed(request, progress).await
@@ -156,7 +163,7 @@ mod tests {
             answer: (status == "succeeded").then(|| answer.to_owned()),
             input_tokens: 10,
             output_tokens: 2,
-            request_hash: Some(request_hash(&sample(i))),
+            request_hash: Some(call_key("scope", &sample(i))),
             ..Record::default()
         };
         store
@@ -172,16 +179,16 @@ mod tests {
         let replay = Arc::new(Replay::load(&store, job).unwrap());
         assert_eq!(replay.len(), 2, "only succeeded answers are kept");
         let mock = MockProvider::new();
-        let provider = Replayed::new(Arc::new(mock.clone()), Arc::clone(&replay));
+        let provider = Replayed::new(Arc::new(mock.clone()), Arc::clone(&replay), "scope".into());
         let first = provider.complete(&sample(0)).await.unwrap();
         assert_eq!((first.text.as_str(), first.usage), ("42", Usage::default()), "free");
+        assert!(is_replayed(&first));
         assert_eq!(provider.complete(&sample(2)).await.unwrap().text, "41");
         assert_eq!(mock.calls(), 0);
         provider.complete(&sample(1)).await.unwrap();
         provider.complete(&sample(0)).await.unwrap();
         assert_eq!(mock.calls(), 2, "the failed one and a second occurrence are asked");
-        assert!(replay.was_served(&request_hash(&sample(0))));
-        assert!(!replay.was_served(&request_hash(&sample(0))), "said once per answer served");
-        assert!(!replay.was_served(&request_hash(&sample(1))));
+        let other = Replayed::new(Arc::new(mock.clone()), replay, "another model".into());
+        assert!(!is_replayed(&other.complete(&sample(2)).await.unwrap()), "keyed by model too");
     }
 }

@@ -357,8 +357,9 @@ pub struct TaskResult {
     /// executor keeps no history, or the task made no call.
     #[serde(skip)]
     pub calls: Vec<CallRecord>,
-    /// The request the task sent (its first attempt's, before any repair);
-    /// `None` for a settled task, a relayed request (a proxy's stream), or a
+    /// The request the task sent (its first attempt's, before any repair),
+    /// when the executor keeps them ([`ExecutorBuilder::keep_requests`](crate::ExecutorBuilder::keep_requests));
+    /// never for a settled task, a relayed request (a proxy's stream), or a
     /// result rebuilt from a store.
     #[serde(skip)]
     pub request: Option<Arc<Request>>,

@@ -85,10 +85,13 @@ fn render(
     calls: &Calls,
     pattern: &serde_json::Value,
 ) -> Result<String> {
-    // The pattern's shape has a section of its own.
+    // The pattern's shape has a section of its own; the command line and
+    // its folder are for resuming, not for a page that may be shared.
     let mut settings = summary.job.settings.clone();
     if let Some(settings) = settings.as_object_mut() {
-        settings.remove("outcome");
+        for kept_for_resume in ["outcome", "argv", "cwd"] {
+            settings.remove(kept_for_resume);
+        }
     }
     let quantiles: Vec<_> =
         [0.5, 0.9, 0.99].into_iter().filter_map(|q| Some((q, folded.quantile(q)?))).collect();

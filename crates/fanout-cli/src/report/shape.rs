@@ -179,19 +179,19 @@ fn draw_steps(steps: &[Value], needs: &[Vec<usize>], depth: &[usize]) -> String 
         }
     }
     for (step, &(x, y)) in steps.iter().zip(&places) {
-        let name = escape(step["name"].as_str().unwrap_or(""));
+        let name = step["name"].as_str().unwrap_or("");
         let time = step["time"].as_str().unwrap_or("no call");
         let status = step["status"].as_str().unwrap_or("done");
         let title = match step["error"].as_str() {
-            Some(error) => format!("{name}: {}", escape(error)),
-            None => format!("{name}: {time}"),
+            Some(error) => format!("{}: {}", escape(name), escape(error)),
+            None => format!("{}: {time}", escape(name)),
         };
         let _ = write!(
             body,
             r#"<g class="step {status}"><title>{title}</title><rect x="{x:.1}" y="{y:.1}" width="{BOX_W}" height="{BOX_H}" rx="4"/><text x="{:.1}" y="{:.1}">{}</text><text class="muted" x="{:.1}" y="{:.1}">{status} · {time}</text></g>"#,
             x + 8.0,
             y + 16.0,
-            truncate(&name, 22),
+            escape(&truncate(name, 22)),
             x + 8.0,
             y + 32.0,
         );

@@ -118,16 +118,20 @@ pub(crate) async fn run_task(
     });
     // The slot is freed here, unless the receiver frees it once the result is safe.
     let permit = slot.filter(|_| run.hold_slots);
-    let request = kept_request(request);
+    let request = kept_request(&run.exec.config, request);
     let result = TaskResult { index, id, outcome, calls: history.take(), request };
     run.exec.tell(&result);
     (result, permit)
 }
 
-/// The request a result keeps: not a relayed one, whose relay must close
-/// with its call (its reader waits for that to end the answer).
-pub(crate) fn kept_request(request: Arc<Request>) -> Option<Arc<Request>> {
-    request.relay.is_none().then_some(request)
+/// The request a result keeps, when the executor keeps them: never a
+/// relayed one, whose relay must close with its call (its reader waits for
+/// that to end the answer).
+pub(crate) fn kept_request(
+    config: &super::builder::Config,
+    request: Arc<Request>,
+) -> Option<Arc<Request>> {
+    (config.keep_requests && request.relay.is_none()).then_some(request)
 }
 
 /// One model call through the whole call path (attempts, retries, hedges),

@@ -123,7 +123,7 @@ impl Calls {
         let outcome = self.call(&request, &history).await;
         let mut result = TaskResult::new(self.index, self.id.clone(), outcome);
         result.calls = history.take();
-        result.request = super::attempt::kept_request(Arc::new(request));
+        result.request = super::attempt::kept_request(&self.run.exec.config, Arc::new(request));
         self.run.exec.tell(&result);
         self.tally.lock().unwrap().add(&result);
         result

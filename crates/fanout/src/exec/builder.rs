@@ -35,6 +35,7 @@ pub(crate) struct Config {
     pub order_window: Option<usize>,
     pub seed: Option<u64>,
     pub history: bool,
+    pub keep_requests: bool,
     pub span_content: bool,
     pub results: Option<super::event::ResultSink>,
 }
@@ -110,6 +111,7 @@ impl ExecutorBuilder {
                 order_window: None,
                 seed: None,
                 history: true,
+                keep_requests: false,
                 span_content: false,
                 results: None,
             },
@@ -279,6 +281,15 @@ impl ExecutorBuilder {
     /// ([`TaskResult::calls`](crate::TaskResult::calls)); on by default.
     pub fn call_history(mut self, keep: bool) -> Self {
         self.config.history = keep;
+        self
+    }
+
+    /// Whether each result keeps the request it sent
+    /// ([`TaskResult::request`](crate::TaskResult::request)), for a result
+    /// sink that must know what was asked; off by default, since a report
+    /// would keep every prompt alive.
+    pub fn keep_requests(mut self, keep: bool) -> Self {
+        self.config.keep_requests = keep;
         self
     }
 

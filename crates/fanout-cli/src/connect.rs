@@ -73,10 +73,11 @@ pub fn check_budget_fits(
 ) -> Result<()> {
     let Some(limit) = settings.spend_limit(Usage::default()) else { return Ok(()) };
     let most = SpendLimit::most_spent(provider, request, provider.estimate_tokens(request));
-    if limit.allows(most) {
+    let model = request.model.as_deref().unwrap_or(&settings.model);
+    if limit.allows(model, most) {
         return Ok(());
     }
-    let cost = limit.cost_of(most).map(|c| format!(", ${c:.6}")).unwrap_or_default();
+    let cost = limit.cost_of(model, most).map(|c| format!(", ${c:.6}")).unwrap_or_default();
     let limits = [
         settings.budget.map(|b| format!("--budget {b}")),
         settings.max_total_tokens.map(|t| format!("--max-total-tokens {t}")),

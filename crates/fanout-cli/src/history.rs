@@ -159,10 +159,14 @@ pub struct RunLog {
     events: Arc<Mutex<Vec<RunEvent>>>,
 }
 
+/// A run event that happens now.
+pub fn event_now(kind: &str, value: f64, detail: Option<String>) -> RunEvent {
+    RunEvent { at_ms: epoch_ms(SystemTime::now()), kind: kind.into(), value, detail }
+}
+
 impl RunLog {
     pub fn push(&self, kind: &str, value: f64, detail: Option<String>) {
-        let event =
-            RunEvent { at_ms: epoch_ms(SystemTime::now()), kind: kind.into(), value, detail };
+        let event = event_now(kind, value, detail);
         self.events.lock().expect("never poisoned").push(event);
     }
 

@@ -6,7 +6,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow};
 use comfy_table::{Table, presets::UTF8_BORDERS_ONLY};
-use fanout::Usage;
+use fanout::{Price, Usage};
 use fanout_store::{Job, JobSummary, Store};
 
 use std::path::PathBuf;
@@ -68,19 +68,27 @@ fn open(store: &Path) -> Result<Store> {
 /// projected over its whole input; `None` without a price.
 pub fn job_cost(summary: &JobSummary) -> Option<(f64, Option<f64>)> {
     let settings = &summary.job.settings;
-    let price = match serde_json::from_value::<Spec>(settings.clone()) {
-        Ok(spec) => spec.settings.price,
-        // A proxy's job keeps only where it forwarded to, and the price.
-        Err(_) => serde_json::from_value(settings["proxy"]["price"].clone()).ok(),
-    };
     let usage = Usage {
         cached_input_tokens: summary.cached_input_tokens,
         ..Usage::new(summary.input_tokens, summary.output_tokens)
     };
-    let spent = price?.cost(usage);
+    let spent = match serde_json::from_value::<Spec>(settings.clone()) {
+        Ok(spec) => spec.settings.price?.cost(usage),
+        // A proxy's records carry their own costs (its clients name their
+        // models); one made before they did keeps only one price.
+        Err(_) => summary.priced_cost.or_else(|| {
+            let price: Price = serde_json::from_value(settings["proxy"]["price"].clone()).ok()?;
+            Some(price.cost(usage))
+        })?,
+    };
     let projected =
         summary.job.total.and_then(|total| progress::projected(spent, summary.finished(), total));
     Some((spent, projected))
+}
+
+/// Whether the job's records carry their own costs (a proxy's).
+fn priced_per_call(summary: &JobSummary) -> bool {
+    summary.job.settings["proxy"]["priced"] == "per call"
 }
 
 fn summary_json(summary: &JobSummary) -> serde_json::Value {
@@ -88,6 +96,8 @@ fn summary_json(summary: &JobSummary) -> serde_json::Value {
     serde_json::json!({
         "cost": cost.map(|(spent, _)| spent),
         "projected_cost": cost.and_then(|(_, projected)| projected),
+        // Calls not in `cost`: their model's price is unknown (jobs priced per call).
+        "unpriced_calls": priced_per_call(summary).then_some(summary.unpriced),
         "cached_input_tokens": summary.cached_input_tokens,
         "last_run": summary.job.last_run,
         "name": summary.job.name,

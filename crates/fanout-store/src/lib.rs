@@ -115,6 +115,12 @@ pub struct JobSummary {
     pub output_tokens: u64,
     /// Cached input tokens of the finished tasks, summed (part of `input_tokens`).
     pub cached_input_tokens: u64,
+    /// The costs of the tasks priced one by one ([`Record::cost`]), summed;
+    /// `None` when none was.
+    pub priced_cost: Option<f64>,
+    /// Finished tasks that used tokens and carry no cost of their own: in a
+    /// job priced per call, those whose model's price is unknown.
+    pub unpriced: u64,
 }
 
 impl JobSummary {
@@ -175,6 +181,10 @@ pub struct Record {
     /// A hash of the request the task sent, for the jobs that replay their
     /// answers on a rerun (pattern jobs); `None` for the others.
     pub request_hash: Option<String>,
+    /// What the task cost, for the jobs that price each call at its own
+    /// model's price (the proxy's, whose clients name their models); `None`
+    /// where the job's one price applies, or the model's price is unknown.
+    pub cost: Option<f64>,
 }
 
 /// Something that happened to a job's run as a whole, rather than to one task.
@@ -250,7 +260,7 @@ const JOB_COLUMNS: &str =
     "id, name, input, fingerprint, settings, total, created_at, updated_at, last_run";
 const RECORD_COLUMNS: &str = "idx, task_id, status, answer, error_kind, error_message, error_status, \
      input_tokens, output_tokens, latency_ms, attempts, finish_reason, model, request_id, finished_at, \
-     usage_estimated, cached_input_tokens, kept, calls, request_hash";
+     usage_estimated, cached_input_tokens, kept, calls, request_hash, cost";
 
 fn job_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Job> {
     let settings: String = row.get(4)?;
@@ -291,6 +301,7 @@ fn record_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Record> {
         kept: row.get(17)?,
         calls: row.get(18)?,
         request_hash: row.get(19)?,
+        cost: row.get(20)?,
     })
 }
 
@@ -391,7 +402,8 @@ impl Store {
             .conn
             .prepare(
                 "SELECT status, count(*), sum(input_tokens), sum(output_tokens), \
-                 sum(cached_input_tokens) FROM tasks \
+                 sum(cached_input_tokens), sum(cost), \
+                 sum(cost IS NULL AND input_tokens + output_tokens > 0) FROM tasks \
                  WHERE job_id = ?1 GROUP BY status",
             )
             .context(context)?;
@@ -400,6 +412,8 @@ impl Store {
             input_tokens: 0,
             output_tokens: 0,
             cached_input_tokens: 0,
+            priced_cost: None,
+            unpriced: 0,
             job: job.clone(),
         };
         let rows = statement
@@ -410,15 +424,21 @@ impl Store {
                     row.get::<_, i64>(2)?,
                     row.get::<_, i64>(3)?,
                     row.get::<_, i64>(4)?,
+                    row.get::<_, Option<f64>>(5)?,
+                    row.get::<_, i64>(6)?,
                 ))
             })
             .context(context)?;
         for row in rows {
-            let (status, count, input, output, cached) = row.context(context)?;
+            let (status, count, input, output, cached, cost, unpriced) = row.context(context)?;
             summary.counts.insert(status, count as u64);
             summary.input_tokens += input as u64;
             summary.output_tokens += output as u64;
             summary.cached_input_tokens += cached as u64;
+            if let Some(cost) = cost {
+                *summary.priced_cost.get_or_insert(0.0) += cost;
+            }
+            summary.unpriced += unpriced as u64;
         }
         Ok(summary)
     }
@@ -631,7 +651,7 @@ fn insert_records<'a>(
 ) -> rusqlite::Result<()> {
     let mut insert = conn.prepare_cached(&format!(
         "INSERT OR REPLACE INTO tasks (job_id, {RECORD_COLUMNS}) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)"
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)"
     ))?;
     for (r, index) in records {
         insert.execute(params![
@@ -656,6 +676,7 @@ fn insert_records<'a>(
             r.kept,
             r.calls,
             r.request_hash,
+            r.cost,
         ])?;
     }
     conn.prepare_cached("UPDATE jobs SET updated_at = ?2 WHERE id = ?1")

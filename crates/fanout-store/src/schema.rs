@@ -65,13 +65,14 @@ pub(crate) fn prepare(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Columns added after the first release (table, column, definition), added
 /// to stores made before them.
-const ADDED_COLUMNS: [(&str, &str, &str); 6] = [
+const ADDED_COLUMNS: [(&str, &str, &str); 7] = [
     ("tasks", "usage_estimated", "INTEGER NOT NULL DEFAULT 0"),
     ("tasks", "cached_input_tokens", "INTEGER NOT NULL DEFAULT 0"),
     ("jobs", "last_run", "TEXT"),
     ("tasks", "kept", "TEXT"),
     ("tasks", "calls", "TEXT"),
     ("tasks", "request_hash", "TEXT"),
+    ("tasks", "cost", "REAL"),
 ];
 
 fn add_missing_columns(conn: &Connection) -> rusqlite::Result<()> {

@@ -204,3 +204,22 @@ fn run_events_and_call_history_are_stored_with_the_records() {
         store.conn.query_row("SELECT count(*) FROM run_events", [], |r| r.get(0)).unwrap();
     assert_eq!(left, 0);
 }
+
+/// A job priced call by call sums its records' own costs, and counts the
+/// calls that used tokens without a known price apart.
+#[test]
+fn costs_of_their_own_are_summed_and_the_unpriced_counted() {
+    let mut store = Store::open(Path::new(":memory:")).unwrap();
+    let job = store.create_job("p", "(proxy)", &fingerprint("a"), &serde_json::json!({})).unwrap();
+    let priced = |index, cost| Record { cost: Some(cost), ..record(index, "succeeded") };
+    let free = Record { input_tokens: 0, output_tokens: 0, ..record(3, "failed") };
+    store.record(job.id, &[priced(0, 0.25), priced(1, 0.5), record(2, "succeeded"), free]).unwrap();
+    assert_eq!(store.record_at(job.id, 1).unwrap().unwrap().cost, Some(0.5));
+    let summary = store.summary(store.job("p").unwrap().unwrap()).unwrap();
+    assert_eq!((summary.priced_cost, summary.unpriced), (Some(0.75), 1));
+    let other =
+        store.create_job("b", "in.jsonl", &fingerprint("a"), &serde_json::json!({})).unwrap();
+    store.record(other.id, &[record(0, "succeeded")]).unwrap();
+    let summary = store.summary(store.job("b").unwrap().unwrap()).unwrap();
+    assert_eq!(summary.priced_cost, None, "a job with one price keeps none per record");
+}

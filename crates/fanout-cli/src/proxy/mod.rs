@@ -12,8 +12,9 @@
 //! answer twice. An upstream error comes back as the upstream sent it.
 //!
 //! A call that would exceed a limit waits its turn rather than being refused;
-//! only one whose wait the lane's RPM says would pass `--max-queue` gets a 429,
-//! with the wait in `Retry-After`.
+//! only one whose expected wait (the 429 pause in force, then the calls ahead
+//! of it at the lane's RPM or answer rate) would pass `--max-queue` gets a
+//! 429, told in `Retry-After` when the queue will be short enough.
 
 mod lanes;
 mod records;
@@ -23,6 +24,7 @@ mod wire;
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -33,8 +35,10 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use fanout::prices::PriceTable;
 use fanout::{
-    CancellationToken, NotRun, Outcome, Relay, Relayed, Request, TaskId, TaskResult, Timeout,
+    CancellationToken, NotRun, Outcome, Price, Relay, Relayed, Request, SharedSpending, SpendLimit,
+    TaskId, TaskResult, Timeout, Usage,
 };
 use fanout_store::Record;
 use futures_util::StreamExt;
@@ -43,6 +47,7 @@ use tokio_util::sync::DropGuard;
 
 use crate::Refusal;
 use crate::fingerprint::sha256;
+use crate::history::RunLog;
 use crate::record::to_record;
 use crate::settings::{self, Flags, ProviderKind, Settings};
 use lanes::{LaneSettings, Lanes};
@@ -93,7 +98,56 @@ struct Proxy {
     lanes: Lanes,
     records: Records,
     stats: Arc<Stats>,
-    price: Option<fanout::Price>,
+    pricing: Arc<Pricing>,
+    /// The spending limit all calls draw on, with `--budget` or `--max-total-tokens`.
+    spending: Option<SharedSpending>,
+    budget: Option<f64>,
+    max_total_tokens: Option<u64>,
+}
+
+/// The proxy's one spending limit, all keys and models together: money at
+/// each call's own price, tokens, or both.
+fn spend_limit(settings: &Settings, pricing: &Arc<Pricing>) -> Option<SharedSpending> {
+    let mut limit = SpendLimit::default();
+    if let Some(budget) = settings.budget {
+        let pricing = Arc::clone(pricing);
+        let price_of = move |model: &str| pricing.price([Some(model), None]);
+        limit = limit.with_max_cost(budget, fanout::Pricing::PerModel(Arc::new(price_of)));
+    }
+    if let Some(tokens) = settings.max_total_tokens {
+        limit = limit.with_max_tokens(tokens);
+    }
+    (settings.budget.is_some() || settings.max_total_tokens.is_some()).then(|| limit.shared())
+}
+
+/// What a call costs. Clients name their own models, so each call is priced
+/// at its model's price from the built-in table; a price given as flags or
+/// profile keys (`--price-in`, `--price-out`) is taken for every call instead.
+struct Pricing {
+    given: Option<Price>,
+    table: &'static PriceTable,
+}
+
+impl Pricing {
+    fn new(settings: &Settings) -> Self {
+        let table = PriceTable::builtin();
+        // The settings' price is the table's for the proxy's own model unless one was given.
+        let listed = table.lookup(&settings.model).map(|m| m.price);
+        let given = settings.price.filter(|price| Some(*price) != listed);
+        Self { given, table }
+    }
+
+    /// The price of a call of the first of `models` the table knows (the
+    /// answer's, then the request's); `None` when none has a price.
+    fn price(&self, models: [Option<&str>; 2]) -> Option<Price> {
+        let listed = || models.into_iter().flatten().find_map(|m| self.table.lookup(m));
+        self.given.or_else(|| listed().map(|m| m.price))
+    }
+
+    /// The cost of `usage` spent by a call of `models` (as for [`Self::price`]).
+    fn cost(&self, models: [Option<&str>; 2], usage: Usage) -> Option<f64> {
+        Some(self.price(models)?.cost(usage))
+    }
 }
 
 pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
@@ -114,12 +168,6 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
             return Err(Refusal(anyhow::anyhow!("{flag} must be seconds, not {seconds}")).into());
         }
     }
-    if settings.budget.is_some() || settings.max_total_tokens.is_some() {
-        return Err(Refusal(anyhow::anyhow!(
-            "the proxy keeps no spending limit yet: --budget and --max-total-tokens are for jobs"
-        ))
-        .into());
-    }
     if args.client_token.is_some() && settings::env(&settings.api_key_env).is_none() {
         return Err(Refusal(anyhow::anyhow!(
             "with --client-token the proxy calls upstream with its own key: set {}",
@@ -131,11 +179,16 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
     let job = args.job.clone().unwrap_or_else(default_job);
     let shutdown = fanout::CancellationToken::new();
     let stats = Arc::new(Stats::default());
-    let price = settings.price;
+    let pricing = Arc::new(Pricing::new(&settings));
+    let spending = spend_limit(&settings, &pricing);
+    let run_log = RunLog::default();
     let lane_settings = LaneSettings {
-        settings: settings.clone(),
+        // Every lane draws on the proxy's one spending limit, not one of its own.
+        settings: Settings { budget: None, max_total_tokens: None, ..settings.clone() },
+        spending: spending.clone(),
         cache: args.cache.then(|| store.clone()),
         stats: Arc::clone(&stats),
+        run_log: run_log.clone(),
         cool_down: Duration::from_secs_f64(args.cool_down),
         shutdown: shutdown.clone(),
     };
@@ -143,7 +196,9 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
         "provider": format!("{:?}", settings.provider).to_lowercase(),
         "base_url": settings.base_url.as_deref().map(without_credentials),
         "model": settings.model,
-        "price": settings.price,
+        // Each record carries its own cost; this is the price given for all, if one was.
+        "price": pricing.given,
+        "priced": "per call",
     }});
     let proxy = Arc::new(Proxy {
         api,
@@ -154,16 +209,19 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
         ),
         job: job.clone(),
         lanes: Lanes::new(lane_settings),
-        records: Records::start(&store, recorded)?,
+        records: Records::start(&store, recorded, run_log, settings.concurrency)?,
         stats,
-        price,
+        pricing,
+        spending,
+        budget: settings.budget,
+        max_total_tokens: settings.max_total_tokens,
     });
     let app = Router::new()
         .route(api.path(), post(complete))
         .route("/fanout/stats", get(stats_of))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(proxy);
+        .with_state(Arc::clone(&proxy));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -190,6 +248,7 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
         })
         .await?;
     shutdown.cancel();
+    proxy.records.finish().await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -280,6 +339,13 @@ async fn complete(
         Ok(read) => read,
         Err(message) => return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &message),
     };
+    if proxy.budget.is_some() && proxy.pricing.price([request.model.as_deref(), None]).is_none() {
+        let model = request.model.as_deref().unwrap_or("(none named)");
+        let message = format!(
+            "the proxy keeps a --budget and knows no price for model `{model}`: start it with --price-in and --price-out"
+        );
+        return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &message);
+    }
     request.headers = api.forwarded_headers(&headers);
     request.sample_index =
         header_text(&headers, "x-fanout-sample").and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -322,14 +388,9 @@ async fn complete(
     let cancel = CancellationToken::new();
     let (done, mut finished) = oneshot::channel();
     let id = TaskId::from(short_hash(&body));
-    tokio::spawn(call(
-        Arc::clone(&proxy),
-        queued,
-        request,
-        Recorded { job, id },
-        cancel.clone(),
-        done,
-    ));
+    let client = Client { cancel: cancel.clone(), has_the_end: Arc::default() };
+    let has_the_end = Arc::clone(&client.has_the_end);
+    tokio::spawn(call(Arc::clone(&proxy), queued, request, Recorded { job, id }, client, done));
     let cancel_if_dropped = cancel.drop_guard();
     let first_bytes = async {
         match relayed.as_mut() {
@@ -342,7 +403,8 @@ async fn complete(
         // A relayed chunk is there before the call's outcome is.
         Some(first) = first_bytes => {
             let relayed = relayed.expect("bytes came through it");
-            streamed(api, first, relayed, finished, cancel_if_dropped)
+            let to_client = ToClient { api, has_the_end, _cancel_if_dropped: cancel_if_dropped };
+            streamed(first, relayed, finished, to_client)
         }
         outcome = &mut finished => {
             let outcome = outcome.unwrap_or(Outcome::Cancelled { attempts: 0 });
@@ -358,17 +420,27 @@ struct Recorded {
     id: TaskId,
 }
 
+/// What a call knows of its client.
+struct Client {
+    /// Cancelled when the client goes away.
+    cancel: CancellationToken,
+    /// Set once the stream's last event was passed on to the client.
+    has_the_end: Arc<AtomicBool>,
+}
+
 /// Sends one client call through its lane, records it, then gives its outcome.
 async fn call(
     proxy: Arc<Proxy>,
     queued: lanes::Queued,
     request: Request,
     recorded: Recorded,
-    cancel: CancellationToken,
+    client: Client,
     done: oneshot::Sender<Outcome>,
 ) {
+    let cancel = &client.cancel;
     let in_flight = proxy.stats.started();
     let started = Instant::now();
+    let asked_model = request.model.clone();
     // However the upstream behaves (429s are retried without end), a client
     // gets an answer within its queue time and every attempt's; one whose
     // stream is being passed on is cut only by the attempt timeout (no byte
@@ -380,13 +452,27 @@ async fn call(
             std::future::pending::<()>().await;
         }
     };
+    // A client that closes once it has the stream's last event (as SDKs
+    // do) has the whole answer: only the call's bookkeeping is left, and the
+    // call is recorded as answered.
+    let client_gone = async {
+        cancel.cancelled().await;
+        if client.has_the_end.load(Ordering::Acquire) {
+            std::future::pending::<()>().await;
+        }
+    };
     let (outcome, calls) = tokio::select! {
         biased;
-        () = cancel.cancelled() => (Outcome::Cancelled { attempts: 0 }, Vec::new()),
+        () = client_gone => (Outcome::Cancelled { attempts: 0 }, Vec::new()),
         result = queued.complete(request) => (result.outcome, result.calls),
         () = too_long => (Outcome::TimedOut { timeout: Timeout::Task, attempts: 0 }, Vec::new()),
     };
-    proxy.stats.ended(&outcome);
+    let answered_model = match &outcome {
+        Outcome::Succeeded(success) => success.response.model.as_deref(),
+        _ => None,
+    };
+    let cost = proxy.pricing.cost([answered_model, asked_model.as_deref()], outcome.usage());
+    proxy.stats.ended(&outcome, cost);
     drop((queued, in_flight));
     let record = match &outcome {
         Outcome::Cancelled { .. } => Some(Record {
@@ -408,6 +494,7 @@ async fn call(
     if let Some(mut record) = record {
         // As the client saw it: its wait for a turn included.
         record.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
+        record.cost = cost;
         if let Err(error) = proxy.records.write(&recorded.job, record).await {
             eprintln!("fanout proxy: a call's record was not saved: {error}");
         }
@@ -415,24 +502,47 @@ async fn call(
     let _ = done.send(outcome);
 }
 
+/// The streaming client's side of a call.
+struct ToClient {
+    api: Api,
+    /// Set once the stream's last event is passed on.
+    has_the_end: Arc<AtomicBool>,
+    /// Cancels the call if the client goes away first (held, never read).
+    _cancel_if_dropped: DropGuard,
+}
+
+impl ToClient {
+    /// Passes `bytes` on, noting whether they end the stream.
+    fn pass(&self, bytes: Bytes) -> Bytes {
+        if self.api.ends_stream(&bytes) {
+            self.has_the_end.store(true, Ordering::Release);
+        }
+        bytes
+    }
+}
+
 /// A streamed answer passed on as it arrives; should the call fail after its
 /// first bytes, it ends with an error event in the API's shape (unless the
 /// upstream's own error event was passed on). It ends once the call is recorded.
 fn streamed(
-    api: Api,
     first: Bytes,
     relayed: Relayed,
     finished: oneshot::Receiver<Outcome>,
-    cancel_if_dropped: DropGuard,
+    to_client: ToClient,
 ) -> Response {
+    let api = to_client.api;
     let request_id = relayed.request_id().and_then(|id| HeaderValue::from_str(id).ok());
+    let first = to_client.pass(first);
     let rest = futures_util::stream::unfold(
-        (relayed, Some(finished), cancel_if_dropped),
-        move |(mut relayed, finished, guard)| async move {
+        (relayed, Some(finished), to_client),
+        move |(mut relayed, finished, to_client)| async move {
             let mut finished = finished?;
             tokio::select! {
                 biased;
-                Some(bytes) = relayed.next() => Some((bytes, (relayed, Some(finished), guard))),
+                Some(bytes) = relayed.next() => {
+                    let bytes = to_client.pass(bytes);
+                    Some((bytes, (relayed, Some(finished), to_client)))
+                }
                 outcome = &mut finished => {
                     // Bytes passed on just before the outcome came go first.
                     let mut tail: Vec<Bytes> = std::iter::from_fn(|| relayed.try_next()).collect();
@@ -444,7 +554,7 @@ fn streamed(
                     };
                     tail.extend(failure.map(|failure| api.stream_event(&failure)));
                     let tail = Bytes::from(tail.concat());
-                    (!tail.is_empty()).then_some((tail, (relayed, None, guard)))
+                    (!tail.is_empty()).then_some((tail, (relayed, None, to_client)))
                 }
             }
         },
@@ -499,7 +609,7 @@ fn failure_of(api: Api, outcome: &Outcome) -> Option<ErrorAnswer> {
         Outcome::TimedOut { timeout: Timeout::Task | Timeout::Deadline, .. } => api
             .error(504, "no answer in time (--max-queue, and --attempt-timeout for every attempt)"),
         Outcome::NotRun(NotRun::BudgetSpent) => {
-            api.error(429, "the proxy's spending limit is reached")
+            api.budget_spent("the proxy's spending limit (--budget, --max-total-tokens) is reached")
         }
         Outcome::Cancelled { .. } | Outcome::NotRun(_) => api.error(503, "the proxy is stopping"),
     })
@@ -526,7 +636,17 @@ async fn stats_of(State(proxy): State<Arc<Proxy>>, headers: HeaderMap) -> Respon
         let message = "this proxy needs its client token as the API key";
         return api_error(proxy.api, StatusCode::UNAUTHORIZED, message);
     }
-    axum::Json(proxy.stats.json(proxy.lanes.count(), proxy.price)).into_response()
+    let mut stats = proxy.stats.json(proxy.lanes.count());
+    if let Some(spending) = &proxy.spending {
+        let (tokens, cost) = spending.spent();
+        stats["spending_limit"] = serde_json::json!({
+            "budget": proxy.budget,
+            "max_total_tokens": proxy.max_total_tokens,
+            "spent": proxy.budget.map(|_| cost),
+            "tokens": tokens.total(),
+        });
+    }
+    axum::Json(stats).into_response()
 }
 
 async fn not_found(State(proxy): State<Arc<Proxy>>) -> Response {

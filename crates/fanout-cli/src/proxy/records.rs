@@ -5,6 +5,10 @@
 //! record and waits; the thread takes every record waiting, writes them in
 //! one transaction and answers them all. Under load a commit serves many
 //! calls, so the wait stays about one commit long.
+//!
+//! What happened to the lanes meanwhile (429 pauses, concurrency changes)
+//! goes with each group into every job of this proxy run, since it held back
+//! all their calls: each job's report shows the pauses its calls waited out.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -12,8 +16,10 @@ use std::sync::Mutex;
 use std::sync::mpsc as channel;
 
 use anyhow::{Context, Result};
-use fanout_store::{Fingerprint, Record, Store};
+use fanout_store::{Fingerprint, Record, RunEvent, Store};
 use tokio::sync::oneshot;
+
+use crate::history::{self, RunLog};
 
 /// What a proxy job names as its input: its calls come from clients, not a file.
 const PROXY_INPUT: &str = "(proxy)";
@@ -24,6 +30,13 @@ struct Pending {
     job: String,
     record: Option<Record>,
     written: oneshot::Sender<Result<(), WriteError>>,
+}
+
+/// What the writer is asked to do.
+enum Message {
+    Write(Box<Pending>),
+    /// The proxy stops: the run's last events are written, then the sender told.
+    Finish(oneshot::Sender<()>),
 }
 
 /// Why a record was not written.
@@ -45,7 +58,7 @@ impl std::fmt::Display for WriteError {
 
 /// The sending side of the record writer.
 pub struct Records {
-    sender: channel::Sender<Pending>,
+    sender: channel::Sender<Message>,
     /// Jobs known to take the proxy's records, so that checking a job
     /// before its call costs no trip to the writer.
     accepting: Mutex<HashSet<String>>,
@@ -53,15 +66,30 @@ pub struct Records {
 
 impl Records {
     /// Starts the writer on the store at `path`; `settings` are stored with
-    /// each job it makes (never secrets).
-    pub fn start(path: &Path, settings: serde_json::Value) -> Result<Self> {
+    /// each job it makes (never secrets). The events `run_log` gathers go
+    /// into every job the run writes; each starts with one at `concurrency`.
+    pub fn start(
+        path: &Path,
+        settings: serde_json::Value,
+        run_log: RunLog,
+        concurrency: usize,
+    ) -> Result<Self> {
         let store = Store::open(path)?;
-        let (sender, receiver) = channel::channel::<Pending>();
+        let (sender, receiver) = channel::channel::<Message>();
+        let writer = Writer { store, settings, run_log, concurrency, jobs: Jobs::new() };
         std::thread::Builder::new()
             .name("fanout-proxy-records".into())
-            .spawn(move || write_all(store, receiver, &settings))
+            .spawn(move || writer.write_all(&receiver))
             .context("cannot start the record writer")?;
         Ok(Self { sender, accepting: Mutex::default() })
+    }
+
+    /// Ends the run in every job it wrote, once the records sent before are written.
+    pub async fn finish(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.sender.send(Message::Finish(done)).is_ok() {
+            let _ = finished.await;
+        }
     }
 
     /// Whether `job` can take the proxy's records (a batch job of that name
@@ -86,7 +114,7 @@ impl Records {
         let stopped = || WriteError::Store("the record writer stopped".into());
         let (written, done) = oneshot::channel();
         let pending = Pending { job: job.to_owned(), record, written };
-        self.sender.send(pending).map_err(|_| stopped())?;
+        self.sender.send(Message::Write(Box::new(pending))).map_err(|_| stopped())?;
         done.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
@@ -94,17 +122,46 @@ impl Records {
 /// The proxy's jobs' ids, by name.
 type Jobs = HashMap<String, i64>;
 
-fn write_all(mut store: Store, receiver: channel::Receiver<Pending>, settings: &serde_json::Value) {
-    let mut jobs = Jobs::new();
-    while let Ok(first) = receiver.recv() {
-        let mut batch = vec![first];
-        batch.extend(receiver.try_iter());
+/// The thread that owns the store.
+struct Writer {
+    store: Store,
+    settings: serde_json::Value,
+    run_log: RunLog,
+    concurrency: usize,
+    /// The jobs this run wrote or checked.
+    jobs: Jobs,
+}
+
+impl Writer {
+    fn write_all(mut self, receiver: &channel::Receiver<Message>) {
+        while let Ok(first) = receiver.recv() {
+            let mut writes = Vec::new();
+            let mut finished = Vec::new();
+            for message in std::iter::once(first).chain(receiver.try_iter()) {
+                match message {
+                    Message::Write(pending) => writes.push(*pending),
+                    Message::Finish(done) => finished.push(done),
+                }
+            }
+            self.write(writes);
+            if !finished.is_empty() {
+                self.run_log.push(history::kind::END, 0.0, None);
+            }
+            let events = self.run_log.take();
+            self.add_to_every_job(&events);
+            for done in finished {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    fn write(&mut self, writes: Vec<Pending>) {
         let mut by_job: HashMap<String, Vec<Pending>> = HashMap::new();
-        for pending in batch {
+        for pending in writes {
             by_job.entry(pending.job.clone()).or_default().push(pending);
         }
         for (name, pendings) in by_job {
-            let result = job_of(&store, &mut jobs, &name, settings).and_then(|id| {
+            let result = self.job_of(&name).and_then(|id| {
                 let records: Vec<Record> =
                     pendings.iter().filter_map(|pending| pending.record.clone()).collect();
                 if records.is_empty() {
@@ -112,37 +169,50 @@ fn write_all(mut store: Store, receiver: channel::Receiver<Pending>, settings: &
                 }
                 // Indexed after the job's last record as the store has it, so
                 // that another proxy writing the same job takes none of them.
-                store.append(id, &records).map(drop).map_err(|e| WriteError::Store(e.to_string()))
+                let appended = self.store.append(id, &records);
+                appended.map(drop).map_err(|e| WriteError::Store(e.to_string()))
             });
             for pending in pendings {
                 let _ = pending.written.send(result.clone());
             }
         }
     }
-}
 
-/// The id of the job named `name`, made on first use.
-fn job_of(
-    store: &Store,
-    jobs: &mut Jobs,
-    name: &str,
-    settings: &serde_json::Value,
-) -> Result<i64, WriteError> {
-    if let Some(id) = jobs.get(name) {
-        return Ok(*id);
+    /// Adds the run's `events` to every job it has written. They only
+    /// explain the records, so one that cannot be stored is said and dropped.
+    fn add_to_every_job(&mut self, events: &[RunEvent]) {
+        if events.is_empty() {
+            return;
+        }
+        for (name, id) in &self.jobs {
+            if let Err(error) = self.store.commit(*id, &[], events) {
+                eprintln!("fanout proxy: the run's events were not saved in job `{name}`: {error}");
+            }
+        }
     }
-    let error = |e: fanout_store::StoreError| WriteError::Store(e.to_string());
-    let job = match store.job(name).map_err(error)? {
-        Some(job) if job.input != PROXY_INPUT => {
-            let why = format!("job `{name}` is a batch job, not the proxy's: name another");
-            return Err(WriteError::NotTheProxys(why));
+
+    /// The id of the job named `name`, made on first use; the run's start is
+    /// its first event.
+    fn job_of(&mut self, name: &str) -> Result<i64, WriteError> {
+        if let Some(id) = self.jobs.get(name) {
+            return Ok(*id);
         }
-        Some(job) => job,
-        None => {
-            let fingerprint = Fingerprint([("proxy".to_owned(), "1".to_owned())].into());
-            store.create_job(name, PROXY_INPUT, &fingerprint, settings).map_err(error)?
-        }
-    };
-    jobs.insert(name.to_owned(), job.id);
-    Ok(job.id)
+        let error = |e: fanout_store::StoreError| WriteError::Store(e.to_string());
+        let job = match self.store.job(name).map_err(error)? {
+            Some(job) if job.input != PROXY_INPUT => {
+                let why = format!("job `{name}` is a batch job, not the proxy's: name another");
+                return Err(WriteError::NotTheProxys(why));
+            }
+            Some(job) => job,
+            None => {
+                let fingerprint = Fingerprint([("proxy".to_owned(), "1".to_owned())].into());
+                let made = self.store.create_job(name, PROXY_INPUT, &fingerprint, &self.settings);
+                made.map_err(error)?
+            }
+        };
+        let start = history::event_now(history::kind::START, self.concurrency as f64, None);
+        self.store.commit(job.id, &[], &[start]).map_err(error)?;
+        self.jobs.insert(name.to_owned(), job.id);
+        Ok(job.id)
+    }
 }

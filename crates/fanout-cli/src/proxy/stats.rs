@@ -1,8 +1,9 @@
 //! `GET /fanout/stats`: the proxy's live counters, all clients together.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fanout::{Event, Outcome, Price, Usage};
+use fanout::{Event, Outcome, Usage};
 use serde_json::{Value, json};
 
 #[derive(Debug, Default)]
@@ -11,6 +12,8 @@ pub struct Stats {
     in_flight: AtomicU64,
     succeeded: AtomicU64,
     failed: AtomicU64,
+    /// Calls whose client went away, or that the proxy's stop cut.
+    cancelled: AtomicU64,
     // Refused by the proxy itself, without a call: a malformed body, a
     // missing client token, a queue too long to wait in.
     bad_requests: AtomicU64,
@@ -26,6 +29,10 @@ pub struct Stats {
     input_tokens: AtomicU64,
     output_tokens: AtomicU64,
     cached_input_tokens: AtomicU64,
+    /// The priced calls' costs, summed, and how many calls used tokens at
+    /// a price nobody knows.
+    cost: Mutex<Option<f64>>,
+    unpriced: AtomicU64,
 }
 
 /// What the proxy refused without a call.
@@ -63,9 +70,20 @@ impl Stats {
         InFlight(self)
     }
 
-    pub fn ended(&self, outcome: &Outcome) {
-        add(if outcome.is_success() { &self.succeeded } else { &self.failed }, 1);
+    /// A call ended, having cost `cost` (`None`: its model's price is unknown).
+    pub fn ended(&self, outcome: &Outcome, cost: Option<f64>) {
+        let counter = match outcome {
+            Outcome::Succeeded(_) => &self.succeeded,
+            Outcome::Cancelled { .. } => &self.cancelled,
+            _ => &self.failed,
+        };
+        add(counter, 1);
         let usage = outcome.usage();
+        match cost {
+            Some(cost) => *self.cost.lock().expect("never poisoned").get_or_insert(0.0) += cost,
+            None if usage.total() > 0 => add(&self.unpriced, 1),
+            None => {}
+        }
         add(&self.input_tokens, usage.input_tokens);
         add(&self.output_tokens, usage.output_tokens);
         add(&self.cached_input_tokens, usage.cached_input_tokens);
@@ -86,8 +104,8 @@ impl Stats {
         }
     }
 
-    /// The counters as JSON, with the cost at `price` when there is one.
-    pub fn json(&self, lanes: usize, price: Option<Price>) -> Value {
+    /// The counters as JSON.
+    pub fn json(&self, lanes: usize) -> Value {
         let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         let usage = Usage {
             cached_input_tokens: get(&self.cached_input_tokens),
@@ -98,6 +116,7 @@ impl Stats {
             "in_flight": get(&self.in_flight),
             "succeeded": get(&self.succeeded),
             "failed": get(&self.failed),
+            "cancelled": get(&self.cancelled),
             "refused": {
                 "bad_request": get(&self.bad_requests),
                 "unauthorized": get(&self.unauthorized),
@@ -110,7 +129,8 @@ impl Stats {
                 "hedges": get(&self.hedges),
             },
             "usage": usage,
-            "cost": price.map(|p| p.cost(usage)),
+            "cost": *self.cost.lock().expect("never poisoned"),
+            "unpriced_calls": get(&self.unpriced),
             "keys": lanes,
         })
     }

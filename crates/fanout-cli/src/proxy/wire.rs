@@ -135,6 +135,19 @@ impl Api {
         ErrorAnswer { retry_after: error.retry_after(), ..self.error(status, error.message()) }
     }
 
+    /// The proxy's spending limit is reached: a 429 as the API says an
+    /// exhausted quota (OpenAI's `insufficient_quota`), which waiting does not cure.
+    pub fn budget_spent(self, message: &str) -> ErrorAnswer {
+        let body = match self {
+            Self::OpenAi => json!({"error": {
+                "message": message, "type": "insufficient_quota", "param": null,
+                "code": "insufficient_quota",
+            }}),
+            Self::Anthropic => self.error_body(429, message),
+        };
+        ErrorAnswer { status: 429, body: body.to_string(), retry_after: None }
+    }
+
     /// An error of the proxy's own, in the API's shape.
     pub fn error(self, status: u16, message: &str) -> ErrorAnswer {
         ErrorAnswer {
@@ -158,6 +171,17 @@ impl Api {
             Self::Anthropic => format!("event: error\ndata: {data}\n\n"),
         };
         axum::body::Bytes::from(event)
+    }
+
+    /// Whether relayed `events` hold the stream's last event (OpenAI's
+    /// `data: [DONE]`, Anthropic's `message_stop`): after it the client has
+    /// the whole answer. Events are passed on whole, so a marker is never split.
+    pub fn ends_stream(self, events: &[u8]) -> bool {
+        let marker: &[u8] = match self {
+            Self::OpenAi => b"data: [DONE]",
+            Self::Anthropic => b"event: message_stop",
+        };
+        events.windows(marker.len()).any(|window| window == marker)
     }
 
     /// The header the API's clients read the upstream's request id from.

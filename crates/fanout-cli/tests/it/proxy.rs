@@ -63,6 +63,14 @@ impl Running {
         format!("{}/v1/chat/completions", self.root)
     }
 
+    /// Stops the proxy as Ctrl-C does, and waits for it to end.
+    fn interrupt(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = std::process::Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        assert!(sent.success());
+        self.child.wait().unwrap()
+    }
+
     async fn stats(&self) -> Value {
         let url = format!("{}/fanout/stats", self.root);
         client().get(url).send().await.unwrap().json().await.unwrap()
@@ -106,7 +114,9 @@ async fn concurrent_clients_under_an_upstream_limit_see_no_429() {
     assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
     let stats = proxy.stats().await;
     assert_eq!(stats["succeeded"], 150, "{stats}");
-    assert_eq!(stats["upstream"]["rate_limited"], upstream.stats().count(429), "{stats}");
+    let rate_limited = upstream.stats().count(429);
+    assert_eq!(stats["upstream"]["rate_limited"], rate_limited, "{stats}");
+    assert!(rate_limited > 0, "the upstream's limit was reached");
     // Every call is a record, written before its client had the answer: a
     // kill -9 now loses none.
     drop(proxy);
@@ -115,6 +125,131 @@ async fn concurrent_clients_under_an_upstream_limit_see_no_429() {
     assert_eq!(shown["by_status"]["succeeded"], 150, "{shown}");
     // gpt-4o-mini's price from the table: the job's cost is known.
     assert!(shown["cost"].as_f64().unwrap() > 0.0, "{shown}");
+    // The 429s paused the lane: the job's report shows the pauses its calls waited out.
+    let report = home.fanout().args(["report", "load", "-o", "-"]).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+    let html = String::from_utf8(report.stdout).unwrap();
+    assert!(html.contains("class=\"pause-row\""), "no pause in the report");
+    assert!(html.contains("429"), "the pause says its cause");
+}
+
+/// Clients name their own models: each call is costed at its model's price
+/// (the built-in table's), in its record, the job's cost and the live
+/// counters; a call of a model with no known price is counted apart, not
+/// costed at another model's price.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_call_is_costed_at_its_own_models_price() {
+    let upstream = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &[], &["--job", "mixed"]);
+    let client = client();
+    for (job, model) in [("mini", "gpt-4o-mini"), ("big", "gpt-4o"), ("mixed", "my-finetune")] {
+        let body = json!({"model": model, "messages": [{"role": "user", "content": "Same words"}]});
+        let response =
+            client.post(proxy.completions()).header("x-fanout-job", job).json(&body).send();
+        assert_eq!(response.await.unwrap().status().as_u16(), 200);
+    }
+    let stats = proxy.stats().await;
+    // Ctrl-C: the run's end is written into each of its jobs.
+    assert!(proxy.interrupt().success());
+    // Per million tokens, from the table: gpt-4o-mini 0.15 in, 0.60 out; gpt-4o 2.50, 10.00.
+    let expected = |job: &str, input: f64, output: f64| {
+        let exported = home.fanout().args(["jobs", "export", job]).output().unwrap();
+        let line: Value = serde_json::from_slice(&exported.stdout).unwrap();
+        let usage = &line["usage"];
+        let (tokens_in, tokens_out) =
+            (usage["input_tokens"].as_f64().unwrap(), usage["output_tokens"].as_f64().unwrap());
+        assert!(tokens_in > 0.0 && tokens_out > 0.0, "{line}");
+        (tokens_in * input + tokens_out * output) / 1e6
+    };
+    let (mini, big) = (expected("mini", 0.15, 0.60), expected("big", 2.50, 10.00));
+    let cost = |job: &str| shown(&home, job)["cost"].as_f64();
+    assert!((cost("mini").unwrap() - mini).abs() < 1e-12, "{:?} vs {mini}", cost("mini"));
+    assert!((cost("big").unwrap() - big).abs() < 1e-12, "{:?} vs {big}", cost("big"));
+    let mixed = shown(&home, "mixed");
+    assert_eq!((mixed["cost"].as_f64(), mixed["unpriced_calls"].as_u64()), (None, Some(1)));
+    assert!((stats["cost"].as_f64().unwrap() - (mini + big)).abs() < 1e-12, "{stats}");
+    assert_eq!(stats["unpriced_calls"], 1, "{stats}");
+    // Each job's run starts and ends in its events (the report's limit line and span).
+    let report = home.fanout().args(["report", "big", "-o", "-"]).output().unwrap();
+    assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+}
+
+/// `--budget` bounds what all the proxy's calls spend together, each at its
+/// model's price: calls go through until the next could pass it, then every
+/// client gets OpenAI's exhausted-quota 429, and nothing more is paid. A model
+/// without a known price cannot be counted, so its calls are refused first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_bounds_every_clients_spending_together() {
+    let upstream = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    let flags = ["--budget", "0.0001"];
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &flags, &["--job", "paid"]);
+    let client = client();
+    let mut body = chat("Say something short");
+    body["max_tokens"] = json!(20);
+    body["model"] = json!("my-finetune");
+    let (status, error) = post(&client, &proxy.completions(), "sk-a", &body).await;
+    assert_eq!(status, 400, "{error}");
+    assert!(error["error"]["message"].as_str().unwrap().contains("`my-finetune`"), "{error}");
+    body["model"] = json!("gpt-4o-mini");
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        // Two clients with their own keys, one budget.
+        let key = if i % 2 == 0 { "sk-a" } else { "sk-b" };
+        let (status, answer) = post(&client, &proxy.completions(), key, &body).await;
+        if status == 429 {
+            assert_eq!(answer["error"]["code"], "insufficient_quota", "{answer}");
+        }
+        statuses.push(status);
+    }
+    let answered = statuses.iter().take_while(|s| **s == 200).count();
+    assert!(answered >= 2, "{statuses:?}");
+    assert!(statuses[answered..].iter().all(|s| *s == 429), "spent stays spent: {statuses:?}");
+    assert!(answered < 40, "the budget ran out: {statuses:?}");
+    let stats = proxy.stats().await;
+    assert_eq!(stats["succeeded"], answered, "{stats}");
+    let spent = stats["spending_limit"]["spent"].as_f64().unwrap();
+    assert!(spent > 0.0 && spent <= 0.0001, "{stats}");
+    assert!((stats["cost"].as_f64().unwrap() - spent).abs() < 1e-12, "{stats}");
+    drop(proxy);
+    assert_eq!(shown(&home, "paid")["by_status"]["succeeded"], answered);
+}
+
+/// Without `--rpm`, the wait a call would have is told by how fast answers
+/// come: at one slot and one answer a second, a call with three ahead of it
+/// would wait about three seconds, past a `--max-queue` of 2.5, and is
+/// refused at once with a `Retry-After` of what is too much (rounded up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_rpm_the_queue_is_measured_by_the_answers_pace() {
+    let config = Config { latency: Duration::from_secs(1), ..Config::default() };
+    let upstream = MockServer::start(config).await.unwrap();
+    let home = Home::new();
+    let flags = ["-c", "1", "--no-hedge"];
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &flags, &["--max-queue", "2.5"]);
+    let client = client();
+    // The first answer tells the lane its pace.
+    let (status, _) = post(&client, &proxy.completions(), "sk-1", &chat("first")).await;
+    assert_eq!(status, 200);
+    let mut calls = Vec::new();
+    for i in 0..6 {
+        let request =
+            client.post(proxy.completions()).bearer_auth("sk-1").json(&chat(&format!("q{i}")));
+        calls.push(tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            let retry_after =
+                response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
+            (response.status().as_u16(), retry_after)
+        }));
+        // In order, each seeing the ones before it in the queue.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answers: Vec<_> =
+        futures_util::future::join_all(calls).await.into_iter().map(Result::unwrap).collect();
+    let statuses: Vec<u16> = answers.iter().map(|(status, _)| *status).collect();
+    assert_eq!(statuses, [200, 200, 200, 429, 429, 429], "{answers:?}");
+    let retry_after: Vec<_> = answers[3..].iter().map(|(_, r)| r.clone().unwrap()).collect();
+    assert_eq!(retry_after, ["1", "1", "1"], "{answers:?}");
 }
 
 /// The client's body reaches the upstream as it was sent, unknown fields
@@ -209,6 +344,45 @@ async fn streamed_answers_come_back_event_for_event() {
     assert!(direct.len() > 3, "{direct:?}");
     assert_eq!(proxied, direct);
     assert_eq!(proxied.last(), Some(&Value::String("[DONE]".into())));
+}
+
+/// SDKs close the connection as soon as they read the stream's last event,
+/// while the proxy still records the call: such a client had the whole
+/// answer, and its call is recorded as answered, never as cancelled. (The
+/// test holds the store's write lock meanwhile, so the record is written only
+/// after the client has gone.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_closes_after_the_last_event_is_recorded_answered() {
+    let config = Config { tokens_per_second: Some(50.0), ..Config::default() };
+    let upstream = MockServer::start(config).await.unwrap();
+    let home = Home::new();
+    let proxy = Running::start(&home, &upstream.openai_base_url(), &[], &["--job", "closers"]);
+    let client = client();
+    for i in 0..3 {
+        let mut body = chat(&format!("Tell me about the sea, {i}"));
+        body["stream"] = json!(true);
+        let mut response = client.post(proxy.completions()).json(&body).send().await.unwrap();
+        let mut read = response.chunk().await.unwrap().unwrap().to_vec();
+        let store = rusqlite::Connection::open(home.store()).unwrap();
+        store.execute_batch("BEGIN IMMEDIATE").unwrap();
+        while !read.windows(12).any(|w| w == b"data: [DONE]") {
+            read.extend_from_slice(&response.chunk().await.unwrap().expect("more events"));
+        }
+        // Closed at once, the answer's body not read to its end.
+        drop(response);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        store.execute_batch("ROLLBACK").unwrap();
+    }
+    // Each record is written just after its client left.
+    let mut recorded = Value::Null;
+    for _ in 0..200 {
+        recorded = shown(&home, "closers");
+        if recorded["finished"] == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(recorded["by_status"], json!({"succeeded": 3}), "{recorded}");
 }
 
 /// What `fanout jobs show NAME` says of a job.

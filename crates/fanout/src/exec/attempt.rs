@@ -23,7 +23,7 @@ use super::hedge::Hedger;
 use super::history::{CallRole, Epoch, History};
 use super::limit::{Permit, SpendLimit};
 use super::telemetry::{self, CallSpan};
-use crate::provider::{ErrorKind, Progress, ProviderError, Request, Response, Usage};
+use crate::provider::{ErrorKind, Progress, Provider, ProviderError, Request, Response, Usage};
 use crate::task::{NotRun, Outcome, Success, TaskId, TaskResult, Timeout};
 
 /// Why a run stopped before its tasks were done.
@@ -244,7 +244,10 @@ async fn attempt_until_done(
         }
         let hold = match &exec.spending {
             Some(spending) => match spending
-                .reserve(SpendLimit::most_spent(&*exec.provider, &current, reserved))
+                .reserve(
+                    priced_model(&*exec.provider, &current),
+                    SpendLimit::most_spent(&*exec.provider, &current, reserved),
+                )
                 .await
             {
                 Some(hold) => Some(hold),
@@ -393,6 +396,11 @@ async fn attempt_until_done(
     }
 }
 
+/// The model a call is priced at: the request's, else the provider's default.
+fn priced_model<'a>(provider: &'a dyn Provider, request: &'a Request) -> &'a str {
+    request.model.as_deref().or(provider.default_model()).unwrap_or_default()
+}
+
 /// A task whose next call the spending limit cannot pay for. Unfinished
 /// (a resume with more budget runs it), unless answers it already paid for
 /// were refused: then it fails with what it paid, naming why.
@@ -492,7 +500,8 @@ impl Attempt<'_> {
             let spending = self.run.exec.spending.as_ref();
             let most =
                 SpendLimit::most_spent(&*self.run.exec.provider, self.request, self.reserved);
-            let hold = match spending.map(|s| s.reserve_now(most)) {
+            let model = priced_model(&*self.run.exec.provider, self.request);
+            let hold = match spending.map(|s| s.reserve_now(model, most)) {
                 Some(None) => {
                     hedger.refund();
                     watched = None;

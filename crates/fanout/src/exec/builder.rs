@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::check::{CheckPolicy, Checker};
 use super::event::{Event, EventSink};
 use super::hedge::HedgePolicy;
-use super::limit::{Limits, Rate, SpendLimit, Spending};
+use super::limit::{Limits, Rate, SharedSpending, SpendLimit};
 use super::retry::RetryPolicy;
 use super::{Executor, Shared};
 use crate::prices::Price;
@@ -29,7 +29,7 @@ pub(crate) struct Config {
     pub breaker_threshold: u32,
     pub probe: bool,
     pub price: Option<Price>,
-    pub spend_limit: Option<SpendLimit>,
+    pub spend_limit: Option<SharedSpending>,
     pub check: CheckPolicy,
     pub events: Option<EventSink>,
     pub order_window: Option<usize>,
@@ -228,7 +228,14 @@ impl ExecutorBuilder {
     /// next call could exceed the limit no call starts again; the tasks left
     /// end as [`NotRun::BudgetSpent`](crate::NotRun::BudgetSpent).
     pub fn spend_limit(mut self, limit: SpendLimit) -> Self {
-        self.config.spend_limit = Some(limit);
+        self.config.spend_limit = Some(limit.shared());
+        self
+    }
+
+    /// A spending limit drawn on by this executor and others together
+    /// ([`SpendLimit::shared`]): a proxy's executors, one per key, under one budget.
+    pub fn shared_spend_limit(mut self, limit: &SharedSpending) -> Self {
+        self.config.spend_limit = Some(limit.clone());
         self
     }
 
@@ -308,7 +315,7 @@ impl ExecutorBuilder {
             .then_some(config.breaker_threshold as usize);
         let limits = Limits::new(config.concurrency, probe, config.rpm, config.tpm);
         let hedger = config.hedge.map(super::hedge::Hedger::new);
-        let spending = config.spend_limit.map(Spending::new);
+        let spending = config.spend_limit.as_ref().map(|shared| Arc::clone(&shared.0));
         let checker = Checker::new(config.check);
         Executor {
             shared: Arc::new(Shared {

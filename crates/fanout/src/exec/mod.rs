@@ -66,7 +66,7 @@ struct Shared {
     /// Learns what a straggler is from every run of the executor.
     hedger: Option<Hedger>,
     /// What the calls of every run spent against the spending limit.
-    spending: Option<limit::Spending>,
+    spending: Option<Arc<limit::Spending>>,
     /// Checks answers against their request's schema (and for truncation).
     checker: check::Checker,
     /// Set once the provider's check has been started.

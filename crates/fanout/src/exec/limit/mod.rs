@@ -18,8 +18,8 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::provider::{ErrorKind, Provider, ProviderError, RateLimit, Request, Response};
 pub(crate) use concurrency::{AdaptiveConcurrency, Permit};
-pub use spend::SpendLimit;
 pub(crate) use spend::Spending;
+pub use spend::{Pricing, SharedSpending, SpendLimit};
 
 use bucket::TokenBucket;
 use output::OutputAllowance;

@@ -9,27 +9,65 @@
 //! limit unless answers cost more than they reserved (a request without
 //! `max_tokens` that answers at length), and then by at most the calls that
 //! were in flight.
+//!
+//! Money is counted call by call at the call's own price, so that calls of
+//! several models (a proxy's clients name theirs) share one limit; and one
+//! limit may be shared by several executors ([`SharedSpending`]).
 
-use std::sync::Mutex;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
 use crate::prices::Price;
 use crate::provider::{Provider, Request, Usage};
 
+/// A model's price by its name; `None` for a model without one.
+pub type PriceOf = Arc<dyn Fn(&str) -> Option<Price> + Send + Sync>;
+
+/// How a money limit prices a call.
+#[derive(Clone)]
+pub enum Pricing {
+    /// Every call at one price.
+    One(Price),
+    /// Each call at the price of the model it names (the request's, else the
+    /// provider's default); a call of a model without a price is not sent,
+    /// as though the limit were spent, since it could not be counted.
+    PerModel(PriceOf),
+}
+
+impl Pricing {
+    fn price_of(&self, model: &str) -> Option<Price> {
+        match self {
+            Self::One(price) => Some(*price),
+            Self::PerModel(price_of) => price_of(model),
+        }
+    }
+}
+
+impl fmt::Debug for Pricing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::One(price) => f.debug_tuple("One").field(price).finish(),
+            Self::PerModel(_) => f.write_str("PerModel"),
+        }
+    }
+}
+
 /// The most an executor may spend: money (at a price), tokens, or both,
 /// counting what earlier runs of the same job spent.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default)]
 pub struct SpendLimit {
-    max_cost: Option<(f64, Price)>,
+    max_cost: Option<(f64, Pricing)>,
     max_tokens: Option<u64>,
     spent: Usage,
+    spent_cost: f64,
 }
 
 impl SpendLimit {
     /// At most `max` in the price's currency, every call priced at `price`.
     pub fn cost(max: f64, price: Price) -> Self {
-        Self::default().with_max_cost(max, price)
+        Self::default().with_max_cost(max, Pricing::One(price))
     }
 
     /// At most `max` tokens, input and output together.
@@ -39,8 +77,8 @@ impl SpendLimit {
 
     /// Adds a money limit.
     #[must_use]
-    pub fn with_max_cost(mut self, max: f64, price: Price) -> Self {
-        self.max_cost = Some((max, price));
+    pub fn with_max_cost(mut self, max: f64, pricing: Pricing) -> Self {
+        self.max_cost = Some((max, pricing));
         self
     }
 
@@ -52,25 +90,29 @@ impl SpendLimit {
     }
 
     /// Counts `usage`, spent before this executor (a resumed job's finished
-    /// calls), against the limit.
+    /// calls), against the limit, priced at its one price if it has one.
     #[must_use]
     pub fn already_spent(mut self, usage: Usage) -> Self {
         self.spent += usage;
+        if let Some((_, Pricing::One(price))) = &self.max_cost {
+            self.spent_cost += price.cost(usage);
+        }
         self
     }
 
-    /// Whether `usage` is within the limit.
-    pub fn allows(&self, usage: Usage) -> bool {
-        let tokens_fit = self.max_tokens.is_none_or(|max| usage.total() <= max);
-        // A small tolerance, so a price's rounding never refuses the last call.
-        let cost_fits =
-            self.max_cost.is_none_or(|(max, price)| price.cost(usage) <= max * (1.0 + 1e-12));
-        tokens_fit && cost_fits
+    /// Whether a call of `model` spending `usage` would fit, with nothing else spent.
+    pub fn allows(&self, model: &str, usage: Usage) -> bool {
+        self.price_of(model).is_ok_and(|price| self.fits(usage, cost(price, usage)))
     }
 
-    /// What `usage` would cost at the limit's price, if it has one.
-    pub fn cost_of(&self, usage: Usage) -> Option<f64> {
-        self.max_cost.map(|(_, price)| price.cost(usage))
+    /// What `usage` would cost at the limit's price for `model`, if it has one.
+    pub fn cost_of(&self, model: &str, usage: Usage) -> Option<f64> {
+        self.price_of(model).ok().flatten().map(|price| price.cost(usage))
+    }
+
+    /// Makes the limit one that several executors draw on together.
+    pub fn shared(self) -> SharedSpending {
+        SharedSpending(Arc::new(Spending::new(self)))
     }
 
     /// The most one call of `request` can spend with `reserved` tokens held
@@ -80,6 +122,45 @@ impl SpendLimit {
     pub fn most_spent(provider: &dyn Provider, request: &Request, reserved: u64) -> Usage {
         let prompt = provider.estimate_prompt_tokens(request).min(reserved);
         Usage::new(prompt, reserved - prompt)
+    }
+
+    /// The price a call of `model` is counted at: `Ok(None)` without a money
+    /// limit, `Err` when the model has no price.
+    fn price_of(&self, model: &str) -> Result<Option<Price>, Unpriced> {
+        match &self.max_cost {
+            None => Ok(None),
+            Some((_, pricing)) => pricing.price_of(model).map(Some).ok_or(Unpriced),
+        }
+    }
+
+    /// Whether `usage` tokens costing `cost` are within the limit.
+    fn fits(&self, usage: Usage, cost: f64) -> bool {
+        let tokens_fit = self.max_tokens.is_none_or(|max| usage.total() <= max);
+        // A small tolerance, so a price's rounding never refuses the last call.
+        let cost_fits = self.max_cost.as_ref().is_none_or(|(max, _)| cost <= max * (1.0 + 1e-12));
+        tokens_fit && cost_fits
+    }
+}
+
+/// A model without a price, under a money limit.
+struct Unpriced;
+
+/// What `usage` costs at `price`; nothing without one.
+fn cost(price: Option<Price>, usage: Usage) -> f64 {
+    price.map_or(0.0, |price| price.cost(usage))
+}
+
+/// One [`SpendLimit`] that several executors draw on
+/// ([`ExecutorBuilder::shared_spend_limit`](crate::ExecutorBuilder::shared_spend_limit)):
+/// their calls are counted together. Clones share it.
+#[derive(Clone, Debug)]
+pub struct SharedSpending(pub(crate) Arc<Spending>);
+
+impl SharedSpending {
+    /// What the calls have spent so far: tokens, and money where priced.
+    pub fn spent(&self) -> (Usage, f64) {
+        let ledger = self.0.ledger.lock().expect("the ledger lock is never poisoned");
+        (ledger.spent, ledger.spent_cost)
     }
 }
 
@@ -100,14 +181,16 @@ fn minus(a: Usage, b: Usage) -> Usage {
 #[derive(Debug, Default)]
 struct Ledger {
     spent: Usage,
+    spent_cost: f64,
     reserved: Usage,
+    reserved_cost: f64,
     /// Reservations not yet settled: calls in flight.
     holds: usize,
     /// Set once a call could not fit with nothing in flight.
     exhausted: bool,
 }
 
-/// An executor's spending against its [`SpendLimit`].
+/// Spending against a [`SpendLimit`]: one executor's, or several's.
 #[derive(Debug)]
 pub(crate) struct Spending {
     limit: SpendLimit,
@@ -120,6 +203,8 @@ pub(crate) struct Spending {
 #[derive(Debug)]
 pub(crate) struct Hold<'a> {
     spending: &'a Spending,
+    /// The price the call is counted at; `None` without a money limit.
+    price: Option<Price>,
     reserved: Usage,
     used: Usage,
 }
@@ -128,7 +213,9 @@ impl Drop for Hold<'_> {
     fn drop(&mut self) {
         let mut ledger = self.spending.ledger.lock().expect("the ledger lock is never poisoned");
         ledger.reserved = minus(ledger.reserved, self.reserved);
+        ledger.reserved_cost = (ledger.reserved_cost - cost(self.price, self.reserved)).max(0.0);
         ledger.spent += self.used;
+        ledger.spent_cost += cost(self.price, self.used);
         ledger.holds -= 1;
         drop(ledger);
         self.spending.settled.notify_waiters();
@@ -151,40 +238,46 @@ impl Hold<'_> {
 
 impl Spending {
     pub(crate) fn new(limit: SpendLimit) -> Self {
-        let ledger = Ledger { spent: limit.spent, ..Ledger::default() };
+        let ledger =
+            Ledger { spent: limit.spent, spent_cost: limit.spent_cost, ..Ledger::default() };
         Self { limit, ledger: Mutex::new(ledger), settled: Notify::new() }
     }
 
-    /// Reserves `most` for a call, waiting while calls in flight may leave
-    /// room; `None` once the limit is spent.
-    pub(crate) async fn reserve(&self, most: Usage) -> Option<Hold<'_>> {
+    /// Reserves `most` for a call of `model`, waiting while calls in flight
+    /// may leave room; `None` once the limit is spent (or the model has no
+    /// price to count it at).
+    pub(crate) async fn reserve(&self, model: &str, most: Usage) -> Option<Hold<'_>> {
         loop {
             let settled = self.settled.notified();
             tokio::pin!(settled);
             // Registered before the ledger is read, so no settlement is missed.
             settled.as_mut().enable();
-            match self.try_reserve(most) {
+            match self.try_reserve(model, most) {
                 Ok(hold) => return Some(hold),
-                Err(Exhausted::ForGood) => return None,
+                Err(Exhausted::ForGood | Exhausted::Unpriced) => return None,
                 Err(Exhausted::WhileInFlight) => settled.await,
             }
         }
     }
 
     /// Reserves `most` if it fits now (a hedge, which is never worth waiting for).
-    pub(crate) fn reserve_now(&self, most: Usage) -> Option<Hold<'_>> {
-        self.try_reserve(most).ok()
+    pub(crate) fn reserve_now(&self, model: &str, most: Usage) -> Option<Hold<'_>> {
+        self.try_reserve(model, most).ok()
     }
 
-    fn try_reserve(&self, most: Usage) -> Result<Hold<'_>, Exhausted> {
+    fn try_reserve(&self, model: &str, most: Usage) -> Result<Hold<'_>, Exhausted> {
+        let price = self.limit.price_of(model).map_err(|Unpriced| Exhausted::Unpriced)?;
+        let most_cost = cost(price, most);
         let mut ledger = self.ledger.lock().expect("the ledger lock is never poisoned");
         if ledger.exhausted {
             return Err(Exhausted::ForGood);
         }
-        if self.limit.allows(plus(plus(ledger.spent, ledger.reserved), most)) {
+        let tokens = plus(plus(ledger.spent, ledger.reserved), most);
+        if self.limit.fits(tokens, ledger.spent_cost + ledger.reserved_cost + most_cost) {
             ledger.reserved += most;
+            ledger.reserved_cost += most_cost;
             ledger.holds += 1;
-            return Ok(Hold { spending: self, reserved: most, used: Usage::default() });
+            return Ok(Hold { spending: self, price, reserved: most, used: Usage::default() });
         }
         if ledger.holds > 0 {
             return Err(Exhausted::WhileInFlight);
@@ -199,6 +292,8 @@ impl Spending {
 enum Exhausted {
     WhileInFlight,
     ForGood,
+    /// The call's model has no price: this call cannot be counted, others may.
+    Unpriced,
 }
 
 #[cfg(test)]
@@ -209,19 +304,19 @@ mod tests {
     fn money_and_tokens_are_both_limits() {
         let price = Price::new(1.0, 2.0);
         let limit = SpendLimit::cost(0.003, price).with_max_tokens(2_500);
-        assert!(limit.allows(Usage::new(1_000, 1_000)), "$0.003 and 2,000 tokens");
-        assert!(!limit.allows(Usage::new(1_001, 1_000)), "a token's worth over the money");
-        assert!(!SpendLimit::tokens(100).allows(Usage::new(60, 41)));
-        assert!(SpendLimit::default().allows(Usage::new(u64::MAX / 4, 0)));
+        assert!(limit.allows("m", Usage::new(1_000, 1_000)), "$0.003 and 2,000 tokens");
+        assert!(!limit.allows("m", Usage::new(1_001, 1_000)), "a token's worth over the money");
+        assert!(!SpendLimit::tokens(100).allows("m", Usage::new(60, 41)));
+        assert!(SpendLimit::default().allows("m", Usage::new(u64::MAX / 4, 0)));
     }
 
     #[tokio::test]
     async fn a_reservation_waits_for_calls_in_flight_then_the_limit_is_spent() {
         let spending = Spending::new(SpendLimit::tokens(100));
-        let first = spending.reserve(Usage::new(10, 50)).await.unwrap();
+        let first = spending.reserve("m", Usage::new(10, 50)).await.unwrap();
         // 60 reserved: another 60 does not fit while the first is in flight.
-        assert!(spending.reserve_now(Usage::new(10, 50)).is_none());
-        let waiting = spending.reserve(Usage::new(10, 50));
+        assert!(spending.reserve_now("m", Usage::new(10, 50)).is_none());
+        let waiting = spending.reserve("m", Usage::new(10, 50));
         tokio::pin!(waiting);
         assert!(futures_util::poll!(waiting.as_mut()).is_pending());
         // The first used 30 of its 60: the second fits now.
@@ -230,16 +325,45 @@ mod tests {
         // 30 spent + 60 reserved: a third does not fit, and once the second has
         // settled with nothing in flight, the limit is spent for good.
         drop(second);
-        assert!(spending.reserve(Usage::new(10, 70)).await.is_none());
-        assert!(spending.reserve(Usage::new(1, 1)).await.is_none(), "spent stays spent");
+        assert!(spending.reserve("m", Usage::new(10, 70)).await.is_none());
+        assert!(spending.reserve("m", Usage::new(1, 1)).await.is_none(), "spent stays spent");
     }
 
     #[test]
     fn earlier_spending_counts() {
         let spending = Spending::new(SpendLimit::tokens(100).already_spent(Usage::new(90, 0)));
-        let hold = spending.reserve_now(Usage::new(5, 5)).expect("95 of 100");
-        assert!(spending.reserve_now(Usage::new(5, 1)).is_none(), "101 of 100");
+        let hold = spending.reserve_now("m", Usage::new(5, 5)).expect("95 of 100");
+        assert!(spending.reserve_now("m", Usage::new(5, 1)).is_none(), "101 of 100");
         drop(hold);
-        assert!(spending.reserve_now(Usage::new(5, 6)).is_none(), "nothing in flight: spent");
+        assert!(spending.reserve_now("m", Usage::new(5, 6)).is_none(), "nothing in flight: spent");
+    }
+
+    /// Calls of several models share one money limit, each counted at its
+    /// own model's price; a model without a price is refused alone, and
+    /// executors sharing the limit see each other's spending.
+    #[tokio::test]
+    async fn each_call_is_counted_at_its_models_price() {
+        let price_of = |model: &str| match model {
+            "cheap" => Some(Price::new(1.0, 1.0)),
+            "dear" => Some(Price::new(10.0, 10.0)),
+            _ => None,
+        };
+        let limit =
+            SpendLimit::default().with_max_cost(0.001, Pricing::PerModel(Arc::new(price_of)));
+        assert!(limit.allows("cheap", Usage::new(500, 500)), "$0.001");
+        assert!(!limit.allows("dear", Usage::new(500, 500)), "$0.01");
+        assert!(!limit.allows("unknown", Usage::new(1, 0)), "no price, no call");
+        let shared = limit.shared();
+        let (one, other) = (shared.clone(), shared.clone());
+        assert!(one.0.reserve("unknown", Usage::new(1, 0)).await.is_none());
+        let dear = one.0.reserve("dear", Usage::new(40, 10)).await.unwrap();
+        dear.settle(Usage::new(40, 10));
+        // $0.0005 spent at the dear price: 499 cheap tokens fit, two more would not.
+        let cheap = other.0.reserve_now("cheap", Usage::new(250, 249)).expect("$0.000999");
+        assert!(one.0.reserve_now("cheap", Usage::new(1, 1)).is_none(), "$0.001001");
+        cheap.settle(Usage::new(100, 100));
+        let (tokens, money) = shared.spent();
+        assert_eq!(tokens, Usage::new(140, 110));
+        assert!((money - 0.0007).abs() < 1e-12, "{money}");
     }
 }

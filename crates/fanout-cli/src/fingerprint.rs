@@ -201,6 +201,7 @@ mod tests {
             max_tokens: Some(64),
             threads: None,
             price: None,
+            price_given: false,
             budget: None,
             max_total_tokens: None,
             schema_repairs: None,

@@ -159,6 +159,22 @@ pub struct RunLog {
     events: Arc<Mutex<Vec<RunEvent>>>,
 }
 
+/// The run event an executor's event is, for those that concern the run as
+/// a whole (a 429 pause, a new concurrency limit).
+pub fn run_event(event: &Event) -> Option<RunEvent> {
+    match event {
+        Event::Paused { duration, error } => {
+            let cause = match error.status() {
+                Some(status) => format!("{status}: {}", error.message()),
+                None => error.message().to_owned(),
+            };
+            Some(event_now(kind::PAUSE, duration.as_secs_f64() * 1000.0, Some(cause)))
+        }
+        Event::ConcurrencyChanged { limit } => Some(event_now(kind::LIMIT, *limit as f64, None)),
+        _ => None,
+    }
+}
+
 /// A run event that happens now.
 pub fn event_now(kind: &str, value: f64, detail: Option<String>) -> RunEvent {
     RunEvent { at_ms: epoch_ms(SystemTime::now()), kind: kind.into(), value, detail }
@@ -172,16 +188,8 @@ impl RunLog {
 
     /// Keeps the events that concern the run as a whole.
     pub fn observe(&self, event: &Event) {
-        match event {
-            Event::Paused { duration, error } => {
-                let cause = match error.status() {
-                    Some(status) => format!("{status}: {}", error.message()),
-                    None => error.message().to_owned(),
-                };
-                self.push(kind::PAUSE, duration.as_secs_f64() * 1000.0, Some(cause));
-            }
-            Event::ConcurrencyChanged { limit } => self.push(kind::LIMIT, *limit as f64, None),
-            _ => {}
+        if let Some(event) = run_event(event) {
+            self.events.lock().expect("never poisoned").push(event);
         }
     }
 

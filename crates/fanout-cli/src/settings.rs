@@ -278,6 +278,10 @@ pub struct Settings {
     #[serde(default)]
     pub threads: Option<usize>,
     pub price: Option<Price>,
+    /// Whether `price` was given (flags or profile keys) rather than looked up
+    /// for `model`: a proxy takes a given price for every model its clients name.
+    #[serde(skip)]
+    pub price_given: bool,
     /// The most the calls may cost (a job's runs together), at `price`.
     #[serde(default)]
     pub budget: Option<f64>,
@@ -446,6 +450,7 @@ impl Settings {
             max_tokens: chosen.max_tokens,
             threads: chosen.threads.filter(|t| *t > 0),
             price,
+            price_given: chosen.price_input.is_some() || chosen.price_output.is_some(),
             budget: chosen.budget,
             max_total_tokens: chosen.max_total_tokens,
             schema_repairs: chosen.schema_repairs,
@@ -499,6 +504,7 @@ impl Settings {
         self.threads = now.threads.filter(|t| *t > 0).or(self.threads);
         self.api_key_env = now.api_key_env.clone().unwrap_or(self.api_key_env);
         self.price = overridden_price(self.price, now.price_input, now.price_output)?;
+        self.price_given |= now.price_input.is_some() || now.price_output.is_some();
         self.budget = now.budget.or(self.budget);
         self.max_total_tokens = now.max_total_tokens.or(self.max_total_tokens);
         self.schema_repairs = now.schema_repairs.or(self.schema_repairs);

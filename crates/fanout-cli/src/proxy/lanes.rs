@@ -19,17 +19,17 @@ use std::time::Duration;
 
 use anyhow::{Result, anyhow};
 use fanout::{
-    Branch, BranchResults, Calls, CancellationToken, Event, Executor, NotRun, Outcome, Request,
-    SharedSpending, TaskResult, Usage,
+    Branch, BranchResults, CallEnd, Calls, CancellationToken, Event, Executor, NotRun, Outcome,
+    Request, SharedSpending, TaskResult, Usage,
 };
 use tokio::sync::{OnceCell, oneshot};
 use tokio::time::Instant;
 
+use super::records::LaneEvents;
 use super::stats::Stats;
 use crate::cache::Cached;
 use crate::connect;
 use crate::fingerprint;
-use crate::history::RunLog;
 use crate::settings::{self, Settings};
 
 /// How long a lane is kept with no call in it.
@@ -47,7 +47,7 @@ pub struct LaneSettings {
     pub cache: Option<std::path::PathBuf>,
     pub stats: Arc<Stats>,
     /// Where the lanes' pauses and limit changes are kept for the records.
-    pub run_log: RunLog,
+    pub events: LaneEvents,
     /// How long a lane whose breaker opened keeps refusing calls.
     pub cool_down: Duration,
     /// Cancelled when the proxy stops: every lane's run ends with it.
@@ -98,6 +98,8 @@ impl Pace {
 
 /// A key's executor, kept running for the proxy's life.
 pub struct Lane {
+    /// What the lane is known by: its key's hash.
+    pub name: String,
     calls: Calls,
     /// Calls taken in and not yet answered, waiting or running.
     pending: AtomicU64,
@@ -113,7 +115,7 @@ pub struct Lane {
 }
 
 impl Lane {
-    async fn start(made: &LaneSettings, key: Option<String>) -> Result<Self> {
+    async fn start(made: &LaneSettings, name: String, key: Option<String>) -> Result<Self> {
         // The client's body is sent as it came: an answer cut off at its
         // max_tokens cannot be asked again with more room.
         let settings = &Settings { retry_truncated: None, ..made.settings.clone() };
@@ -124,7 +126,7 @@ impl Lane {
             let scope = format!("{}|key {scope}", fingerprint::cache_scope(settings));
             provider = Arc::new(Cached::new(provider, scope.clone(), scope, store)?);
         }
-        let (stats, run_log) = (Arc::clone(&made.stats), made.run_log.clone());
+        let (stats, events, lane) = (Arc::clone(&made.stats), made.events.clone(), name.clone());
         let pace = Arc::new(Pace::new());
         let paced = Arc::clone(&pace);
         // A proxy runs until it is stopped: no deadline ends its lanes.
@@ -135,7 +137,7 @@ impl Lane {
         let executor = builder
             .on_event(move |event| {
                 stats.observe(event);
-                run_log.observe(event);
+                events.observe(&lane, event);
                 paced.observe(event);
             })
             .build();
@@ -148,6 +150,7 @@ impl Lane {
         let run = executor.stream_branches([branch]);
         let calls = handle.await.map_err(|_| anyhow!("the lane's run ended before it began"))?;
         Ok(Self {
+            name,
             calls,
             pending: AtomicU64::new(0),
             broken_since: Mutex::new(None),
@@ -215,7 +218,10 @@ impl Queued {
     pub async fn complete(&self, request: Request) -> TaskResult {
         let result = self.lane.calls.complete_result(request).await;
         if let Outcome::Succeeded(success) = &result.outcome {
-            self.lane.pace.answered_in(success.latency);
+            // The answering call's own time: retries and 429 pauses before it
+            // are not what a slot takes to free (the pause is counted apart).
+            let answered = result.calls.iter().rev().find(|call| call.end == CallEnd::Answered);
+            self.lane.pace.answered_in(answered.map_or(success.latency, |call| call.elapsed));
         }
         if matches!(result.outcome, Outcome::NotRun(NotRun::CircuitOpen(_))) {
             let mut broken_since = self.lane.broken_since.lock().expect("never poisoned");
@@ -270,7 +276,7 @@ impl Lanes {
                 lanes.retain(|_, cell| cell.get().is_none_or(|lane| !lane.idle_for(IDLE_LANE)));
             }
             drop(swept);
-            let cell = lanes.entry(name).or_default();
+            let cell = lanes.entry(name.clone()).or_default();
             if cell.get().is_some_and(|lane| lane.cooled_down(self.made.cool_down)) {
                 // Its run ends when the last call holding it does.
                 *cell = Arc::default();
@@ -278,8 +284,10 @@ impl Lanes {
             Arc::clone(cell)
         };
         let lane = cell
-            .get_or_try_init(|| async { Lane::start(&self.made, key).await.map(Arc::new) })
+            .get_or_try_init(|| async { Lane::start(&self.made, name, key).await.map(Arc::new) })
             .await?;
+        // Active from now, so no sweep lets it go before its call is taken in.
+        lane.touch();
         Ok(Arc::clone(lane))
     }
 
@@ -313,7 +321,7 @@ mod tests {
             spending: None,
             cache: None,
             stats: Arc::default(),
-            run_log: RunLog::default(),
+            events: LaneEvents::default(),
             cool_down: Duration::from_secs(30),
             shutdown: CancellationToken::new(),
         })

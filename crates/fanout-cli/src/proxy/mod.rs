@@ -44,14 +44,14 @@ use fanout_store::Record;
 use futures_util::StreamExt;
 use tokio::sync::oneshot;
 use tokio_util::sync::DropGuard;
+use tokio_util::task::TaskTracker;
 
 use crate::Refusal;
 use crate::fingerprint::sha256;
-use crate::history::RunLog;
 use crate::record::to_record;
 use crate::settings::{self, Flags, ProviderKind, Settings};
 use lanes::{LaneSettings, Lanes};
-use records::{Records, WriteError};
+use records::{LaneEvents, Records, WriteError};
 use stats::{Refused, Stats};
 pub use wire::Api;
 use wire::ErrorAnswer;
@@ -98,21 +98,25 @@ struct Proxy {
     lanes: Lanes,
     records: Records,
     stats: Arc<Stats>,
-    pricing: Arc<Pricing>,
+    prices: Arc<Prices>,
     /// The spending limit all calls draw on, with `--budget` or `--max-total-tokens`.
     spending: Option<SharedSpending>,
     budget: Option<f64>,
     max_total_tokens: Option<u64>,
+    /// The calls running, each in its own task: the proxy's stop waits for
+    /// them (a client that went away after its answer's last event leaves
+    /// its call to finish and be recorded).
+    calls: TaskTracker,
 }
 
 /// The proxy's one spending limit, all keys and models together: money at
 /// each call's own price, tokens, or both.
-fn spend_limit(settings: &Settings, pricing: &Arc<Pricing>) -> Option<SharedSpending> {
+fn spend_limit(settings: &Settings, prices: &Arc<Prices>) -> Option<SharedSpending> {
     let mut limit = SpendLimit::default();
     if let Some(budget) = settings.budget {
-        let pricing = Arc::clone(pricing);
-        let price_of = move |model: &str| pricing.price([Some(model), None]);
-        limit = limit.with_max_cost(budget, fanout::Pricing::PerModel(Arc::new(price_of)));
+        let prices = Arc::clone(prices);
+        let price_of = move |model: &str| prices.price(Some(model).filter(|m| !m.is_empty()));
+        limit = limit.with_max_cost_per_model(budget, Arc::new(price_of));
     }
     if let Some(tokens) = settings.max_total_tokens {
         limit = limit.with_max_tokens(tokens);
@@ -123,30 +127,29 @@ fn spend_limit(settings: &Settings, pricing: &Arc<Pricing>) -> Option<SharedSpen
 /// What a call costs. Clients name their own models, so each call is priced
 /// at its model's price from the built-in table; a price given as flags or
 /// profile keys (`--price-in`, `--price-out`) is taken for every call instead.
-struct Pricing {
+/// The model is the one the request names (else the proxy's `--model`), as
+/// the spending limit counts it before the call is sent.
+struct Prices {
     given: Option<Price>,
+    default_model: String,
     table: &'static PriceTable,
 }
 
-impl Pricing {
+impl Prices {
     fn new(settings: &Settings) -> Self {
-        let table = PriceTable::builtin();
-        // The settings' price is the table's for the proxy's own model unless one was given.
-        let listed = table.lookup(&settings.model).map(|m| m.price);
-        let given = settings.price.filter(|price| Some(*price) != listed);
-        Self { given, table }
+        let given = settings.price.filter(|_| settings.price_given);
+        Self { given, default_model: settings.model.clone(), table: PriceTable::builtin() }
     }
 
-    /// The price of a call of the first of `models` the table knows (the
-    /// answer's, then the request's); `None` when none has a price.
-    fn price(&self, models: [Option<&str>; 2]) -> Option<Price> {
-        let listed = || models.into_iter().flatten().find_map(|m| self.table.lookup(m));
-        self.given.or_else(|| listed().map(|m| m.price))
+    /// The price of a call of `model` (`None`: the proxy's); `None` when it has none.
+    fn price(&self, model: Option<&str>) -> Option<Price> {
+        let model = model.unwrap_or(&self.default_model);
+        self.given.or_else(|| self.table.lookup(model).map(|m| m.price))
     }
 
-    /// The cost of `usage` spent by a call of `models` (as for [`Self::price`]).
-    fn cost(&self, models: [Option<&str>; 2], usage: Usage) -> Option<f64> {
-        Some(self.price(models)?.cost(usage))
+    /// The cost of `usage` spent by a call of `model` (as for [`Self::price`]).
+    fn cost(&self, model: Option<&str>, usage: Usage) -> Option<f64> {
+        Some(self.price(model)?.cost(usage))
     }
 }
 
@@ -179,16 +182,16 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
     let job = args.job.clone().unwrap_or_else(default_job);
     let shutdown = fanout::CancellationToken::new();
     let stats = Arc::new(Stats::default());
-    let pricing = Arc::new(Pricing::new(&settings));
-    let spending = spend_limit(&settings, &pricing);
-    let run_log = RunLog::default();
+    let prices = Arc::new(Prices::new(&settings));
+    let spending = spend_limit(&settings, &prices);
+    let lane_events = LaneEvents::default();
     let lane_settings = LaneSettings {
         // Every lane draws on the proxy's one spending limit, not one of its own.
         settings: Settings { budget: None, max_total_tokens: None, ..settings.clone() },
         spending: spending.clone(),
         cache: args.cache.then(|| store.clone()),
         stats: Arc::clone(&stats),
-        run_log: run_log.clone(),
+        events: lane_events.clone(),
         cool_down: Duration::from_secs_f64(args.cool_down),
         shutdown: shutdown.clone(),
     };
@@ -197,7 +200,7 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
         "base_url": settings.base_url.as_deref().map(without_credentials),
         "model": settings.model,
         // Each record carries its own cost; this is the price given for all, if one was.
-        "price": pricing.given,
+        "price": prices.given,
         "priced": "per call",
     }});
     let proxy = Arc::new(Proxy {
@@ -209,12 +212,13 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
         ),
         job: job.clone(),
         lanes: Lanes::new(lane_settings),
-        records: Records::start(&store, recorded, run_log, settings.concurrency)?,
+        records: Records::start(&store, recorded, lane_events, settings.concurrency)?,
         stats,
-        pricing,
+        prices,
         spending,
         budget: settings.budget,
         max_total_tokens: settings.max_total_tokens,
+        calls: TaskTracker::new(),
     });
     let app = Router::new()
         .route(api.path(), post(complete))
@@ -247,6 +251,8 @@ pub async fn command(flags: &Flags, args: ProxyArgs) -> Result<ExitCode> {
             });
         })
         .await?;
+    proxy.calls.close();
+    proxy.calls.wait().await;
     shutdown.cancel();
     proxy.records.finish().await;
     Ok(ExitCode::SUCCESS)
@@ -339,10 +345,10 @@ async fn complete(
         Ok(read) => read,
         Err(message) => return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &message),
     };
-    if proxy.budget.is_some() && proxy.pricing.price([request.model.as_deref(), None]).is_none() {
-        let model = request.model.as_deref().unwrap_or("(none named)");
+    if proxy.budget.is_some() && proxy.prices.price(request.model.as_deref()).is_none() {
+        let model = request.model.as_deref().unwrap_or(&proxy.prices.default_model);
         let message = format!(
-            "the proxy keeps a --budget and knows no price for model `{model}`: start it with --price-in and --price-out"
+            "the proxy keeps a --budget and knows no price for model `{model}`, so it cannot count the call (--price-in and --price-out set one price for every model)"
         );
         return refuse(Refused::BadRequest, StatusCode::BAD_REQUEST, &message);
     }
@@ -390,7 +396,8 @@ async fn complete(
     let id = TaskId::from(short_hash(&body));
     let client = Client { cancel: cancel.clone(), has_the_end: Arc::default() };
     let has_the_end = Arc::clone(&client.has_the_end);
-    tokio::spawn(call(Arc::clone(&proxy), queued, request, Recorded { job, id }, client, done));
+    let recorded = Recorded { job, id, lane: lane.name.clone() };
+    proxy.calls.spawn(call(Arc::clone(&proxy), queued, request, recorded, client, done));
     let cancel_if_dropped = cancel.drop_guard();
     let first_bytes = async {
         match relayed.as_mut() {
@@ -418,6 +425,8 @@ struct Recorded {
     job: String,
     /// A hash of what was asked: the same request twice is the same id.
     id: TaskId,
+    /// The lane the call goes through.
+    lane: String,
 }
 
 /// What a call knows of its client.
@@ -467,11 +476,7 @@ async fn call(
         result = queued.complete(request) => (result.outcome, result.calls),
         () = too_long => (Outcome::TimedOut { timeout: Timeout::Task, attempts: 0 }, Vec::new()),
     };
-    let answered_model = match &outcome {
-        Outcome::Succeeded(success) => success.response.model.as_deref(),
-        _ => None,
-    };
-    let cost = proxy.pricing.cost([answered_model, asked_model.as_deref()], outcome.usage());
+    let cost = proxy.prices.cost(asked_model.as_deref(), outcome.usage());
     proxy.stats.ended(&outcome, cost);
     drop((queued, in_flight));
     let record = match &outcome {
@@ -495,7 +500,7 @@ async fn call(
         // As the client saw it: its wait for a turn included.
         record.latency_ms = Some(started.elapsed().as_secs_f64() * 1000.0);
         record.cost = cost;
-        if let Err(error) = proxy.records.write(&recorded.job, record).await {
+        if let Err(error) = proxy.records.write(&recorded.job, &recorded.lane, record).await {
             eprintln!("fanout proxy: a call's record was not saved: {error}");
         }
     }

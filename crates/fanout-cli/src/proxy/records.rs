@@ -6,20 +6,43 @@
 //! one transaction and answers them all. Under load a commit serves many
 //! calls, so the wait stays about one commit long.
 //!
-//! What happened to the lanes meanwhile (429 pauses, concurrency changes)
-//! goes with each group into every job of this proxy run, since it held back
-//! all their calls: each job's report shows the pauses its calls waited out.
+//! What happened to a lane meanwhile (429 pauses, concurrency changes) goes
+//! into every job that lane's calls were recorded in during this run, since
+//! it held those calls back: each job's report shows the pauses its calls
+//! waited out, and no other key's.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::Mutex;
 use std::sync::mpsc as channel;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
+use fanout::Event;
 use fanout_store::{Fingerprint, Record, RunEvent, Store};
 use tokio::sync::oneshot;
 
-use crate::history::{self, RunLog};
+use crate::history;
+
+/// The most events a lane keeps before any of its calls is recorded.
+const MOST_UNPLACED_EVENTS: usize = 1_000;
+
+/// The lanes' run events (429 pauses, concurrency changes), by lane, until
+/// the writer takes them (cheap to clone).
+#[derive(Clone, Debug, Default)]
+pub struct LaneEvents(Arc<Mutex<Vec<(String, RunEvent)>>>);
+
+impl LaneEvents {
+    /// Keeps what concerns the lane named `lane` as a whole.
+    pub fn observe(&self, lane: &str, event: &Event) {
+        if let Some(event) = history::run_event(event) {
+            self.0.lock().expect("never poisoned").push((lane.to_owned(), event));
+        }
+    }
+
+    fn take(&self) -> Vec<(String, RunEvent)> {
+        std::mem::take(&mut *self.0.lock().expect("never poisoned"))
+    }
+}
 
 /// What a proxy job names as its input: its calls come from clients, not a file.
 const PROXY_INPUT: &str = "(proxy)";
@@ -28,6 +51,8 @@ const PROXY_INPUT: &str = "(proxy)";
 /// who waits for it to be written.
 struct Pending {
     job: String,
+    /// The lane the record's call went through.
+    lane: String,
     record: Option<Record>,
     written: oneshot::Sender<Result<(), WriteError>>,
 }
@@ -66,17 +91,26 @@ pub struct Records {
 
 impl Records {
     /// Starts the writer on the store at `path`; `settings` are stored with
-    /// each job it makes (never secrets). The events `run_log` gathers go
-    /// into every job the run writes; each starts with one at `concurrency`.
+    /// each job it makes (never secrets). The events `lane_events` gathers go
+    /// into the jobs their lane's calls are recorded in; each job's run
+    /// starts with an event at `concurrency`.
     pub fn start(
         path: &Path,
         settings: serde_json::Value,
-        run_log: RunLog,
+        lane_events: LaneEvents,
         concurrency: usize,
     ) -> Result<Self> {
         let store = Store::open(path)?;
         let (sender, receiver) = channel::channel::<Message>();
-        let writer = Writer { store, settings, run_log, concurrency, jobs: Jobs::new() };
+        let writer = Writer {
+            store,
+            settings,
+            lane_events,
+            concurrency,
+            jobs: Jobs::new(),
+            served: HashMap::new(),
+            unplaced: HashMap::new(),
+        };
         std::thread::Builder::new()
             .name("fanout-proxy-records".into())
             .spawn(move || writer.write_all(&receiver))
@@ -99,21 +133,26 @@ impl Records {
         if self.accepting.lock().expect("never poisoned").contains(job) {
             return Ok(());
         }
-        self.send(job, None).await?;
+        self.send(job, String::new(), None).await?;
         self.accepting.lock().expect("never poisoned").insert(job.to_owned());
         Ok(())
     }
 
-    /// Writes `record` (its index is given here: after the job's last) and
-    /// returns once it is committed.
-    pub async fn write(&self, job: &str, record: Record) -> Result<(), WriteError> {
-        self.send(job, Some(record)).await
+    /// Writes `record` of a call through the lane named `lane` (its index is
+    /// given here: after the job's last) and returns once it is committed.
+    pub async fn write(&self, job: &str, lane: &str, record: Record) -> Result<(), WriteError> {
+        self.send(job, lane.to_owned(), Some(record)).await
     }
 
-    async fn send(&self, job: &str, record: Option<Record>) -> Result<(), WriteError> {
+    async fn send(
+        &self,
+        job: &str,
+        lane: String,
+        record: Option<Record>,
+    ) -> Result<(), WriteError> {
         let stopped = || WriteError::Store("the record writer stopped".into());
         let (written, done) = oneshot::channel();
-        let pending = Pending { job: job.to_owned(), record, written };
+        let pending = Pending { job: job.to_owned(), lane, record, written };
         self.sender.send(Message::Write(Box::new(pending))).map_err(|_| stopped())?;
         done.await.unwrap_or_else(|_| Err(stopped()))
     }
@@ -126,10 +165,15 @@ type Jobs = HashMap<String, i64>;
 struct Writer {
     store: Store,
     settings: serde_json::Value,
-    run_log: RunLog,
+    lane_events: LaneEvents,
     concurrency: usize,
     /// The jobs this run wrote or checked.
     jobs: Jobs,
+    /// The jobs each lane's calls were recorded in.
+    served: HashMap<String, HashSet<i64>>,
+    /// Events of lanes none of whose calls is recorded yet (a pause before
+    /// the first answer): they go with its first record.
+    unplaced: HashMap<String, Vec<RunEvent>>,
 }
 
 impl Writer {
@@ -144,11 +188,12 @@ impl Writer {
                 }
             }
             self.write(writes);
+            self.place_events();
             if !finished.is_empty() {
-                self.run_log.push(history::kind::END, 0.0, None);
+                let end = [history::event_now(history::kind::END, 0.0, None)];
+                let jobs: Vec<i64> = self.jobs.values().copied().collect();
+                self.add_to(jobs, &end);
             }
-            let events = self.run_log.take();
-            self.add_to_every_job(&events);
             for done in finished {
                 let _ = done.send(());
             }
@@ -170,7 +215,11 @@ impl Writer {
                 // Indexed after the job's last record as the store has it, so
                 // that another proxy writing the same job takes none of them.
                 let appended = self.store.append(id, &records);
-                appended.map(drop).map_err(|e| WriteError::Store(e.to_string()))
+                appended.map(drop).map_err(|e| WriteError::Store(e.to_string()))?;
+                for pending in pendings.iter().filter(|pending| pending.record.is_some()) {
+                    self.served.entry(pending.lane.clone()).or_default().insert(id);
+                }
+                Ok(())
             });
             for pending in pendings {
                 let _ = pending.written.send(result.clone());
@@ -178,15 +227,31 @@ impl Writer {
         }
     }
 
-    /// Adds the run's `events` to every job it has written. They only
-    /// explain the records, so one that cannot be stored is said and dropped.
-    fn add_to_every_job(&mut self, events: &[RunEvent]) {
-        if events.is_empty() {
-            return;
+    /// Gives each lane's new events to the jobs its calls were recorded in,
+    /// or keeps them until one is.
+    fn place_events(&mut self) {
+        for (lane, event) in self.lane_events.take() {
+            let unplaced = self.unplaced.entry(lane).or_default();
+            if unplaced.len() == MOST_UNPLACED_EVENTS {
+                unplaced.remove(0);
+            }
+            unplaced.push(event);
         }
-        for (name, id) in &self.jobs {
-            if let Err(error) = self.store.commit(*id, &[], events) {
-                eprintln!("fanout proxy: the run's events were not saved in job `{name}`: {error}");
+        let placed: Vec<String> =
+            self.unplaced.keys().filter(|lane| self.served.contains_key(*lane)).cloned().collect();
+        for lane in placed {
+            let events = self.unplaced.remove(&lane).unwrap_or_default();
+            let jobs: Vec<i64> = self.served[&lane].iter().copied().collect();
+            self.add_to(jobs, &events);
+        }
+    }
+
+    /// Adds `events` to `jobs`. They only explain the records, so one that
+    /// cannot be stored is said and dropped.
+    fn add_to(&mut self, jobs: Vec<i64>, events: &[RunEvent]) {
+        for id in jobs {
+            if let Err(error) = self.store.commit(id, &[], events) {
+                eprintln!("fanout proxy: the run's events were not saved: {error}");
             }
         }
     }

@@ -133,6 +133,52 @@ async fn concurrent_clients_under_an_upstream_limit_see_no_429() {
     assert!(html.contains("429"), "the pause says its cause");
 }
 
+/// A lane's 429 pause goes into the jobs its own calls are recorded in, not
+/// into another key's: one key's report shows the pause its calls waited out,
+/// the other's none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_pauses_are_recorded_in_its_own_jobs_only() {
+    let upstream = wiremock::MockServer::start().await;
+    let limited = json!({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}});
+    Mock::given(method("POST"))
+        .and(header("authorization", "Bearer sk-limited"))
+        .respond_with(
+            ResponseTemplate::new(429).insert_header("retry-after", "1").set_body_json(limited),
+        )
+        .up_to_n_times(1)
+        .with_priority(1)
+        .mount(&upstream)
+        .await;
+    let answer = json!({"id": "c1", "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1}});
+    Mock::given(method("POST"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(answer))
+        .mount(&upstream)
+        .await;
+    Mock::given(method("GET"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_json(json!({"id": "gpt-4o-mini", "object": "model"})),
+        )
+        .mount(&upstream)
+        .await;
+    let home = Home::new();
+    let proxy = Running::start(&home, &format!("{}/v1", upstream.uri()), &[], &[]);
+    let client = client();
+    for (key, job) in [("sk-limited", "limited"), ("sk-free", "free")] {
+        let sent = client.post(proxy.completions()).bearer_auth(key).header("x-fanout-job", job);
+        assert_eq!(sent.json(&chat("hi")).send().await.unwrap().status().as_u16(), 200);
+    }
+    assert!(proxy.interrupt().success());
+    let pauses = |job: &str| {
+        let report = home.fanout().args(["report", job, "-o", "-"]).output().unwrap();
+        assert!(report.status.success(), "{}", String::from_utf8_lossy(&report.stderr));
+        String::from_utf8(report.stdout).unwrap().matches("class=\"pause-row\"").count()
+    };
+    assert_eq!((pauses("limited"), pauses("free")), (1, 0));
+}
+
 /// Clients name their own models: each call is costed at its model's price
 /// (the built-in table's), in its record, the job's cost and the live
 /// counters; a call of a model with no known price is counted apart, not

@@ -228,7 +228,7 @@ impl ExecutorBuilder {
     /// next call could exceed the limit no call starts again; the tasks left
     /// end as [`NotRun::BudgetSpent`](crate::NotRun::BudgetSpent).
     pub fn spend_limit(mut self, limit: SpendLimit) -> Self {
-        self.config.spend_limit = Some(limit.shared());
+        self.config.spend_limit = Some(SharedSpending::own(limit));
         self
     }
 

@@ -19,7 +19,7 @@ use tokio::time::{Instant, sleep_until};
 use crate::provider::{ErrorKind, Provider, ProviderError, RateLimit, Request, Response};
 pub(crate) use concurrency::{AdaptiveConcurrency, Permit};
 pub(crate) use spend::Spending;
-pub use spend::{Pricing, SharedSpending, SpendLimit};
+pub use spend::{PriceOf, Pricing, SharedSpending, SpendLimit};
 
 use bucket::TokenBucket;
 use output::OutputAllowance;

@@ -61,13 +61,12 @@ pub struct SpendLimit {
     max_cost: Option<(f64, Pricing)>,
     max_tokens: Option<u64>,
     spent: Usage,
-    spent_cost: f64,
 }
 
 impl SpendLimit {
     /// At most `max` in the price's currency, every call priced at `price`.
     pub fn cost(max: f64, price: Price) -> Self {
-        Self::default().with_max_cost(max, Pricing::One(price))
+        Self::default().with_max_cost(max, price)
     }
 
     /// At most `max` tokens, input and output together.
@@ -75,10 +74,18 @@ impl SpendLimit {
         Self::default().with_max_tokens(max)
     }
 
-    /// Adds a money limit.
+    /// Adds a money limit, every call priced at `price`.
     #[must_use]
-    pub fn with_max_cost(mut self, max: f64, pricing: Pricing) -> Self {
-        self.max_cost = Some((max, pricing));
+    pub fn with_max_cost(mut self, max: f64, price: Price) -> Self {
+        self.max_cost = Some((max, Pricing::One(price)));
+        self
+    }
+
+    /// Adds a money limit, each call priced at its model's price
+    /// ([`Pricing::PerModel`]).
+    #[must_use]
+    pub fn with_max_cost_per_model(mut self, max: f64, price_of: PriceOf) -> Self {
+        self.max_cost = Some((max, Pricing::PerModel(price_of)));
         self
     }
 
@@ -90,13 +97,12 @@ impl SpendLimit {
     }
 
     /// Counts `usage`, spent before this executor (a resumed job's finished
-    /// calls), against the limit, priced at its one price if it has one.
+    /// calls), against the limit: its tokens, and its money at the limit's one
+    /// price (a limit priced per model cannot tell what earlier calls cost, and
+    /// counts their tokens only).
     #[must_use]
     pub fn already_spent(mut self, usage: Usage) -> Self {
         self.spent += usage;
-        if let Some((_, Pricing::One(price))) = &self.max_cost {
-            self.spent_cost += price.cost(usage);
-        }
         self
     }
 
@@ -110,9 +116,14 @@ impl SpendLimit {
         self.price_of(model).ok().flatten().map(|price| price.cost(usage))
     }
 
-    /// Makes the limit one that several executors draw on together.
+    /// Makes the limit one that several executors draw on together. A
+    /// shared limit judges each call alone: one that cannot fit with nothing
+    /// in flight is refused, and the calls after it that fit still go (an
+    /// executor's own limit is spent for good at that point, since a job's
+    /// calls are alike), so that one client's dear call does not close the
+    /// limit to every other.
     pub fn shared(self) -> SharedSpending {
-        SharedSpending(Arc::new(Spending::new(self)))
+        SharedSpending(Arc::new(Spending::new(self, Latch::CallByCall)))
     }
 
     /// The most one call of `request` can spend with `reserved` tokens held
@@ -150,6 +161,15 @@ fn cost(price: Option<Price>, usage: Usage) -> f64 {
     price.map_or(0.0, |price| price.cost(usage))
 }
 
+/// Whether a call that cannot fit with nothing in flight spends the limit for good.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Latch {
+    /// An executor's own limit: a job's calls are alike, so the next would not fit either.
+    ForGood,
+    /// A shared limit: calls of other clients and models may still fit.
+    CallByCall,
+}
+
 /// One [`SpendLimit`] that several executors draw on
 /// ([`ExecutorBuilder::shared_spend_limit`](crate::ExecutorBuilder::shared_spend_limit)):
 /// their calls are counted together. Clones share it.
@@ -157,6 +177,11 @@ fn cost(price: Option<Price>, usage: Usage) -> f64 {
 pub struct SharedSpending(pub(crate) Arc<Spending>);
 
 impl SharedSpending {
+    /// One executor's own limit, spent for good once a call cannot fit.
+    pub(crate) fn own(limit: SpendLimit) -> Self {
+        Self(Arc::new(Spending::new(limit, Latch::ForGood)))
+    }
+
     /// What the calls have spent so far: tokens, and money where priced.
     pub fn spent(&self) -> (Usage, f64) {
         let ledger = self.0.ledger.lock().expect("the ledger lock is never poisoned");
@@ -194,6 +219,7 @@ struct Ledger {
 #[derive(Debug)]
 pub(crate) struct Spending {
     limit: SpendLimit,
+    latch: Latch,
     ledger: Mutex<Ledger>,
     settled: Notify,
 }
@@ -217,6 +243,11 @@ impl Drop for Hold<'_> {
         ledger.spent += self.used;
         ledger.spent_cost += cost(self.price, self.used);
         ledger.holds -= 1;
+        if ledger.holds == 0 {
+            // No float residue outlives the calls that reserved it.
+            ledger.reserved = Usage::default();
+            ledger.reserved_cost = 0.0;
+        }
         drop(ledger);
         self.spending.settled.notify_waiters();
     }
@@ -237,10 +268,13 @@ impl Hold<'_> {
 }
 
 impl Spending {
-    pub(crate) fn new(limit: SpendLimit) -> Self {
-        let ledger =
-            Ledger { spent: limit.spent, spent_cost: limit.spent_cost, ..Ledger::default() };
-        Self { limit, ledger: Mutex::new(ledger), settled: Notify::new() }
+    pub(crate) fn new(limit: SpendLimit, latch: Latch) -> Self {
+        let spent_cost = match &limit.max_cost {
+            Some((_, Pricing::One(price))) => price.cost(limit.spent),
+            _ => 0.0,
+        };
+        let ledger = Ledger { spent: limit.spent, spent_cost, ..Ledger::default() };
+        Self { limit, latch, ledger: Mutex::new(ledger), settled: Notify::new() }
     }
 
     /// Reserves `most` for a call of `model`, waiting while calls in flight
@@ -254,7 +288,7 @@ impl Spending {
             settled.as_mut().enable();
             match self.try_reserve(model, most) {
                 Ok(hold) => return Some(hold),
-                Err(Exhausted::ForGood | Exhausted::Unpriced) => return None,
+                Err(Exhausted::ForGood | Exhausted::ThisCall | Exhausted::Unpriced) => return None,
                 Err(Exhausted::WhileInFlight) => settled.await,
             }
         }
@@ -282,6 +316,9 @@ impl Spending {
         if ledger.holds > 0 {
             return Err(Exhausted::WhileInFlight);
         }
+        if self.latch == Latch::CallByCall {
+            return Err(Exhausted::ThisCall);
+        }
         ledger.exhausted = true;
         drop(ledger);
         self.settled.notify_waiters();
@@ -292,6 +329,9 @@ impl Spending {
 enum Exhausted {
     WhileInFlight,
     ForGood,
+    /// This call does not fit, and nothing in flight may free room; smaller
+    /// ones may still fit (a shared limit).
+    ThisCall,
     /// The call's model has no price: this call cannot be counted, others may.
     Unpriced,
 }
@@ -312,7 +352,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reservation_waits_for_calls_in_flight_then_the_limit_is_spent() {
-        let spending = Spending::new(SpendLimit::tokens(100));
+        let spending = Spending::new(SpendLimit::tokens(100), Latch::ForGood);
         let first = spending.reserve("m", Usage::new(10, 50)).await.unwrap();
         // 60 reserved: another 60 does not fit while the first is in flight.
         assert!(spending.reserve_now("m", Usage::new(10, 50)).is_none());
@@ -331,7 +371,8 @@ mod tests {
 
     #[test]
     fn earlier_spending_counts() {
-        let spending = Spending::new(SpendLimit::tokens(100).already_spent(Usage::new(90, 0)));
+        let spending =
+            Spending::new(SpendLimit::tokens(100).already_spent(Usage::new(90, 0)), Latch::ForGood);
         let hold = spending.reserve_now("m", Usage::new(5, 5)).expect("95 of 100");
         assert!(spending.reserve_now("m", Usage::new(5, 1)).is_none(), "101 of 100");
         drop(hold);
@@ -348,8 +389,7 @@ mod tests {
             "dear" => Some(Price::new(10.0, 10.0)),
             _ => None,
         };
-        let limit =
-            SpendLimit::default().with_max_cost(0.001, Pricing::PerModel(Arc::new(price_of)));
+        let limit = SpendLimit::default().with_max_cost_per_model(0.001, Arc::new(price_of));
         assert!(limit.allows("cheap", Usage::new(500, 500)), "$0.001");
         assert!(!limit.allows("dear", Usage::new(500, 500)), "$0.01");
         assert!(!limit.allows("unknown", Usage::new(1, 0)), "no price, no call");
@@ -365,5 +405,23 @@ mod tests {
         let (tokens, money) = shared.spent();
         assert_eq!(tokens, Usage::new(140, 110));
         assert!((money - 0.0007).abs() < 1e-12, "{money}");
+        // A dear call that cannot fit is refused alone: the limit stays open to cheap ones.
+        assert!(one.0.reserve("dear", Usage::new(31, 0)).await.is_none(), "$0.00031, $0.0003 left");
+        assert!(other.0.reserve("cheap", Usage::new(100, 100)).await.is_some(), "$0.0002 fits");
+    }
+
+    /// Earlier runs' spending counts in money at the one price, whichever
+    /// order the limit was made in.
+    #[test]
+    fn earlier_money_counts_whatever_the_order() {
+        let price = Price::new(1.0, 1.0);
+        let before = SpendLimit::tokens(10_000)
+            .already_spent(Usage::new(500, 0))
+            .with_max_cost(0.001, price);
+        let after = SpendLimit::cost(0.001, price).already_spent(Usage::new(500, 0));
+        for limit in [before, after] {
+            let spending = Spending::new(limit, Latch::ForGood);
+            assert!(spending.reserve_now("m", Usage::new(501, 0)).is_none(), "$0.001001");
+        }
     }
 }

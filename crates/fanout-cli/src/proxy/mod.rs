@@ -15,6 +15,10 @@
 //! only one whose expected wait (the 429 pause in force, then the calls ahead
 //! of it at the lane's RPM or answer rate) would pass `--max-queue` gets a
 //! 429, told in `Retry-After` when the queue will be short enough.
+//!
+//! Each call is costed at the price of the model its client names, and
+//! `--budget` / `--max-total-tokens` bound the whole proxy run, every key and
+//! model together, through one spending limit its lanes share.
 
 mod lanes;
 mod records;

@@ -86,6 +86,17 @@ pub fn job_cost(summary: &JobSummary) -> Option<(f64, Option<f64>)> {
     Some((spent, projected))
 }
 
+/// The command that made the job: pattern jobs name theirs, a proxy's job
+/// keeps where it forwarded to, and the rest are batches.
+fn command_of(summary: &JobSummary) -> &str {
+    let settings = &summary.job.settings;
+    match settings.get("command").and_then(|c| c.as_str()) {
+        Some(command) => command,
+        None if settings.get("proxy").is_some() => "proxy",
+        None => "batch",
+    }
+}
+
 /// Whether the job's records carry their own costs (a proxy's).
 fn priced_per_call(summary: &JobSummary) -> bool {
     summary.job.settings["proxy"]["priced"] == "per call"
@@ -101,7 +112,7 @@ fn summary_json(summary: &JobSummary) -> serde_json::Value {
         "cached_input_tokens": summary.cached_input_tokens,
         "last_run": summary.job.last_run,
         "name": summary.job.name,
-        "command": summary.job.settings.get("command").and_then(|c| c.as_str()).unwrap_or("batch"),
+        "command": command_of(summary),
         "input": summary.job.input,
         "created": when(summary.job.created_at),
         "updated": when(summary.job.updated_at),
@@ -264,6 +275,13 @@ async fn resume(options: RunOptions, flags: &Flags) -> Result<ExitCode> {
     let job = find(&open(&options.store)?, &options.job)?;
     if let Some(command) = job.settings.get("command").and_then(|c| c.as_str()) {
         return resume_pattern(&job, command, &options).await;
+    }
+    if job.settings.get("proxy").is_some() {
+        let why = format!(
+            "job `{}` records a proxy's calls: there is nothing to resume (its clients send them)",
+            options.job
+        );
+        return Err(Refusal(anyhow!(why)).into());
     }
     let mut spec: Spec = serde_json::from_value(job.settings).map_err(|e| {
         Refusal(anyhow!("job `{}` was saved by another version of fanout: {e}", options.job))

@@ -310,12 +310,15 @@ fn write_all(
             settings["outcome"] = outcome;
             store.set_settings(job, settings)?;
         }
+        // The run's events go with the records, in one transaction.
+        let events = run_log.take();
         if !group.is_empty() {
-            store.append(job, &group)?;
+            store.append(job, &group, &events)?;
             written += group.len() as u64;
             group.clear();
+        } else if !events.is_empty() {
+            store.commit(job, &[], &events)?;
         }
-        store.commit(job, &[], &run_log.take())?;
     }
     store.set_total(job, kept + written)?;
     Ok(written)

@@ -174,6 +174,7 @@ mod tests {
                     record(1, "failed", ""),
                     record(2, "succeeded", "41"),
                 ],
+                &[],
             )
             .unwrap();
         let replay = Arc::new(Replay::load(&store, job).unwrap());

@@ -499,10 +499,10 @@ impl Store {
     }
 
     /// Adds `records` after the job's last, whatever indexes they carry, and
-    /// returns the first index given. The write lock is taken before the last
-    /// index is read, so two writers on one job (two proxies) never give two
-    /// records one index.
-    pub fn append(&mut self, job: i64, records: &[Record]) -> Result<u64> {
+    /// `events` of its run, in one transaction, and returns the first index
+    /// given. The write lock is taken before the last index is read, so two
+    /// writers on one job (two proxies) never give two records one index.
+    pub fn append(&mut self, job: i64, records: &[Record], events: &[RunEvent]) -> Result<u64> {
         let context = || format!("cannot save {} results", records.len());
         let transaction = self
             .conn
@@ -510,6 +510,7 @@ impl Store {
             .context(context)?;
         let next = next_index_of(&transaction, job).context(context)?;
         insert_records(&transaction, job, records.iter().zip(next..)).context(context)?;
+        insert_events(&transaction, job, events).context(context)?;
         transaction.commit().context(context)?;
         Ok(next)
     }

@@ -158,7 +158,7 @@ fn appends_from_two_writers_never_share_an_index() {
                 for _ in 0..50 {
                     // Every record says index 0: append ignores it.
                     let records = [record(0, "succeeded"), record(0, "failed")];
-                    firsts.push(store.append(job.id, &records).unwrap());
+                    firsts.push(store.append(job.id, &records, &[]).unwrap());
                 }
                 firsts
             })

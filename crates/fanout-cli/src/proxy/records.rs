@@ -188,7 +188,6 @@ impl Writer {
                 }
             }
             self.write(writes);
-            self.place_events();
             if !finished.is_empty() {
                 let end = [history::event_now(history::kind::END, 0.0, None)];
                 let jobs: Vec<i64> = self.jobs.values().copied().collect();
@@ -200,36 +199,60 @@ impl Writer {
         }
     }
 
+    /// Writes a group of records, each job's in one transaction with the run
+    /// events that concern it.
     fn write(&mut self, writes: Vec<Pending>) {
+        self.gather_events();
         let mut by_job: HashMap<String, Vec<Pending>> = HashMap::new();
         for pending in writes {
             by_job.entry(pending.job.clone()).or_default().push(pending);
         }
+        let mut groups = Vec::new();
         for (name, pendings) in by_job {
-            let result = self.job_of(&name).and_then(|id| {
-                let records: Vec<Record> =
-                    pendings.iter().filter_map(|pending| pending.record.clone()).collect();
-                if records.is_empty() {
-                    return Ok(());
+            match self.job_of(&name) {
+                Ok(id) => {
+                    for pending in pendings.iter().filter(|pending| pending.record.is_some()) {
+                        self.served.entry(pending.lane.clone()).or_default().insert(id);
+                    }
+                    groups.push((id, pendings));
+                }
+                Err(error) => {
+                    for pending in pendings {
+                        let _ = pending.written.send(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        let mut events_of = self.placed_events();
+        for (id, pendings) in groups {
+            let records: Vec<Record> =
+                pendings.iter().filter_map(|pending| pending.record.clone()).collect();
+            let events = events_of.remove(&id).unwrap_or_default();
+            let result = match records.is_empty() {
+                true => {
+                    self.add_to(vec![id], &events);
+                    Ok(())
                 }
                 // Indexed after the job's last record as the store has it, so
                 // that another proxy writing the same job takes none of them.
-                let appended = self.store.append(id, &records);
-                appended.map(drop).map_err(|e| WriteError::Store(e.to_string()))?;
-                for pending in pendings.iter().filter(|pending| pending.record.is_some()) {
-                    self.served.entry(pending.lane.clone()).or_default().insert(id);
-                }
-                Ok(())
-            });
+                false => self
+                    .store
+                    .append(id, &records, &events)
+                    .map(drop)
+                    .map_err(|e| WriteError::Store(e.to_string())),
+            };
             for pending in pendings {
                 let _ = pending.written.send(result.clone());
             }
         }
+        // Events of jobs with no record in this group.
+        for (id, events) in events_of {
+            self.add_to(vec![id], &events);
+        }
     }
 
-    /// Gives each lane's new events to the jobs its calls were recorded in,
-    /// or keeps them until one is.
-    fn place_events(&mut self) {
+    /// Takes the lanes' new events in, beside those not placed yet.
+    fn gather_events(&mut self) {
         for (lane, event) in self.lane_events.take() {
             let unplaced = self.unplaced.entry(lane).or_default();
             if unplaced.len() == MOST_UNPLACED_EVENTS {
@@ -237,18 +260,29 @@ impl Writer {
             }
             unplaced.push(event);
         }
+    }
+
+    /// The events of every lane whose calls were recorded, by the jobs they
+    /// go into (each job its lanes'); the others' stay until theirs are.
+    fn placed_events(&mut self) -> HashMap<i64, Vec<RunEvent>> {
+        let mut events_of: HashMap<i64, Vec<RunEvent>> = HashMap::new();
         let placed: Vec<String> =
             self.unplaced.keys().filter(|lane| self.served.contains_key(*lane)).cloned().collect();
         for lane in placed {
             let events = self.unplaced.remove(&lane).unwrap_or_default();
-            let jobs: Vec<i64> = self.served[&lane].iter().copied().collect();
-            self.add_to(jobs, &events);
+            for id in &self.served[&lane] {
+                events_of.entry(*id).or_default().extend(events.iter().cloned());
+            }
         }
+        events_of
     }
 
     /// Adds `events` to `jobs`. They only explain the records, so one that
     /// cannot be stored is said and dropped.
     fn add_to(&mut self, jobs: Vec<i64>, events: &[RunEvent]) {
+        if events.is_empty() {
+            return;
+        }
         for id in jobs {
             if let Err(error) = self.store.commit(id, &[], events) {
                 eprintln!("fanout proxy: the run's events were not saved: {error}");

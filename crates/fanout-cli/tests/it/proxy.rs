@@ -214,6 +214,10 @@ async fn each_call_is_costed_at_its_own_models_price() {
     assert!((cost("big").unwrap() - big).abs() < 1e-12, "{:?} vs {big}", cost("big"));
     let mixed = shown(&home, "mixed");
     assert_eq!((mixed["cost"].as_f64(), mixed["unpriced_calls"].as_u64()), (None, Some(1)));
+    assert_eq!(mixed["command"], "proxy");
+    let resumed = home.fanout().args(["jobs", "resume", "mixed"]).output().unwrap();
+    assert_eq!(resumed.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&resumed.stderr).contains("records a proxy's calls"));
     assert!((stats["cost"].as_f64().unwrap() - (mini + big)).abs() < 1e-12, "{stats}");
     assert_eq!(stats["unpriced_calls"], 1, "{stats}");
     // Each job's run starts and ends in its events (the report's limit line and span).

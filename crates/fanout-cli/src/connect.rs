@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use fanout::{
-    Anthropic, ExecutorBuilder, HttpOptions, MockProvider, OpenAi, Provider, Request, SpendLimit,
-    Usage,
+    Anthropic, ExecutorBuilder, HttpApi, HttpBuilder, HttpOptions, MockProvider, OpenAi, Provider,
+    Request, SpendLimit, Usage,
 };
 
 use crate::models;
@@ -36,32 +36,46 @@ pub async fn provider(settings: &Settings, quiet: bool) -> Result<Arc<dyn Provid
 /// The HTTP provider (OpenAI-compatible or Anthropic) these settings name,
 /// with `key`; `None` for another provider.
 pub fn http_provider(settings: &Settings, key: Option<String>) -> Result<Arc<dyn Provider>> {
-    let http = HttpOptions { max_idle_connections: settings.concurrency, ..HttpOptions::default() };
     Ok(match settings.provider {
-        ProviderKind::Openai => {
-            let mut builder = OpenAi::builder(&settings.model).http(http);
-            if let Some(url) = &settings.base_url {
-                builder = builder.base_url(url);
-            }
-            if let Some(key) = key {
-                builder = builder.api_key(key);
-            }
-            Arc::new(builder.build()?)
-        }
-        ProviderKind::Anthropic => {
-            let mut builder = Anthropic::builder(&settings.model).http(http);
-            if let Some(url) = &settings.base_url {
-                builder = builder.base_url(url);
-            }
-            if let Some(key) = key {
-                builder = builder.api_key(key);
-            }
-            Arc::new(builder.build()?)
-        }
+        ProviderKind::Openai => Arc::new(http_builder::<OpenAi>(settings, key).build()?),
+        ProviderKind::Anthropic => Arc::new(http_builder::<Anthropic>(settings, key).build()?),
         ProviderKind::Mock | ProviderKind::Local => {
             bail!("{:?} is not an HTTP API", settings.provider)
         }
     })
+}
+
+/// The Batch API of the provider these settings name (`--via batch-api`),
+/// with its key from the environment, read now.
+pub fn batch_api(settings: &Settings) -> Result<Arc<dyn fanout::batches::BatchApi>> {
+    use fanout::batches::{AnthropicBatches, OpenAiBatches};
+    let key = env(&settings.api_key_env);
+    if key.is_none() && settings.base_url.is_none() {
+        bail!("{} is not set: the Batch API needs a key", settings.api_key_env);
+    }
+    Ok(match settings.provider {
+        ProviderKind::Openai => Arc::new(http_builder::<OpenAiBatches>(settings, key).build()?),
+        ProviderKind::Anthropic => {
+            Arc::new(http_builder::<AnthropicBatches>(settings, key).build()?)
+        }
+        ProviderKind::Mock | ProviderKind::Local => bail!(
+            "--via batch-api sends to a provider's Batch API: it needs --provider openai or anthropic"
+        ),
+    })
+}
+
+/// An HTTP API's settings from these: its model, base URL, key, and as many
+/// idle connections as calls at once.
+fn http_builder<Api: HttpApi>(settings: &Settings, key: Option<String>) -> HttpBuilder<Api> {
+    let http = HttpOptions { max_idle_connections: settings.concurrency, ..HttpOptions::default() };
+    let mut builder = HttpBuilder::<Api>::new(&settings.model).http(http);
+    if let Some(url) = &settings.base_url {
+        builder = builder.base_url(url);
+    }
+    if let Some(key) = key {
+        builder = builder.api_key(key);
+    }
+    builder
 }
 
 /// Refuses (before any call) a spending limit that one call of `request`

@@ -218,6 +218,7 @@ mod tests {
             system: None,
             id_field: Some("id".into()),
             output_format: OutputFormat::Jsonl,
+            via: None,
             settings,
         }
     }

@@ -34,6 +34,9 @@ pub enum JobsCommand {
     },
     /// Remove a job and its results
     Rm { name: String },
+    /// Cancel a job's open batches at the provider's Batch API (what they
+    /// answered so far is kept; `jobs resume` sends the rest again)
+    Cancel { name: String },
     /// Run the unfinished tasks of a job
     Resume {
         name: String,
@@ -51,6 +54,7 @@ pub async fn command(flags: &Flags, command: JobsCommand) -> Result<ExitCode> {
             export(&store, &name, output.as_deref(), output_format)
         }
         JobsCommand::Rm { name } => remove(&store, &name),
+        JobsCommand::Cancel { name } => cancel(&store, &name, flags).await,
         JobsCommand::Resume { name, run } => resume(run.options(name, flags), flags).await,
     }
 }
@@ -172,9 +176,60 @@ fn show(store: &Path, name: &str) -> Result<ExitCode> {
     let store = open(store)?;
     let summary = store.summary(find(&store, name)?)?;
     let mut details = summary_json(&summary);
+    let batches = store.remote_batches(summary.job.id)?;
+    if !batches.is_empty() {
+        details["batches"] = batches.iter().map(batch_json).collect();
+    }
     details["settings"] = summary.job.settings.clone();
     details["fingerprint"] = serde_json::to_value(&summary.job.fingerprint.0)?;
     println!("{}", serde_json::to_string_pretty(&details)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A job's batch at a Batch API, as `jobs show` gives it.
+fn batch_json(batch: &fanout_store::RemoteBatch) -> serde_json::Value {
+    serde_json::json!({
+        "api": batch.api,
+        "id": batch.remote_id,
+        "state": batch.state,
+        "status": batch.remote_status,
+        "requests": batch.requests,
+        "succeeded": batch.succeeded,
+        "failed": batch.failed,
+        "pending": batch.requests.saturating_sub(batch.succeeded + batch.failed),
+        "file_id": batch.file_id,
+        "detail": batch.detail,
+        "created_at": when(batch.created_at),
+        "updated_at": when(batch.updated_at),
+    })
+}
+
+/// Cancels the job's batches that the service still runs.
+async fn cancel(store: &Path, name: &str, flags: &Flags) -> Result<ExitCode> {
+    let store = open(store)?;
+    let job = find(&store, name)?;
+    let open_batches: Vec<_> = store
+        .remote_batches(job.id)?
+        .into_iter()
+        .filter(|b| b.state == fanout_store::remote_state::SUBMITTED)
+        .collect();
+    if open_batches.is_empty() {
+        let why = format!("job `{name}` has no batch running at a Batch API");
+        return Err(Refusal(anyhow!(why)).into());
+    }
+    let spec: Spec = serde_json::from_value(job.settings.clone()).map_err(|e| {
+        Refusal(anyhow!("job `{name}` was saved by another version of fanout: {e}"))
+    })?;
+    let settings = spec.settings.with_run_limits(flags).map_err(Refusal)?;
+    let api = crate::connect::batch_api(&settings).map_err(Refusal)?;
+    for mut batch in open_batches {
+        let id = batch.remote_id.clone().expect("a submitted batch has its id");
+        let now = api.cancel(&id).await.with_context(|| format!("cannot cancel batch {id}"))?;
+        batch.remote_status = Some(now.status.clone());
+        batch.detail = Some("cancelled by `fanout jobs cancel`".into());
+        store.update_remote_batch(&batch)?;
+        eprintln!("fanout: batch {id} ({} rows): {}", batch.requests, now.status);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -43,7 +43,11 @@ fn error(
 }
 
 fn rfc3339(after: Duration) -> String {
-    let at = SystemTime::now() + after;
+    rfc3339_of(SystemTime::now() + after)
+}
+
+/// `at` as RFC 3339 in UTC, to the second, as Anthropic writes times.
+pub(crate) fn rfc3339_of(at: SystemTime) -> String {
     let secs = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_secs();
     let (days, rest) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);

@@ -73,6 +73,14 @@ pub struct Config {
     /// When a request offers tools: how many tool calls (one a turn) the mock
     /// makes before it answers in text.
     pub tool_turns: usize,
+    /// How long a batch of the Batch APIs takes to run, its requests
+    /// finishing evenly over it.
+    pub batch_time: Duration,
+    /// Share of a batch's requests answered with a server error.
+    pub batch_error_rate: f64,
+    /// Share of a batch's requests left unrun when its time runs out: the
+    /// batch ends expired, with those requests' `batch_expired` errors.
+    pub batch_expire_rate: f64,
 }
 
 impl Default for Config {
@@ -95,6 +103,9 @@ impl Default for Config {
             model: "mock-1".into(),
             count_prompts: false,
             tool_turns: 1,
+            batch_time: Duration::ZERO,
+            batch_error_rate: 0.0,
+            batch_expire_rate: 0.0,
         }
     }
 }

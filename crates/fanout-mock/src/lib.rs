@@ -21,6 +21,7 @@
 
 mod answer;
 mod anthropic;
+mod batches;
 mod bucket;
 mod config;
 mod openai;
@@ -36,6 +37,7 @@ use axum::Router;
 use axum::extract::State as Shared;
 use axum::routing::{get, post};
 
+pub use batches::BatchStats;
 pub use config::{Answers, Config, Limit};
 pub use stats::StatsSnapshot;
 
@@ -60,6 +62,7 @@ impl MockServer {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let state = Arc::new(State::new(config));
+        let _ = state.addr.set(addr);
         let app = router(Arc::clone(&state));
         let (shutdown, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
@@ -91,7 +94,7 @@ impl MockServer {
 
     /// The counters so far, as `GET /stats` serves them.
     pub fn stats(&self) -> StatsSnapshot {
-        self.state.stats.snapshot()
+        self.state.snapshot()
     }
 
     /// Waits until the server is dropped elsewhere or the task is cancelled.
@@ -114,6 +117,21 @@ fn router(state: Arc<State>) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(models))
         .route("/v1/models/{model}", get(model))
+        .route("/v1/files", post(batches::upload))
+        .route("/v1/files/{id}/content", get(batches::file_content))
+        .route("/v1/batches", post(batches::create).get(batches::list_batches))
+        .route("/v1/batches/{id}", get(batches::get_batch))
+        .route("/v1/batches/{id}/cancel", post(batches::cancel_batch))
+        .route(
+            "/v1/messages/batches",
+            post(batches::create_message_batch).get(batches::list_message_batches),
+        )
+        .route("/v1/messages/batches/{id}", get(batches::get_message_batch))
+        .route("/v1/messages/batches/{id}/cancel", post(batches::cancel_message_batch))
+        .route("/v1/messages/batches/{id}/results", get(batches::message_batch_results))
+        // A batch's input is as large as the services take (OpenAI's 200 MB,
+        // Anthropic's 256 MB); calls stay under axum's 2 MB default.
+        .layer(axum::extract::DefaultBodyLimit::max(256 * 1024 * 1024))
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset))
         .with_state(state)
@@ -137,10 +155,10 @@ async fn model(
 }
 
 async fn stats(Shared(state): Shared<Arc<State>>) -> axum::Json<StatsSnapshot> {
-    axum::Json(state.stats.snapshot())
+    axum::Json(state.snapshot())
 }
 
 async fn reset(Shared(state): Shared<Arc<State>>) -> axum::Json<StatsSnapshot> {
     state.stats.reset();
-    axum::Json(state.stats.snapshot())
+    axum::Json(state.snapshot())
 }

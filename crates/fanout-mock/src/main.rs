@@ -74,6 +74,15 @@ struct Args {
     /// When tools are offered: the tool calls made, one a turn, before the answer
     #[arg(long, default_value_t = 1)]
     tool_turns: usize,
+    /// How long a Batch API batch takes to run, in milliseconds
+    #[arg(long, default_value_t = 2_000)]
+    batch_time_ms: u64,
+    /// Share of a batch's requests answered with a server error
+    #[arg(long, default_value_t = 0.0)]
+    batch_error_rate: f64,
+    /// Share of a batch's requests left unrun when it expires
+    #[arg(long, default_value_t = 0.0)]
+    batch_expire_rate: f64,
 }
 
 fn parse_weights(text: &str) -> Result<Vec<(String, f64)>, String> {
@@ -111,6 +120,8 @@ async fn main() {
         ("malformed-rate", args.malformed_rate),
         ("stall-rate", args.stall_rate),
         ("reset-rate", args.reset_rate),
+        ("batch-error-rate", args.batch_error_rate),
+        ("batch-expire-rate", args.batch_expire_rate),
     ] {
         if let Err(message) = check_rate(name, rate) {
             eprintln!("fanout-mock: {message}");
@@ -135,6 +146,9 @@ async fn main() {
         model: args.model,
         count_prompts: args.count_prompts,
         tool_turns: args.tool_turns,
+        batch_time: Duration::from_millis(args.batch_time_ms),
+        batch_error_rate: args.batch_error_rate,
+        batch_expire_rate: args.batch_expire_rate,
     };
     let server = match MockServer::bind(config, SocketAddr::new(args.host, args.port)).await {
         Ok(server) => server,

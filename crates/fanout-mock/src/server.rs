@@ -77,6 +77,9 @@ pub(crate) struct State {
     /// The server-side queue, when the capacity is limited.
     slots: Option<Arc<Semaphore>>,
     pub stats: Stats,
+    pub batches: crate::batches::Batches,
+    /// Where it listens: a Message Batch's results URL names it.
+    pub addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 impl State {
@@ -88,6 +91,8 @@ impl State {
             ids: std::sync::atomic::AtomicU64::new(1),
             slots: config.capacity.map(|c| Arc::new(Semaphore::new(c.max(1)))),
             stats: Stats::default(),
+            batches: crate::batches::Batches::default(),
+            addr: std::sync::OnceLock::new(),
             config,
         }
     }
@@ -115,6 +120,21 @@ impl State {
             tokio::time::sleep(wait).await;
         });
         let _ = work.await;
+    }
+
+    pub(crate) fn addr(&self) -> std::net::SocketAddr {
+        self.addr.get().copied().unwrap_or_else(|| ([127, 0, 0, 1], 0).into())
+    }
+
+    /// Two uniform draws in `[0, 1)` from the seeded generator: a fault's and an answer's.
+    pub(crate) fn draws(&self) -> (f64, f64) {
+        let mut rng = self.rng.lock().unwrap();
+        (rng.f64(), rng.f64())
+    }
+
+    /// The counters, the Batch APIs' included.
+    pub(crate) fn snapshot(&self) -> crate::stats::StatsSnapshot {
+        crate::stats::StatsSnapshot { batches: self.batches.stats(), ..self.stats.snapshot() }
     }
 
     pub(crate) fn next_id(&self) -> u64 {

@@ -37,6 +37,9 @@ pub struct StatsSnapshot {
     /// Requests by prompt, when the server counts them.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub prompts: BTreeMap<String, u64>,
+    /// The Batch APIs' files, batches and submissions.
+    #[serde(default)]
+    pub batches: crate::batches::BatchStats,
 }
 
 impl StatsSnapshot {
@@ -84,6 +87,7 @@ impl Stats {
             connections: self.peers.lock().unwrap().len() as u64,
             by_status: self.by_status.lock().unwrap().clone(),
             prompts: self.prompts.lock().unwrap().clone(),
+            batches: crate::batches::BatchStats::default(),
         }
     }
 

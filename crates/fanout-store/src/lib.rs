@@ -12,7 +12,10 @@
 
 #![warn(missing_docs)]
 
+mod remote;
 mod schema;
+
+pub use remote::{RemoteBatch, state as remote_state};
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -44,6 +44,29 @@ CREATE TABLE IF NOT EXISTS run_events (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS run_events_by_job ON run_events (job_id, at_ms);
+CREATE TABLE IF NOT EXISTS remote_batches (
+    id            INTEGER PRIMARY KEY,
+    job_id        INTEGER NOT NULL REFERENCES jobs(id) ON DELETE CASCADE,
+    api           TEXT NOT NULL,
+    tag           TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    file_id       TEXT,
+    remote_id     TEXT,
+    remote_status TEXT,
+    requests      INTEGER NOT NULL,
+    succeeded     INTEGER NOT NULL DEFAULT 0,
+    failed        INTEGER NOT NULL DEFAULT 0,
+    described     TEXT,
+    detail        TEXT,
+    created_at    INTEGER NOT NULL,
+    updated_at    INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS remote_batches_by_job ON remote_batches (job_id, id);
+CREATE TABLE IF NOT EXISTS remote_rows (
+    batch_id INTEGER NOT NULL REFERENCES remote_batches(id) ON DELETE CASCADE,
+    idx      INTEGER NOT NULL,
+    PRIMARY KEY (batch_id, idx)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS cache (
     key        TEXT PRIMARY KEY,
     response   TEXT NOT NULL,

@@ -38,6 +38,7 @@
 // hold the executor, the providers and the outcomes stay private. The patterns
 // and token counting are namespaced on purpose.
 pub mod agent;
+pub mod batches;
 mod exec;
 pub mod pattern;
 pub mod prices;
@@ -55,7 +56,7 @@ pub use exec::event::{Event, EventSink, ResultSink};
 pub use exec::hedge::{HedgeAfter, HedgePolicy};
 pub use exec::history::{CallEnd, CallRecord, CallRole};
 pub use exec::limit::{PriceOf, Pricing, Rate, SharedSpending, SpendLimit};
-pub use exec::report::{Latency, Report, Totals};
+pub use exec::report::{Latency, Report, Tally, Totals};
 pub use exec::retry::RetryPolicy;
 pub use exec::{Executor, ExecutorBuilder, HeldResult, HeldResults, Results, Slot};
 pub use prices::Price;

@@ -93,6 +93,11 @@ impl Task {
         Self { id: Some(id.into()), work: Work::Settled(Box::new(outcome)) }
     }
 
+    /// The caller's id, when it gave one.
+    pub fn id(&self) -> Option<&TaskId> {
+        self.id.as_ref()
+    }
+
     /// The outcome of a settled task ([`Task::settled`]).
     pub fn settled_outcome(&self) -> Option<&Outcome> {
         match &self.work {

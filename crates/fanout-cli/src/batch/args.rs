@@ -48,8 +48,67 @@ pub struct BatchArgs {
     /// Job name: running the same job again resumes it [default: the input's name and the time]
     #[arg(long)]
     job: Option<String>,
+    /// How the requests are sent: one call each, or through the provider's
+    /// Batch API (OpenAI, Anthropic: half the price, answered within 24 h)
+    #[arg(long, value_enum, default_value_t = Via::Online)]
+    via: Via,
+    /// With --via batch-api: what a batch leaves unanswered (errors, expiry,
+    /// or everything when --deadline nears) finishes online [default: another batch]
+    #[arg(long, value_enum)]
+    then: Option<Then>,
+    /// With --via batch-api: seconds between two looks at a batch
+    #[arg(long, default_value_t = 30.0)]
+    poll_interval: f64,
+    /// With --via batch-api: requests in one batch [default: the service's limit, 50,000 or 100,000]
+    #[arg(long)]
+    batch_max_requests: Option<usize>,
+    /// With --via batch-api: bytes of one batch's input [default: the service's limit, 200 or 256 MB]
+    #[arg(long)]
+    batch_max_bytes: Option<usize>,
     #[command(flatten)]
     run: JobRunArgs,
+}
+
+/// How a job's requests are sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// One call each, under the limits
+    Online,
+    /// The provider's Batch API
+    BatchApi,
+}
+
+/// Where a Batch API job finishes what its batches leave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Then {
+    /// Online calls
+    Online,
+}
+
+impl BatchArgs {
+    /// The Batch API settings the flags ask for, refusing those that mean
+    /// nothing without `--via batch-api`.
+    fn via(&self) -> Result<Option<super::ViaBatchApi>> {
+        if self.via == Via::Online {
+            if self.then.is_some() {
+                let why = "--then online finishes a Batch API job: it needs --via batch-api";
+                return Err(Refusal(anyhow::anyhow!(why)).into());
+            }
+            return Ok(None);
+        }
+        if self.poll_interval.is_nan() || self.poll_interval <= 0.0 {
+            return Err(
+                Refusal(anyhow::anyhow!("--poll-interval must be more than 0 seconds")).into()
+            );
+        }
+        Ok(Some(super::ViaBatchApi {
+            then_online: self.then == Some(Then::Online),
+            poll_interval: self.poll_interval,
+            max_requests: self.batch_max_requests,
+            max_bytes: self.batch_max_bytes,
+            ..super::ViaBatchApi::default()
+        }))
+    }
 }
 
 /// How a job runs this time (`batch` and `jobs resume`).
@@ -121,7 +180,9 @@ pub async fn command(flags: &Flags, args: BatchArgs) -> Result<ExitCode> {
         input::Format::OpenaiBatch => OutputFormat::OpenaiBatch,
         _ => OutputFormat::Jsonl,
     });
+    let via = args.via()?;
     let spec = Spec {
+        via,
         input,
         format,
         prompt,

@@ -23,6 +23,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::job::OpenJob;
 use super::keep::KeptFields;
+use super::remote::RemoteResults;
 use crate::exit::Ending;
 use crate::history::{self, RunLog};
 use crate::output::{Kept, Output};
@@ -33,6 +34,36 @@ use crate::record::{kept_of, to_record, to_result};
 const MAX_GROUP: usize = 4096;
 /// The most results written out per read from the store.
 const MAX_READ_BACK: u64 = 4096;
+
+/// Where a run's results come from: the executor's calls, or a Batch API's
+/// batches (which bring online results along, with `--then online`).
+pub enum RunResults {
+    Online(HeldResults),
+    BatchApi(RemoteResults),
+}
+
+impl RunResults {
+    async fn totals(self) -> Totals {
+        match self {
+            Self::Online(results) => results.totals().await,
+            Self::BatchApi(results) => results.totals().await,
+        }
+    }
+}
+
+impl futures_util::Stream for RunResults {
+    type Item = HeldResult;
+
+    fn poll_next(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<HeldResult>> {
+        match self.get_mut() {
+            Self::Online(results) => results.poll_next_unpin(cx),
+            Self::BatchApi(results) => results.poll_next_unpin(cx),
+        }
+    }
+}
 
 pub struct Committer {
     store: Store,
@@ -95,7 +126,7 @@ impl Committer {
     }
 
     /// Commits and writes every result of `results` on a thread of its own.
-    pub async fn run(self, results: HeldResults) -> Result<Committed> {
+    pub async fn run(self, results: RunResults) -> Result<Committed> {
         let runtime = tokio::runtime::Handle::current();
         let (done, finished) = tokio::sync::oneshot::channel();
         std::thread::Builder::new()
@@ -110,7 +141,7 @@ impl Committer {
     fn commit_all(
         mut self,
         runtime: &tokio::runtime::Handle,
-        mut results: HeldResults,
+        mut results: RunResults,
     ) -> Result<Committed> {
         let mut group = Vec::new();
         while let Some(first) = runtime.block_on(results.next()) {

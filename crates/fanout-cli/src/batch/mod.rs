@@ -14,6 +14,7 @@ mod committer;
 mod dry_run;
 mod job;
 mod keep;
+mod remote;
 mod rows;
 
 use std::fs::File;
@@ -39,10 +40,11 @@ use crate::progress::{self, Progress};
 use crate::settings::Settings;
 use crate::template::Prompt;
 pub use args::{BatchArgs, JobRunArgs, command};
-use committer::{Committed, Committer};
+use committer::{Committed, Committer, RunResults};
 use job::Opened;
 pub use keep::Keep;
 use keep::KeptFields;
+pub use remote::ViaBatchApi;
 
 /// What a job was started with: enough to run it again.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -62,6 +64,9 @@ pub struct Spec {
     /// Fields whose values are images of the row's message (`--image`).
     #[serde(default)]
     pub images: Vec<String>,
+    /// Through the provider's Batch API (`--via batch-api`), not online.
+    #[serde(default)]
+    pub via: Option<ViaBatchApi>,
     pub settings: Settings,
 }
 
@@ -170,14 +175,14 @@ impl Interrupts {
 
 /// The provider (behind the cache when asked) and the executor over it;
 /// `spent` is what the job's earlier runs used of its spending limit.
-async fn executor(
+async fn executor_builder(
     spec: &Spec,
     options: &RunOptions,
     progress: &Progress,
     interrupts: &Interrupts,
     spent: Usage,
     run_log: &RunLog,
-) -> Result<Executor> {
+) -> Result<fanout::ExecutorBuilder> {
     let mut provider = connect::provider(&spec.settings, options.quiet).await.map_err(Refusal)?;
     if spent.total() == 0
         && let Some(request) = first_request(spec)?
@@ -200,8 +205,29 @@ async fn executor(
             if history {
                 logged.observe(event);
             }
-        })
-        .build())
+        }))
+}
+
+/// The job's tasks rendered afresh from the input, for rows a Batch API run
+/// sends a second time (after an error, an expiry, or to finish online).
+fn rendered_again(
+    spec: &Spec,
+    prompt: Option<Arc<Prompt>>,
+    store: &Path,
+    job: i64,
+) -> Box<dyn Fn() -> Result<Box<dyn Iterator<Item = fanout::Task> + Send>> + Send + Sync> {
+    let (spec, store) = (spec.clone(), store.to_path_buf());
+    Box::new(move || {
+        let tasks = rows::tasks(
+            &spec,
+            prompt.clone(),
+            Store::open(&store)?,
+            job,
+            Default::default(),
+            KeptFields::default(),
+        )?;
+        Ok(Box::new(tasks) as Box<dyn Iterator<Item = fanout::Task> + Send>)
+    })
 }
 
 /// What a job's stored results used, all its runs together.
@@ -286,20 +312,55 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
         };
         eprintln!("fanout: job `{}`: {finished} tasks already finished; {rest}", open.job.name);
     }
-    let progress = Progress::new(open.lines, options.quiet, spec.settings.price);
+    // A batch's answers cost its discount of the price.
+    let shown_price = match &spec.via {
+        Some(via) => spec.settings.price.map(|p| p.scaled(via.discount)),
+        None => spec.settings.price,
+    };
+    let progress = Progress::new(open.lines, options.quiet, shown_price);
     let interrupts = Interrupts::install(options.grace);
     let spent = job_usage(&open.store.summary(open.job.clone())?);
     let run_log = RunLog::default();
-    let executor = executor(&spec, &options, &progress, &interrupts, spent, &run_log).await?;
+    let builder =
+        executor_builder(&spec, &options, &progress, &interrupts, spent, &run_log).await?;
     let restore = Store::open(&options.store)?;
     let kept = KeptFields::default();
-    let tasks =
-        rows::tasks(&spec, prompt, restore, open.job.id, open.finished.clone(), kept.clone())
-            .map_err(Refusal)?;
-    if options.history {
-        run_log.push(history::kind::START, executor.concurrency_limit() as f64, None);
-    }
-    let results = executor.stream_held(futures_util::stream::iter(tasks));
+    let tasks = rows::tasks(
+        &spec,
+        prompt.clone(),
+        restore,
+        open.job.id,
+        open.finished.clone(),
+        kept.clone(),
+    )
+    .map_err(Refusal)?;
+    let results = match &spec.via {
+        None => {
+            let executor: Executor = builder.build();
+            if options.history {
+                run_log.push(history::kind::START, executor.concurrency_limit() as f64, None);
+            }
+            RunResults::Online(executor.stream_held(futures_util::stream::iter(tasks)))
+        }
+        Some(via) => {
+            let remote = remote::Remote {
+                api: connect::batch_api(&spec.settings).map_err(Refusal)?,
+                via: via.clone(),
+                store: Store::open(&options.store)?,
+                job: open.job.id,
+                tasks: Box::new(tasks),
+                again: rendered_again(&spec, prompt, &options.store, open.job.id),
+                finished: open.finished.clone(),
+                online: builder,
+                price: spec.settings.price,
+                retries: spec.settings.retries,
+                deadline: spec.settings.deadline.map(|d| Duration::from_secs_f64(d.max(0.0))),
+                drain: interrupts.drain.clone(),
+                quiet: options.quiet,
+            };
+            RunResults::BatchApi(remote::RemoteResults::start(remote))
+        }
+    };
     let columns = Columns {
         kept: kept_columns(&spec)?,
         answer: spec.schema.as_ref().map(crate::schema::fields),
@@ -323,6 +384,12 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
         eprintln!("{totals_json}");
     } else if !options.quiet {
         eprintln!("{}", progress::summary(&totals));
+        if let (Some(_), Some(price), Some(cost)) = (&spec.via, spec.settings.price, totals.cost) {
+            eprintln!(
+                "fanout: through the Batch API: ${cost:.4}; the same answers online: ${:.4}",
+                price.cost(totals.usage)
+            );
+        }
     }
     if let Some(cause) = &ending.cannot_succeed {
         eprintln!("fanout: stopped: the job cannot succeed: {cause}");

@@ -3,6 +3,7 @@
 
 mod agents;
 mod batch;
+mod batch_api;
 mod config;
 mod costs;
 mod crash;

@@ -334,7 +334,7 @@ async fn drive_branches<T: Send + 'static>(
             },
         }
     }
-    let tally = std::mem::replace(&mut *tally.lock().unwrap(), Tally::new());
+    let tally = std::mem::take(&mut *tally.lock().unwrap());
     finish(&run, tally)
 }
 

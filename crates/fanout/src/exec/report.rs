@@ -106,17 +106,26 @@ impl Report {
     }
 }
 
-/// Accumulates totals as results arrive, in memory independent of task count.
+/// Accumulates totals as results arrive, in memory independent of task count:
+/// the executor's own, and that of anything else that makes results (the
+/// Batch APIs' runs).
 #[derive(Debug)]
-pub(crate) struct Tally {
+pub struct Tally {
     totals: Totals,
     latency_micros: Histogram<u64>,
     /// Kept exactly: the histogram rounds to three significant figures.
     latency_max: Duration,
 }
 
+impl Default for Tally {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl Tally {
-    pub(crate) fn new() -> Self {
+    /// Nothing counted yet.
+    pub fn new() -> Self {
         Self {
             totals: Totals::default(),
             latency_micros: Histogram::new(3).expect("3 significant figures is valid"),
@@ -124,7 +133,8 @@ impl Tally {
         }
     }
 
-    pub(crate) fn add(&mut self, result: &TaskResult) {
+    /// Counts `result`: its status, usage and latency.
+    pub fn add(&mut self, result: &TaskResult) {
         let totals = &mut self.totals;
         totals.tasks += 1;
         match result.outcome.status() {
@@ -147,7 +157,8 @@ impl Tally {
         }
     }
 
-    pub(crate) fn finish(self, price: Option<Price>) -> Totals {
+    /// The totals, priced at `price`; the wall time and rates are the caller's.
+    pub fn finish(self, price: Option<Price>) -> Totals {
         let mut totals = self.totals;
         totals.cost = price.map(|p| p.cost(totals.usage));
         let hist = &self.latency_micros;

@@ -74,6 +74,11 @@ impl Anthropic {
         &self.model
     }
 
+    /// The client and key, for the same API's other paths (its Batch API).
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     /// The JSON body sent for `request`.
     pub fn body(&self, request: &Request) -> Value {
         let system: Vec<&str> = request
@@ -176,7 +181,7 @@ fn answer_schema(request: &Request) -> Option<(&str, &Value)> {
 
 /// A forced answer tool's input becomes the answer's text (JSON), as OpenAI's
 /// structured output gives it.
-fn structured(request: &Request, mut response: Response) -> Response {
+pub(crate) fn structured(request: &Request, mut response: Response) -> Response {
     if let Some((name, _)) = answer_schema(request)
         && let Some(at) = response.tool_calls.iter().position(|call| call.name == name)
     {

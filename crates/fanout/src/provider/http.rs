@@ -208,15 +208,27 @@ impl Endpoint {
         body: impl Into<reqwest::Body>,
         extra_headers: &[(String, String)],
     ) -> Result<reqwest::Response, ProviderError> {
-        let response = self
+        let request = self
             .client
             .post(self.url.clone())
             .headers(self.headers_with(extra_headers))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
-            .await
-            .map_err(|e| self.transport_error(e))?;
+            .body(body);
+        self.send(request).await
+    }
+
+    /// A request to `url`, another path of the same API, with this endpoint's
+    /// authentication (the Batch APIs' files and batches).
+    pub(crate) fn request(&self, method: reqwest::Method, url: &str) -> reqwest::RequestBuilder {
+        self.client.request(method, url).headers(self.headers.clone())
+    }
+
+    /// Sends `request`; a non-2xx answer becomes a classified error.
+    pub(crate) async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ProviderError> {
+        let response = request.send().await.map_err(|e| self.transport_error(e))?;
         let status = response.status();
         if status.is_success() {
             return Ok(response);

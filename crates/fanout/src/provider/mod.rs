@@ -28,6 +28,7 @@ pub use anthropic::Anthropic;
 pub use builder::{HttpApi, HttpBuilder, HttpSettings};
 pub use error::{ErrorKind, ProviderError};
 pub use headers::RateLimit;
+pub(crate) use http::Endpoint;
 pub use http::HttpOptions;
 pub(crate) use http::install_crypto_provider;
 pub use image::Image;

@@ -72,6 +72,11 @@ impl OpenAi {
         &self.model
     }
 
+    /// The client and key, for the same API's other paths (its Batch API).
+    pub(crate) fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
     /// The JSON body sent for `request`.
     pub fn body(&self, request: &Request) -> Value {
         let messages: Vec<Value> = request.messages.iter().map(wire_message).collect();

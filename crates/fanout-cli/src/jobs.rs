@@ -77,6 +77,11 @@ pub fn job_cost(summary: &JobSummary) -> Option<(f64, Option<f64>)> {
         ..Usage::new(summary.input_tokens, summary.output_tokens)
     };
     let spent = match serde_json::from_value::<Spec>(settings.clone()) {
+        // A Batch API job's records carry their own costs: the batch price,
+        // or the online one.
+        Ok(spec) if spec.via.is_some() && spec.settings.price.is_some() => {
+            summary.priced_cost.unwrap_or(0.0)
+        }
         Ok(spec) => spec.settings.price?.cost(usage),
         // A proxy's records carry their own costs (its clients name their
         // models); one made before they did keeps only one price.

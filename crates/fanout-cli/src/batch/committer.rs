@@ -81,6 +81,24 @@ pub struct Committer {
     output_closed: bool,
     /// The run's events, committed with the results; `None` when no history is kept.
     run_log: Option<RunLog>,
+    /// Each record's own cost, for a Batch API job (whose rows cost the
+    /// batch price, or the online one where they finished online).
+    costs: Option<RecordCosts>,
+}
+
+/// What a Batch API job's records cost: a result that held a call's slot
+/// was answered online; one without came from a batch.
+#[derive(Clone, Copy, Debug)]
+pub struct RecordCosts {
+    pub online: fanout::Price,
+    pub batch: fanout::Price,
+}
+
+impl RecordCosts {
+    fn of(&self, held: &HeldResult) -> f64 {
+        let price = if held.slot.is_some() { self.online } else { self.batch };
+        price.cost(held.result.outcome.usage())
+    }
 }
 
 /// What ends a committer's work.
@@ -116,7 +134,14 @@ impl Committer {
             drain,
             output_closed: false,
             run_log: None,
+            costs: None,
         }
+    }
+
+    /// Prices each record on its own (a Batch API job's).
+    pub fn with_costs(mut self, costs: Option<RecordCosts>) -> Self {
+        self.costs = costs;
+        self
     }
 
     /// Commits the run's events (pauses, limit changes) with the results.
@@ -178,6 +203,7 @@ impl Committer {
                 let record = (!restored).then(|| to_record(&held.result)).flatten().map(|mut r| {
                     r.kept =
                         fields.as_ref().map(|f| serde_json::Value::Object(f.clone()).to_string());
+                    r.cost = self.costs.map(|costs| costs.of(held));
                     r
                 });
                 stored.push(restored || record.is_some());

@@ -208,6 +208,13 @@ async fn executor_builder(
         }))
 }
 
+/// A Batch API job's records are priced one by one: its rows cost the batch
+/// price, or the online one where they finished online.
+fn record_costs(spec: &Spec) -> Option<committer::RecordCosts> {
+    let (via, price) = (spec.via.as_ref()?, spec.settings.price?);
+    Some(committer::RecordCosts { online: price, batch: price.scaled(via.discount) })
+}
+
 /// The job's tasks rendered afresh from the input, for rows a Batch API run
 /// sends a second time (after an error, an expiry, or to finish online).
 fn rendered_again(
@@ -370,7 +377,8 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     let job_id = open.job.id;
     let committer =
         Committer::new(open, output, kept, progress, in_memory, interrupts.drain.clone())
-            .with_run_log(options.history.then(|| run_log.clone()));
+            .with_run_log(options.history.then(|| run_log.clone()))
+            .with_costs(record_costs(&spec));
     let Committed { ending, totals, output_closed } = committer.run(results).await?;
     let totals_json = serde_json::to_value(&totals).expect("totals serialize");
     Store::open(&options.store)?.set_last_run(job_id, &totals_json)?;

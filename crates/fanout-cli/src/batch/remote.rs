@@ -679,9 +679,18 @@ impl Driver {
         }
         let emitted = self.emitted.lock().expect("never poisoned").clone();
         for row in open.rows {
-            if send_again && unanswered.contains(&row) && !emitted.contains(row) {
-                // No line came back for it (or its batch ran nothing): it goes again.
+            if !send_again || !unanswered.contains(&row) || emitted.contains(row) {
+                continue;
+            }
+            // No line came back for it (or its batch ran nothing): it goes
+            // again, as often as a retryable error would.
+            let attempts = self.attempts(row);
+            if attempts <= self.remote.retries || self.via.then_online {
                 self.again.push(row);
+            } else {
+                let why = format!("the batches gave no answer for this row, {attempts} times");
+                let error = ProviderError::new(ErrorKind::MalformedResponse, why);
+                self.finish(row, Outcome::failed(error, attempts)).await;
             }
         }
         let mut stored = open.stored;
@@ -811,6 +820,9 @@ impl Driver {
             totals.hedges_won += online.hedges_won;
         }
         totals.wall = self.started.elapsed();
+        let minutes = totals.wall.as_secs_f64().max(1e-9) / 60.0;
+        totals.requests_per_minute = totals.calls as f64 / minutes;
+        totals.tokens_per_minute = totals.usage.total() as f64 / minutes;
         totals
     }
 }
@@ -979,6 +991,132 @@ mod tests {
         let expected =
             Price::new(0.5, 0.5).cost(Usage::new(30, 6)) + Price::new(1.0, 1.0).cost(online);
         assert!((totals.cost.unwrap() - expected).abs() < 1e-12);
+    }
+
+    /// A Batch API that refuses its first batch at validation, naming its
+    /// second line, and answers every later batch whole.
+    #[derive(Default)]
+    struct RefusesTheFirst {
+        made: Mutex<Vec<Vec<String>>>,
+    }
+
+    impl RefusesTheFirst {
+        fn batch(&self, at: usize) -> Batch {
+            let made = self.made.lock().unwrap();
+            let refused = at == 0;
+            Batch {
+                id: at.to_string(),
+                status: if refused { "failed" } else { "completed" }.into(),
+                ended: true,
+                counts: BatchCounts { total: made[at].len() as u64, succeeded: 0, failed: 0 },
+                results: if refused { Vec::new() } else { vec![at.to_string()] },
+                errors: if refused {
+                    vec![fanout::batches::LineError {
+                        line: Some(2),
+                        message: "invalid_request: this line is bad".into(),
+                    }]
+                } else {
+                    Vec::new()
+                },
+                created_at: fanout_store::now(),
+            }
+        }
+    }
+
+    #[fanout::async_trait]
+    impl BatchApi for RefusesTheFirst {
+        fn name(&self) -> &str {
+            "openai"
+        }
+        fn limits(&self) -> BatchLimits {
+            BatchLimits { max_requests: 1000, max_bytes: 1 << 20 }
+        }
+        fn line(&self, custom_id: &str, _: &Request) -> Vec<u8> {
+            format!("{custom_id}\n").into_bytes()
+        }
+        async fn upload(&self, _: &str, _: &[u8]) -> Result<Option<String>, ProviderError> {
+            Ok(None)
+        }
+        async fn create(
+            &self,
+            _: &str,
+            _: Option<&str>,
+            lines: &[u8],
+        ) -> Result<Batch, ProviderError> {
+            let ids = String::from_utf8_lossy(lines).lines().map(str::to_owned).collect();
+            let at = {
+                let mut made = self.made.lock().unwrap();
+                made.push(ids);
+                made.len() - 1
+            };
+            Ok(self.batch(at))
+        }
+        async fn find(&self, _: &str, _: i64, _: u64) -> Result<Option<Batch>, ProviderError> {
+            Ok(None)
+        }
+        async fn get(&self, id: &str) -> Result<Batch, ProviderError> {
+            Ok(self.batch(id.parse().unwrap()))
+        }
+        async fn cancel(&self, id: &str) -> Result<Batch, ProviderError> {
+            self.get(id).await
+        }
+        async fn answers(
+            &self,
+            batch: &Batch,
+            _: &Request,
+            each: &mut (dyn FnMut(BatchAnswer) + Send),
+        ) -> Result<(), ProviderError> {
+            if batch.results.is_empty() {
+                return Ok(());
+            }
+            let ids = self.made.lock().unwrap()[batch.id.parse::<usize>().unwrap()].clone();
+            for custom_id in ids {
+                let response = Response::new(format!("answer to {custom_id}"), Usage::new(3, 1));
+                each(BatchAnswer { custom_id, outcome: BatchOutcome::Answered(response) });
+            }
+            Ok(())
+        }
+    }
+
+    /// A batch refused at validation: the line it names fails with the
+    /// service's words, and the rest go into the next batch, once.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_refused_at_validation_fails_the_lines_it_names_and_sends_the_rest_again() {
+        let api = Arc::new(RefusesTheFirst::default());
+        let store = Store::open(std::path::Path::new(":memory:")).unwrap();
+        let job = store_job(&store);
+        let remote = Remote {
+            api: Arc::clone(&api) as Arc<dyn BatchApi>,
+            via: ViaBatchApi { poll_interval: 30.0, ..ViaBatchApi::default() },
+            store,
+            job,
+            tasks: tasks(5),
+            again: Box::new(|| Ok(tasks(5))),
+            finished: Finished::default(),
+            online: Executor::builder(MockProvider::new()),
+            price: None,
+            retries: 4,
+            deadline: None,
+            drain: CancellationToken::new(),
+            quiet: true,
+        };
+        let mut results = RemoteResults::start(remote);
+        let mut outcomes = std::collections::BTreeMap::new();
+        while let Some(held) = results.next().await {
+            outcomes.insert(held.result.index, held.result.outcome);
+        }
+        assert_eq!(outcomes.len(), 5);
+        let Outcome::Failed { error, .. } = &outcomes[&1] else { panic!("{:?}", outcomes[&1]) };
+        assert_eq!(
+            (error.kind(), error.message()),
+            (ErrorKind::BadRequest, "invalid_request: this line is bad")
+        );
+        for row in [0, 2, 3, 4] {
+            assert_eq!(outcomes[&row].text(), Some(format!("answer to row-{row}").as_str()));
+        }
+        let made = api.made.lock().unwrap().clone();
+        assert_eq!(made.len(), 2);
+        assert_eq!(made[1], ["row-0", "row-2", "row-3", "row-4"]);
     }
 
     fn store_job(store: &Store) -> i64 {

@@ -52,14 +52,22 @@ async fn a_thousand_rows_through_openais_batch_api_come_back_in_order() {
     let server = MockServer::start(config).await.unwrap();
     let home = Home::new();
     home.write("rows.jsonl", crate::rows(1000));
-    let output = run(via_batch(&home, &server, "openai", &["--batch-max-requests", "300"])).await;
+    let prices = ["--price-in", "1", "--price-out", "2"];
+    let mut command = via_batch(&home, &server, "openai", &["--batch-max-requests", "300"]);
+    command.args(prices);
+    let output = run(command).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_all_answered(&home, 1000);
     let stats = server.stats();
     assert_eq!((stats.batches.files, stats.batches.created), (4, 4), "{stats:?}");
     assert_eq!((stats.batches.requests, stats.batches.resubmitted), (1000, 0));
     assert_eq!(stats.requests, 0, "nothing was asked online");
-    let batches = show(&home)["batches"].as_array().unwrap().clone();
+    // At half the online price, every row a batch's.
+    let shown = show(&home);
+    let online = shown["input_tokens"].as_f64().unwrap() * 1e-6
+        + shown["output_tokens"].as_f64().unwrap() * 2e-6;
+    assert!((shown["cost"].as_f64().unwrap() - online / 2.0).abs() < 1e-9, "{shown}");
+    let batches = shown["batches"].as_array().unwrap().clone();
     assert_eq!(batches.len(), 4);
     let held: u64 = batches.iter().map(|b| b["requests"].as_u64().unwrap()).sum();
     assert_eq!(held, 1000);
@@ -103,9 +111,18 @@ async fn errored_and_expired_rows_are_sent_again_or_finished_online() {
     let server = MockServer::start(config).await.unwrap();
     let home = Home::new();
     home.write("rows.jsonl", crate::rows(300));
-    let output = run(via_batch(&home, &server, "anthropic", &["--then", "online"])).await;
+    let extra = ["--then", "online", "--price-in", "1", "--price-out", "1"];
+    let output = run(via_batch(&home, &server, "anthropic", &extra)).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_all_answered(&home, 300);
+    // Rows answered online cost the full price, the batch's half: between the two.
+    let shown = show(&home);
+    let tokens = shown["input_tokens"].as_f64().unwrap() + shown["output_tokens"].as_f64().unwrap();
+    let cost = shown["cost"].as_f64().unwrap();
+    assert!(
+        cost > tokens * 0.5e-6 * 1.1 && cost < tokens * 0.5e-6 * 1.6,
+        "{cost} for {tokens} tokens"
+    );
     let stats = server.stats();
     assert_eq!((stats.batches.created, stats.batches.resubmitted), (1, 0), "{stats:?}");
     assert!(stats.requests > 20 && stats.requests < 120, "the unanswered ones online: {stats:?}");

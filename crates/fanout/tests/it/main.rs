@@ -4,6 +4,7 @@
 
 mod agents;
 mod anthropic;
+mod batches;
 mod breaker;
 mod budget;
 mod deadline;

@@ -231,6 +231,7 @@ async fn cancel(store: &Path, name: &str, flags: &Flags) -> Result<ExitCode> {
         let id = batch.remote_id.clone().expect("a submitted batch has its id");
         let now = api.cancel(&id).await.with_context(|| format!("cannot cancel batch {id}"))?;
         batch.remote_status = Some(now.status.clone());
+        batch.state = fanout_store::remote_state::CANCELLED.into();
         batch.detail = Some("cancelled by `fanout jobs cancel`".into());
         store.update_remote_batch(&batch)?;
         eprintln!("fanout: batch {id} ({} rows): {}", batch.requests, now.status);

@@ -57,6 +57,8 @@ enum Api {
 #[derive(Clone, Debug)]
 enum Fate {
     Answer(Value),
+    /// Its params cannot be run: it comes back errored.
+    Invalid(String),
     ServerError,
     Expires,
 }
@@ -184,12 +186,19 @@ struct Params {
     seed: Option<u64>,
 }
 
+/// A request as submitted: its custom id, and its params or why they cannot run.
+type Submitted = (String, Result<Params, String>);
+
 /// Draws how each request turns out, and the answers of those that will be.
-fn fates(state: &State, api: Api, requests: Vec<(String, Params)>) -> Vec<(String, Fate)> {
+fn fates(state: &State, api: Api, requests: Vec<Submitted>) -> Vec<(String, Fate)> {
     let config = &state.config;
     requests
         .into_iter()
         .map(|(custom_id, params)| {
+            let params = match params {
+                Ok(params) => params,
+                Err(why) => return (custom_id, Fate::Invalid(why)),
+            };
             let (fault, draw) = state.draws();
             if fault < config.batch_error_rate {
                 return (custom_id, Fate::ServerError);
@@ -284,7 +293,7 @@ struct InputLine {
 }
 
 /// Reads an input file's lines; the errors name the lines that cannot be run.
-fn input_lines(bytes: &[u8]) -> (Vec<(String, Params)>, Vec<Value>) {
+fn input_lines(bytes: &[u8]) -> (Vec<Submitted>, Vec<Value>) {
     let (mut requests, mut errors) = (Vec::new(), Vec::new());
     let mut seen = std::collections::HashSet::new();
     let text = String::from_utf8_lossy(bytes);
@@ -303,7 +312,7 @@ fn input_lines(bytes: &[u8]) -> (Vec<(String, Params)>, Vec<Value>) {
             Ok(line) if !seen.insert(line.custom_id.clone()) => {
                 refuse(format!("The custom_id {} is not unique in the file.", line.custom_id));
             }
-            Ok(line) => requests.push((line.custom_id, line.body)),
+            Ok(line) => requests.push((line.custom_id, Ok(line.body))),
             Err(e) => refuse(format!("This line is not a valid request: {e}")),
         }
     }
@@ -396,6 +405,7 @@ fn describe(state: &State, batch: &MockBatch) -> Value {
 /// How a request of an ended batch came out.
 enum End<'a> {
     Answer(&'a Value),
+    Invalid(&'a str),
     ServerError,
     Expired,
     Cancelled,
@@ -413,6 +423,7 @@ fn result_lines(state: &State, batch: &MockBatch) -> (Vec<String>, Vec<String>) 
             Fate::Expires => End::Cancelled,
             Fate::Answer(body) => End::Answer(body),
             Fate::ServerError => End::ServerError,
+            Fate::Invalid(why) => End::Invalid(why),
         };
         let request = format!("batch_req_{id}");
         let line = match (batch.api, end) {
@@ -430,6 +441,13 @@ fn result_lines(state: &State, batch: &MockBatch) -> (Vec<String>, Vec<String>) 
                 "body": {"error": {"message":
                 "The mock server had an injected error while processing your request.",
                 "type": "server_error", "param": null, "code": null}}}, "error": null}),
+            (Api::OpenAi, End::Invalid(why)) => json!({"id": request, "custom_id": custom_id,
+                "response": {"status_code": 400, "request_id": format!("req_mock_{id}"),
+                "body": {"error": {"message": why, "type": "invalid_request_error",
+                "param": null, "code": null}}}, "error": null}),
+            (Api::Anthropic, End::Invalid(why)) => json!({"custom_id": custom_id, "result": {
+                "type": "errored", "error": {"type": "error", "error": {
+                "type": "invalid_request_error", "message": why}}}}),
             (Api::Anthropic, End::Expired) => {
                 json!({"custom_id": custom_id, "result": {"type": "expired"}})
             }
@@ -588,17 +606,14 @@ pub(crate) async fn create_message_batch(
             );
             return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", &message);
         }
-        if request.params.get("max_tokens").is_none() {
-            let message = format!("requests.{at}.params.max_tokens: Field required");
-            return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", &message);
-        }
-        match serde_json::from_value::<Params>(request.params) {
-            Ok(params) => requests.push((request.custom_id, params)),
-            Err(e) => {
-                let message = format!("requests.{at}.params: {e}");
-                return anthropic_error(StatusCode::BAD_REQUEST, "invalid_request_error", &message);
-            }
-        }
+        // Each request's params are checked as it runs, as Anthropic's are:
+        // a bad one comes back errored, the batch goes on.
+        let params = if request.params.get("max_tokens").is_none() {
+            Err("max_tokens: Field required".to_owned())
+        } else {
+            serde_json::from_value::<Params>(request.params).map_err(|e| format!("params: {e}"))
+        };
+        requests.push((request.custom_id, params));
     }
     let requests = fates(&state, Api::Anthropic, requests);
     let batches = &state.batches;

@@ -20,6 +20,9 @@ pub mod state {
     pub const ENDED: &str = "ended";
     /// It was never made: its rows went back to be sent again.
     pub const ABANDONED: &str = "abandoned";
+    /// `fanout jobs cancel` cancelled it; it stays so whatever a running job
+    /// writes after, and a resume sends its cancelled rows again.
+    pub const CANCELLED: &str = "cancelled";
 }
 
 /// One batch of a job at a Batch API.
@@ -127,7 +130,8 @@ impl Store {
     pub fn update_remote_batch(&self, batch: &RemoteBatch) -> Result<()> {
         self.conn
             .execute(
-                "UPDATE remote_batches SET state = ?2, file_id = ?3, remote_id = ?4, \
+                "UPDATE remote_batches SET \
+                 state = CASE state WHEN 'cancelled' THEN state ELSE ?2 END, file_id = ?3, remote_id = ?4, \
                  remote_status = ?5, succeeded = ?6, failed = ?7, described = ?8, detail = ?9, \
                  updated_at = ?10 WHERE id = ?1",
                 params![

@@ -303,6 +303,17 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
         return dry_run::run(&spec, &options).await;
     }
     let prompt = prompt(&spec)?;
+    if spec.via.is_some()
+        && (spec.settings.budget.is_some() || spec.settings.max_total_tokens.is_some())
+    {
+        // A spending limit stops calls before they start; a batch is paid
+        // for whole once it is made, so it would not be bounded.
+        return Err(Refusal(anyhow::anyhow!(
+            "--budget and --max-total-tokens bound online calls; they do not work with --via batch-api yet \
+             (--dry-run gives the job's cost range first)"
+        ))
+        .into());
+    }
     let open = match job::open(&spec, &options)? {
         Opened::Ready(open) => *open,
         Opened::Empty => {

@@ -114,7 +114,10 @@ impl RemoteResults {
 
     pub async fn totals(mut self) -> Totals {
         while self.receiver.recv().await.is_some() {}
-        self.driver.await.unwrap_or_default()
+        self.driver.await.unwrap_or_else(|error| {
+            eprintln!("fanout: the Batch API run failed: {error}");
+            Totals::default()
+        })
     }
 }
 
@@ -133,8 +136,12 @@ impl futures_util::Stream for RemoteResults {
 struct Open {
     stored: RemoteBatch,
     rows: Vec<u64>,
+    /// Every row it was made with, in the order of its lines.
+    all_rows: Vec<u64>,
     /// Cancelled by this run, to finish its rows online.
     cancelled_for_online: bool,
+    /// Cancelled by `fanout jobs cancel` before this run: its cancelled rows go again.
+    resend_cancelled: bool,
 }
 
 struct Driver {
@@ -279,9 +286,13 @@ impl Driver {
                 }
                 continue;
             }
-            let wake = Instant::now() + poll;
-            let until = [Some(wake), online_from, deadline].into_iter().flatten().min();
+            let now = Instant::now();
+            let to_cancel = self.open.iter().any(|o| !o.cancelled_for_online);
+            // Past times wake nobody: only what is still ahead counts.
+            let ahead = [online_from.filter(|_| to_cancel), deadline].into_iter().flatten();
+            let until = ahead.filter(|at| *at > now).chain([now + poll]).min();
             tokio::select! {
+                biased;
                 () = self.remote.drain.cancelled() => {
                     self.say("stopped: the batches go on at the service; `fanout jobs resume` collects them");
                     break;
@@ -327,16 +338,18 @@ impl Driver {
             rows_of.push(rows);
         }
         let mut in_remote = Finished::default();
-        for (at, (mut batch, rows)) in batches.into_iter().zip(rows_of).enumerate() {
-            let rows: Vec<u64> = rows
-                .into_iter()
+        for (at, (mut batch, all_rows)) in batches.into_iter().zip(rows_of).enumerate() {
+            let rows: Vec<u64> = all_rows
+                .iter()
+                .copied()
                 .filter(|row| latest.get(row) == Some(&at) && !self.remote.finished.contains(*row))
                 .collect();
             if rows.is_empty() || batch.state == remote_state::ABANDONED {
                 continue;
             }
             if batch.remote_id.is_none() {
-                match self.api.find(&batch.tag, batch.created_at, batch.requests).await {
+                let found = self.api.find(&batch.tag, batch.created_at, batch.requests).await;
+                match found.map_err(anyhow::Error::from).and_then(|c| self.adopt(c)) {
                     Ok(Some(found)) => {
                         self.say(&format!(
                             "found batch {} at the service, made before the crash",
@@ -367,7 +380,15 @@ impl Driver {
             for row in &rows {
                 in_remote.insert(*row);
             }
-            self.open.push(Open { stored: batch, rows, cancelled_for_online: false });
+            // Cancelled (`fanout jobs cancel`) before this run: a resume sends its rows again.
+            let resend_cancelled = batch.state == remote_state::CANCELLED;
+            self.open.push(Open {
+                stored: batch,
+                rows,
+                all_rows,
+                cancelled_for_online: false,
+                resend_cancelled,
+            });
         }
         if !self.open.is_empty() {
             let rows: usize = self.open.iter().map(|o| o.rows.len()).sum();
@@ -482,8 +503,10 @@ impl Driver {
                 self.store().update_remote_batch(&batch)?;
                 self.open.push(Open {
                     stored: batch,
+                    all_rows: chunk.rows.clone(),
                     rows: chunk.rows,
                     cancelled_for_online: false,
+                    resend_cancelled: false,
                 });
                 Ok(())
             }
@@ -537,12 +560,37 @@ impl Driver {
                 Err(error) if error.kind().is_retryable() && tries <= self.remote.retries => {
                     // Its answer may be what was lost: look before making it again.
                     tokio::time::sleep(backoff(tries)).await;
-                    if let Ok(Some(found)) = self.api.find(&tag, since, requests).await {
-                        return Ok(found);
+                    let candidates = self.api.find(&tag, since, requests).await?;
+                    match self.adopt(candidates) {
+                        Ok(Some(found)) => return Ok(found),
+                        Ok(None) => {}
+                        // Made, perhaps, and not told apart: kept for a resume to look again.
+                        Err(why) => return Err(ProviderError::new(error.kind(), why.to_string())),
                     }
                 }
                 Err(error) => return Err(error),
             }
+        }
+    }
+
+    /// The one of `candidates` that is a batch this job made and does not
+    /// know yet; an error when more than one may be.
+    fn adopt(&self, candidates: Vec<Batch>) -> Result<Option<Batch>> {
+        let known: HashSet<String> = self
+            .store()
+            .remote_batches(self.job)?
+            .into_iter()
+            .filter_map(|batch| batch.remote_id)
+            .collect();
+        let mut unknown: Vec<Batch> =
+            candidates.into_iter().filter(|batch| !known.contains(&batch.id)).collect();
+        match unknown.len() {
+            0 | 1 => Ok(unknown.pop()),
+            n => anyhow::bail!(
+                "{n} batches at the service may be the one whose creation was not answered ({}): \
+                 cancel the ones this job did not make, or wait for them to end, then resume",
+                unknown.iter().map(|b| b.id.as_str()).collect::<Vec<_>>().join(", ")
+            ),
         }
     }
 
@@ -570,6 +618,11 @@ impl Driver {
             let id = self.open[at].stored.remote_id.clone().expect("an open batch was made");
             let now = match self.persist(|| self.api.get(&id)).await {
                 Ok(now) => now,
+                Err(error) if !error.kind().is_retryable() => anyhow::bail!(
+                    "cannot look at batch {id} ({} rows): {error}; it is kept, and \
+                     `fanout jobs resume` looks again",
+                    self.open[at].rows.len()
+                ),
                 Err(error) => {
                     self.say(&format!("cannot look at batch {id} now: {error}"));
                     at += 1;
@@ -620,20 +673,21 @@ impl Driver {
         // A batch refused at validation ran nothing: the lines it names fail
         // with its words, the others go again.
         for error in &batch.errors {
-            let Some(row) =
-                error.line.and_then(|line| open.rows.get(line.saturating_sub(1) as usize))
-            else {
+            let line = error.line.and_then(|line| line.checked_sub(1));
+            let Some(row) = line.and_then(|line| open.all_rows.get(line as usize)) else {
                 continue;
             };
-            let refusal = ProviderError::new(ErrorKind::BadRequest, error.message.clone());
-            self.finish(*row, Outcome::failed(refusal, self.attempts(*row))).await;
-        }
-        if !batch.errors.is_empty() && batch.errors.iter().all(|e| e.line.is_none()) {
-            let message: Vec<&str> = batch.errors.iter().map(|e| e.message.as_str()).collect();
-            let refusal = ProviderError::new(ErrorKind::BadRequest, message.join("; "));
-            for row in &open.rows {
-                self.finish(*row, Outcome::failed(refusal.clone(), self.attempts(*row))).await;
+            if open.rows.contains(row) {
+                let refusal = ProviderError::new(ErrorKind::BadRequest, error.message.clone());
+                self.finish(*row, Outcome::failed(refusal, self.attempts(*row))).await;
             }
+        }
+        // A refusal of the whole batch (OpenAI's enqueued token limit, say)
+        // sends its rows again as an error would, then ends them with its words.
+        let refused_whole: Vec<&str> =
+            batch.errors.iter().filter(|e| e.line.is_none()).map(|e| e.message.as_str()).collect();
+        if !refused_whole.is_empty() {
+            self.say(&format!("batch {} was refused: {}", batch.id, refused_whole.join("; ")));
         }
         let waited =
             Duration::from_secs((fanout_store::now() - open.stored.created_at).max(0) as u64);
@@ -667,6 +721,7 @@ impl Driver {
                     attempts,
                 )),
                 BatchOutcome::Cancelled if open.cancelled_for_online => Verdict::Online,
+                BatchOutcome::Cancelled if open.resend_cancelled => Verdict::SendAgain,
                 BatchOutcome::Cancelled => Verdict::Leave,
             };
             unanswered.remove(&row);
@@ -678,8 +733,14 @@ impl Driver {
             }
         }
         let emitted = self.emitted.lock().expect("never poisoned").clone();
+        // Cancelled by someone else in this run: its unanswered rows stay so.
+        let left = batch.cancelled && !open.cancelled_for_online && !open.resend_cancelled;
         for row in open.rows {
             if !send_again || !unanswered.contains(&row) || emitted.contains(row) {
+                continue;
+            }
+            if left {
+                self.finish(row, Outcome::NotRun(NotRun::Cancelled)).await;
                 continue;
             }
             // No line came back for it (or its batch ran nothing): it goes
@@ -876,6 +937,7 @@ mod tests {
                 id: "batch_1".into(),
                 status: if cancelled { "cancelled" } else { "in_progress" }.into(),
                 ended: cancelled,
+                cancelled,
                 counts: BatchCounts { total, succeeded: 0, failed: 0 },
                 results: vec!["file-out".into()],
                 errors: Vec::new(),
@@ -908,8 +970,8 @@ mod tests {
             self.rows.fetch_add(rows, Ordering::SeqCst);
             Ok(self.batch())
         }
-        async fn find(&self, _: &str, _: i64, _: u64) -> Result<Option<Batch>, ProviderError> {
-            Ok(None)
+        async fn find(&self, _: &str, _: i64, _: u64) -> Result<Vec<Batch>, ProviderError> {
+            Ok(Vec::new())
         }
         async fn get(&self, _: &str) -> Result<Batch, ProviderError> {
             Ok(self.batch())
@@ -1008,6 +1070,7 @@ mod tests {
                 id: at.to_string(),
                 status: if refused { "failed" } else { "completed" }.into(),
                 ended: true,
+                cancelled: false,
                 counts: BatchCounts { total: made[at].len() as u64, succeeded: 0, failed: 0 },
                 results: if refused { Vec::new() } else { vec![at.to_string()] },
                 errors: if refused {
@@ -1051,8 +1114,8 @@ mod tests {
             };
             Ok(self.batch(at))
         }
-        async fn find(&self, _: &str, _: i64, _: u64) -> Result<Option<Batch>, ProviderError> {
-            Ok(None)
+        async fn find(&self, _: &str, _: i64, _: u64) -> Result<Vec<Batch>, ProviderError> {
+            Ok(Vec::new())
         }
         async fn get(&self, id: &str) -> Result<Batch, ProviderError> {
             Ok(self.batch(id.parse().unwrap()))

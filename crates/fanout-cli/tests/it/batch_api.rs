@@ -72,8 +72,13 @@ async fn a_thousand_rows_through_openais_batch_api_come_back_in_order() {
     let held: u64 = batches.iter().map(|b| b["requests"].as_u64().unwrap()).sum();
     assert_eq!(held, 1000);
     assert!(batches.iter().all(|b| b["state"] == "ended" && b["status"] == "completed"));
-    let store = std::fs::read(home.store()).unwrap();
-    assert!(!String::from_utf8_lossy(&store).contains("batch-secret"), "the key is stored");
+    let wal = home.path("home/fanout.db-wal");
+    let written = [home.store(), wal, home.path("out.jsonl")];
+    for file in written.iter().filter(|f| f.exists()) {
+        let bytes = std::fs::read(file).unwrap();
+        assert!(!String::from_utf8_lossy(&bytes).contains("batch-secret"), "{}", file.display());
+    }
+    assert!(!stderr(&output).contains("batch-secret"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -231,6 +236,29 @@ async fn jobs_cancel_cancels_the_remote_batch_and_keeps_what_it_answered() {
     assert_eq!(batches[0]["status"], "cancelled", "{batches}");
     let again = home.fanout().args(["jobs", "cancel", "halfprice"]).output().unwrap();
     assert_eq!(again.status.code(), Some(2), "nothing left to cancel");
+    // Resumed, the cancelled rows go in a new batch, and only they.
+    let mut resume = home.fanout();
+    resume.env("OPENAI_API_KEY", "sk-batch-secret-key");
+    resume.args(["-q", "jobs", "resume", "halfprice", "-o", "out.jsonl"]);
+    let resumed = run(resume).await;
+    assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
+    assert_all_answered(&home, 400);
+    let stats = server.stats();
+    assert_eq!((stats.batches.created, stats.batches.requests), (2, 400 + 400 - answered as u64));
+    assert_eq!(stats.batches.most_submissions, 2);
+}
+
+/// A spending limit cannot bound a batch, which is paid for whole once made:
+/// refused before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spending_limit_is_refused_with_the_batch_api() {
+    let server = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    home.write("rows.jsonl", crate::rows(5));
+    let output = run(via_batch(&home, &server, "openai", &["--budget", "1"])).await;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("--via batch-api"), "{}", stderr(&output));
+    assert_eq!(server.stats().batches.created, 0);
 }
 
 /// A row too large for a batch fails alone, naming itself; the others go.

@@ -77,6 +77,8 @@ struct WireBatch {
     results_url: Option<String>,
     #[serde(default)]
     created_at: Option<String>,
+    #[serde(default)]
+    cancel_initiated_at: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +107,7 @@ impl WireBatch {
             .map_or(0, |d| d.as_secs() as i64);
         Batch {
             ended: self.processing_status == "ended",
+            cancelled: self.cancel_initiated_at.is_some(),
             id: self.id,
             status: self.processing_status,
             counts: BatchCounts {
@@ -232,14 +235,14 @@ impl BatchApi for AnthropicBatches {
         self.batch_at(reqwest::Method::POST, &self.url(""), Some(body)).await
     }
 
-    /// Message batches keep no metadata: the batch found is the one created
-    /// since `since` with `requests` requests, when exactly one is.
+    /// Message batches keep no metadata: every batch created since `since`
+    /// with `requests` requests may be the one.
     async fn find(
         &self,
         _tag: &str,
         since: i64,
         requests: u64,
-    ) -> Result<Option<Batch>, ProviderError> {
+    ) -> Result<Vec<Batch>, ProviderError> {
         let endpoint = self.messages.endpoint();
         let mut after: Option<String> = None;
         let mut found = Vec::new();
@@ -267,7 +270,7 @@ impl BatchApi for AnthropicBatches {
                 break;
             }
         }
-        Ok(if found.len() == 1 { found.pop() } else { None })
+        Ok(found)
     }
 
     async fn get(&self, id: &str) -> Result<Batch, ProviderError> {
@@ -285,8 +288,11 @@ impl BatchApi for AnthropicBatches {
         each: &mut (dyn FnMut(BatchAnswer) + Send),
     ) -> Result<(), ProviderError> {
         let endpoint = self.messages.endpoint();
-        for url in &batch.results {
-            let response = endpoint.send(endpoint.request(reqwest::Method::GET, url)).await?;
+        if !batch.results.is_empty() {
+            // The key goes only where the base URL points: the results URL
+            // the service gives is this same path there.
+            let url = self.url(&format!("/{}/results", batch.id));
+            let response = endpoint.send(endpoint.request(reqwest::Method::GET, &url)).await?;
             each_line(endpoint, response, |bytes| {
                 let line: ResultLine =
                     serde_json::from_slice(bytes).map_err(|e| malformed_line("results", e))?;

@@ -41,6 +41,8 @@ pub struct Batch {
     pub status: String,
     /// Whether it will change no more: its answers can be read.
     pub ended: bool,
+    /// Whether someone asked for it to be cancelled.
+    pub cancelled: bool,
     /// Its requests, by how far they have got.
     pub counts: BatchCounts,
     /// Where its answers are: OpenAI's output and error file ids, Anthropic's
@@ -133,16 +135,14 @@ pub trait BatchApi: Send + Sync + 'static {
         lines: &[u8],
     ) -> Result<Batch, ProviderError>;
 
-    /// The batch created with `tag` (of `requests` requests) since `since`
-    /// (seconds since the Unix epoch), if there is one: for a creation whose
-    /// answer was lost (a crash, a dropped connection), so the same requests
-    /// are never submitted twice.
-    async fn find(
-        &self,
-        tag: &str,
-        since: i64,
-        requests: u64,
-    ) -> Result<Option<Batch>, ProviderError>;
+    /// The batches that may be the one created with `tag` (of `requests`
+    /// requests) since `since` (seconds since the Unix epoch): for a creation
+    /// whose answer was lost (a crash, a dropped connection), so the same
+    /// requests are never submitted twice. OpenAI's keep the tag, so at most
+    /// one is; Anthropic's keep none, so every batch of that size made since
+    /// is, and the caller rules out those it knows.
+    async fn find(&self, tag: &str, since: i64, requests: u64)
+    -> Result<Vec<Batch>, ProviderError>;
 
     /// The batch as it stands now.
     async fn get(&self, id: &str) -> Result<Batch, ProviderError>;

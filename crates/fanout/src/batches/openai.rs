@@ -128,6 +128,7 @@ impl WireBatch {
         let errors = self.errors.map(|e| e.data).unwrap_or_default();
         Batch {
             ended: matches!(self.status.as_str(), "completed" | "failed" | "expired" | "cancelled"),
+            cancelled: matches!(self.status.as_str(), "cancelling" | "cancelled"),
             id: self.id,
             status: self.status,
             counts: BatchCounts {
@@ -274,7 +275,7 @@ impl BatchApi for OpenAiBatches {
         tag: &str,
         since: i64,
         _requests: u64,
-    ) -> Result<Option<Batch>, ProviderError> {
+    ) -> Result<Vec<Batch>, ProviderError> {
         let endpoint = self.chat.endpoint();
         let mut after: Option<String> = None;
         loop {
@@ -290,10 +291,10 @@ impl BatchApi for OpenAiBatches {
             let older = list.data.last().is_none_or(|b| b.created_at < since - 60);
             after = list.data.last().map(|b| b.id.clone());
             if let Some(found) = list.data.into_iter().find(|b| b.tag() == Some(tag)) {
-                return Ok(Some(found.into_batch()));
+                return Ok(vec![found.into_batch()]);
             }
             if !list.has_more || older {
-                return Ok(None);
+                return Ok(Vec::new());
             }
         }
     }

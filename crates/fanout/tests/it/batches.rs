@@ -232,8 +232,9 @@ async fn both_apis_end_to_end_against_the_mock() {
         let file = api.upload(&tag, &lines).await.unwrap();
         let made = api.create(&tag, file.as_deref(), &lines).await.unwrap();
         assert!(!made.ended, "{made:?}");
-        let found = api.find(&tag, since, 5).await.unwrap().expect("found by its tag");
-        assert_eq!(found.id, made.id);
+        let found = api.find(&tag, since, 5).await.unwrap();
+        assert_eq!(found.len(), 1, "found by its tag (or its size)");
+        assert_eq!(found[0].id, made.id);
         let mut now = made;
         while !now.ended {
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;

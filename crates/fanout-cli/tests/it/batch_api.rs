@@ -26,6 +26,14 @@ fn via_batch(home: &Home, server: &MockServer, api: &str, extra: &[&str]) -> Com
     command
 }
 
+/// `fanout jobs resume halfprice`, with the key.
+fn resume(home: &Home) -> Command {
+    let mut resume = home.fanout();
+    resume.env("OPENAI_API_KEY", "sk-batch-secret-key");
+    resume.args(["-q", "jobs", "resume", "halfprice", "-o", "out.jsonl"]);
+    resume
+}
+
 /// Every row has its answer, in input order.
 fn assert_all_answered(home: &Home, rows: usize) {
     let results = read_lines(&home.path("out.jsonl"));
@@ -148,10 +156,7 @@ async fn a_kill_during_polling_then_resume_submits_nothing_again() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
-    let mut resume = home.fanout();
-    resume.env("OPENAI_API_KEY", "sk-batch-secret-key");
-    resume.args(["-q", "jobs", "resume", "halfprice", "-o", "out.jsonl"]);
-    let output = run(resume).await;
+    let output = run(resume(&home)).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_all_answered(&home, 400);
     let stats = server.stats();
@@ -176,10 +181,7 @@ async fn a_batch_whose_creation_was_not_recorded_is_found_not_made_again() {
     // What the store holds had the kill come before the batch's id was written.
     let db = rusqlite::Connection::open(home.store()).unwrap();
     db.execute("UPDATE remote_batches SET remote_id = NULL, state = 'uploaded'", []).unwrap();
-    let mut resume = home.fanout();
-    resume.env("OPENAI_API_KEY", "sk-batch-secret-key");
-    resume.args(["-q", "jobs", "resume", "halfprice", "-o", "out.jsonl"]);
-    let output = run(resume).await;
+    let output = run(resume(&home)).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_all_answered(&home, 200);
     assert_eq!(server.stats().batches.created, 1, "found, not made again");
@@ -196,10 +198,7 @@ async fn a_batch_whose_creation_was_not_recorded_is_found_not_made_again() {
     let db = rusqlite::Connection::open(home_two.store()).unwrap();
     db.execute("UPDATE remote_batches SET remote_id = NULL, state = 'preparing', tag = 'lost'", [])
         .unwrap();
-    let mut resume = home_two.fanout();
-    resume.env("OPENAI_API_KEY", "sk-batch-secret-key");
-    resume.args(["-q", "jobs", "resume", "halfprice", "-o", "out.jsonl"]);
-    let output = run(resume).await;
+    let output = run(resume(&home_two)).await;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_all_answered(&home_two, 50);
     assert_eq!(server.stats().batches.created, 3);
@@ -237,10 +236,7 @@ async fn jobs_cancel_cancels_the_remote_batch_and_keeps_what_it_answered() {
     let again = home.fanout().args(["jobs", "cancel", "halfprice"]).output().unwrap();
     assert_eq!(again.status.code(), Some(2), "nothing left to cancel");
     // Resumed, the cancelled rows go in a new batch, and only they.
-    let mut resume = home.fanout();
-    resume.env("OPENAI_API_KEY", "sk-batch-secret-key");
-    resume.args(["-q", "jobs", "resume", "halfprice", "-o", "out.jsonl"]);
-    let resumed = run(resume).await;
+    let resumed = run(resume(&home)).await;
     assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
     assert_all_answered(&home, 400);
     let stats = server.stats();

@@ -137,8 +137,9 @@ pub struct Choices {
     /// Seconds one attempt may go without a sign of life [default: 120]
     #[arg(long, global = true)]
     pub attempt_timeout: Option<f64>,
-    /// Seconds the whole run may take; then it stops and keeps what finished
-    #[arg(long, global = true)]
+    /// How long the whole run may take, in seconds or as `90m`, `6h`; then it
+    /// stops and keeps what finished
+    #[arg(long, global = true, value_parser = seconds, value_name = "SECONDS")]
     pub deadline: Option<f64>,
     /// Retries after the first attempt, for retryable errors [default: 4]
     #[arg(long, global = true)]
@@ -198,6 +199,16 @@ pub struct Choices {
     /// Seconds without a sign of life after which a call is hedged [default: learned]
     #[arg(long, global = true, value_name = "SECS")]
     pub hedge_after: Option<f64>,
+}
+
+/// A duration flag: seconds (`90`, `1.5`) or a duration with its unit (`6h`, `90m`, `1h 30m`).
+fn seconds(text: &str) -> Result<f64, String> {
+    if let Ok(seconds) = text.trim().parse::<f64>() {
+        return Ok(seconds);
+    }
+    humantime::parse_duration(text.trim())
+        .map(|d| d.as_secs_f64())
+        .map_err(|e| format!("`{text}` is neither seconds nor a duration like 90m or 6h: {e}"))
 }
 
 impl Choices {
@@ -523,6 +534,15 @@ impl Settings {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn durations_are_seconds_or_have_their_unit() {
+        assert_eq!(super::seconds("90"), Ok(90.0));
+        assert_eq!(super::seconds("1.5"), Ok(1.5));
+        assert_eq!(super::seconds("6h"), Ok(21_600.0));
+        assert_eq!(super::seconds("1h 30m"), Ok(5_400.0));
+        assert!(super::seconds("soon").unwrap_err().contains("`soon`"));
+    }
+
     use super::*;
     use clap::Parser;
 

@@ -69,6 +69,9 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 fn rate_limit_headers(budgets: &Budgets) -> Vec<(&'static str, String)> {
     let mut headers = Vec::new();
+    if !budgets.told {
+        return headers;
+    }
     if let Some(v) = budgets.requests {
         headers.push(("anthropic-ratelimit-requests-limit", v.limit.to_string()));
         headers.push(("anthropic-ratelimit-requests-remaining", v.remaining.to_string()));

@@ -73,6 +73,10 @@ pub struct Config {
     /// When a request offers tools: how many tool calls (one a turn) the mock
     /// makes before it answers in text.
     pub tool_turns: usize,
+    /// Whether answers carry the rate-limit headers (`x-ratelimit-*`,
+    /// `anthropic-ratelimit-*`); without them a client learns the limits only
+    /// from its 429s, as from servers that send none.
+    pub rate_limit_headers: bool,
     /// How long a batch of the Batch APIs takes to run, its requests
     /// finishing evenly over it.
     pub batch_time: Duration,
@@ -103,6 +107,7 @@ impl Default for Config {
             model: "mock-1".into(),
             count_prompts: false,
             tool_turns: 1,
+            rate_limit_headers: true,
             batch_time: Duration::ZERO,
             batch_error_rate: 0.0,
             batch_expire_rate: 0.0,

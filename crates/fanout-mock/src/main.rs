@@ -74,6 +74,9 @@ struct Args {
     /// When tools are offered: the tool calls made, one a turn, before the answer
     #[arg(long, default_value_t = 1)]
     tool_turns: usize,
+    /// Send no rate-limit headers: clients learn the limits from 429s only
+    #[arg(long)]
+    no_rate_limit_headers: bool,
     /// How long a Batch API batch takes to run, in milliseconds
     #[arg(long, default_value_t = 2_000)]
     batch_time_ms: u64,
@@ -146,6 +149,7 @@ async fn main() {
         model: args.model,
         count_prompts: args.count_prompts,
         tool_turns: args.tool_turns,
+        rate_limit_headers: !args.no_rate_limit_headers,
         batch_time: Duration::from_millis(args.batch_time_ms),
         batch_error_rate: args.batch_error_rate,
         batch_expire_rate: args.batch_expire_rate,

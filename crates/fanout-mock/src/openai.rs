@@ -53,6 +53,9 @@ fn error(
 
 fn rate_limit_headers(budgets: &Budgets) -> Vec<(&'static str, String)> {
     let mut headers = Vec::new();
+    if !budgets.told {
+        return headers;
+    }
     if let Some(v) = budgets.requests {
         headers.push(("x-ratelimit-limit-requests", v.limit.to_string()));
         headers.push(("x-ratelimit-remaining-requests", v.remaining.to_string()));

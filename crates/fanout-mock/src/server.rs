@@ -26,6 +26,8 @@ pub(crate) struct Call {
 pub(crate) struct Budgets {
     pub requests: Option<Verdict>,
     pub tokens: Option<Verdict>,
+    /// Whether answers tell them in rate-limit headers (`Config::rate_limit_headers`).
+    pub told: bool,
 }
 
 impl Budgets {
@@ -169,6 +171,7 @@ impl State {
                 .tpm
                 .as_ref()
                 .map(|b| b.lock().unwrap().take((prompt_tokens + completion_tokens) as f64, now)),
+            told: config.rate_limit_headers,
         };
         for (verdict, dimension) in [(budgets.requests, "requests"), (budgets.tokens, "tokens")] {
             if verdict.is_some_and(|v| !v.admitted) {

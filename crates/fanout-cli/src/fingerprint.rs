@@ -200,6 +200,7 @@ mod tests {
             temperature: Some(0.5),
             max_tokens: Some(64),
             threads: None,
+            kv_memory: None,
             price: None,
             price_given: false,
             budget: None,

@@ -76,6 +76,7 @@ pub async fn load(settings: &Settings, quiet: bool) -> Result<Arc<dyn Provider>>
             threads: settings.threads.unwrap_or_else(fanout_local::engine::default_threads),
             // The executor's concurrency is the batch: every call in flight decodes together.
             max_batch: settings.concurrency,
+            kv_memory: settings.kv_memory,
             ..EngineOptions::default()
         },
         ..LocalOptions::default()

@@ -151,6 +151,10 @@ pub struct Choices {
     /// Compute threads of the local model [default: one per core]
     #[arg(long, global = true, env = "FANOUT_THREADS")]
     pub threads: Option<usize>,
+    /// Memory for the local model's KV cache, e.g. `2GiB`; requests wait for
+    /// room in it [default: half the memory available at start]
+    #[arg(long, global = true, env = "FANOUT_KV_MEMORY", value_name = "SIZE")]
+    pub kv_memory: Option<bytesize::ByteSize>,
     /// Price of a million input tokens [default: the built-in table's price of the model]
     #[arg(long, global = true, value_name = "PRICE", visible_alias = "price-in")]
     pub price_input: Option<f64>,
@@ -228,6 +232,7 @@ impl Choices {
             temperature: self.temperature.or(fallback.temperature),
             max_tokens: self.max_tokens.or(fallback.max_tokens),
             threads: self.threads.or(fallback.threads),
+            kv_memory: self.kv_memory.or(fallback.kv_memory),
             price_input: self.price_input.or(fallback.price_input),
             price_output: self.price_output.or(fallback.price_output),
             budget: self.budget.or(fallback.budget),
@@ -288,6 +293,9 @@ pub struct Settings {
     /// Compute threads of the local model.
     #[serde(default)]
     pub threads: Option<usize>,
+    /// Bytes of the local model's KV cache; `None`: the engine's default.
+    #[serde(default)]
+    pub kv_memory: Option<u64>,
     pub price: Option<Price>,
     /// Whether `price` was given (flags or profile keys) rather than looked up
     /// for `model`: a proxy takes a given price for every model its clients name.
@@ -460,6 +468,7 @@ impl Settings {
             temperature: chosen.temperature,
             max_tokens: chosen.max_tokens,
             threads: chosen.threads.filter(|t| *t > 0),
+            kv_memory: chosen.kv_memory.map(|size| size.as_u64()),
             price,
             price_given: chosen.price_input.is_some() || chosen.price_output.is_some(),
             budget: chosen.budget,
@@ -513,6 +522,7 @@ impl Settings {
         self.deadline = now.deadline.or(self.deadline);
         self.retries = now.retries.unwrap_or(self.retries);
         self.threads = now.threads.filter(|t| *t > 0).or(self.threads);
+        self.kv_memory = now.kv_memory.map(|size| size.as_u64()).or(self.kv_memory);
         self.api_key_env = now.api_key_env.clone().unwrap_or(self.api_key_env);
         self.price = overridden_price(self.price, now.price_input, now.price_output)?;
         self.price_given |= now.price_input.is_some() || now.price_output.is_some();

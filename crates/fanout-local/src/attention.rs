@@ -1,4 +1,5 @@
-//! Causal attention of one token against its sequence's cached keys and values.
+//! Causal attention of one token against its sequence's cached keys and values,
+//! read block by block from the paged cache (see `kv`).
 //!
 //! Written once over a small set of vector kernels (dot product, scaled add),
 //! which have an AVX2 + FMA version (pulp's safe intrinsics, chosen at run
@@ -12,14 +13,37 @@ pub struct Shape {
     pub head_dim: usize,
 }
 
-/// `out` (heads × head_dim) for query `q` against the first `seen` positions of
-/// `keys`/`values` (position-major, kv_heads × head_dim each).
-pub fn attend(shape: Shape, q: &[f32], keys: &[f32], values: &[f32], seen: usize, out: &mut [f32]) {
+/// A sequence's cached positions for one layer: blocks of `block_tokens`
+/// positions, each block its keys then its values (position-major, kv_heads ×
+/// head_dim each); the first `seen` positions are read.
+#[derive(Clone, Copy)]
+pub struct Cached<'a> {
+    pub blocks: &'a [&'a [f32]],
+    pub block_tokens: usize,
+    pub seen: usize,
+}
+
+impl<'a> Cached<'a> {
+    /// Each block with the positions of it that are read: (keys, values, count).
+    fn blocks(self, kv_width: usize) -> impl Iterator<Item = (&'a [f32], &'a [f32], usize)> + 'a {
+        let half = self.block_tokens * kv_width;
+        self.blocks.iter().enumerate().map_while(move |(b, block)| {
+            let start = b * self.block_tokens;
+            (start < self.seen).then(|| {
+                let (keys, values) = block.split_at(half);
+                (keys, values, (self.seen - start).min(self.block_tokens))
+            })
+        })
+    }
+}
+
+/// `out` (heads × head_dim) for query `q` against the cached positions.
+pub fn attend(shape: Shape, q: &[f32], cached: Cached<'_>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
-        return simd.vectorize(avx2::Attend { simd, shape, q, keys, values, seen, out });
+        return simd.vectorize(avx2::Attend { simd, shape, q, cached, out });
     }
-    attend_with(Portable, shape, q, keys, values, seen, out);
+    attend_with(Portable, shape, q, cached, out);
 }
 
 trait Kernels: Copy {
@@ -33,15 +57,14 @@ fn attend_with<K: Kernels>(
     kernels: K,
     shape: Shape,
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    seen: usize,
+    cached: Cached<'_>,
     out: &mut [f32],
 ) {
     let d = shape.head_dim;
     let group = shape.heads / shape.kv_heads;
     let kv_width = shape.kv_heads * d;
     let scale = 1.0 / (d as f32).sqrt();
+    let seen = cached.seen;
     // The query heads that share a key/value head go together: each cached
     // key and value is read once per group, not once per head.
     let mut scores = vec![0f32; group * seen];
@@ -49,10 +72,16 @@ fn attend_with<K: Kernels>(
     for kv_head in 0..shape.kv_heads {
         let kv_offset = kv_head * d;
         let heads = kv_head * group..(kv_head + 1) * group;
-        for t in 0..seen {
-            let key = &keys[t * kv_width + kv_offset..][..d];
-            for (g, head) in heads.clone().enumerate() {
-                scores[g * seen + t] = kernels.dot(&q[head * d..][..d], key) * scale;
+        // Positions in order, block after block: the same sums in the same
+        // order as one contiguous cache, whichever blocks are shared.
+        let mut t = 0;
+        for (keys, _, count) in cached.blocks(kv_width) {
+            for i in 0..count {
+                let key = &keys[i * kv_width + kv_offset..][..d];
+                for (g, head) in heads.clone().enumerate() {
+                    scores[g * seen + t] = kernels.dot(&q[head * d..][..d], key) * scale;
+                }
+                t += 1;
             }
         }
         for scores in scores.chunks_exact_mut(seen) {
@@ -67,10 +96,14 @@ fn attend_with<K: Kernels>(
             }
         }
         let out = &mut out[heads.start * d..heads.end * d];
-        for t in 0..seen {
-            let value = &values[t * kv_width + kv_offset..][..d];
-            for (g, out) in out.chunks_exact_mut(d).enumerate() {
-                kernels.scaled_add(out, scores[g * seen + t], value);
+        let mut t = 0;
+        for (_, values, count) in cached.blocks(kv_width) {
+            for i in 0..count {
+                let value = &values[i * kv_width + kv_offset..][..d];
+                for (g, out) in out.chunks_exact_mut(d).enumerate() {
+                    kernels.scaled_add(out, scores[g * seen + t], value);
+                }
+                t += 1;
             }
         }
     }
@@ -95,16 +128,14 @@ impl Kernels for Portable {
 mod avx2 {
     use pulp::x86::V3;
 
-    use super::{Kernels, Shape, attend_with};
+    use super::{Cached, Kernels, Shape, attend_with};
     use crate::lanes::{load8, sum8};
 
     pub struct Attend<'a> {
         pub simd: V3,
         pub shape: Shape,
         pub q: &'a [f32],
-        pub keys: &'a [f32],
-        pub values: &'a [f32],
-        pub seen: usize,
+        pub cached: Cached<'a>,
         pub out: &'a mut [f32],
     }
 
@@ -113,15 +144,7 @@ mod avx2 {
 
         #[inline(always)]
         fn call(self) {
-            attend_with(
-                Avx2(self.simd),
-                self.shape,
-                self.q,
-                self.keys,
-                self.values,
-                self.seen,
-                self.out,
-            );
+            attend_with(Avx2(self.simd), self.shape, self.q, self.cached, self.out);
         }
     }
 
@@ -168,17 +191,22 @@ mod tests {
         let shape = Shape { heads: 4, kv_heads: 2, head_dim: 20 };
         let mut rng = fastrand::Rng::with_seed(5);
         let mut random = |n: usize| (0..n).map(|_| rng.f32() - 0.5).collect::<Vec<f32>>();
-        let seen = 7;
-        let (q, keys, values) = (random(80), random(seen * 40), random(seen * 40));
+        // Seven positions in blocks of three: keys then values in each block.
+        let (seen, block_tokens) = (7, 3);
+        let q = random(80);
+        let blocks: Vec<Vec<f32>> = (0..3).map(|_| random(2 * block_tokens * 40)).collect();
+        let views: Vec<&[f32]> = blocks.iter().map(Vec::as_slice).collect();
+        let cached = |seen| Cached { blocks: &views, block_tokens, seen };
         let mut fast = vec![1.0; 80];
         let mut plain = vec![1.0; 80];
-        attend(shape, &q, &keys, &values, seen, &mut fast);
-        attend_with(Portable, shape, &q, &keys, &values, seen, &mut plain);
+        attend(shape, &q, cached(seen), &mut fast);
+        attend_with(Portable, shape, &q, cached(seen), &mut plain);
         for (f, p) in fast.iter().zip(&plain) {
             assert!((f - p).abs() < 1e-5, "{f} vs {p}");
         }
         // One position: the output is exactly that position's values.
-        attend(shape, &q, &keys, &values, 1, &mut fast);
+        attend(shape, &q, cached(1), &mut fast);
+        let values = &blocks[0][block_tokens * 40..];
         assert!((fast[0] - values[0]).abs() < 1e-6 && (fast[60] - values[20]).abs() < 1e-6);
     }
 }

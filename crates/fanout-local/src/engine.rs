@@ -4,7 +4,13 @@
 //! is room (up to `max_batch` sequences), feeds new prompts in chunks alongside
 //! one decode token of every running sequence, samples each sequence's next
 //! token with its own sampler, and retires sequences as soon as they stop —
-//! their reply is sent at once and their cache slot is freed for the next one.
+//! their reply is sent at once and their cache blocks go back to the pool.
+//!
+//! The KV cache is paged (`kv`): a request is admitted when the memory budget
+//! has room for its prompt and its answer budget, and waits otherwise. A
+//! prompt that starts like one computed before (or being computed now) takes
+//! the shared blocks instead of computing them again: a vote's samples
+//! prefill their prompt once, a batch's rows their common rubric once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,7 +21,8 @@ use rayon::prelude::*;
 use tokio::sync::oneshot;
 
 use crate::LocalError;
-use crate::model::{KvCache, Model, Row};
+use crate::kv::{BlockTable, KvPool, Lookup, PrefixKey};
+use crate::model::{Model, Row};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::tokenizer::ChatTokenizer;
 
@@ -29,17 +36,43 @@ pub struct EngineOptions {
     /// Prompt tokens fed per step (a long prompt is spread over several steps
     /// so running sequences keep producing tokens).
     pub prefill_chunk: usize,
+    /// Bytes the KV cache may take; `None`: half the memory available when
+    /// the engine starts ([`default_kv_memory`]).
+    pub kv_memory: Option<u64>,
+    /// Positions per KV cache block: the unit of memory and of sharing.
+    pub block_tokens: usize,
+    /// Sequences that start with the same tokens share their cache blocks.
+    pub prefix_sharing: bool,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { threads: default_threads(), max_batch: 16, prefill_chunk: 256 }
+        Self {
+            threads: default_threads(),
+            max_batch: 16,
+            prefill_chunk: 256,
+            kv_memory: None,
+            block_tokens: crate::kv::DEFAULT_BLOCK_TOKENS,
+            prefix_sharing: true,
+        }
     }
 }
 
 /// One compute thread per core the process may use.
 pub fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// Half the memory the system says is available now (`MemAvailable` in
+/// `/proc/meminfo`), else 2 GiB where that cannot be read.
+pub fn default_kv_memory() -> u64 {
+    const FALLBACK: u64 = 2 << 30;
+    let available = std::fs::read_to_string("/proc/meminfo").ok().and_then(|info| {
+        let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    available.map_or(FALLBACK, |bytes| bytes / 2)
 }
 
 /// What one request asks the engine to generate.
@@ -102,6 +135,26 @@ pub struct EngineStats {
     pub abandoned: u64,
     /// Sequences being decoded now.
     pub running: u64,
+    /// Requests waiting for a batch slot or for KV memory.
+    pub waiting: u64,
+    /// Prompt positions computed by forward passes.
+    pub prompt_tokens_computed: u64,
+    /// Prompt positions taken from shared blocks instead of computed.
+    pub prompt_tokens_shared: u64,
+    /// Blocks the KV memory budget holds.
+    pub kv_blocks_total: u64,
+    /// Blocks running sequences hold now.
+    pub kv_blocks_used: u64,
+    /// Blocks held by more than one running sequence now.
+    pub kv_blocks_shared: u64,
+    /// Blocks of computed prefixes no sequence holds, kept for later ones.
+    pub kv_blocks_cached: u64,
+    /// Cached prefix blocks reused for other positions (least recently used first).
+    pub kv_blocks_evicted: u64,
+    /// The most blocks held at once.
+    pub kv_blocks_peak: u64,
+    /// Positions per block.
+    pub kv_block_tokens: u64,
 }
 
 #[derive(Debug, Default)]
@@ -111,6 +164,16 @@ struct Counters {
     finished: AtomicU64,
     abandoned: AtomicU64,
     running: AtomicU64,
+    waiting: AtomicU64,
+    prompt_tokens_computed: AtomicU64,
+    prompt_tokens_shared: AtomicU64,
+    kv_blocks_total: AtomicU64,
+    kv_blocks_used: AtomicU64,
+    kv_blocks_shared: AtomicU64,
+    kv_blocks_cached: AtomicU64,
+    kv_blocks_evicted: AtomicU64,
+    kv_blocks_peak: AtomicU64,
+    kv_block_tokens: AtomicU64,
 }
 
 /// A handle to the scheduler thread; dropping the last one stops it.
@@ -141,6 +204,10 @@ impl Engine {
             .map_err(|e| LocalError::Engine(format!("cannot start compute threads: {e}")))?;
         let (jobs, inbox) = std::sync::mpsc::channel();
         let counters = Arc::new(Counters::default());
+        let block_tokens = options.block_tokens.max(1);
+        let budget = options.kv_memory.unwrap_or_else(default_kv_memory);
+        let capacity = budget / KvPool::block_bytes(&model.config, block_tokens);
+        let kv = KvPool::new(&model.config, block_tokens, capacity as usize);
         let scheduler = Scheduler {
             model,
             tokenizer,
@@ -149,8 +216,10 @@ impl Engine {
             counters: counters.clone(),
             waiting: Default::default(),
             running: Vec::new(),
-            caches: Vec::new(),
+            kv,
+            kv_budget: budget,
         };
+        scheduler.publish();
         std::thread::Builder::new()
             .name("fanout-local-scheduler".into())
             .spawn(move || scheduler.run(&inbox))
@@ -167,6 +236,16 @@ impl Engine {
             finished: c.finished.load(Ordering::Relaxed),
             abandoned: c.abandoned.load(Ordering::Relaxed),
             running: c.running.load(Ordering::Relaxed),
+            waiting: c.waiting.load(Ordering::Relaxed),
+            prompt_tokens_computed: c.prompt_tokens_computed.load(Ordering::Relaxed),
+            prompt_tokens_shared: c.prompt_tokens_shared.load(Ordering::Relaxed),
+            kv_blocks_total: c.kv_blocks_total.load(Ordering::Relaxed),
+            kv_blocks_used: c.kv_blocks_used.load(Ordering::Relaxed),
+            kv_blocks_shared: c.kv_blocks_shared.load(Ordering::Relaxed),
+            kv_blocks_cached: c.kv_blocks_cached.load(Ordering::Relaxed),
+            kv_blocks_evicted: c.kv_blocks_evicted.load(Ordering::Relaxed),
+            kv_blocks_peak: c.kv_blocks_peak.load(Ordering::Relaxed),
+            kv_block_tokens: c.kv_block_tokens.load(Ordering::Relaxed),
         }
     }
 
@@ -186,7 +265,9 @@ impl Engine {
 struct Sequence {
     job: Job,
     sampler: Sampler,
-    /// Prompt tokens already in the cache.
+    /// Its KV cache blocks, and the blocks it may still take.
+    table: BlockTable,
+    /// Prompt tokens already in the cache (computed or shared).
     fed: usize,
     generated: Vec<u32>,
     first_token: Option<Duration>,
@@ -195,6 +276,29 @@ struct Sequence {
 impl Sequence {
     fn prefilling(&self) -> bool {
         self.fed < self.job.request.prompt.len()
+    }
+
+    /// Takes the computed blocks that continue its prompt from the shared
+    /// ones, block by block. Stops one token short of the prompt's end: that
+    /// token's logits start the answer. Says `false` when the next block is
+    /// being computed by another sequence now: then this one waits a step
+    /// and shares it, rather than computing the same positions twice.
+    fn share_prefix(&mut self, kv: &mut KvPool) -> bool {
+        let block_tokens = kv.block_tokens();
+        let prompt = &self.job.request.prompt;
+        while self.fed + block_tokens < prompt.len() {
+            let tokens = &prompt[self.fed..self.fed + block_tokens];
+            let Some(key) = PrefixKey::after(kv, &self.table, tokens) else { return true };
+            match kv.lookup(&key) {
+                Lookup::Ready(id) => {
+                    kv.adopt(&mut self.table, id);
+                    self.fed += block_tokens;
+                }
+                Lookup::Filling => return false,
+                Lookup::Absent => return true,
+            }
+        }
+        true
     }
 
     /// Sends the answer: the generated text, ending before the earliest stop sequence.
@@ -225,7 +329,9 @@ struct Scheduler {
     counters: Arc<Counters>,
     waiting: std::collections::VecDeque<Job>,
     running: Vec<Sequence>,
-    caches: Vec<KvCache>,
+    kv: KvPool,
+    /// The bytes `kv` was sized from, for error messages.
+    kv_budget: u64,
 }
 
 impl Scheduler {
@@ -256,7 +362,23 @@ impl Scheduler {
             if !self.running.is_empty() {
                 self.step();
             }
+            self.publish();
         }
+    }
+
+    /// Copies the gauges out for [`Engine::stats`].
+    fn publish(&self) {
+        let c = &self.counters;
+        let kv = self.kv.stats();
+        c.running.store(self.running.len() as u64, Ordering::Relaxed);
+        c.waiting.store(self.waiting.len() as u64, Ordering::Relaxed);
+        c.kv_blocks_total.store(kv.capacity as u64, Ordering::Relaxed);
+        c.kv_blocks_used.store(kv.in_use as u64, Ordering::Relaxed);
+        c.kv_blocks_shared.store(kv.shared as u64, Ordering::Relaxed);
+        c.kv_blocks_cached.store(kv.cached as u64, Ordering::Relaxed);
+        c.kv_blocks_evicted.store(kv.evicted, Ordering::Relaxed);
+        c.kv_blocks_peak.store(kv.peak_in_use as u64, Ordering::Relaxed);
+        c.kv_block_tokens.store(self.kv.block_tokens() as u64, Ordering::Relaxed);
     }
 
     /// Callers that gave up (timeout, cancellation) free their slot.
@@ -273,76 +395,147 @@ impl Scheduler {
         }
     }
 
+    /// Starts waiting requests, first come first served, while there is a
+    /// batch slot and KV memory for the whole of the next one: its prompt and
+    /// its answer budget, so no running sequence ever runs out mid-answer. A
+    /// request that does not fit even alone is answered with an error.
     fn admit(&mut self) {
         let context = self.model.config.context_length;
         while self.running.len() < self.options.max_batch {
-            let Some(job) = self.waiting.pop_front() else { break };
+            let Some(job) = self.waiting.front() else { break };
             let prompt = job.request.prompt.len();
-            if prompt == 0 || prompt >= context {
-                let message = format!(
+            let positions = (prompt + job.request.max_tokens).min(context);
+            let blocks = self.kv.blocks_for(positions);
+            let refusal = if prompt == 0 || prompt >= context {
+                Some(format!(
                     "the prompt is {prompt} tokens; this model reads 1 to {} tokens",
                     context - 1
-                );
+                ))
+            } else if blocks > self.kv.capacity() {
+                Some(format!(
+                    "the request needs KV cache for {positions} tokens ({prompt} prompt + {} \
+                     answer), more than the KV memory budget of {} holds ({} tokens); give \
+                     the local model more (--kv-memory) or ask for fewer tokens",
+                    positions - prompt,
+                    bytesize::ByteSize(self.kv_budget).display().iec(),
+                    self.kv.capacity() * self.kv.block_tokens(),
+                ))
+            } else {
+                None
+            };
+            if let Some(message) = refusal {
+                let job = self.waiting.pop_front().expect("looked at above");
                 let _ = job.reply.send(Err(LocalError::PromptTooLong(message)));
                 continue;
             }
+            // No room yet: it waits, and so do the requests behind it (first
+            // come first served, so a long request is not passed over forever).
+            let Some(table) = self.kv.reserve(blocks) else { break };
+            let job = self.waiting.pop_front().expect("looked at above");
             let sampler = Sampler::new(job.request.sampling.clone());
             self.running.push(Sequence {
                 job,
                 sampler,
+                table,
                 fed: 0,
                 generated: Vec::new(),
                 first_token: None,
             });
-            self.caches.push(KvCache::new(&self.model.config));
         }
-        self.counters.running.store(self.running.len() as u64, Ordering::Relaxed);
     }
 
     fn step(&mut self) {
+        let block_tokens = self.kv.block_tokens();
         // Decode rows first (one per running sequence), then prompt chunks.
         let mut rows = Vec::new();
         let mut logits_for = Vec::new();
         let mut sampled = Vec::new();
-        for (i, seq) in self.running.iter().enumerate() {
+        for (i, seq) in self.running.iter_mut().enumerate() {
             if !seq.prefilling() {
                 let token = *seq.generated.last().expect("a decoding sequence has a token");
+                // The newest token sits after the prompt and the tokens before it.
+                let position = seq.job.request.prompt.len() + seq.generated.len() - 1;
+                if position == seq.table.blocks.len() * block_tokens {
+                    self.kv.allocate(&mut seq.table, None);
+                }
                 logits_for.push(rows.len());
                 sampled.push(i);
-                rows.push(Row { token, sequence: i, position: self.caches[i].len() });
+                rows.push(Row { token, sequence: i, position });
             }
         }
-        let mut budget = self.options.prefill_chunk.max(1);
+        // Chunks end on block boundaries (unless the prompt ends first), so
+        // the next chunk can start with a shared block.
+        let mut budget = self.options.prefill_chunk.max(block_tokens);
+        // Prefix blocks this pass computes: shareable once it succeeds.
+        let mut computed = Vec::new();
+        let sharing = self.options.prefix_sharing;
         for (i, seq) in self.running.iter_mut().enumerate() {
             if budget == 0 || !seq.prefilling() {
                 continue;
             }
-            let prompt = &seq.job.request.prompt;
-            let take = budget.min(prompt.len() - seq.fed);
-            for (offset, &token) in prompt[seq.fed..seq.fed + take].iter().enumerate() {
-                rows.push(Row { token, sequence: i, position: seq.fed + offset });
+            let before = seq.fed;
+            if sharing && !seq.share_prefix(&mut self.kv) {
+                continue;
             }
-            seq.fed += take;
-            budget -= take;
+            let shared = (seq.fed - before) as u64;
+            self.counters.prompt_tokens_shared.fetch_add(shared, Ordering::Relaxed);
+            let prompt = &seq.job.request.prompt;
+            let end = if prompt.len() - seq.fed <= budget {
+                prompt.len()
+            } else {
+                (seq.fed + budget) / block_tokens * block_tokens
+            };
+            if end <= seq.fed {
+                continue;
+            }
+            for position in seq.fed..end {
+                if position == seq.table.blocks.len() * block_tokens {
+                    // A block of prompt tokens only is registered for sharing.
+                    let block = prompt.get(position..position + block_tokens);
+                    let key = block
+                        .filter(|_| sharing)
+                        .and_then(|tokens| PrefixKey::after(&self.kv, &seq.table, tokens));
+                    let id = self.kv.allocate(&mut seq.table, key);
+                    if self.kv.is_registered(id) {
+                        computed.push(id);
+                    }
+                }
+                rows.push(Row { token: prompt[position], sequence: i, position });
+            }
+            self.counters
+                .prompt_tokens_computed
+                .fetch_add((end - seq.fed) as u64, Ordering::Relaxed);
+            budget -= end - seq.fed;
+            seq.fed = end;
             if !seq.prefilling() {
                 logits_for.push(rows.len() - 1);
                 sampled.push(i);
             }
         }
-        let (model, caches) = (&self.model, &mut self.caches);
-        let logits = match self.pool.install(|| model.forward(&rows, caches, &logits_for)) {
+        if rows.is_empty() {
+            // Every prefilling sequence waits for a block another computes:
+            // impossible, since the one computing it runs first, but never spin.
+            return;
+        }
+        let tables: Vec<&[crate::kv::BlockId]> =
+            self.running.iter().map(|seq| seq.table.blocks.as_slice()).collect();
+        let (model, kv) = (&self.model, &mut self.kv);
+        let logits = match self.pool.install(|| model.forward(&rows, kv, &tables, &logits_for)) {
             Ok(logits) => logits,
             Err(error) => {
-                // A failed pass leaves the caches unreliable: fail every running sequence.
+                // A failed pass leaves this step's positions unwritten: fail
+                // every running sequence (their computed blocks stay unshared).
                 let message = format!("forward pass failed: {error}");
-                while !self.running.is_empty() {
-                    let seq = self.running.swap_remove(0);
-                    self.caches.swap_remove(0);
+                for seq in std::mem::take(&mut self.running) {
+                    self.kv.release(seq.table);
                     let _ = seq.job.reply.send(Err(LocalError::Engine(message.clone())));
                 }
                 return;
             }
         };
+        for id in computed {
+            self.kv.mark_ready(id);
+        }
         // Sampling reads the whole vocabulary per sequence: spread it over the threads.
         let mut logits_of: Vec<Option<&[f32]>> = vec![None; self.running.len()];
         for (logits, &i) in logits.iter().zip(&sampled) {
@@ -395,10 +588,12 @@ impl Scheduler {
             .then_some(FinishReason::Length)
     }
 
+    /// Takes sequence `i` out of the batch; its blocks go back to the pool.
     fn retire(&mut self, i: usize) -> Sequence {
-        self.caches.swap_remove(i);
-        let sequence = self.running.swap_remove(i);
-        self.counters.running.store(self.running.len() as u64, Ordering::Relaxed);
+        let mut sequence = self.running.swap_remove(i);
+        self.kv.release(std::mem::take(&mut sequence.table));
+        // Before the answer goes out: whoever receives it sees the batch without it.
+        self.publish();
         sequence
     }
 }

@@ -121,6 +121,11 @@ pub struct ModelConfig {
 }
 
 impl ModelConfig {
+    /// Bytes of KV cache one position takes: keys and values of every layer, as f32.
+    pub fn kv_bytes_per_token(&self) -> u64 {
+        (self.kv_heads * self.head_dim * 2 * self.layers * std::mem::size_of::<f32>()) as u64
+    }
+
     /// Reads and checks the dimensions; a non-llama or inconsistent shape is a format error.
     pub fn read(gguf: &GgufFile) -> Result<Self, LocalError> {
         let arch = gguf.string("general.architecture")?.to_owned();

@@ -26,6 +26,7 @@ mod chat;
 pub mod engine;
 mod error;
 mod gguf;
+mod kv;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
 mod linear;

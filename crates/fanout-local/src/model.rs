@@ -3,8 +3,9 @@
 //! One forward pass takes a list of *rows*: each row is one token of one
 //! sequence at that sequence's own position. Prompt chunks of new sequences
 //! and single decode tokens of running ones share the pass, so every weight
-//! matrix is read once per step for the whole batch. Each sequence keeps its
-//! own KV cache; attention is computed row by row against that cache.
+//! matrix is read once per step for the whole batch. Each sequence's keys and
+//! values live in blocks of the shared pool (`kv`), listed by its block
+//! table; attention is computed row by row against those blocks.
 
 use std::path::{Path, PathBuf};
 
@@ -16,37 +17,15 @@ use rayon::prelude::*;
 use crate::LocalError;
 use crate::attention;
 use crate::gguf::{GgufFile, ModelConfig};
+use crate::kv::{BlockId, KvPool};
 use crate::linear::Linear;
 
-/// One token to run: the sequence (index into the cache slice) and its position.
+/// One token to run: the sequence (index into the block tables) and its position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Row {
     pub token: u32,
     pub sequence: usize,
     pub position: usize,
-}
-
-/// Keys and values of one sequence, for every layer, in position order.
-#[derive(Debug)]
-pub struct KvCache {
-    keys: Vec<Vec<f32>>,
-    values: Vec<Vec<f32>>,
-    len: usize,
-}
-
-impl KvCache {
-    pub fn new(config: &ModelConfig) -> Self {
-        Self {
-            keys: vec![Vec::new(); config.layers],
-            values: vec![Vec::new(); config.layers],
-            len: 0,
-        }
-    }
-
-    /// Positions cached so far: the position of the sequence's next token.
-    pub fn len(&self) -> usize {
-        self.len
-    }
 }
 
 #[derive(Debug)]
@@ -172,12 +151,17 @@ impl Model {
         Ok(())
     }
 
-    /// Runs `rows` through the model, appending their keys and values to the
-    /// caches, and returns the next-token logits of the rows listed in `logits_for`.
+    /// Runs `rows` through the model, writing their keys and values into their
+    /// sequences' blocks (`tables[row.sequence]`, which must already hold a
+    /// block for each row's position), and returns the next-token logits of
+    /// the rows listed in `logits_for`. A row attends to every earlier
+    /// position of its sequence: computed in an earlier step, shared from
+    /// another sequence, or earlier in this pass.
     pub fn forward(
         &self,
         rows: &[Row],
-        caches: &mut [KvCache],
+        pool: &mut KvPool,
+        tables: &[&[BlockId]],
         logits_for: &[usize],
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let c = &self.config;
@@ -195,25 +179,18 @@ impl Model {
                 self.rope.apply(q, row.position);
                 self.rope.apply(k, row.position);
             }
+            let block_tokens = pool.block_tokens();
             for (i, row) in rows.iter().enumerate() {
-                let cache = &mut caches[row.sequence];
-                debug_assert_eq!(
-                    cache.keys[index].len(),
-                    row.position * kv_width,
-                    "rows must follow their cache"
-                );
-                cache.keys[index].extend_from_slice(&k[i * kv_width..][..kv_width]);
-                cache.values[index].extend_from_slice(&v[i * kv_width..][..kv_width]);
+                let block = tables[row.sequence][row.position / block_tokens];
+                let (key, value) = (&k[i * kv_width..][..kv_width], &v[i * kv_width..][..kv_width]);
+                pool.write(block, index, row.position % block_tokens, key, value);
             }
-            let attended = self.attention(index, rows, caches, &q);
+            let attended = self.attention(index, rows, pool, tables, &q);
             let attended = Tensor::from_vec(attended, (rows.len(), c.hidden), &Device::Cpu)?;
             x = (x + layer.o.forward(&attended)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
             let gated = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
             x = (x + layer.down.forward(&gated)?)?;
-        }
-        for row in rows {
-            caches[row.sequence].len = caches[row.sequence].len.max(row.position + 1);
         }
         if logits_for.is_empty() {
             return Ok(Vec::new());
@@ -224,23 +201,33 @@ impl Model {
         self.output.forward(&last)?.to_vec2::<f32>()
     }
 
-    /// Causal attention of each row against its own sequence's cache, which
-    /// already holds this step's keys and values.
-    fn attention(&self, layer: usize, rows: &[Row], caches: &[KvCache], q: &[f32]) -> Vec<f32> {
+    /// Causal attention of each row against its own sequence's blocks, which
+    /// already hold this step's keys and values.
+    fn attention(
+        &self,
+        layer: usize,
+        rows: &[Row],
+        pool: &KvPool,
+        tables: &[&[BlockId]],
+        q: &[f32],
+    ) -> Vec<f32> {
         let c = &self.config;
         let shape = attention::Shape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
+        // This layer's slice of every block, per sequence: looked up once per
+        // pass, not once per row.
+        let blocks: Vec<Vec<&[f32]>> = tables
+            .iter()
+            .map(|table| table.iter().map(|&id| pool.layer(id, layer)).collect())
+            .collect();
         let mut out = vec![0f32; rows.len() * c.hidden];
         out.par_chunks_mut(c.hidden).zip(q.par_chunks(c.hidden)).zip(rows).for_each(
             |((out, q), row)| {
-                let cache = &caches[row.sequence];
-                attention::attend(
-                    shape,
-                    q,
-                    &cache.keys[layer],
-                    &cache.values[layer],
-                    row.position + 1,
-                    out,
-                );
+                let cached = attention::Cached {
+                    blocks: &blocks[row.sequence],
+                    block_tokens: pool.block_tokens(),
+                    seen: row.position + 1,
+                };
+                attention::attend(shape, q, cached, out);
             },
         );
         out

@@ -13,7 +13,12 @@ use fanout_local::{
 
 fn options(max_batch: usize) -> LocalOptions {
     LocalOptions {
-        engine: EngineOptions { threads: 1, max_batch, prefill_chunk: 16 },
+        engine: EngineOptions {
+            threads: 1,
+            max_batch,
+            prefill_chunk: 16,
+            ..EngineOptions::default()
+        },
         default_max_tokens: 24,
         ..LocalOptions::default()
     }

@@ -76,6 +76,41 @@ fn patterns_run_on_the_local_model() {
     assert_eq!(vote["calls"], 5, "{vote}");
 }
 
+/// `--kv-memory` bounds the local model's KV cache: a row that cannot fit is
+/// refused with its token count and the budget, and the rows that fit go on.
+#[test]
+fn kv_memory_bounds_the_cache_and_a_row_too_large_fails_alone() {
+    let home = Home::new();
+    let model = tiny(&home);
+    // The tiny model keeps 512 bytes per position: 64 KiB holds 128 positions.
+    let long = "word ".repeat(150);
+    home.write(
+        "rows.jsonl",
+        format!("{{\"id\":\"short\",\"text\":\"hi\"}}\n{{\"id\":\"long\",\"text\":\"{long}\"}}\n"),
+    );
+    let output = home
+        .fanout()
+        .env("FANOUT_MODEL", &model)
+        .args(["--kv-memory", "64KiB", "--threads", "1", "--max-tokens", "4", "-q"])
+        .args(["batch", "rows.jsonl", "--prompt", "{{ text }}", "--id", "id", "-o", "out.jsonl"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(3), "{}", stderr(&output));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(home.path("out.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows[0]["status"], "succeeded", "{}", rows[0]);
+    assert_eq!(rows[1]["status"], "failed", "{}", rows[1]);
+    let error = rows[1]["error"]["message"].as_str().unwrap();
+    assert!(error.contains("KV memory budget of 64.0 KiB holds (128 tokens)"), "{error}");
+    // A size that is not one is refused before anything runs.
+    let output = home.fanout().args(["--kv-memory", "lots", "ask", "hi"]).output().unwrap();
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("--kv-memory"), "{}", stderr(&output));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_key_in_the_environment_chooses_that_provider() {
     let server = MockServer::start(Config::default()).await.unwrap();

@@ -84,7 +84,9 @@ impl Sampler {
             }
             target -= weight;
         }
-        self.candidates.last().map_or_else(|| argmax(logits), |c| c.0)
+        // Rounding left some mass unspent: the last candidate that has any
+        // (never one at zero weight: a constrained answer's masked tokens).
+        self.candidates.iter().rev().find(|c| c.1 > 0.0).map_or_else(|| argmax(logits), |c| c.0)
     }
 }
 

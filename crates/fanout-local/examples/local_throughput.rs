@@ -3,9 +3,9 @@
 //! - `levels`: aggregate decode throughput and time to first token with 1, 4,
 //!   8 and 16 concurrent requests;
 //! - `prefill`: prompt processing of one ~500-token prompt, alone;
-//! - `vote`: a vote of n = 16 on one ~450-token prompt (8 answer tokens), with
+//! - `vote`: a vote of n = 16 on one ~360-token prompt (8 answer tokens), with
 //!   and without prefix sharing, against n = 1;
-//! - `prefix`: 100 rows sharing a ~500-token rubric, 16 at a time, with and
+//! - `prefix`: 100 rows sharing a ~430-token rubric, 16 at a time, with and
 //!   without sharing;
 //! - `structured`: 8 answers at once constrained to a JSON Schema, against 8
 //!   free answers of the same lengths (the cost of the per-step masks);
@@ -14,8 +14,9 @@
 //!
 //!     cargo run --release -p fanout-local --example local_throughput -- [GGUF] [--threads N] [--tokens N] [--levels 1,4,8,16] [--repeat N] [--scenarios levels,prefill,vote,prefix,memory]
 //!
-//! In the sharing scenarios every measured run starts its prompts with a
-//! token of its own, so nothing is shared from the cache of an earlier run.
+//! In the sharing scenarios every measured run's user message starts with a
+//! number of its own, so nothing past the chat template's default system
+//! prompt (its first block) is shared from the cache of an earlier run.
 //!
 //! Each request asks a different question and generates exactly `--tokens`
 //! tokens (EOS ignored), so every level does the same work per request.

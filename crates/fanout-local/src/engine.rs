@@ -259,10 +259,17 @@ impl Engine {
     /// Queues a request; the answer arrives when its sequence stops. Dropping
     /// the returned future cancels the request (its slot is freed next step).
     pub async fn generate(&self, request: GenerationRequest) -> Result<Generation, LocalError> {
-        // Compiled here, on the caller's thread: a bad schema is refused at
-        // once, and the scheduler's steps never wait for a compilation.
-        let constraint =
-            request.format.as_ref().map(|format| self.grammars.constrain(format)).transpose()?;
+        // Compiled before it is queued, on a blocking thread (the first one
+        // also builds the vocabulary's trie): a bad schema is refused at once,
+        // and neither the scheduler's steps nor the caller's runtime wait.
+        let constraint = match request.format.clone() {
+            Some(format) => {
+                let grammars = self.grammars.clone();
+                let compiled = tokio::task::spawn_blocking(move || grammars.constrain(&format));
+                Some(compiled.await.map_err(|e| LocalError::Engine(e.to_string()))??)
+            }
+            None => None,
+        };
         let (reply, answer) = oneshot::channel();
         self.jobs
             .send(Job { request, constraint, reply, submitted: Instant::now() })
@@ -332,7 +339,8 @@ impl Sequence {
     fn answer(self, finish: FinishReason, tokenizer: &ChatTokenizer) {
         let request = &self.job.request;
         let mut text = tokenizer.decode(&self.generated);
-        if let Some(cut) = request.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        let cut = request.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+        if let Some(cut) = cut.filter(|_| self.constraint.is_none()) {
             text.truncate(cut);
         }
         let generation = Generation {
@@ -502,11 +510,12 @@ impl Scheduler {
                 continue;
             }
             let before = seq.fed;
-            if sharing && !seq.share_prefix(&mut self.kv) {
-                continue;
-            }
+            let go_on = !sharing || seq.share_prefix(&mut self.kv);
             let shared = (seq.fed - before) as u64;
             self.counters.prompt_tokens_shared.fetch_add(shared, Ordering::Relaxed);
+            if !go_on {
+                continue;
+            }
             let prompt = &seq.job.request.prompt;
             let end = if prompt.len() - seq.fed <= budget {
                 prompt.len()
@@ -585,7 +594,7 @@ impl Scheduler {
             self.counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
             seq.first_token.get_or_insert_with(|| seq.job.submitted.elapsed());
             let ending = match token {
-                Ok(token) => self.stop_reason(i, token).map(Ending::Finished),
+                Ok(token) => self.stop_reason(i, token),
                 Err(message) => Some(Ending::Failed(message)),
             };
             if let Some(ending) = ending {
@@ -603,45 +612,50 @@ impl Scheduler {
                     seq.answer(reason, &self.tokenizer);
                 }
                 Ending::Failed(message) => {
-                    let message = format!("constrained decoding failed: {message}");
-                    let _ = seq.job.reply.send(Err(LocalError::Engine(message)));
+                    // The grammar refused what its own mask allowed: asking
+                    // again would fail the same way, so not retryable.
+                    let _ = seq.job.reply.send(Err(LocalError::Schema(message)));
                 }
             }
         }
     }
 
     /// Records `token` for sequence `i`; says why the sequence stops, if it does.
-    fn stop_reason(&mut self, i: usize, token: u32) -> Option<FinishReason> {
+    fn stop_reason(&mut self, i: usize, token: u32) -> Option<Ending> {
         let seq = &mut self.running[i];
         // A structured answer ends where its grammar allowed an end token.
         let keep_going = seq.job.request.ignore_eos && seq.constraint.is_none();
         if self.tokenizer.ends_generation(token) && !keep_going {
-            return Some(FinishReason::Stop);
+            return Some(Ending::Finished(FinishReason::Stop));
         }
         seq.generated.push(token);
-        if let Some(constraint) = &mut seq.constraint {
-            // Nothing the grammar could add (the object is closed): done. The
-            // token was allowed by its mask, so the matcher takes it.
-            if constraint.advance(token).unwrap_or(true) {
-                return Some(FinishReason::Stop);
-            }
-        }
         let request = &seq.job.request;
-        if !request.stop.is_empty() {
+        if let Some(constraint) = &mut seq.constraint {
+            match constraint.advance(token) {
+                // Nothing the grammar could add (the object is closed): done.
+                Ok(true) => return Some(Ending::Finished(FinishReason::Stop)),
+                Ok(false) => {}
+                Err(message) => return Some(Ending::Failed(message)),
+            }
+        } else if !request.stop.is_empty() {
+            // Stop sequences end free text only: inside JSON they would cut a
+            // structured answer short of parsing.
             let text = self.tokenizer.decode(&seq.generated);
             if request.stop.iter().any(|stop| text.contains(stop.as_str())) {
-                return Some(FinishReason::Stop);
+                return Some(Ending::Finished(FinishReason::Stop));
             }
         }
         let at_context_end =
             request.prompt.len() + seq.generated.len() >= self.model.config.context_length;
         (seq.generated.len() >= request.max_tokens || at_context_end)
-            .then_some(FinishReason::Length)
+            .then_some(Ending::Finished(FinishReason::Length))
     }
 
     /// Takes sequence `i` out of the batch; its blocks go back to the pool.
     fn retire(&mut self, i: usize) -> Sequence {
-        let mut sequence = self.running.swap_remove(i);
+        // `remove`, not `swap_remove`: the batch stays in admission order, so
+        // the prefill budget goes to the oldest prompts first.
+        let mut sequence = self.running.remove(i);
         self.kv.release(std::mem::take(&mut sequence.table));
         // Before the answer goes out: whoever receives it sees the batch without it.
         self.publish();

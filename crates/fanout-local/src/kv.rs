@@ -6,8 +6,11 @@
 //! under its content — the block before it and its tokens — so a later
 //! sequence whose prompt starts the same way takes a reference to it instead
 //! of computing those positions again. Keys and values at a position depend
-//! only on the tokens up to it (and the kernels are batch-invariant), so a
-//! shared block holds exactly what the sequence would have computed itself.
+//! only on the tokens up to it, and the block-quantized kernels (Q4_1, Q8_0:
+//! the default model's) are batch-invariant, so a shared block holds exactly
+//! what the sequence would have computed itself. (Other weight types go
+//! through candle's f32 matmul, which may round differently by batch size:
+//! equal answers, not always equal bits.)
 //!
 //! A block is in one of three states: *in use* (referenced by a sequence),
 //! *cached* (no references, but registered: kept for later sequences and
@@ -98,8 +101,8 @@ pub struct KvPool {
     key_of: Vec<Option<PrefixKey>>,
     /// Whether a registered block's positions are all computed.
     ready: Vec<bool>,
-    /// Registered blocks that name this one as their parent.
-    children: Vec<u32>,
+    /// How many registered blocks name this one as their parent.
+    child_count: Vec<u32>,
     /// The cached blocks by the time they were last let go: oldest first.
     cached: BTreeMap<u64, BlockId>,
     released_at: Vec<u64>,
@@ -124,7 +127,7 @@ impl KvPool {
             references: Vec::new(),
             key_of: Vec::new(),
             ready: Vec::new(),
-            children: Vec::new(),
+            child_count: Vec::new(),
             cached: BTreeMap::new(),
             released_at: Vec::new(),
             clock: 0,
@@ -203,7 +206,7 @@ impl KvPool {
         self.peak_in_use = self.peak_in_use.max(self.in_use);
         if let Some(key) = key.filter(|key| !self.registry.contains_key(key)) {
             if let Some(parent) = key.parent {
-                self.children[parent as usize] += 1;
+                self.child_count[parent as usize] += 1;
             }
             self.registry.insert(key.clone(), id);
             self.key_of[i] = Some(key);
@@ -285,7 +288,7 @@ impl KvPool {
         self.references.push(0);
         self.key_of.push(None);
         self.ready.push(false);
-        self.children.push(0);
+        self.child_count.push(0);
         self.released_at.push(0);
         id
     }
@@ -298,7 +301,7 @@ impl KvPool {
         let (&stamp, &id) = self
             .cached
             .iter()
-            .find(|(_, id)| self.children[**id as usize] == 0)
+            .find(|(_, id)| self.child_count[**id as usize] == 0)
             .expect("the reservation guarantees a cached block to evict");
         self.cached.remove(&stamp);
         self.unregister(id);
@@ -311,7 +314,7 @@ impl KvPool {
         if let Some(key) = self.key_of[i].take() {
             self.registry.remove(&key);
             if let Some(parent) = key.parent {
-                self.children[parent as usize] -= 1;
+                self.child_count[parent as usize] -= 1;
             }
         }
         self.ready[i] = false;

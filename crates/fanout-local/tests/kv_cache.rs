@@ -106,8 +106,17 @@ async fn shared_prefixes_give_the_answers_of_unshared_computation_bit_for_bit() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vote_prefills_its_prompt_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = common::tiny_model(&dir, options(16, 16, true));
+    // Chunks of one block, and of four: then a sample takes the blocks
+    // computed so far and waits for the one being computed.
+    for chunk in [16, 64] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut options = options(16, 16, true);
+        options.engine.prefill_chunk = chunk;
+        vote_prefills_once(common::tiny_model(&dir, options)).await;
+    }
+}
+
+async fn vote_prefills_once(model: LocalModel) {
     let prompt = text_tokens(&model, &"one question asked sixteen times. ".repeat(5));
     let requests: Vec<GenerationRequest> = (0..16).map(|i| request(prompt.clone(), 6, i)).collect();
     let answers = all(&model, &requests).await;

@@ -124,3 +124,20 @@ async fn a_schema_that_cannot_be_compiled_is_a_bad_request() {
     assert!(error.message().contains("the schema cannot constrain"), "{error}");
     assert!(model.complete(&Request::user("still here").with_max_tokens(3)).await.is_ok());
 }
+
+/// Stop sequences end free text only: inside JSON they would cut it short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_sequences_do_not_cut_a_structured_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model(&dir);
+    let schema = json!({
+        "type": "object",
+        "properties": {"a": {"type": "boolean"}, "b": {"type": "boolean"}},
+        "required": ["a", "b"],
+        "additionalProperties": false
+    });
+    let mut request = structured("x", &schema, 3);
+    request.stop = vec![",".into(), "\"".into()];
+    let answer = model.complete(&request).await.unwrap();
+    check(&schema, &answer).unwrap();
+}

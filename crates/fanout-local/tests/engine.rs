@@ -157,7 +157,6 @@ async fn start_long_answer(
         stop: Vec::new(),
         sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
         ignore_eos: true,
-        format: None,
     };
     let answer = tokio::spawn({
         let model = model.clone();

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use fanout::{Check, ErrorKind, Progress, Provider, ProviderError, Request, Response, Usage};
 use fanout_store::Store;
-use sha2::{Digest, Sha256};
 
 pub struct Cached {
     inner: Arc<dyn Provider>,
@@ -35,11 +34,7 @@ impl Cached {
     }
 
     fn key(scope: &str, request: &Request) -> String {
-        let mut hash = Sha256::new();
-        hash.update(scope.as_bytes());
-        hash.update([0]);
-        hash.update(serde_json::to_vec(request).unwrap_or_default());
-        format!("{:x}", hash.finalize())
+        crate::fingerprint::request_key(scope, request)
     }
 
     /// The stored answer to `request`, under the current scope or the old one

@@ -24,6 +24,15 @@ pub fn sha256(bytes: &[u8]) -> String {
     format!("{:x}", Sha256::digest(bytes))
 }
 
+/// What one call is stored under (the answer cache, a job's recorded
+/// calls): `scope` (which provider, endpoint and model) and the whole
+/// request, its JSON objects' keys sorted so the order a schema was written
+/// in does not make it another call.
+pub fn request_key(scope: &str, request: &fanout::Request) -> String {
+    let request = serde_json::to_vec(&request.sorted_json()).unwrap_or_default();
+    sha256(&[scope.as_bytes(), &[0], &request].concat())
+}
+
 /// The settings that change answers (not limits or timeouts), by name.
 #[derive(Serialize)]
 struct Answering<'a> {
@@ -103,7 +112,8 @@ pub fn job(spec: &Spec, input_hash: String) -> Fingerprint {
         parts.insert("kept fields".to_owned(), fields);
     }
     if let Some(schema) = &spec.schema {
-        let schema = serde_json::to_vec(schema).expect("a schema serializes");
+        // Keys sorted: the same schema with its keys in another order is the same job.
+        let schema = serde_json::to_vec(&schema.sorted_json()).expect("a schema serializes");
         parts.insert("response schema".to_owned(), sha256(&schema));
     }
     parts.insert(VERSION_PART.to_owned(), VERSION.to_owned());
@@ -270,6 +280,51 @@ mod tests {
         other.settings.model = "gpt-4o".into();
         let (changes, _) = job_changes(&stored, &other, "abc".into());
         assert_eq!(changes, [SETTINGS_PART]);
+    }
+
+    /// JSON keys are sent in the order they were written, but hashed sorted:
+    /// a schema written in another order is the same call and the same job,
+    /// and what is hashed is what fanout hashed before it kept that order
+    /// (sorted keys), so no cached answer or stored job is lost.
+    #[test]
+    fn hashes_do_not_depend_on_the_order_of_json_keys() {
+        let schema = |text: &str| fanout::ResponseFormat::JsonSchema {
+            name: "grade".into(),
+            schema: serde_json::from_str(text).unwrap(),
+        };
+        let written = schema(r#"{"type":"object","properties":{"score":{},"reason":{}}}"#);
+        let reordered = schema(r#"{"properties":{"reason":{},"score":{}},"type":"object"}"#);
+        let request = |format: &fanout::ResponseFormat, extra: &str| {
+            let mut request = fanout::Request::user("Grade this.");
+            request.response_format = Some(format.clone());
+            let parameters = serde_json::from_str(extra).unwrap();
+            request.tools = vec![fanout::ToolSpec::new("look", "Looks.", parameters)];
+            request.extra = serde_json::from_str(extra).unwrap();
+            request
+        };
+        let first = request(&written, r#"{"z":1,"a":{"y":1,"b":2}}"#);
+        let second = request(&reordered, r#"{"a":{"b":2,"y":1},"z":1}"#);
+        assert_ne!(serde_json::to_string(&first).unwrap(), serde_json::to_string(&second).unwrap());
+        assert_eq!(request_key("scope", &first), request_key("scope", &second));
+        let hashed = concat!(
+            r#"{"messages":[{"role":"user","content":"Grade this."}],"response_format":"#,
+            r#"{"type":"json_schema","name":"grade","schema":{"properties":{"reason":{},"score":{}},"#,
+            r#""type":"object"}},"tools":[{"name":"look","description":"Looks.","parameters":"#,
+            r#"{"a":{"b":2,"y":1},"z":1}}],"extra":{"a":{"b":2,"y":1},"z":1}}"#
+        );
+        assert_eq!(
+            String::from_utf8(serde_json::to_vec(&first.sorted_json()).unwrap()).unwrap(),
+            hashed
+        );
+        assert_eq!(
+            request_key("scope", &first),
+            sha256(&[&b"scope\0"[..], hashed.as_bytes()].concat())
+        );
+
+        let (mut one, mut other) = (spec(), spec());
+        one.schema = Some(written);
+        other.schema = Some(reordered);
+        assert_eq!(job(&one, "abc".into()), job(&other, "abc".into()));
     }
 
     /// Kept fields, images and a schema are parts only of jobs that set them

@@ -31,9 +31,7 @@ pub fn is_replayed(response: &Response) -> bool {
 /// endpoint and model (`scope`, from the settings) and the whole request,
 /// so a run against another model or server asks anew.
 pub fn call_key(scope: &str, request: &Request) -> String {
-    crate::fingerprint::sha256(
-        &[scope.as_bytes(), &[0], &serde_json::to_vec(request).unwrap_or_default()].concat(),
-    )
+    crate::fingerprint::request_key(scope, request)
 }
 
 /// The scope of [`call_key`] for these settings.

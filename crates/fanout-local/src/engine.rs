@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use tokio::sync::oneshot;
 
 use crate::LocalError;
+use crate::grammar::{Constraint, LazyGrammars, OutputFormat};
 use crate::kv::{BlockTable, KvPool, Lookup, PrefixKey};
 use crate::model::{Model, Row};
 use crate::sampling::{Sampler, SamplingParams};
@@ -87,8 +88,10 @@ pub struct GenerationRequest {
     /// How each next token is chosen.
     pub sampling: SamplingParams,
     /// Keep generating through EOS and end-of-turn tokens, up to `max_tokens`
-    /// (for benchmarks that need a fixed answer length).
+    /// (for benchmarks that need a fixed answer length; not with a `format`).
     pub ignore_eos: bool,
+    /// The answer's shape: decoding keeps to it, token by token.
+    pub format: Option<OutputFormat>,
 }
 
 /// Why a sequence stopped.
@@ -118,6 +121,8 @@ pub struct Generation {
 
 struct Job {
     request: GenerationRequest,
+    /// The grammar of `request.format`, compiled by the caller.
+    constraint: Option<Constraint>,
     reply: oneshot::Sender<Result<Generation, LocalError>>,
     submitted: Instant,
 }
@@ -181,6 +186,7 @@ struct Counters {
 pub struct Engine {
     jobs: Sender<Job>,
     counters: Arc<Counters>,
+    grammars: Arc<LazyGrammars>,
 }
 
 impl std::fmt::Debug for Job {
@@ -205,6 +211,7 @@ impl Engine {
         let (jobs, inbox) = std::sync::mpsc::channel();
         let counters = Arc::new(Counters::default());
         let block_tokens = options.block_tokens.max(1);
+        let grammars = Arc::new(LazyGrammars::new(tokenizer.clone(), model.config.vocab_size));
         let budget = options.kv_memory.unwrap_or_else(default_kv_memory);
         let capacity = budget / KvPool::block_bytes(&model.config, block_tokens);
         let kv = KvPool::new(&model.config, block_tokens, capacity as usize);
@@ -224,7 +231,7 @@ impl Engine {
             .name("fanout-local-scheduler".into())
             .spawn(move || scheduler.run(&inbox))
             .map_err(|e| LocalError::Engine(format!("cannot start the scheduler thread: {e}")))?;
-        Ok(Self { jobs, counters })
+        Ok(Self { jobs, counters, grammars })
     }
 
     /// Counters of the engine's work so far.
@@ -252,9 +259,20 @@ impl Engine {
     /// Queues a request; the answer arrives when its sequence stops. Dropping
     /// the returned future cancels the request (its slot is freed next step).
     pub async fn generate(&self, request: GenerationRequest) -> Result<Generation, LocalError> {
+        // Compiled before it is queued, on a blocking thread (the first one
+        // also builds the vocabulary's trie): a bad schema is refused at once,
+        // and neither the scheduler's steps nor the caller's runtime wait.
+        let constraint = match request.format.clone() {
+            Some(format) => {
+                let grammars = self.grammars.clone();
+                let compiled = tokio::task::spawn_blocking(move || grammars.constrain(&format));
+                Some(compiled.await.map_err(|e| LocalError::Engine(e.to_string()))??)
+            }
+            None => None,
+        };
         let (reply, answer) = oneshot::channel();
         self.jobs
-            .send(Job { request, reply, submitted: Instant::now() })
+            .send(Job { request, constraint, reply, submitted: Instant::now() })
             .map_err(|_| LocalError::Engine("the model's scheduler has stopped".into()))?;
         answer.await.map_err(|_| {
             LocalError::Engine("the model's scheduler stopped before answering".into())
@@ -265,6 +283,8 @@ impl Engine {
 struct Sequence {
     job: Job,
     sampler: Sampler,
+    /// Where a structured answer stands in its grammar.
+    constraint: Option<Constraint>,
     /// Its KV cache blocks, and the blocks it may still take.
     table: BlockTable,
     /// Prompt tokens already in the cache (computed or shared).
@@ -273,9 +293,23 @@ struct Sequence {
     first_token: Option<Duration>,
 }
 
+/// How a sequence ends.
+enum Ending {
+    Finished(FinishReason),
+    Failed(String),
+}
+
 impl Sequence {
     fn prefilling(&self) -> bool {
         self.fed < self.job.request.prompt.len()
+    }
+
+    /// Samples the next token, from the tokens its grammar allows if it has one.
+    fn next_token(&mut self, logits: &mut [f32]) -> Result<u32, String> {
+        if let Some(constraint) = &mut self.constraint {
+            constraint.mask(logits)?;
+        }
+        Ok(self.sampler.sample(logits))
     }
 
     /// Takes the computed blocks that continue its prompt from the shared
@@ -305,7 +339,8 @@ impl Sequence {
     fn answer(self, finish: FinishReason, tokenizer: &ChatTokenizer) {
         let request = &self.job.request;
         let mut text = tokenizer.decode(&self.generated);
-        if let Some(cut) = request.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+        let cut = request.stop.iter().filter_map(|s| text.find(s.as_str())).min();
+        if let Some(cut) = cut.filter(|_| self.constraint.is_none()) {
             text.truncate(cut);
         }
         let generation = Generation {
@@ -431,9 +466,10 @@ impl Scheduler {
             // No room yet: it waits, and so do the requests behind it (first
             // come first served, so a long request is not passed over forever).
             let Some(table) = self.kv.reserve(blocks) else { break };
-            let job = self.waiting.pop_front().expect("looked at above");
+            let mut job = self.waiting.pop_front().expect("looked at above");
             let sampler = Sampler::new(job.request.sampling.clone());
             self.running.push(Sequence {
+                constraint: job.constraint.take(),
                 job,
                 sampler,
                 table,
@@ -537,56 +573,82 @@ impl Scheduler {
         for id in computed {
             self.kv.mark_ready(id);
         }
-        // Sampling reads the whole vocabulary per sequence: spread it over the threads.
-        let mut logits_of: Vec<Option<&[f32]>> = vec![None; self.running.len()];
-        for (logits, &i) in logits.iter().zip(&sampled) {
+        // Sampling (and a structured answer's mask) reads the whole
+        // vocabulary per sequence: spread it over the threads.
+        let mut logits_of: Vec<Option<Vec<f32>>> = (0..self.running.len()).map(|_| None).collect();
+        for (logits, &i) in logits.into_iter().zip(&sampled) {
             logits_of[i] = Some(logits);
         }
         let running = &mut self.running;
-        let tokens: Vec<Option<u32>> = self.pool.install(|| {
+        let tokens: Vec<Option<Result<u32, String>>> = self.pool.install(|| {
             running
                 .par_iter_mut()
                 .zip(logits_of)
-                .map(|(seq, logits)| logits.map(|logits| seq.sampler.sample(logits)))
+                .map(|(seq, logits)| logits.map(|mut logits| seq.next_token(&mut logits)))
                 .collect()
         });
-        let mut finished = Vec::new();
+        let mut ended = Vec::new();
         for (i, token) in tokens.into_iter().enumerate() {
             let Some(token) = token else { continue };
             let seq = &mut self.running[i];
             self.counters.generated_tokens.fetch_add(1, Ordering::Relaxed);
             seq.first_token.get_or_insert_with(|| seq.job.submitted.elapsed());
-            if let Some(reason) = self.stop_reason(i, token) {
-                finished.push((i, reason));
+            let ending = match token {
+                Ok(token) => self.stop_reason(i, token),
+                Err(message) => Some(Ending::Failed(message)),
+            };
+            if let Some(ending) = ending {
+                ended.push((i, ending));
             }
         }
         self.counters.steps.fetch_add(1, Ordering::Relaxed);
-        self.counters.finished.fetch_add(finished.len() as u64, Ordering::Relaxed);
         // Retire from the back so earlier indices stay valid.
-        finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
-        for (i, reason) in finished {
-            self.retire(i).answer(reason, &self.tokenizer);
+        ended.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, ending) in ended {
+            let seq = self.retire(i);
+            match ending {
+                Ending::Finished(reason) => {
+                    self.counters.finished.fetch_add(1, Ordering::Relaxed);
+                    seq.answer(reason, &self.tokenizer);
+                }
+                Ending::Failed(message) => {
+                    // The grammar refused what its own mask allowed: asking
+                    // again would fail the same way, so not retryable.
+                    let _ = seq.job.reply.send(Err(LocalError::Schema(message)));
+                }
+            }
         }
     }
 
     /// Records `token` for sequence `i`; says why the sequence stops, if it does.
-    fn stop_reason(&mut self, i: usize, token: u32) -> Option<FinishReason> {
+    fn stop_reason(&mut self, i: usize, token: u32) -> Option<Ending> {
         let seq = &mut self.running[i];
-        if self.tokenizer.ends_generation(token) && !seq.job.request.ignore_eos {
-            return Some(FinishReason::Stop);
+        // A structured answer ends where its grammar allowed an end token.
+        let keep_going = seq.job.request.ignore_eos && seq.constraint.is_none();
+        if self.tokenizer.ends_generation(token) && !keep_going {
+            return Some(Ending::Finished(FinishReason::Stop));
         }
         seq.generated.push(token);
         let request = &seq.job.request;
-        if !request.stop.is_empty() {
+        if let Some(constraint) = &mut seq.constraint {
+            match constraint.advance(token) {
+                // Nothing the grammar could add (the object is closed): done.
+                Ok(true) => return Some(Ending::Finished(FinishReason::Stop)),
+                Ok(false) => {}
+                Err(message) => return Some(Ending::Failed(message)),
+            }
+        } else if !request.stop.is_empty() {
+            // Stop sequences end free text only: inside JSON they would cut a
+            // structured answer short of parsing.
             let text = self.tokenizer.decode(&seq.generated);
             if request.stop.iter().any(|stop| text.contains(stop.as_str())) {
-                return Some(FinishReason::Stop);
+                return Some(Ending::Finished(FinishReason::Stop));
             }
         }
         let at_context_end =
             request.prompt.len() + seq.generated.len() >= self.model.config.context_length;
         (seq.generated.len() >= request.max_tokens || at_context_end)
-            .then_some(FinishReason::Length)
+            .then_some(Ending::Finished(FinishReason::Length))
     }
 
     /// Takes sequence `i` out of the batch; its blocks go back to the pool.

@@ -30,6 +30,8 @@ pub enum LocalError {
     /// The prompt is empty, or does not fit the model's context length or
     /// the KV memory budget.
     PromptTooLong(String),
+    /// The response format's schema cannot constrain decoding.
+    Schema(String),
     /// The scheduler could not start or stopped, or a forward pass failed.
     Engine(String),
 }
@@ -51,6 +53,9 @@ impl std::fmt::Display for LocalError {
             Self::Tokenizer(message) => write!(f, "tokenizer: {message}"),
             Self::Template(message) => write!(f, "chat template: {message}"),
             Self::PromptTooLong(message) => f.write_str(message),
+            Self::Schema(message) => {
+                write!(f, "the schema cannot constrain the local model's answer: {message}")
+            }
         }
     }
 }
@@ -60,9 +65,10 @@ impl std::error::Error for LocalError {}
 impl From<LocalError> for ProviderError {
     fn from(error: LocalError) -> Self {
         let kind = match &error {
-            LocalError::PromptTooLong(_) | LocalError::Template(_) | LocalError::Tokenizer(_) => {
-                ErrorKind::BadRequest
-            }
+            LocalError::PromptTooLong(_)
+            | LocalError::Schema(_)
+            | LocalError::Template(_)
+            | LocalError::Tokenizer(_) => ErrorKind::BadRequest,
             LocalError::NotFound(_) => ErrorKind::NotFound,
             _ => ErrorKind::Server,
         };

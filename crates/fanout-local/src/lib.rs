@@ -26,6 +26,7 @@ mod chat;
 pub mod engine;
 mod error;
 mod gguf;
+mod grammar;
 mod kv;
 #[cfg(target_arch = "x86_64")]
 mod lanes;
@@ -42,6 +43,7 @@ mod tokenizer;
 pub use engine::{EngineOptions, EngineStats, FinishReason, Generation, GenerationRequest};
 pub use error::LocalError;
 pub use gguf::ModelConfig;
+pub use grammar::OutputFormat;
 pub use provider::{LocalModel, LocalOptions};
 pub use resolve::{Locations, ModelSource, ModelSpec, find, pull, resolve};
 pub use tokenizer::ChatTokenizer;

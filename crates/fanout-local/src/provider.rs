@@ -3,7 +3,9 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use fanout::{Check, ErrorKind, Provider, ProviderError, Request, Response, Role, Usage};
+use fanout::{
+    Check, ErrorKind, Provider, ProviderError, Request, Response, ResponseFormat, Role, Usage,
+};
 
 use crate::LocalError;
 use crate::chat::ChatTemplate;
@@ -11,6 +13,7 @@ use crate::engine::{
     Engine, EngineOptions, EngineStats, FinishReason, Generation, GenerationRequest,
 };
 use crate::gguf::{GgufFile, ModelConfig};
+use crate::grammar::OutputFormat;
 use crate::model::Model;
 use crate::sampling::SamplingParams;
 use crate::tokenizer::ChatTokenizer;
@@ -128,6 +131,13 @@ impl LocalModel {
                 seed,
             },
             ignore_eos: false,
+            // A response format constrains decoding: the answer always parses.
+            format: request.response_format.as_ref().map(|format| match format {
+                ResponseFormat::JsonObject => OutputFormat::JsonObject,
+                ResponseFormat::JsonSchema { schema, .. } => {
+                    OutputFormat::JsonSchema(schema.clone())
+                }
+            }),
         }
     }
 }

@@ -9,28 +9,11 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
 use crate::LocalError;
+use crate::tokenizer::byte_symbols;
 
 /// Special tokens at ids 0, 1, 2, as in SmolLM2.
 const SPECIALS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 const TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// GPT-2's printable stand-ins for the 256 byte values (the vocabulary's spelling).
-fn byte_symbols() -> Vec<char> {
-    let mut next = 256u32;
-    (0u32..256)
-        .map(|b| {
-            let printable =
-                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
-            let code = if printable {
-                b
-            } else {
-                next += 1;
-                next - 1
-            };
-            char::from_u32(code).expect("valid code point")
-        })
-        .collect()
-}
 
 /// Writes a 2-layer model with a byte-level vocabulary (3 specials, 256 bytes
 /// and a few merges) and random weights from `seed`.

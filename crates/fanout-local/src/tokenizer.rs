@@ -126,10 +126,53 @@ impl ChatTokenizer {
         id == self.eos || self.control.get(id as usize).copied().unwrap_or(false)
     }
 
+    /// Every token's bytes, by id, for constrained decoding: byte-level
+    /// spellings mapped back to their bytes; control tokens (and any token
+    /// not spelled in byte-level symbols) as llguidance's special tokens, its
+    /// marker byte and their name, so they never match text.
+    pub(crate) fn token_bytes(&self) -> Vec<Vec<u8>> {
+        let byte_of: AHashMap<char, u8> = byte_symbols().into_iter().zip(0..=255u8).collect();
+        let special = |text: &str| {
+            let mut bytes = vec![llguidance::toktrie::TokTrie::SPECIAL_TOKEN_MARKER];
+            bytes.extend_from_slice(text.as_bytes());
+            bytes
+        };
+        (0..self.inner.get_vocab_size(true) as u32)
+            .map(|id| {
+                let text = self.inner.id_to_token(id).unwrap_or_default();
+                if self.ends_generation(id) {
+                    return special(&text);
+                }
+                text.chars()
+                    .map(|c| byte_of.get(&c).copied())
+                    .collect::<Option<Vec<u8>>>()
+                    .unwrap_or_else(|| special(&text))
+            })
+            .collect()
+    }
+
     /// The token's text as the vocabulary spells it (for templates: `bos_token`).
     pub fn token_text(&self, id: u32) -> String {
         self.inner.id_to_token(id).unwrap_or_default()
     }
+}
+
+/// GPT-2's printable stand-ins for the 256 byte values (the vocabulary's spelling).
+pub(crate) fn byte_symbols() -> Vec<char> {
+    let mut next = 256u32;
+    (0u32..256)
+        .map(|b| {
+            let printable =
+                (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+            let code = if printable {
+                b
+            } else {
+                next += 1;
+                next - 1
+            };
+            char::from_u32(code).expect("valid code point")
+        })
+        .collect()
 }
 
 fn strings(gguf: &GgufFile, key: &str) -> Result<Vec<String>, LocalError> {

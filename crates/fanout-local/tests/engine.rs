@@ -157,6 +157,7 @@ async fn start_long_answer(
         stop: Vec::new(),
         sampling: SamplingParams { temperature: 0.0, ..SamplingParams::default() },
         ignore_eos: true,
+        format: None,
     };
     let answer = tokio::spawn({
         let model = model.clone();

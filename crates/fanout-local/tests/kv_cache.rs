@@ -38,6 +38,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, seed: u64) -> GenerationRequest 
         stop: Vec::new(),
         sampling: SamplingParams { temperature: 1.0, seed, ..SamplingParams::default() },
         ignore_eos: true,
+        format: None,
     }
 }
 

@@ -52,3 +52,35 @@ async fn tokenizer_matches_llama_cpp_and_model_answers_sanity_prompts() {
         .count();
     assert!(named >= 3, "{colors:?}");
 }
+
+/// A schema prompt to the real model: decoding keeps to the schema, so the
+/// answer parses and validates, and the model still fills it sensibly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_models_answer_to_a_schema_prompt_parses() {
+    let Some(model) = load() else { return };
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "country": {"type": "string", "maxLength": 40},
+            "capital": {"type": "string", "maxLength": 40}
+        },
+        "required": ["country", "capital"],
+        "additionalProperties": false
+    });
+    let mut request = Request::user("What is the capital of France? Answer in JSON.")
+        .with_temperature(0.0)
+        .with_max_tokens(64);
+    request.response_format =
+        Some(fanout::ResponseFormat::JsonSchema { name: "capital".into(), schema: schema.clone() });
+    let mut any_object = request.clone();
+    any_object.response_format = Some(fanout::ResponseFormat::JsonObject);
+    let (answer, object) = tokio::join!(model.complete(&request), model.complete(&any_object));
+    let answer = answer.unwrap();
+    assert_eq!(answer.finish_reason.as_deref(), Some("stop"), "{:?}", answer.text);
+    let value: serde_json::Value = serde_json::from_str(&answer.text).unwrap();
+    assert!(jsonschema::is_valid(&schema, &value), "{value}");
+    assert!(value["capital"].as_str().unwrap().contains("Paris"), "{value}");
+    let object = object.unwrap();
+    let value: serde_json::Value = serde_json::from_str(&object.text).unwrap();
+    assert!(value.is_object(), "{value}");
+}

@@ -207,3 +207,39 @@ fn a_dry_run_counts_with_the_models_own_tokenizer() {
         (Some(0.0), Some(16))
     );
 }
+
+/// `--schema` on the local model constrains its decoding: even the tiny
+/// random model's answers parse and follow the schema, with no repairs.
+#[test]
+fn a_schema_constrains_the_local_models_answers() {
+    let home = Home::new();
+    let model = tiny(&home);
+    home.write(
+        "rows.jsonl",
+        "{\"essay\":\"The sea\"}\n{\"essay\":\"Robots\"}\n{\"essay\":\"Rain\"}\n",
+    );
+    let schema = r#"{"type": "object",
+        "properties": {"grade": {"type": "integer", "minimum": 1, "maximum": 5},
+                       "verdict": {"enum": ["pass", "fail"]}},
+        "required": ["grade", "verdict"], "additionalProperties": false}"#;
+    home.write("grade.json", schema);
+    let output = home
+        .fanout()
+        .env("FANOUT_MODEL", &model)
+        .args(["--threads", "1", "--temperature", "1.0", "--max-tokens", "40", "--json"])
+        .args(["batch", "rows.jsonl", "--prompt", "Grade: {{ essay }}", "--schema", "grade.json"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let rows = crate::lines(&output.stdout);
+    assert_eq!(rows.len(), 3);
+    for row in &rows {
+        let answer = &row["output"];
+        assert!((1..=5).contains(&answer["grade"].as_i64().unwrap()), "{row}");
+        assert!(["pass", "fail"].contains(&answer["verdict"].as_str().unwrap()), "{row}");
+    }
+    let said = stderr(&output);
+    let totals: serde_json::Value =
+        serde_json::from_str(said.lines().find(|l| l.starts_with('{')).unwrap()).unwrap();
+    assert_eq!((&totals["succeeded"], &totals["repairs"]), (&3.into(), &0.into()), "{totals}");
+}

@@ -166,6 +166,16 @@ impl ResponseFormat {
         crate::exec::check::compile(&schema)?;
         Ok(Self::JsonSchema { name: name.into(), schema })
     }
+
+    /// The same format with the schema's keys sorted, for hashing (see
+    /// [`Request::sorted_json`]).
+    pub fn sorted_json(&self) -> Self {
+        let mut format = self.clone();
+        if let Self::JsonSchema { schema, .. } = &mut format {
+            schema.sort_all_objects();
+        }
+        format
+    }
 }
 
 fn is_zero(n: &u32) -> bool {
@@ -177,6 +187,22 @@ impl Request {
     /// relay: the call is committed to that answer.
     pub fn relay_is_held(&self) -> bool {
         self.relay.as_ref().is_some_and(super::Relay::is_held)
+    }
+
+    /// The same request with the keys of every JSON object it carries (its
+    /// schema, tool parameters and extra fields) sorted, for hashing: keys keep
+    /// the order they were written in, and two requests that differ only in
+    /// that order ask the same thing, so a cache key or fingerprint is taken
+    /// from this form.
+    pub fn sorted_json(&self) -> Self {
+        let mut request = self.clone();
+        request.response_format = request.response_format.as_ref().map(ResponseFormat::sorted_json);
+        for tool in &mut request.tools {
+            tool.parameters.sort_all_objects();
+        }
+        request.extra.sort_keys();
+        request.extra.values_mut().for_each(serde_json::Value::sort_all_objects);
+        request
     }
 
     /// A request with a single user message.

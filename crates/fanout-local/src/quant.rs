@@ -4,9 +4,12 @@
 //! Why not candle's quantized matmul: it quantizes the *activations* to 8 bits
 //! as well, and with this model that flips answers ("What is the capital of
 //! France?" → "L'Étoile…"); f32 weights answer right but are 4× the memory
-//! traffic. Here each weight is stored as one signed byte plus its block's
-//! scale and offset, widened to f32 in registers, and multiplied with f32
-//! activations: the dequantized model's arithmetic at a quarter of its size.
+//! traffic. Here the weights stay packed as the file has them (Q4_1: half a
+//! byte each, Q8_0: one) beside their block's scale and offset, are widened to
+//! f32 in registers, and multiplied with f32 activations: the dequantized
+//! model's arithmetic at an eighth (Q4_1) or a quarter (Q8_0) of its size.
+//! Decoding one sequence reads every weight once per token, so what it reads
+//! is what it costs: unpacking Q4_1 to a byte a value first doubled that.
 //!
 //! Every output value is one row's dot product in a fixed order, whatever the
 //! batch size, so an answer never depends on what else is in the batch.
@@ -18,12 +21,39 @@ use rayon::prelude::*;
 
 const BLOCK: usize = 32;
 
+/// How a block's 32 quantized values are packed in its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Packing {
+    /// Q4_1's 16 bytes: value `i` is the low nibble of byte `i` (for `i` < 16)
+    /// or the high nibble of byte `i − 16`, from 0 to 15.
+    Nibbles,
+    /// Q8_0's 32 signed bytes, one a value.
+    Bytes,
+}
+
+/// The bytes one block's values take.
+const fn block_bytes<const NIBBLES: bool>() -> usize {
+    if NIBBLES { BLOCK / 2 } else { BLOCK }
+}
+
+/// One block's 32 values from its packed bytes.
+#[inline(always)]
+fn unpack<const NIBBLES: bool>(bytes: &[u8]) -> [i8; BLOCK] {
+    std::array::from_fn(|i| match NIBBLES {
+        true if i < BLOCK / 2 => (bytes[i] & 0x0F) as i8,
+        true => (bytes[i - BLOCK / 2] >> 4) as i8,
+        false => bytes[i] as i8,
+    })
+}
+
 /// A weight matrix (rows × cols) in 32-value blocks: `value = q · scale + offset`.
 #[derive(Debug)]
 pub struct BlockMatrix {
     rows: usize,
     cols: usize,
-    quants: Vec<i8>,
+    packing: Packing,
+    /// The blocks' packed values, row-major.
+    quants: Vec<u8>,
     /// (scale, offset) per block, row-major.
     scales: Vec<[f32; 2]>,
 }
@@ -38,30 +68,31 @@ impl BlockMatrix {
         }
         let data = tensor.data().ok()?;
         let blocks = rows * cols / BLOCK;
-        let mut quants = Vec::with_capacity(rows * cols);
         let mut scales = Vec::with_capacity(blocks);
         let half_at =
             |bytes: &[u8], at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
-        match tensor.dtype() {
+        let (packing, quants) = match tensor.dtype() {
             GgmlDType::Q4_1 => {
-                // d: f16, m: f16, 16 bytes of nibbles: low nibbles are values 0..16, high 16..32.
+                // d: f16, m: f16, then the 16 bytes of nibbles.
+                let mut quants = Vec::with_capacity(rows * cols / 2);
                 for block in data.chunks_exact(20).take(blocks) {
                     scales.push([half_at(block, 0), half_at(block, 2)]);
-                    let nibbles = &block[4..20];
-                    quants.extend(nibbles.iter().map(|b| (b & 0x0F) as i8));
-                    quants.extend(nibbles.iter().map(|b| (b >> 4) as i8));
+                    quants.extend_from_slice(&block[4..20]);
                 }
+                (Packing::Nibbles, quants)
             }
             GgmlDType::Q8_0 => {
-                // d: f16, 32 signed bytes.
+                // d: f16, then 32 signed bytes.
+                let mut quants = Vec::with_capacity(rows * cols);
                 for block in data.chunks_exact(34).take(blocks) {
                     scales.push([half_at(block, 0), 0.0]);
-                    quants.extend(block[2..34].iter().map(|&b| b as i8));
+                    quants.extend_from_slice(&block[2..34]);
                 }
+                (Packing::Bytes, quants)
             }
             _ => return None,
-        }
-        (scales.len() == blocks).then_some(Self { rows, cols, quants, scales })
+        };
+        (scales.len() == blocks).then_some(Self { rows, cols, packing, quants, scales })
     }
 
     pub fn shape(&self) -> [usize; 2] {
@@ -73,18 +104,43 @@ impl BlockMatrix {
         if row >= self.rows {
             return vec![0.0; self.cols];
         }
-        let blocks = self.cols / BLOCK;
-        let quants = &self.quants[row * self.cols..][..self.cols];
-        let scales = &self.scales[row * blocks..][..blocks];
-        quants
-            .chunks_exact(BLOCK)
-            .zip(scales)
-            .flat_map(|(q, &[scale, offset])| q.iter().map(move |&q| f32::from(q) * scale + offset))
+        let values = |row: WeightRow<'_>, block: usize| match self.packing {
+            Packing::Nibbles => row.block::<true>(block),
+            Packing::Bytes => row.block::<false>(block),
+        };
+        let weights = self.weight_row(row);
+        (0..self.cols / BLOCK)
+            .flat_map(|block| {
+                let [scale, offset] = weights.scales[block];
+                values(weights, block).map(move |q| f32::from(q) * scale + offset)
+            })
             .collect()
+    }
+
+    /// Row `row`'s packed values and block scales.
+    fn weight_row(&self, row: usize) -> WeightRow<'_> {
+        let blocks = self.cols / BLOCK;
+        let bytes = blocks * self.packing_bytes();
+        WeightRow {
+            quants: &self.quants[row * bytes..][..bytes],
+            scales: &self.scales[row * blocks..][..blocks],
+        }
+    }
+
+    fn packing_bytes(&self) -> usize {
+        match self.packing {
+            Packing::Nibbles => block_bytes::<true>(),
+            Packing::Bytes => block_bytes::<false>(),
+        }
     }
 
     /// `x` (batch × cols) times this matrix transposed: (batch × rows).
     pub fn matmul(&self, x: &[f32], batch: usize) -> Vec<f32> {
+        self.product(x, batch, true)
+    }
+
+    /// [`Self::matmul`], with AVX2 where the machine has it and `simd` allows.
+    fn product(&self, x: &[f32], batch: usize, simd: bool) -> Vec<f32> {
         assert_eq!(x.len(), batch * self.cols, "input is not batch × {}", self.cols);
         // Computed transposed (rows × batch) so each task owns whole weight rows.
         let mut transposed = vec![0f32; self.rows * batch];
@@ -95,7 +151,7 @@ impl BlockMatrix {
         transposed.par_chunks_mut(rows_per_task * batch).enumerate().for_each(|(task, out)| {
             let rows = RowTask { matrix: self, x, batch, first_row: task * rows_per_task, out };
             #[cfg(target_arch = "x86_64")]
-            if let Some(simd) = pulp::x86::V3::try_new() {
+            if let Some(simd) = pulp::x86::V3::try_new().filter(|_| simd) {
                 return simd.vectorize(avx2::Rows { simd, task: rows });
             }
             rows.run(portable::Portable);
@@ -119,11 +175,25 @@ struct RowTask<'a> {
     out: &'a mut [f32],
 }
 
-/// One weight row: its quantized values and its blocks' (scale, offset).
+/// One weight row: its packed values and its blocks' (scale, offset).
 #[derive(Clone, Copy)]
 struct WeightRow<'a> {
-    quants: &'a [i8],
+    quants: &'a [u8],
     scales: &'a [[f32; 2]],
+}
+
+impl<'a> WeightRow<'a> {
+    /// Block `block`'s packed bytes.
+    #[inline(always)]
+    fn bytes<const NIBBLES: bool>(self, block: usize) -> &'a [u8] {
+        &self.quants[block * block_bytes::<NIBBLES>()..][..block_bytes::<NIBBLES>()]
+    }
+
+    /// Block `block`'s values.
+    #[inline(always)]
+    fn block<const NIBBLES: bool>(self, block: usize) -> [i8; BLOCK] {
+        unpack::<NIBBLES>(self.bytes::<NIBBLES>(block))
+    }
 }
 
 /// Dot products of one weight row with `T` activation rows.
@@ -132,7 +202,11 @@ struct WeightRow<'a> {
 /// order whatever `T` is, so a result does not depend on the tile it was
 /// computed in — nor on what else is in the batch.
 trait DotTiles: Copy {
-    fn dot<const T: usize>(self, row: WeightRow<'_>, xs: [&[f32]; T]) -> [f32; T];
+    fn dot<const T: usize, const NIBBLES: bool>(
+        self,
+        row: WeightRow<'_>,
+        xs: [&[f32]; T],
+    ) -> [f32; T];
 }
 
 impl RowTask<'_> {
@@ -142,8 +216,15 @@ impl RowTask<'_> {
     /// that also span several weight rows measured slower.)
     #[inline(always)]
     fn run(self, kernel: impl DotTiles) {
+        match self.matrix.packing {
+            Packing::Nibbles => self.run_packed::<true>(kernel),
+            Packing::Bytes => self.run_packed::<false>(kernel),
+        }
+    }
+
+    #[inline(always)]
+    fn run_packed<const NIBBLES: bool>(self, kernel: impl DotTiles) {
         let m = self.matrix;
-        let blocks = m.cols / BLOCK;
         let x = |b: usize| &self.x[b * m.cols..][..m.cols];
         let rows = self.out.len() / self.batch;
         let mut start = 0;
@@ -154,20 +235,16 @@ impl RowTask<'_> {
                 _ => 1,
             };
             for offset in 0..rows {
-                let row = self.first_row + offset;
-                let weights = WeightRow {
-                    quants: &m.quants[row * m.cols..][..m.cols],
-                    scales: &m.scales[row * blocks..][..blocks],
-                };
+                let weights = m.weight_row(self.first_row + offset);
                 let out = &mut self.out[offset * self.batch + start..][..tile];
                 match tile {
                     8 => out.copy_from_slice(
-                        &kernel.dot(weights, std::array::from_fn::<_, 8, _>(|t| x(start + t))),
+                        &kernel.dot::<8, NIBBLES>(weights, std::array::from_fn(|t| x(start + t))),
                     ),
                     4 => out.copy_from_slice(
-                        &kernel.dot(weights, std::array::from_fn::<_, 4, _>(|t| x(start + t))),
+                        &kernel.dot::<4, NIBBLES>(weights, std::array::from_fn(|t| x(start + t))),
                     ),
-                    _ => out.copy_from_slice(&kernel.dot(weights, [x(start)])),
+                    _ => out.copy_from_slice(&kernel.dot::<1, NIBBLES>(weights, [x(start)])),
                 }
             }
             start += tile;
@@ -183,14 +260,17 @@ mod portable {
     pub struct Portable;
 
     impl DotTiles for Portable {
-        fn dot<const T: usize>(self, row: WeightRow<'_>, xs: [&[f32]; T]) -> [f32; T] {
+        fn dot<const T: usize, const NIBBLES: bool>(
+            self,
+            row: WeightRow<'_>,
+            xs: [&[f32]; T],
+        ) -> [f32; T] {
             xs.map(|x| {
                 let mut sum = 0f32;
-                for (block, (q, &[scale, offset])) in
-                    row.quants.chunks_exact(BLOCK).zip(row.scales).enumerate()
-                {
+                for (block, &[scale, offset]) in row.scales.iter().enumerate() {
                     let x = &x[block * BLOCK..][..BLOCK];
-                    sum += q
+                    sum += row
+                        .block::<NIBBLES>(block)
                         .iter()
                         .zip(x)
                         .map(|(&q, &x)| (f32::from(q) * scale + offset) * x)
@@ -202,9 +282,9 @@ mod portable {
     }
 }
 
-/// AVX2 + FMA through pulp's safe intrinsics: each block's 32 bytes are
-/// widened to four vectors of eight f32 once per tile, then multiplied into
-/// the tile's running sums.
+/// AVX2 + FMA through pulp's safe intrinsics: each block's values are
+/// unpacked to 32 bytes, widened to four vectors of eight f32 once per tile,
+/// then multiplied into the tile's running sums.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use core::arch::x86_64::__m128i;
@@ -233,14 +313,26 @@ mod avx2 {
 
     impl DotTiles for Avx2 {
         #[inline(always)]
-        fn dot<const T: usize>(self, row: WeightRow<'_>, xs: [&[f32]; T]) -> [f32; T] {
+        fn dot<const T: usize, const NIBBLES: bool>(
+            self,
+            row: WeightRow<'_>,
+            xs: [&[f32]; T],
+        ) -> [f32; T] {
             let (avx, avx2, fma, sse2) = (self.0.avx, self.0.avx2, self.0.fma, self.0.sse2);
+            let sixteen = |bytes: &[u8]| -> __m128i {
+                pulp::cast(*<&[u8; 16]>::try_from(bytes).expect("16 bytes"))
+            };
             let mut sums = [avx._mm256_setzero_ps(); T];
-            for (block, (q, &[scale, offset])) in
-                row.quants.chunks_exact(BLOCK).zip(row.scales).enumerate()
-            {
-                let low: __m128i = pulp::cast(*<&[i8; 16]>::try_from(&q[..16]).expect("16 bytes"));
-                let high: __m128i = pulp::cast(*<&[i8; 16]>::try_from(&q[16..]).expect("16 bytes"));
+            for (block, &[scale, offset]) in row.scales.iter().enumerate() {
+                let bytes = row.bytes::<NIBBLES>(block);
+                // Values 0..16 in `low`, 16..32 in `high`, one byte each.
+                let (low, high) = if NIBBLES {
+                    let (packed, mask) = (sixteen(bytes), sse2._mm_set1_epi8(0x0F));
+                    let shifted = sse2._mm_srli_epi16::<4>(packed);
+                    (sse2._mm_and_si128(packed, mask), sse2._mm_and_si128(shifted, mask))
+                } else {
+                    (sixteen(&bytes[..16]), sixteen(&bytes[16..]))
+                };
                 let (scale, offset) = (avx._mm256_set1_ps(scale), avx._mm256_set1_ps(offset));
                 // q · scale + offset, as the dequantized weights are computed.
                 let widen = |bytes: __m128i| {
@@ -302,6 +394,10 @@ mod tests {
         let quantized = QTensor::quantize(&weights, dtype).unwrap();
         let dense = quantized.dequantize(&Device::Cpu).unwrap();
         let matrix = BlockMatrix::from_qtensor(&quantized).unwrap();
+        let dense_rows = dense.to_vec2::<f32>().unwrap();
+        for (r, expected) in dense_rows.iter().enumerate() {
+            assert_eq!(&matrix.row(r), expected, "{dtype:?}: row {r} dequantized as candle does");
+        }
         for batch in [1, 3, 4, 7, 8, 9, 13, 16] {
             let x: Vec<f32> = (0..batch * cols).map(|_| rng.f32() - 0.5).collect();
             let xt = Tensor::from_vec(x.clone(), (batch, cols), &Device::Cpu).unwrap();
@@ -313,8 +409,10 @@ mod tests {
                 .to_vec1::<f32>()
                 .unwrap();
             let got = matrix.matmul(&x, batch);
-            for (g, e) in got.iter().zip(&expected) {
+            let portable = matrix.product(&x, batch, false);
+            for ((g, p), e) in got.iter().zip(&portable).zip(&expected) {
                 assert!((g - e).abs() < 1e-4, "{dtype:?} batch {batch}: {g} vs {e}");
+                assert!((p - e).abs() < 1e-4, "{dtype:?} batch {batch}, portable: {p} vs {e}");
             }
             // Batch-invariant: each row alone gives the same bits.
             for b in 0..batch {

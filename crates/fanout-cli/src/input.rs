@@ -294,7 +294,7 @@ fn batch_request(mut fields: Map<String, Value>, line: u64) -> Result<Request, S
     let Some(Value::Object(mut body)) = fields.remove("body") else {
         return Err(format!("line {line}: an OpenAI Batch line needs a `body` object"));
     };
-    let messages = match body.remove("messages") {
+    let messages = match body.shift_remove("messages") {
         Some(Value::Array(messages)) => messages,
         _ => return Err(format!("line {line}: field `body.messages` is missing or not an array")),
     };
@@ -318,15 +318,16 @@ fn batch_request(mut fields: Map<String, Value>, line: u64) -> Result<Request, S
         request.messages.push(Message::new(role, content));
     }
     let number = |v: Option<Value>| v.and_then(|v| v.as_f64());
-    request.model = body.remove("model").and_then(|v| v.as_str().map(str::to_owned));
-    request.temperature = number(body.remove("temperature")).map(|t| t as f32);
-    request.top_p = number(body.remove("top_p")).map(|t| t as f32);
-    request.max_tokens =
-        number(body.remove("max_tokens").or_else(|| body.remove("max_completion_tokens")))
-            .map(|t| t as u32);
-    request.seed = body.remove("seed").and_then(|v| v.as_u64());
-    request.n = body.remove("n").and_then(|v| v.as_u64()).map(|n| n as u32);
-    if let Some(stop) = body.remove("stop") {
+    request.model = body.shift_remove("model").and_then(|v| v.as_str().map(str::to_owned));
+    request.temperature = number(body.shift_remove("temperature")).map(|t| t as f32);
+    request.top_p = number(body.shift_remove("top_p")).map(|t| t as f32);
+    request.max_tokens = number(
+        body.shift_remove("max_tokens").or_else(|| body.shift_remove("max_completion_tokens")),
+    )
+    .map(|t| t as u32);
+    request.seed = body.shift_remove("seed").and_then(|v| v.as_u64());
+    request.n = body.shift_remove("n").and_then(|v| v.as_u64()).map(|n| n as u32);
+    if let Some(stop) = body.shift_remove("stop") {
         request.stop = string_list(&stop)
             .ok_or(format!("line {line}: field `body.stop` is not a string or list of strings"))?;
     }
@@ -426,5 +427,18 @@ mod tests {
         assert_eq!(line, b"much too");
         assert_eq!(read_limited(&mut reader, &mut line, 8).unwrap(), Some(4));
         assert_eq!(read_limited(&mut reader, &mut line, 8).unwrap(), None);
+    }
+
+    /// Fields of an OpenAI Batch body that fanout does not model pass through
+    /// in the order the line wrote them, whatever fanout took out before them.
+    #[test]
+    fn unmodelled_body_fields_pass_through_in_their_order() {
+        let line = r#"{"custom_id":"a","body":{"zeta":1,"model":"m","messages":[{"role":"user",
+            "content":"hi"}],"temperature":0.5,"logprobs":true,"alpha":{"b":1,"a":2},"max_tokens":9}}"#;
+        let request = batch_request(serde_json::from_str(line).unwrap(), 1).unwrap();
+        assert_eq!((request.model.as_deref(), request.max_tokens), (Some("m"), Some(9)));
+        let extra: Vec<&str> = request.extra.keys().map(String::as_str).collect();
+        assert_eq!(extra, ["zeta", "logprobs", "alpha"]);
+        assert_eq!(serde_json::to_string(&request.extra["alpha"]).unwrap(), r#"{"b":1,"a":2}"#);
     }
 }

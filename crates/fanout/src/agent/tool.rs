@@ -57,8 +57,8 @@ impl FnTool {
         let mut schema = schemars::schema_for!(A).to_value();
         // The APIs take the schema itself, not a JSON Schema document.
         if let Some(fields) = schema.as_object_mut() {
-            fields.remove("$schema");
-            fields.remove("title");
+            fields.shift_remove("$schema");
+            fields.shift_remove("title");
         }
         let spec = ToolSpec::new(name, description, schema);
         let run = Arc::new(run);

@@ -26,11 +26,25 @@ pub fn sha256(bytes: &[u8]) -> String {
 
 /// What one call is stored under (the answer cache, a job's recorded
 /// calls): `scope` (which provider, endpoint and model) and the whole
-/// request, its JSON objects' keys sorted so the order a schema was written
-/// in does not make it another call.
+/// request as it is sent. Its JSON keys stay in the order they were written,
+/// because the order changes answers: a model writes a schema's properties in
+/// that order.
 pub fn request_key(scope: &str, request: &fanout::Request) -> String {
-    let request = serde_json::to_vec(&request.sorted_json()).unwrap_or_default();
+    let request = serde_json::to_vec(request).unwrap_or_default();
     sha256(&[scope.as_bytes(), &[0], &request].concat())
+}
+
+/// The key versions before fanout kept key order wrote for `request`: they
+/// sent, and hashed, every JSON object with its keys sorted.
+pub fn sorted_request_key(scope: &str, request: &fanout::Request) -> String {
+    request_key(scope, &request.sorted_json())
+}
+
+/// The part that holds a job's response schema.
+const SCHEMA_PART: &str = "response schema";
+
+fn schema_hash(schema: &fanout::ResponseFormat) -> String {
+    sha256(&serde_json::to_vec(schema).expect("a schema serializes"))
 }
 
 /// The settings that change answers (not limits or timeouts), by name.
@@ -112,9 +126,7 @@ pub fn job(spec: &Spec, input_hash: String) -> Fingerprint {
         parts.insert("kept fields".to_owned(), fields);
     }
     if let Some(schema) = &spec.schema {
-        // Keys sorted: the same schema with its keys in another order is the same job.
-        let schema = serde_json::to_vec(&schema.sorted_json()).expect("a schema serializes");
-        parts.insert("response schema".to_owned(), sha256(&schema));
+        parts.insert(SCHEMA_PART.to_owned(), schema_hash(schema));
     }
     parts.insert(VERSION_PART.to_owned(), VERSION.to_owned());
     Fingerprint(parts)
@@ -165,7 +177,14 @@ pub fn job_changes(
 ) -> (Vec<String>, Option<Fingerprint>) {
     let current = job(spec, input_hash.clone());
     if stored.0.contains_key(VERSION_PART) {
-        return (stored.differences(&current), None);
+        let changes = stored.differences(&current);
+        // Jobs started before key order was kept sent, and hashed, the schema
+        // with its keys sorted: the same job, which now sends them as written.
+        let sorted_schema = spec.schema.as_ref().map(|schema| schema_hash(&schema.sorted_json()));
+        if changes == [SCHEMA_PART] && stored.0.get(SCHEMA_PART) == sorted_schema.as_ref() {
+            return (Vec::new(), Some(current));
+        }
+        return (changes, None);
     }
     let changes = stored.differences(&legacy_v1(spec, input_hash));
     let upgrade = changes.is_empty().then_some(current);
@@ -282,12 +301,14 @@ mod tests {
         assert_eq!(changes, [SETTINGS_PART]);
     }
 
-    /// JSON keys are sent in the order they were written, but hashed sorted:
-    /// a schema written in another order is the same call and the same job,
-    /// and what is hashed is what fanout hashed before it kept that order
-    /// (sorted keys), so no cached answer or stored job is lost.
+    /// JSON keys are sent, and hashed, in the order they were written: a
+    /// schema in another order is another call and another job (its answers
+    /// come in another order). What older versions stored, with keys sorted,
+    /// is still found: a request whose keys are sorted hashes exactly as
+    /// before, recorded calls are also looked up sorted, and a job started
+    /// with the sorted schema is the same job.
     #[test]
-    fn hashes_do_not_depend_on_the_order_of_json_keys() {
+    fn key_order_is_part_of_a_request_and_what_older_versions_stored_is_found() {
         let schema = |text: &str| fanout::ResponseFormat::JsonSchema {
             name: "grade".into(),
             schema: serde_json::from_str(text).unwrap(),
@@ -304,27 +325,35 @@ mod tests {
         };
         let first = request(&written, r#"{"z":1,"a":{"y":1,"b":2}}"#);
         let second = request(&reordered, r#"{"a":{"b":2,"y":1},"z":1}"#);
-        assert_ne!(serde_json::to_string(&first).unwrap(), serde_json::to_string(&second).unwrap());
-        assert_eq!(request_key("scope", &first), request_key("scope", &second));
-        let hashed = concat!(
+        assert_ne!(request_key("scope", &first), request_key("scope", &second));
+        assert_eq!(sorted_request_key("scope", &first), sorted_request_key("scope", &second));
+        // What every earlier version sent and hashed for both.
+        let sorted = concat!(
             r#"{"messages":[{"role":"user","content":"Grade this."}],"response_format":"#,
             r#"{"type":"json_schema","name":"grade","schema":{"properties":{"reason":{},"score":{}},"#,
             r#""type":"object"}},"tools":[{"name":"look","description":"Looks.","parameters":"#,
             r#"{"a":{"b":2,"y":1},"z":1}}],"extra":{"a":{"b":2,"y":1},"z":1}}"#
         );
         assert_eq!(
-            String::from_utf8(serde_json::to_vec(&first.sorted_json()).unwrap()).unwrap(),
-            hashed
+            serde_json::to_string(&second).unwrap(),
+            sorted,
+            "already sorted: sent as before"
         );
-        assert_eq!(
-            request_key("scope", &first),
-            sha256(&[&b"scope\0"[..], hashed.as_bytes()].concat())
-        );
+        let old_key = sha256(&[&b"scope\0"[..], sorted.as_bytes()].concat());
+        assert_eq!(request_key("scope", &second), old_key);
+        assert_eq!(sorted_request_key("scope", &first), old_key);
 
         let (mut one, mut other) = (spec(), spec());
         one.schema = Some(written);
         other.schema = Some(reordered);
-        assert_eq!(job(&one, "abc".into()), job(&other, "abc".into()));
+        let (changes, _) = job_changes(&job(&one, "abc".into()), &other, "abc".into());
+        assert_eq!(changes, [SCHEMA_PART]);
+        // A job stored with the sorted schema's hash is `one`'s job, upgraded.
+        let mut stored = job(&one, "abc".into());
+        stored.0.insert(SCHEMA_PART.into(), job(&other, "abc".into()).0[SCHEMA_PART].clone());
+        let (changes, upgrade) = job_changes(&stored, &one, "abc".into());
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(upgrade, Some(job(&one, "abc".into())));
     }
 
     /// Kept fields, images and a schema are parts only of jobs that set them

@@ -115,7 +115,11 @@ impl Provider for Replayed {
         request: &Request,
         progress: &Progress,
     ) -> Result<Response, ProviderError> {
-        if let Some(response) = self.replay.take(&call_key(&self.scope, request)) {
+        let recorded = self.replay.take(&call_key(&self.scope, request)).or_else(|| {
+            // Recorded by a version that sorted JSON keys.
+            self.replay.take(&crate::fingerprint::sorted_request_key(&self.scope, request))
+        });
+        if let Some(response) = recorded {
             return Ok(response);
         }
         self.inner.complete_observed(request, progress).await
@@ -141,7 +145,8 @@ mod tests {
     use fanout_store::{Fingerprint, Record};
 
     /// Answers come back once per recorded occurrence, free; anything else,
-    /// or an occurrence more, goes to the provider.
+    /// or an occurrence more, goes to the provider. A call recorded by a
+    /// version that sorted JSON keys is found too.
     #[tokio::test]
     async fn recorded_answers_are_served_once_each_and_the_rest_is_asked() {
         let dir = tempfile::tempdir().unwrap();
@@ -153,7 +158,13 @@ mod tests {
         let sample = |i: u32| {
             let mut request = Request::user("6 x 7?");
             request.sample_index = i;
+            request.extra = serde_json::from_str(r#"{"b":1,"a":2}"#).unwrap();
             request
+        };
+        // Sample 2 was recorded by a version that sorted keys.
+        let key = |i: u32| match i {
+            2 => crate::fingerprint::sorted_request_key("scope", &sample(i)),
+            _ => call_key("scope", &sample(i)),
         };
         let record = |i: u32, status: &str, answer: &str| Record {
             task_id: i.to_string(),
@@ -161,7 +172,7 @@ mod tests {
             answer: (status == "succeeded").then(|| answer.to_owned()),
             input_tokens: 10,
             output_tokens: 2,
-            request_hash: Some(call_key("scope", &sample(i))),
+            request_hash: Some(key(i)),
             ..Record::default()
         };
         store

@@ -90,7 +90,7 @@ fn render(
     let mut settings = summary.job.settings.clone();
     if let Some(settings) = settings.as_object_mut() {
         for kept_for_resume in ["outcome", "argv", "cwd"] {
-            settings.remove(kept_for_resume);
+            settings.shift_remove(kept_for_resume);
         }
     }
     let quantiles: Vec<_> =

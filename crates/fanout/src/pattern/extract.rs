@@ -99,7 +99,12 @@ impl Extractor {
                 let value = stream.next()?.ok()?;
                 Some(match value.get(field)? {
                     serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
+                    // Keys sorted: `{"a":1,"b":2}` and `{"b":2,"a":1}` are one answer.
+                    other => {
+                        let mut other = other.clone();
+                        other.sort_all_objects();
+                        other.to_string()
+                    }
                 })
             }
             Self::Normalized => Some(normalize(text)).filter(|s| !s.is_empty()),
@@ -131,6 +136,17 @@ mod tests {
             Some("pass".into())
         );
         assert_eq!(Extractor::parse("json:n").unwrap().extract("{\"n\": 2}"), Some("2".into()));
+        // An object's keys in another order are the same answer (one vote).
+        let place = Extractor::parse("json:place").unwrap();
+        let answer = |text: &str| place.extract(text).unwrap();
+        assert_eq!(
+            answer(r#"{"place": {"city": "Paris", "land": "FR"}}"#),
+            r#"{"city":"Paris","land":"FR"}"#
+        );
+        assert_eq!(
+            answer(r#"{"place": {"land": "FR", "city": "Paris"}}"#),
+            r#"{"city":"Paris","land":"FR"}"#
+        );
         let regex = Extractor::parse(r"regex:Final: (\w+)").unwrap();
         assert_eq!(regex.extract("work... Final: Paris"), Some("Paris".into()));
         assert_eq!(

@@ -190,10 +190,9 @@ impl Request {
     }
 
     /// The same request with the keys of every JSON object it carries (its
-    /// schema, tool parameters and extra fields) sorted, for hashing: keys keep
-    /// the order they were written in, and two requests that differ only in
-    /// that order ask the same thing, so a cache key or fingerprint is taken
-    /// from this form.
+    /// schema, tool parameters and extra fields) sorted: what versions of
+    /// fanout before serde_json's `preserve_order` sent (and hashed), so that
+    /// what they stored can still be found.
     pub fn sorted_json(&self) -> Self {
         let mut request = self.clone();
         request.response_format = request.response_format.as_ref().map(ResponseFormat::sorted_json);

@@ -42,6 +42,8 @@ pub fn sorted_request_key(scope: &str, request: &fanout::Request) -> String {
 
 /// The part that holds a job's response schema.
 const SCHEMA_PART: &str = "response schema";
+/// Which rows of the input a shard's job runs (`batch --shard K/N`).
+pub const SHARD_PART: &str = "shard";
 
 fn schema_hash(schema: &fanout::ResponseFormat) -> String {
     sha256(&serde_json::to_vec(schema).expect("a schema serializes"))
@@ -127,6 +129,9 @@ pub fn job(spec: &Spec, input_hash: String) -> Fingerprint {
     }
     if let Some(schema) = &spec.schema {
         parts.insert(SCHEMA_PART.to_owned(), schema_hash(schema));
+    }
+    if let Some(shard) = spec.shard {
+        parts.insert(SHARD_PART.to_owned(), shard.to_string());
     }
     parts.insert(VERSION_PART.to_owned(), VERSION.to_owned());
     Fingerprint(parts)
@@ -249,6 +254,7 @@ mod tests {
             id_field: Some("id".into()),
             output_format: OutputFormat::Jsonl,
             via: None,
+            shard: None,
             settings,
         }
     }

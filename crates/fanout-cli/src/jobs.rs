@@ -37,6 +37,9 @@ pub enum JobsCommand {
     /// Cancel a job's open batches at the provider's Batch API (what they
     /// answered so far is kept; `jobs resume` sends the rest again)
     Cancel { name: String },
+    /// Put the shards of a job (`batch --shard K/N`) back together, in input
+    /// order: their stores into one job in --store, or their output files into one
+    Merge(crate::shard::MergeArgs),
     /// Run the unfinished tasks of a job
     Resume {
         name: String,
@@ -55,6 +58,7 @@ pub async fn command(flags: &Flags, command: JobsCommand) -> Result<ExitCode> {
         }
         JobsCommand::Rm { name } => remove(&store, &name),
         JobsCommand::Cancel { name } => cancel(&store, &name, flags).await,
+        JobsCommand::Merge(args) => crate::shard::merge(&store, args, flags.quiet),
         JobsCommand::Resume { name, run } => resume(run.options(name, flags), flags).await,
     }
 }
@@ -239,7 +243,7 @@ async fn cancel(store: &Path, name: &str, flags: &Flags) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn export(
+pub fn export(
     store: &Path,
     name: &str,
     output: Option<&Path>,

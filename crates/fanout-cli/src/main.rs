@@ -29,6 +29,7 @@ mod replay;
 mod report;
 mod schema;
 mod settings;
+mod shard;
 mod telemetry;
 mod template;
 mod tools;
@@ -78,7 +79,7 @@ enum Command {
     Ask(ask::AskArgs),
     /// Run a prompt template over every row of a JSONL, CSV or OpenAI Batch file
     Batch(Box<batch::BatchArgs>),
-    /// List, show, export, remove or resume batch jobs
+    /// List, show, export, remove, merge or resume batch jobs
     #[command(subcommand)]
     Jobs(jobs::JobsCommand),
     /// Sample one prompt N times and take the consensus (or N distinct answers)

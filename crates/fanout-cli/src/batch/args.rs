@@ -45,6 +45,10 @@ pub struct BatchArgs {
     /// Input fields each output row keeps beside its answer: `name,grade` or '*'
     #[arg(long, value_name = "FIELDS")]
     keep: Option<super::Keep>,
+    /// Run only shard K of N: rows K, K+N, K+2N, … (from 1), as one task of an
+    /// array job; `fanout jobs merge` puts the shards' results back in order
+    #[arg(long, value_name = "K/N")]
+    shard: Option<crate::shard::Shard>,
     /// Job name: running the same job again resumes it [default: the input's name and the time]
     #[arg(long)]
     job: Option<String>,
@@ -183,6 +187,7 @@ pub async fn command(flags: &Flags, args: BatchArgs) -> Result<ExitCode> {
     let via = args.via()?;
     let spec = Spec {
         via,
+        shard: args.shard,
         input,
         format,
         prompt,

@@ -20,7 +20,7 @@ pub struct OpenJob {
     pub store: Store,
     /// Tasks already finished, which are restored rather than called.
     pub finished: Finished,
-    /// The input's line count, when it is a file.
+    /// The input's line count (a shard's part of it), when it is a file.
     pub lines: Option<u64>,
 }
 
@@ -59,7 +59,7 @@ pub fn open(spec: &Spec, options: &RunOptions) -> Result<Opened> {
         ("stdin".to_string(), None)
     } else {
         let (hash, lines) = scan_input(&spec.input).map_err(Refusal)?;
-        (hash, Some(lines))
+        (hash, Some(spec.shard.map_or(lines, |shard| shard.rows_of(lines))))
     };
     if lines == Some(0) {
         return Ok(Opened::Empty);

@@ -67,6 +67,9 @@ pub struct Spec {
     /// Through the provider's Batch API (`--via batch-api`), not online.
     #[serde(default)]
     pub via: Option<ViaBatchApi>,
+    /// The rows of the input this job runs (`--shard K/N`); every row without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard: Option<crate::shard::Shard>,
     pub settings: Settings,
 }
 
@@ -317,7 +320,13 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     let open = match job::open(&spec, &options)? {
         Opened::Ready(open) => *open,
         Opened::Empty => {
-            eprintln!("fanout: {} is empty: there is nothing to do", spec.input.display());
+            let input = spec.input.display();
+            match spec.shard {
+                Some(shard) => eprintln!(
+                    "fanout: shard {shard} of {input} has no rows: there is nothing to do"
+                ),
+                None => eprintln!("fanout: {input} is empty: there is nothing to do"),
+            }
             return Ok(ExitCode::SUCCESS);
         }
     };

@@ -72,7 +72,8 @@ impl ImageFields {
     }
 }
 
-/// The job's tasks, in input order, read lazily from the input file.
+/// The job's tasks (a shard's: its rows), in input order, read lazily from
+/// the input file.
 pub fn tasks(
     spec: &Spec,
     prompt: Option<Arc<Prompt>>,
@@ -81,7 +82,10 @@ pub fn tasks(
     finished: Finished,
     kept: KeptFields,
 ) -> Result<impl Iterator<Item = Task> + Send + 'static> {
-    let rows = input::rows(&spec.input, spec.format, spec.id_field.clone())?;
+    let rows = crate::shard::rows(
+        spec.shard,
+        input::rows(&spec.input, spec.format, spec.id_field.clone())?,
+    );
     let keep = spec.keep.clone();
     let (temperature, max_tokens) = (spec.settings.temperature, spec.settings.max_tokens);
     let schema = spec.schema.clone();

@@ -13,6 +13,7 @@ mod local;
 mod patterns;
 mod proxy;
 mod report;
+mod shard;
 mod structured;
 #[cfg(feature = "otlp")]
 mod telemetry;

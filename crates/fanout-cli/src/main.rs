@@ -16,6 +16,7 @@ mod fingerprint;
 mod history;
 mod input;
 mod jobs;
+mod limits;
 mod live;
 mod models;
 mod outcome;

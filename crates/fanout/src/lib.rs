@@ -55,7 +55,9 @@ pub use exec::check::parse_json as answer_json;
 pub use exec::event::{Event, EventSink, ResultSink};
 pub use exec::hedge::{HedgeAfter, HedgePolicy};
 pub use exec::history::{CallEnd, CallRecord, CallRole};
-pub use exec::limit::{PriceOf, Pricing, Rate, SharedSpending, SpendLimit};
+pub use exec::limit::{
+    PriceOf, Pricing, Rate, SharedLease, SharedLimits, SharedSpending, SpendLimit,
+};
 pub use exec::report::{Latency, Report, Tally, Totals};
 pub use exec::retry::RetryPolicy;
 pub use exec::{Executor, ExecutorBuilder, HeldResult, HeldResults, Results, Slot};

@@ -137,6 +137,8 @@ pub struct JobRunArgs {
     /// run's pauses in the store: `fanout report` then shows no timeline
     #[arg(long)]
     no_history: bool,
+    #[command(flatten)]
+    shared_limits: crate::limits::SharedLimitsArgs,
 }
 
 impl JobRunArgs {
@@ -152,6 +154,7 @@ impl JobRunArgs {
             json: flags.json,
             grace: Duration::from_secs_f64(self.grace.max(0.0)),
             history: !self.no_history,
+            shared_limits: self.shared_limits,
         }
     }
 }

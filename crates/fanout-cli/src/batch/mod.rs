@@ -89,6 +89,9 @@ pub struct RunOptions {
     pub grace: Duration,
     /// Whether the store keeps each call's history and the run's events.
     pub history: bool,
+    /// Limits shared with other processes (`--limits redis://…`); never stored,
+    /// since the address may hold a password.
+    pub shared_limits: crate::limits::SharedLimitsArgs,
 }
 
 /// Ctrl-C once: stop launching and let in-flight calls finish within the grace
@@ -199,7 +202,17 @@ async fn executor_builder(
     }
     let (shown, logged) = (progress.events(), run_log.clone());
     let history = options.history;
-    Ok(connect::executor(&spec.settings, provider, spent)
+    let shared = options.shared_limits.connect(&spec.settings, options.quiet).await?;
+    let mut settings = spec.settings.clone();
+    if shared.is_some() {
+        // --rpm and --tpm are everyone's total, kept by the shared limiter.
+        (settings.rpm, settings.tpm) = (None, None);
+    }
+    let mut builder = connect::executor(&settings, provider, spent);
+    if let Some(shared) = shared {
+        builder = builder.shared_limits(shared);
+    }
+    Ok(builder
         .drain_token(interrupts.drain.clone())
         .cancel_token(interrupts.cancel.clone())
         .call_history(history)

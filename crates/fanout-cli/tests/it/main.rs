@@ -14,6 +14,7 @@ mod patterns;
 mod proxy;
 mod report;
 mod shard;
+mod shared_limits;
 mod structured;
 #[cfg(feature = "otlp")]
 mod telemetry;

@@ -255,7 +255,9 @@ async fn attempt_until_done(
             },
             None => None,
         };
-        let launch = exec.limits.admit(reserved).await;
+        // Held until the attempt ends: its place in the shared limits.
+        let admitted = exec.limits.admit(reserved).await;
+        let launch = admitted.launch;
         attempt += 1;
         attempts.store(attempt, Ordering::Release);
         run.counters.calls.fetch_add(1, Ordering::Relaxed);

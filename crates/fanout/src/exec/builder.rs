@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use super::check::{CheckPolicy, Checker};
 use super::event::{Event, EventSink};
 use super::hedge::HedgePolicy;
-use super::limit::{Limits, Rate, SharedSpending, SpendLimit};
+use super::limit::{Limits, Rate, SharedLimits, SharedSpending, SpendLimit};
 use super::retry::RetryPolicy;
 use super::{Executor, Shared};
 use crate::prices::Price;
@@ -38,6 +38,7 @@ pub(crate) struct Config {
     pub keep_requests: bool,
     pub span_content: bool,
     pub results: Option<super::event::ResultSink>,
+    pub shared_limits: Option<Arc<dyn SharedLimits>>,
 }
 
 impl fmt::Debug for Config {
@@ -58,6 +59,7 @@ impl fmt::Debug for Config {
             .field("check", &self.check)
             .field("events", &self.events.is_some())
             .field("results", &self.results.is_some())
+            .field("shared_limits", &self.shared_limits)
             .finish_non_exhaustive()
     }
 }
@@ -114,6 +116,7 @@ impl ExecutorBuilder {
                 keep_requests: false,
                 span_content: false,
                 results: None,
+                shared_limits: None,
             },
         }
     }
@@ -146,6 +149,14 @@ impl ExecutorBuilder {
     /// Tokens per minute, with the burst `rate` gives (see [`Self::tpm`]).
     pub fn tpm_limit(mut self, rate: Rate) -> Self {
         self.config.tpm = Some(rate);
+        self
+    }
+
+    /// Admits every call through limits shared with other processes as well
+    /// (requests and tokens per minute, the 429 pause, a global in-flight
+    /// cap): see [`SharedLimits`]. This executor's own limits still apply.
+    pub fn shared_limits(mut self, shared: Arc<dyn SharedLimits>) -> Self {
+        self.config.shared_limits = Some(shared);
         self
     }
 
@@ -313,7 +324,13 @@ impl ExecutorBuilder {
         let config = self.config;
         let probe = (config.probe && config.breaker_threshold > 0)
             .then_some(config.breaker_threshold as usize);
-        let limits = Limits::new(config.concurrency, probe, config.rpm, config.tpm);
+        let limits = Limits::new(
+            config.concurrency,
+            probe,
+            config.rpm,
+            config.tpm,
+            config.shared_limits.clone(),
+        );
         let hedger = config.hedge.map(super::hedge::Hedger::new);
         let spending = config.spend_limit.as_ref().map(|shared| Arc::clone(&shared.0));
         let checker = Checker::new(config.check);

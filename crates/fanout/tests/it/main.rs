@@ -21,6 +21,7 @@ mod patterns;
 mod rate_limit;
 mod report;
 mod retry;
+mod shared_limits;
 mod stragglers;
 mod structured;
 mod timeouts;

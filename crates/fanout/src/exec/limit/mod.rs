@@ -3,21 +3,25 @@
 //! and the spending limit.
 //!
 //! One `Limits` exists per executor, shared by all its runs and tasks, so two
-//! runs on one executor together stay within the provider's limits.
+//! runs on one executor together stay within the provider's limits; with
+//! [`SharedLimits`], so do many executors in many processes.
 
 mod bucket;
 mod concurrency;
 mod output;
 mod pause;
 mod reported;
+mod shared;
 mod spend;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{Instant, sleep_until};
 
 use crate::provider::{ErrorKind, Provider, ProviderError, RateLimit, Request, Response};
 pub(crate) use concurrency::{AdaptiveConcurrency, Permit};
+pub use shared::{SharedLease, SharedLimits};
 pub(crate) use spend::Spending;
 pub use spend::{PriceOf, Pricing, SharedSpending, SpendLimit};
 
@@ -66,6 +70,15 @@ pub(crate) struct Limits {
     pause: SharedPause,
     reported: ReportedBudget,
     output: OutputAllowance,
+    shared: Option<Arc<dyn SharedLimits>>,
+}
+
+/// A call let through: where it stands in the reported budget, and its place
+/// in the shared limits, held until this is dropped.
+#[derive(Debug)]
+pub(crate) struct Admitted {
+    pub launch: Launch,
+    pub lease: Option<SharedLease>,
 }
 
 /// Gives reserved bucket tokens back if the wait for them is abandoned.
@@ -94,8 +107,10 @@ impl Limits {
         probe: Option<usize>,
         rpm: Option<Rate>,
         tpm: Option<Rate>,
+        shared: Option<Arc<dyn SharedLimits>>,
     ) -> Self {
         Self {
+            shared,
             concurrency: AdaptiveConcurrency::new(concurrency, probe),
             requests: rpm.map(|r| TokenBucket::new(r.per_minute, r.burst)),
             tokens: tpm.map(|r| TokenBucket::new(r.per_minute, r.burst)),
@@ -135,8 +150,9 @@ impl Limits {
     }
 
     /// Waits until one call of up to `tokens` tokens may start, and takes its
-    /// share of every budget. Cancel-safe: an abandoned wait gives its tokens back.
-    pub(crate) async fn admit(&self, tokens: u64) -> Launch {
+    /// share of every budget, the shared ones last. Cancel-safe: an abandoned
+    /// wait gives its tokens back.
+    pub(crate) async fn admit(&self, tokens: u64) -> Admitted {
         self.pause.wait().await;
         let now = Instant::now();
         let request_refund = Refund { bucket: self.requests.as_ref(), amount: 1 };
@@ -161,17 +177,21 @@ impl Limits {
                 Err(reset) => sleep_until(reset).await,
             }
         };
+        let lease = match &self.shared {
+            Some(shared) => Some(shared.admit(tokens).await),
+            None => None,
+        };
         request_refund.keep();
         token_refund.keep();
-        launch
+        Admitted { launch, lease }
     }
 
     /// A slot and every budget for an extra call (a hedge), waiting in line
     /// with everyone else, so extra calls never exceed any limit.
-    pub(crate) async fn admit_extra(&self, tokens: u64) -> Permit {
+    pub(crate) async fn admit_extra(&self, tokens: u64) -> (Permit, Option<SharedLease>) {
         let permit = self.concurrency.acquire().await;
-        self.admit(tokens).await;
-        permit
+        let admitted = self.admit(tokens).await;
+        (permit, admitted.lease)
     }
 
     /// Learns from a successful answer that first showed life after `latency`:
@@ -190,13 +210,16 @@ impl Limits {
         if request.max_tokens.is_none() {
             self.output.record(response.usage.output_tokens);
         }
+        let used = response.usage.total();
         if let Some(bucket) = &self.tokens {
-            let used = response.usage.total();
             if used > reserved {
                 bucket.charge(used - reserved);
             } else {
                 bucket.give_back(reserved - used);
             }
+        }
+        if let Some(shared) = &self.shared {
+            shared.settle(reserved, used);
         }
         self.observe(response.rate_limit.as_ref(), launch);
         self.concurrency.on_success(latency)
@@ -225,10 +248,17 @@ impl Limits {
         }
         let wait =
             error.retry_after().or_else(|| error.is_rate_limited().then_some(fallback).flatten());
-        if let Some(wait) = wait.filter(|w| !w.is_zero())
-            && self.pause.extend(Instant::now() + wait)
-        {
-            reaction.paused_for = Some(wait);
+        if let Some(wait) = wait.filter(|w| !w.is_zero()) {
+            // Every process sharing the limits hears of it, even when this
+            // one's pause already reaches past it.
+            if error.is_rate_limited()
+                && let Some(shared) = &self.shared
+            {
+                shared.pause(wait);
+            }
+            if self.pause.extend(Instant::now() + wait) {
+                reaction.paused_for = Some(wait);
+            }
         }
         reaction.new_limit = self.concurrency.on_backpressure(generation);
         reaction

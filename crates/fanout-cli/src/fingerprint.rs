@@ -191,7 +191,11 @@ pub fn job_changes(
         }
         return (changes, None);
     }
-    let changes = stored.differences(&legacy_v1(spec, input_hash));
+    let mut changes = stored.differences(&legacy_v1(spec, input_hash));
+    // The first version had no shards: its jobs ran every row.
+    if spec.shard.is_some() {
+        changes.push(SHARD_PART.to_owned());
+    }
     let upgrade = changes.is_empty().then_some(current);
     (changes, upgrade)
 }

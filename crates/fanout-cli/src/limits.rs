@@ -18,7 +18,7 @@ pub struct SharedLimitsArgs {
     /// Share the limits through this Redis (`redis://host:6379/0`) with every
     /// process given it: --rpm and --tpm are then everyone's total, a 429
     /// pauses everyone, and --global-concurrency caps everyone's calls in flight
-    #[arg(long, value_name = "URL", env = "FANOUT_LIMITS")]
+    #[arg(long, value_name = "URL", env = "FANOUT_LIMITS", hide_env_values = true)]
     pub limits: Option<String>,
     /// With --limits: the most calls in flight at once, all processes together
     #[arg(long, value_name = "N", requires = "limits")]
@@ -30,12 +30,14 @@ pub struct SharedLimitsArgs {
 }
 
 /// The scope processes share when none is named: one provider's endpoint and
-/// model (never its key).
+/// model (never its key). The endpoint is hashed: an address may hold a
+/// user and password, and key names are visible to anyone reading Redis.
 fn default_scope(settings: &Settings) -> String {
     let provider = serde_json::to_value(settings.provider).ok();
     let provider = provider.as_ref().and_then(|p| p.as_str()).unwrap_or("provider");
     let endpoint = settings.base_url.as_deref().unwrap_or("default");
-    format!("{provider}:{endpoint}:{}", settings.model)
+    let endpoint = &crate::fingerprint::sha256(endpoint.as_bytes())[..16];
+    format!("{provider}:{}:{endpoint}", settings.model)
 }
 
 impl SharedLimitsArgs {

@@ -307,22 +307,14 @@ fn merge_stores(target: &Path, args: &MergeArgs, quiet: bool) -> Result<ExitCode
     let spec = Spec { shard: None, ..first.spec.clone() };
     let settings = serde_json::to_value(&spec).expect("the spec serializes");
     let job = store.create_job(&name, &first.job.input, &first.whole(), &settings)?;
-    let mut copied = 0u64;
-    for shard in &shards {
-        let mut group: Vec<Record> = Vec::with_capacity(COPY_GROUP);
-        shard.store.each_record(shard.job.id, |mut record| -> Result<()> {
-            record.index = shard.shard.global(record.index);
-            group.push(record);
-            if group.len() == COPY_GROUP {
-                store.record(job.id, &group)?;
-                copied += group.len() as u64;
-                group.clear();
-            }
-            Ok(())
-        })?;
-        store.record(job.id, &group)?;
-        copied += group.len() as u64;
-    }
+    let copied = match copy_records(&shards, &mut store, job.id) {
+        Ok(copied) => copied,
+        Err(error) => {
+            // Half a merge is no job: the next merge starts afresh.
+            store.remove_job(&name)?;
+            return Err(error);
+        }
+    };
     // The input's rows: every shard's count, when each run has counted them.
     let totals: Option<Vec<u64>> = shards.iter().map(|shard| shard.job.total).collect();
     if let (true, Some(totals)) = (missing.is_empty(), totals) {
@@ -348,6 +340,28 @@ fn merge_stores(target: &Path, args: &MergeArgs, quiet: bool) -> Result<ExitCode
         crate::jobs::export(target, &name, Some(output), args.output_format)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Copies every shard's records into `job`, each at its input row; returns
+/// how many.
+fn copy_records(shards: &[ShardJob], store: &mut Store, job: i64) -> Result<u64> {
+    let mut copied = 0u64;
+    for shard in shards {
+        let mut group: Vec<Record> = Vec::with_capacity(COPY_GROUP);
+        shard.store.each_record(shard.job.id, |mut record| -> Result<()> {
+            record.index = shard.shard.global(record.index);
+            group.push(record);
+            if group.len() == COPY_GROUP {
+                store.record(job, &group)?;
+                copied += group.len() as u64;
+                group.clear();
+            }
+            Ok(())
+        })?;
+        store.record(job, &group)?;
+        copied += group.len() as u64;
+    }
+    Ok(copied)
 }
 
 /// One shard's output file, read one result at a time.
@@ -404,6 +418,13 @@ fn merge_outputs(
             .iter()
             .all(|source| source.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv"))),
     };
+    if let Some(output) = output
+        && let Some(source) = sources.iter().find(|source| same_file(source, output))
+    {
+        let why =
+            format!("{} is one of the shards: write the merge elsewhere (-o)", source.display());
+        return Err(Refusal(anyhow!(why)).into());
+    }
     let counts = sources.iter().map(|s| count_results(s, csv)).collect::<Result<Vec<_>>>()?;
     let first = counts[0];
     if let Some(i) = counts.windows(2).position(|pair| pair[1] > pair[0] || pair[1] + 1 < first) {
@@ -468,6 +489,14 @@ fn merge_outputs(
     }
     merged.flush()?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether `a` and `b` name one file (`b` may not exist yet).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// The results in one shard's output file.

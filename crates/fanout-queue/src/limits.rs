@@ -280,12 +280,29 @@ impl Inner {
         Ok(Some(SharedLease::new(move || inner.release(id))))
     }
 
-    async fn settle(&self, reserved: u64, used: u64) -> Result<(), RedisError> {
-        let Some(cell) = self.tokens else { return Ok(()) };
-        let delta = used as f64 - reserved as f64;
-        let mut invocation = self.scripts.settle.key(&self.keys.tokens);
+    /// Moves a bucket on by `delta` units (back, when negative).
+    async fn correct(&self, key: &str, cell: Cell, delta: f64) -> Result<(), RedisError> {
+        let mut invocation = self.scripts.settle.key(key);
         invocation.arg(cell.interval).arg(delta);
         invocation.invoke_async::<i64>(&mut self.connection.clone()).await.map(drop)
+    }
+
+    async fn settle(&self, reserved: u64, used: u64) -> Result<(), RedisError> {
+        let Some(cell) = self.tokens else { return Ok(()) };
+        self.correct(&self.keys.tokens, cell, used as f64 - reserved as f64).await
+    }
+
+    /// Gives back a reservation whose call will not start.
+    async fn unreserve(&self, tokens: u64) -> Result<(), RedisError> {
+        if let Some(cell) = self.requests {
+            self.correct(&self.keys.requests, cell, -1.0).await?;
+        }
+        match self.tokens {
+            Some(cell) if tokens > 0 => {
+                self.correct(&self.keys.tokens, cell, -(tokens as f64)).await
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn pause(&self, wait: Duration) -> Result<(), RedisError> {
@@ -332,6 +349,24 @@ impl Inner {
     }
 }
 
+/// A reservation to give back unless its call starts (see `admit`).
+struct Unreserve {
+    inner: Arc<Inner>,
+    tokens: u64,
+    /// Until the call starts.
+    armed: bool,
+}
+
+impl Drop for Unreserve {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (inner, tokens) = (Arc::clone(&self.inner), self.tokens);
+        spawn_correction(async move { inner.unreserve(tokens).await });
+    }
+}
+
 /// Renews this process's leases a few times per lease time, so they
 /// outlive it by at most one lease time.
 async fn renew_leases(inner: Arc<Inner>) {
@@ -372,12 +407,20 @@ impl SharedLimits for RedisLimits {
         };
         loop {
             match inner.reserve(tokens).await {
-                Ok((reserved, wait, _)) => {
+                Ok((true, wait, _)) => {
+                    inner.reached();
+                    // An admission abandoned while it waits for its turn (a
+                    // hedge no longer needed, a drain, the deadline) gives
+                    // its reservation back for the others.
+                    let mut unreserve = Unreserve { inner: Arc::clone(inner), tokens, armed: true };
+                    tokio::time::sleep(Duration::from_micros(wait)).await;
+                    unreserve.armed = false;
+                    return lease;
+                }
+                Ok((false, wait, _)) => {
+                    // Paused: nothing is reserved; ask again when it ends.
                     inner.reached();
                     tokio::time::sleep(Duration::from_micros(wait)).await;
-                    if reserved {
-                        return lease;
-                    }
                 }
                 Err(error) => inner.wait_out(&error, &mut tries).await,
             }

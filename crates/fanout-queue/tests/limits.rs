@@ -99,16 +99,57 @@ async fn settling_charges_and_refunds_the_token_budget() {
     let mut config = LimitsConfig::new("settle");
     config.tpm = Some(Rate::per_minute(60_000).with_burst(1_000));
     let limits = &limiters(&redis, &config, 1).await[0];
-    let (_, wait, _) = limits.reserve(1_000).await.unwrap();
+    let (_, wait, start) = limits.reserve(1_000).await.unwrap();
     assert_eq!(wait, 0, "the burst is there at first");
     // Used 400 of the 1,000: 600 come back, and 500 fit at once.
     limits.settle_now(1_000, 400).await.unwrap();
     let (_, wait, _) = limits.reserve(500).await.unwrap();
-    assert!(wait < 5_000, "refunded tokens are usable: waited {wait} µs");
-    // Used 900 more than reserved: the next call waits for them.
+    assert_eq!(wait, 0, "refunded tokens are usable at once");
+    // Used 900 more than reserved: the next call waits for them. The bucket is
+    // empty again at start + 0.9 s + 0.9 s; 100 more fit 1 s (the burst) before.
     limits.settle_now(100, 1_000).await.unwrap();
-    let (_, wait, _) = limits.reserve(100).await.unwrap();
-    assert!(wait >= 900_000 - 5_000, "charged tokens are waited for: {wait} µs");
+    let (_, wait, now) = limits.reserve(100).await.unwrap();
+    let due = (now + wait) - start;
+    assert!(
+        due.abs_diff(900_000) <= 2,
+        "charged tokens are waited for: due {due} µs after the start"
+    );
+}
+
+/// An admission abandoned while it waits for its turn gives its reservation
+/// back: the next call takes the turn it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abandoned_admission_gives_its_turn_back() {
+    let Some(redis) = server::for_test() else { return };
+    let mut config = LimitsConfig::new("cancel");
+    config.rpm = Some(Rate::per_minute(60).with_burst(1));
+    let limits = Arc::new(limiters(&redis, &config, 1).await.remove(0));
+    drop(limits.admit(1).await);
+    let key = "fanout:limits:cancel:requests";
+    let first = redis_get(&redis, key).await;
+    let waiting = tokio::spawn({
+        let limits = Arc::clone(&limits);
+        async move { drop(limits.admit(1).await) }
+    });
+    let reserved = until(async || redis_get(&redis, key).await > first).await;
+    assert!(reserved, "the second admission reserved its turn");
+    waiting.abort();
+    assert!(waiting.await.unwrap_err().is_cancelled());
+    let given_back = until(async || redis_get(&redis, key).await <= first + 1).await;
+    assert!(given_back, "the abandoned turn came back");
+    let (_, wait, now) = limits.reserve(1).await.unwrap();
+    assert!((now + wait).abs_diff(first) <= 1, "the next call takes the turn the first left");
+}
+
+/// Whether `condition` came true within two seconds, asked every 5 ms.
+async fn until(condition: impl AsyncFn() -> bool) -> bool {
+    for _ in 0..400 {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
 }
 
 /// A pause any process sets holds every reservation back until it ends,
@@ -222,6 +263,14 @@ async fn admission_waits_for_a_lost_redis_and_goes_on_when_it_is_back() {
     assert!(said[0].contains("out of reach") && said[0].contains("no new calls"), "{said:?}");
     assert!(said[1].contains("is back"), "{said:?}");
     drop(back);
+}
+
+async fn redis_get(redis: &LocalRedis, key: &str) -> u64 {
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let value: Option<String> =
+        redis::cmd("GET").arg(key).query_async(&mut connection).await.unwrap();
+    value.map_or(0, |v| v.parse().unwrap())
 }
 
 async fn redis_command(redis: &LocalRedis, args: &[&str]) {

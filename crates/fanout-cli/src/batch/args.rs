@@ -188,6 +188,12 @@ pub async fn command(flags: &Flags, args: BatchArgs) -> Result<ExitCode> {
         _ => OutputFormat::Jsonl,
     });
     let via = args.via()?;
+    if args.shard.is_some() && crate::input::is_stdin(&args.input) {
+        // Standard input is read once and not kept: no shard could be run
+        // again, nor checked against the others.
+        let why = "--shard needs an input file: every shard reads the same one";
+        return Err(Refusal(anyhow::anyhow!(why)).into());
+    }
     let spec = Spec {
         via,
         shard: args.shard,

@@ -8,7 +8,7 @@ use fanout_mock::{Config, Limit, MockServer};
 use crate::{Home, read_lines, run, stderr};
 
 const PROCESSES: usize = 3;
-const ROWS: usize = 20;
+const ROWS: usize = 40;
 
 /// One process's run: its own input, store and output, the shared limits.
 fn batch(home: &Home, server: &MockServer, p: usize, limits: &str) -> std::process::Command {

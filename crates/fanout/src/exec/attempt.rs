@@ -357,7 +357,12 @@ async fn attempt_until_done(
                 // A failed call is charged nothing, and must not hold the
                 // budget while it waits to retry: calls waiting for room would
                 // take every slot, and the retry would never get one back.
+                // Nor its place in the shared in-flight cap: tasks holding a
+                // local slot while they wait for a shared one, and retries
+                // holding a shared place while they wait for a local slot,
+                // would wait for each other for ever.
                 drop(hold);
+                drop(admitted);
                 let count = if error.is_rate_limited() {
                     run.counters.rate_limited.fetch_add(1, Ordering::Relaxed);
                     rate_limited_attempts += 1;

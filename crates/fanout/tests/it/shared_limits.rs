@@ -118,3 +118,24 @@ async fn a_429_pauses_every_executor_sharing_the_limits() {
         .collect();
     assert!(during.is_empty(), "calls went out during the shared pause: {during:?}");
 }
+
+/// A call that fails gives its shared place back while it waits to retry: the
+/// retries (waiting for a local slot) and new calls (holding local slots,
+/// waiting for a shared place) never wait for each other.
+#[tokio::test(start_paused = true)]
+async fn retries_waiting_hold_no_shared_place() {
+    let mock = MockProvider::new()
+        .with_latency(ms(100))
+        .with_rule(|call| (call.number <= 2).then(Behavior::server_error));
+    let shared = InMemory::new(2);
+    let executor = Executor::builder(mock.clone())
+        .concurrency(8)
+        .probe(false)
+        .shared_limits(Arc::clone(&shared) as Arc<dyn SharedLimits>)
+        .build();
+    let report = tokio::time::timeout(secs(3_600), executor.run(prompts(20)))
+        .await
+        .expect("the run finished: no wait for each other");
+    assert_eq!(report.totals.succeeded, 20);
+    assert_eq!(shared.slots.available_permits(), 2);
+}

@@ -62,7 +62,7 @@ def rows_file(directory, name, start, n):
     return path
 
 
-def run_processes(fanout, url, directory, rows, processes, concurrency, extra):
+def run_processes(fanout, url, directory, rows, processes, concurrency, extra, limits):
     """Runs `processes` batches over `rows` rows split evenly, all at once."""
     per = rows // processes
     started = time.monotonic()
@@ -73,13 +73,16 @@ def run_processes(fanout, url, directory, rows, processes, concurrency, extra):
             str(fanout), "--provider", "openai", "--base-url", url + "/v1", "-q", "--json",
             "-c", str(concurrency), "--store", str(Path(directory) / f"s{p}.db"), *extra,
             "batch", str(path), "--prompt", "{{ item }}", "--id", "id", "--job", f"p{p}",
-            "-o", str(Path(directory) / f"out-{p}.jsonl"),
+            "-o", str(Path(directory) / f"out-{p}.jsonl"), *limits,
         ]
         children.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
     succeeded = failed = 0
     for child in children:
         _, err = child.communicate()
-        totals = json.loads(err.strip().splitlines()[-1])
+        try:
+            totals = json.loads(err.strip().splitlines()[-1])
+        except (IndexError, json.JSONDecodeError):
+            sys.exit(f"a fanout process ended with {child.returncode} and said:\n{err}")
         succeeded += totals.get("succeeded", 0)
         failed += totals.get("failed", 0)
     return time.monotonic() - started, succeeded, failed
@@ -105,7 +108,7 @@ def main():
             with tempfile.TemporaryDirectory() as directory:
                 limits = ["--limits", redis.url] if shared else []
                 wall, succeeded, failed = run_processes(
-                    fanout, mock.url, directory, rows, processes, concurrency, extra + limits
+                    fanout, mock.url, directory, rows, processes, concurrency, extra, limits
                 )
             stats = mock.stats()
         finally:

@@ -84,3 +84,19 @@ async fn an_unreachable_redis_stops_the_run_before_any_call() {
     assert!(!said.contains("secret-password"), "{said}");
     assert_eq!(server.stats().requests, 0);
 }
+
+/// The address in FANOUT_LIMITS (which may hold a password) is never shown
+/// by `--help`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn help_never_shows_the_limits_address() {
+    let home = Home::new();
+    let mut command = home.fanout();
+    command
+        .env("FANOUT_LIMITS", "redis://:secret-password@127.0.0.1:6379/0")
+        .args(["batch", "--help"]);
+    let output = run(command).await;
+    assert_eq!(output.status.code(), Some(0));
+    let help = String::from_utf8_lossy(&output.stdout);
+    assert!(help.contains("--limits <URL>"), "{help}");
+    assert!(!help.contains("secret-password"), "{help}");
+}

@@ -93,6 +93,7 @@ struct Scripts {
     reserve: Script,
     settle: Script,
     pause: Script,
+    pause_left: Script,
     acquire: Script,
     renew: Script,
 }
@@ -103,6 +104,7 @@ impl Scripts {
             reserve: Script::new(include_str!("scripts/reserve.lua")),
             settle: Script::new(include_str!("scripts/settle.lua")),
             pause: Script::new(include_str!("scripts/pause.lua")),
+            pause_left: Script::new(include_str!("scripts/pause_left.lua")),
             acquire: Script::new(include_str!("scripts/acquire.lua")),
             renew: Script::new(include_str!("scripts/renew.lua")),
         }
@@ -131,6 +133,9 @@ struct Inner {
     held: Mutex<HashSet<String>>,
     /// Whether Redis is out of reach now (said once per outage).
     down: AtomicBool,
+    /// Corrections spawned and not yet done, and a signal when one is.
+    pending: std::sync::atomic::AtomicUsize,
+    corrected: tokio::sync::Notify,
     notices: Notices,
     location: String,
 }
@@ -139,6 +144,7 @@ struct Inner {
 pub struct RedisLimits {
     inner: Arc<Inner>,
     renewal: tokio::task::JoinHandle<()>,
+    tokens_per_minute: Option<u64>,
 }
 
 impl fmt::Debug for RedisLimits {
@@ -201,11 +207,13 @@ impl RedisLimits {
             next_lease: AtomicU64::new(0),
             held: Mutex::new(HashSet::new()),
             down: AtomicBool::new(false),
+            pending: std::sync::atomic::AtomicUsize::new(0),
+            corrected: tokio::sync::Notify::new(),
             notices,
             location,
         });
         let renewal = tokio::spawn(renew_leases(Arc::clone(&inner)));
-        Ok(Self { inner, renewal })
+        Ok(Self { inner, renewal, tokens_per_minute: config.tpm.map(|rate| rate.per_minute) })
     }
 
     /// Reserves one call now, without waiting: `(reserved, wait, now)` as the
@@ -280,6 +288,25 @@ impl Inner {
         Ok(Some(SharedLease::new(move || inner.release(id))))
     }
 
+    /// Waits out the shared pause, if one is on; an unreachable Redis (said
+    /// by the next reservation) lets the call go.
+    async fn wait_for_pause(&self) {
+        loop {
+            let left: Result<i64, _> = self
+                .scripts
+                .pause_left
+                .key(&self.keys.pause)
+                .invoke_async(&mut self.connection.clone())
+                .await;
+            match left {
+                Ok(left) if left > 0 => {
+                    tokio::time::sleep(Duration::from_micros(left as u64)).await
+                }
+                _ => return,
+            }
+        }
+    }
+
     /// Moves a bucket on by `delta` units (back, when negative).
     async fn correct(&self, key: &str, cell: Cell, delta: f64) -> Result<(), RedisError> {
         let mut invocation = self.scripts.settle.key(key);
@@ -315,16 +342,35 @@ impl Inner {
     /// lease runs out.
     fn release(self: Arc<Self>, id: String) {
         self.held.lock().unwrap().remove(&id);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                let mut connection = self.connection.clone();
-                let _: Result<i64, _> = redis::cmd("ZREM")
-                    .arg(&self.keys.leases)
-                    .arg(&id)
-                    .query_async(&mut connection)
-                    .await;
-            });
-        }
+        let inner = Arc::clone(&self);
+        self.spawn_correction(async move {
+            let mut connection = inner.connection.clone();
+            redis::cmd("ZREM")
+                .arg(&inner.keys.leases)
+                .arg(&id)
+                .query_async::<i64>(&mut connection)
+                .await
+                .map(drop)
+        });
+    }
+
+    /// Runs a correction (a slot given back, a settlement, a pause) that
+    /// nobody waits for, counted until it is done so that [`SharedLimits::close`]
+    /// can wait for it. One that cannot be sent is lost: the shared budget then
+    /// errs on the provider's side (a refund not given back, a slot held until
+    /// its lease runs out), or the others meet a 429 of their own and pause.
+    fn spawn_correction(
+        self: &Arc<Self>,
+        correction: impl std::future::Future<Output = Result<(), RedisError>> + Send + 'static,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let inner = Arc::clone(self);
+        runtime.spawn(async move {
+            let _ = correction.await;
+            inner.pending.fetch_sub(1, Ordering::AcqRel);
+            inner.corrected.notify_waiters();
+        });
     }
 
     /// Says once that Redis is out of reach, and waits a little before the
@@ -363,7 +409,7 @@ impl Drop for Unreserve {
             return;
         }
         let (inner, tokens) = (Arc::clone(&self.inner), self.tokens);
-        spawn_correction(async move { inner.unreserve(tokens).await });
+        self.inner.spawn_correction(async move { inner.unreserve(tokens).await });
     }
 }
 
@@ -413,7 +459,12 @@ impl SharedLimits for RedisLimits {
                     // hedge no longer needed, a drain, the deadline) gives
                     // its reservation back for the others.
                     let mut unreserve = Unreserve { inner: Arc::clone(inner), tokens, armed: true };
-                    tokio::time::sleep(Duration::from_micros(wait)).await;
+                    if wait > 0 {
+                        tokio::time::sleep(Duration::from_micros(wait)).await;
+                        // A 429 another call met meanwhile holds this one
+                        // back too; its turn is kept for when the pause ends.
+                        inner.wait_for_pause().await;
+                    }
                     unreserve.armed = false;
                     return lease;
                 }
@@ -432,24 +483,31 @@ impl SharedLimits for RedisLimits {
             return;
         }
         let inner = Arc::clone(&self.inner);
-        spawn_correction(async move { inner.settle(reserved, used).await });
+        self.inner.spawn_correction(async move { inner.settle(reserved, used).await });
+    }
+
+    fn tokens_per_minute(&self) -> Option<u64> {
+        self.tokens_per_minute
     }
 
     fn pause(&self, wait: Duration) {
         let inner = Arc::clone(&self.inner);
-        spawn_correction(async move { inner.pause(wait).await });
+        self.inner.spawn_correction(async move { inner.pause(wait).await });
+    }
+
+    async fn close(&self) {
+        let deadline = tokio::time::Instant::now() + CLOSE_WAIT;
+        loop {
+            let corrected = self.inner.corrected.notified();
+            if self.inner.pending.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, corrected).await.is_err() {
+                return;
+            }
+        }
     }
 }
 
-/// Runs a correction (a settlement, a pause) that nobody waits for. One that
-/// cannot be sent is lost: the shared budget then errs on the provider's side
-/// (a refund not given back), or the others meet a 429 of their own and pause.
-fn spawn_correction(
-    correction: impl std::future::Future<Output = Result<(), RedisError>> + Send + 'static,
-) {
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            let _ = correction.await;
-        });
-    }
-}
+/// The longest [`SharedLimits::close`] waits for corrections still on their way.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);

@@ -141,6 +141,29 @@ async fn an_abandoned_admission_gives_its_turn_back() {
     assert!((now + wait).abs_diff(first) <= 1, "the next call takes the turn the first left");
 }
 
+/// A 429 met elsewhere while a call waits for its turn holds that call back
+/// until the pause ends (its turn kept), not only the calls that come after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_set_while_a_call_waits_for_its_turn_holds_it_back() {
+    let Some(redis) = server::for_test() else { return };
+    let mut config = LimitsConfig::new("pause-during-wait");
+    config.rpm = Some(Rate::per_minute(600).with_burst(1));
+    let limiters = limiters(&redis, &config, 2).await;
+    drop(limiters[0].admit(1).await);
+    let key = "fanout:limits:pause-during-wait:requests";
+    let first = redis_get(&redis, key).await;
+    let started = std::time::Instant::now();
+    let waiting = tokio::spawn({
+        let limits = Arc::clone(&limiters[0]);
+        async move { drop(limits.admit(1).await) }
+    });
+    assert!(until(async || redis_get(&redis, key).await > first).await, "its turn is reserved");
+    limiters[1].pause_now(Duration::from_millis(600)).await.unwrap();
+    waiting.await.unwrap();
+    // Its turn was about 100 ms away; the pause ends 600 ms after it was set.
+    assert!(started.elapsed() >= Duration::from_millis(550), "went at {:?}", started.elapsed());
+}
+
 /// Whether `condition` came true within two seconds, asked every 5 ms.
 async fn until(condition: impl AsyncFn() -> bool) -> bool {
     for _ in 0..400 {
@@ -281,4 +304,27 @@ async fn redis_command(redis: &LocalRedis, args: &[&str]) {
         command.arg(*arg);
     }
     command.query_async::<redis::Value>(&mut connection).await.unwrap();
+}
+
+/// A process that closes its limits before it exits has given back the places
+/// of its last calls: the others need not wait for their leases to run out.
+#[test]
+fn closing_gives_back_the_last_places_before_the_process_exits() {
+    let Some(redis) = server::for_test() else { return };
+    let mut config = LimitsConfig::new("close");
+    config.max_in_flight = Some(1);
+    // The exiting process: a runtime of its own, gone once its work is done,
+    // as a `fanout batch` process's is.
+    let exiting = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    exiting.block_on(async {
+        let limits = RedisLimits::connect(&redis.url(), config.clone(), quiet()).await.unwrap();
+        drop(limits.admit(1).await);
+        limits.close().await;
+    });
+    drop(exiting);
+    let other = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    other.block_on(async {
+        let limits = RedisLimits::connect(&redis.url(), config, quiet()).await.unwrap();
+        assert!(limits.try_acquire().await.unwrap().is_some(), "the slot was given back");
+    });
 }

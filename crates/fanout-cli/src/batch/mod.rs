@@ -179,8 +179,9 @@ impl Interrupts {
     }
 }
 
-/// The provider (behind the cache when asked) and the executor over it;
-/// `spent` is what the job's earlier runs used of its spending limit.
+/// The provider (behind the cache when asked) and the executor over it, with
+/// the limits it shares with other processes (`--limits`); `spent` is what
+/// the job's earlier runs used of its spending limit.
 async fn executor_builder(
     spec: &Spec,
     options: &RunOptions,
@@ -188,7 +189,7 @@ async fn executor_builder(
     interrupts: &Interrupts,
     spent: Usage,
     run_log: &RunLog,
-) -> Result<fanout::ExecutorBuilder> {
+) -> Result<(fanout::ExecutorBuilder, Option<Arc<dyn fanout::SharedLimits>>)> {
     let mut provider = connect::provider(&spec.settings, options.quiet).await.map_err(Refusal)?;
     if spent.total() == 0
         && let Some(request) = first_request(spec)?
@@ -209,10 +210,10 @@ async fn executor_builder(
         (settings.rpm, settings.tpm) = (None, None);
     }
     let mut builder = connect::executor(&settings, provider, spent);
-    if let Some(shared) = shared {
-        builder = builder.shared_limits(shared);
+    if let Some(shared) = &shared {
+        builder = builder.shared_limits(Arc::clone(shared));
     }
-    Ok(builder
+    let builder = builder
         .drain_token(interrupts.drain.clone())
         .cancel_token(interrupts.cancel.clone())
         .call_history(history)
@@ -221,7 +222,8 @@ async fn executor_builder(
             if history {
                 logged.observe(event);
             }
-        }))
+        });
+    Ok((builder, shared))
 }
 
 /// A Batch API job's records are priced one by one: its rows cost the batch
@@ -361,7 +363,7 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     let interrupts = Interrupts::install(options.grace);
     let spent = job_usage(&open.store.summary(open.job.clone())?);
     let run_log = RunLog::default();
-    let builder =
+    let (builder, shared) =
         executor_builder(&spec, &options, &progress, &interrupts, spent, &run_log).await?;
     let restore = Store::open(&options.store)?;
     let kept = KeptFields::default();
@@ -413,6 +415,11 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
             .with_run_log(options.history.then(|| run_log.clone()))
             .with_costs(record_costs(&spec));
     let Committed { ending, totals, output_closed } = committer.run(results).await?;
+    if let Some(shared) = &shared {
+        // The last calls' places go back to the other processes now, not when
+        // their leases run out.
+        shared.close().await;
+    }
     let totals_json = serde_json::to_value(&totals).expect("totals serialize");
     Store::open(&options.store)?.set_last_run(job_id, &totals_json)?;
     if output_closed {

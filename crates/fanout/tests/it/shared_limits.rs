@@ -20,6 +20,7 @@ struct InMemory {
     admitted: Mutex<u64>,
     settled: Mutex<Vec<(u64, u64)>>,
     pauses: Mutex<Vec<Duration>>,
+    tokens_per_minute: Option<u64>,
 }
 
 impl InMemory {
@@ -30,6 +31,7 @@ impl InMemory {
             admitted: Mutex::new(0),
             settled: Mutex::new(Vec::new()),
             pauses: Mutex::new(Vec::new()),
+            tokens_per_minute: None,
         })
     }
 }
@@ -51,6 +53,10 @@ impl SharedLimits for InMemory {
 
     fn settle(&self, reserved: u64, used: u64) {
         self.settled.lock().unwrap().push((reserved, used));
+    }
+
+    fn tokens_per_minute(&self) -> Option<u64> {
+        self.tokens_per_minute
     }
 
     fn pause(&self, wait: Duration) {
@@ -138,4 +144,27 @@ async fn retries_waiting_hold_no_shared_place() {
         .expect("the run finished: no wait for each other");
     assert_eq!(report.totals.succeeded, 20);
     assert_eq!(shared.slots.available_permits(), 2);
+}
+
+/// A request larger than the shared tokens-per-minute budget fails at once,
+/// naming both, and is never sent; the others go on.
+#[tokio::test(start_paused = true)]
+async fn a_request_larger_than_the_shared_token_budget_fails_at_once() {
+    let mock = MockProvider::new().with_latency(ms(100));
+    let shared = Arc::new(InMemory {
+        tokens_per_minute: Some(500),
+        ..Arc::into_inner(InMemory::new(4)).unwrap()
+    });
+    let executor = Executor::builder(mock.clone())
+        .probe(false)
+        .shared_limits(Arc::clone(&shared) as Arc<dyn SharedLimits>)
+        .build();
+    let mut requests = prompts(3);
+    requests[1].max_tokens = Some(1_000);
+    let report = executor.run(requests).await;
+    assert_eq!(report.totals.succeeded, 2);
+    let failed = report.results.iter().find(|r| r.index == 1).unwrap();
+    let message = failed.outcome.describe().unwrap_or_default();
+    assert!(message.contains("limit is 500 tokens per minute"), "{message}");
+    assert_eq!(mock.calls(), 2);
 }

@@ -134,15 +134,17 @@ impl Limits {
         }
     }
 
-    /// Fails at once for a request that could never fit in the TPM budget.
+    /// Fails at once for a request that could never fit in the TPM budget,
+    /// this executor's or the shared one.
     pub(crate) fn check_fits(&self, tokens: u64) -> Result<(), ProviderError> {
-        match &self.tokens {
-            Some(bucket) if tokens > bucket.per_minute() => Err(ProviderError::new(
+        let own = self.tokens.as_ref().map(TokenBucket::per_minute);
+        let shared = self.shared.as_ref().and_then(|shared| shared.tokens_per_minute());
+        match own.into_iter().chain(shared).min() {
+            Some(limit) if tokens > limit => Err(ProviderError::new(
                 ErrorKind::BadRequest,
                 format!(
-                    "the request needs up to {tokens} tokens but the limit is {} tokens per minute; \
-                     lower max_tokens or raise the TPM limit",
-                    bucket.per_minute()
+                    "the request needs up to {tokens} tokens but the limit is {limit} tokens per minute; \
+                     lower max_tokens or raise the TPM limit"
                 ),
             )),
             _ => Ok(()),

@@ -27,6 +27,17 @@ pub trait SharedLimits: Send + Sync + fmt::Debug {
     /// The provider answered 429 asking to wait `wait`: every process sharing
     /// the limits waits it out before its next call.
     fn pause(&self, wait: Duration);
+
+    /// The shared tokens-per-minute budget, if there is one: a request larger
+    /// than it fails at once instead of waiting for what never comes.
+    fn tokens_per_minute(&self) -> Option<u64> {
+        None
+    }
+
+    /// Before the process exits: waits (briefly) for what it is still giving
+    /// back — the places of calls that just ended, corrections on their way —
+    /// so the others are not kept waiting for it.
+    async fn close(&self) {}
 }
 
 /// A call's place in the shared limits, given back when dropped.

@@ -273,6 +273,31 @@ fn check_shards(shards: &mut [ShardJob]) -> Result<Vec<Shard>> {
     Ok(missing)
 }
 
+/// Refuses a shard with rows still at a provider's Batch API: the merged job
+/// knows nothing of its batches, and resuming it would send (and pay for)
+/// those rows a second time.
+fn check_no_open_batch(shard: &ShardJob) -> Result<()> {
+    use fanout_store::remote_state::{ABANDONED, CANCELLED};
+    let finished = shard.store.finished(shard.job.id, true)?;
+    for batch in shard.store.remote_batches(shard.job.id)? {
+        if batch.state == ABANDONED || batch.state == CANCELLED {
+            continue;
+        }
+        let rows = shard.store.remote_rows(batch.id)?;
+        if rows.iter().any(|row| !finished.contains(*row)) {
+            let why = format!(
+                "{} has rows still at the Batch API: finish the shard first \
+                 (`fanout --store {} jobs resume {}`), so that no row is paid for twice",
+                shard.named(),
+                shard.source.display(),
+                shard.job.name
+            );
+            return Err(Refusal(anyhow!(why)).into());
+        }
+    }
+    Ok(())
+}
+
 /// The most records copied in one transaction.
 const COPY_GROUP: usize = 4096;
 
@@ -285,6 +310,9 @@ fn merge_stores(target: &Path, args: &MergeArgs, quiet: bool) -> Result<ExitCode
         shards.extend(shards_in(source, args.job.as_deref())?);
     }
     let missing = check_shards(&mut shards)?;
+    for shard in &shards {
+        check_no_open_batch(shard)?;
+    }
     let name = match &args.into {
         Some(name) => name.clone(),
         None if shards.iter().all(|shard| shard.job.name == shards[0].job.name) => {

@@ -162,8 +162,10 @@ impl Drop for RedisLimits {
     }
 }
 
-/// How long a call waits between two looks at a full in-flight cap.
-const SLOT_POLL: Duration = Duration::from_millis(20);
+/// How long a call waits between two looks at a full in-flight cap, at first
+/// and at most.
+const SLOT_POLL: Duration = Duration::from_millis(10);
+const SLOT_POLL_MAX: Duration = Duration::from_millis(100);
 
 impl RedisLimits {
     /// Connects to Redis at `url` (`redis://host:port/db`) and checks it
@@ -271,6 +273,11 @@ impl Inner {
     async fn try_acquire(self: &Arc<Self>) -> Result<Option<SharedLease>, RedisError> {
         let Some(cap) = self.max_in_flight else { return Ok(None) };
         let id = format!("{}:{}", self.holder, self.next_lease.fetch_add(1, Ordering::Relaxed));
+        // Held (renewed, and given back if this is abandoned) from before the
+        // script runs: a wait dropped after Redis took the slot, before its
+        // answer came, must not leave the slot taken until the lease expires.
+        self.held.lock().unwrap().insert(id.clone());
+        let mut pending = PendingLease { inner: Some(Arc::clone(self)), id: id.clone() };
         let taken: i64 = self
             .scripts
             .acquire
@@ -280,11 +287,11 @@ impl Inner {
             .arg(&id)
             .invoke_async(&mut self.connection.clone())
             .await?;
+        let inner = pending.inner.take().expect("taken once");
         if taken != 1 {
+            inner.held.lock().unwrap().remove(&id);
             return Ok(None);
         }
-        self.held.lock().unwrap().insert(id.clone());
-        let inner = Arc::clone(self);
         Ok(Some(SharedLease::new(move || inner.release(id))))
     }
 
@@ -395,6 +402,20 @@ impl Inner {
     }
 }
 
+/// A slot being taken: given back if the wait for Redis's answer is dropped.
+struct PendingLease {
+    inner: Option<Arc<Inner>>,
+    id: String,
+}
+
+impl Drop for PendingLease {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            inner.release(std::mem::take(&mut self.id));
+        }
+    }
+}
+
 /// A reservation to give back unless its call starts (see `admit`).
 struct Unreserve {
     inner: Arc<Inner>,
@@ -437,6 +458,7 @@ impl SharedLimits for RedisLimits {
     async fn admit(&self, tokens: u64) -> SharedLease {
         let inner = &self.inner;
         let mut tries = 0;
+        let mut poll = SLOT_POLL;
         // A slot first: a call that holds rate budget should not then queue
         // for a slot. Taken as a lease at once, so an abandoned wait gives it back.
         let lease = loop {
@@ -445,8 +467,11 @@ impl SharedLimits for RedisLimits {
                 Ok(None) if inner.max_in_flight.is_none() => break SharedLease::none(),
                 Ok(None) => {
                     inner.reached();
-                    // Jittered, so waiting processes do not ask in lockstep.
-                    tokio::time::sleep(SLOT_POLL.mul_f64(0.5 + fastrand::f64())).await;
+                    // Jittered, so waiting processes do not ask in lockstep,
+                    // and slower while the cap stays full, so many waiters
+                    // do not keep Redis busy asking.
+                    tokio::time::sleep(poll.mul_f64(0.5 + fastrand::f64())).await;
+                    poll = (poll * 3 / 2).min(SLOT_POLL_MAX);
                 }
                 Err(error) => inner.wait_out(&error, &mut tries).await,
             }

@@ -218,3 +218,24 @@ async fn csv_outputs_merge_record_by_record_under_one_header() {
     assert_eq!(ids, row_ids(0..7));
     assert_eq!(merged.matches("id,status").count(), 1, "one header");
 }
+
+/// A shard whose rows are still at a Batch API is not merged (the merged job
+/// would send them again); once its batch is given up, it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_with_rows_still_at_a_batch_api_is_not_merged() {
+    let server = MockServer::start(Config::default()).await.unwrap();
+    let home = Home::new();
+    home.write("rows.jsonl", crate::rows(ROWS));
+    let output = run(shard(&home, &server, 1)).await;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let mut store = fanout_store::Store::open(&home.path("s1.db")).unwrap();
+    let job = store.job("essays").unwrap().unwrap();
+    let mut batch = store.add_remote_batch(job.id, "openai", "fanout", &[0, 99]).unwrap();
+    let refused = run(merge(&home, &["s1.db"], &[])).await;
+    assert_eq!(refused.status.code(), Some(2));
+    assert!(stderr(&refused).contains("rows still at the Batch API"), "{}", stderr(&refused));
+    batch.state = fanout_store::remote_state::ABANDONED.into();
+    store.update_remote_batch(&batch).unwrap();
+    let merged = run(merge(&home, &["s1.db"], &[])).await;
+    assert_eq!(merged.status.code(), Some(0), "{}", stderr(&merged));
+}

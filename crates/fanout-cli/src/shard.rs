@@ -200,9 +200,8 @@ fn shards_in(source: &Path, name: Option<&str>) -> Result<Vec<ShardJob>> {
     let mut shards = Vec::new();
     for job in jobs {
         let spec = serde_json::from_value::<Spec>(job.settings.clone()).ok();
-        match spec.as_ref().and_then(|spec| spec.shard) {
-            Some(shard) => shards.push((job, spec.expect("a shard is a batch's"), shard)),
-            None if name.is_some() => {
+        let Some((spec, shard)) = spec.and_then(|spec| Some((spec.clone(), spec.shard?))) else {
+            if name.is_some() {
                 let why = format!(
                     "job `{}` in {} is not a shard: it was not run with `batch --shard K/N`",
                     job.name,
@@ -210,26 +209,18 @@ fn shards_in(source: &Path, name: Option<&str>) -> Result<Vec<ShardJob>> {
                 );
                 return Err(Refusal(anyhow!(why)).into());
             }
-            None => {}
-        }
+            continue;
+        };
+        // Each shard reads its records through a connection of its own.
+        let store = Store::open(source)?;
+        shards.push(ShardJob { source: source.to_path_buf(), store, job, spec, shard });
     }
     if shards.is_empty() {
         let why =
             format!("{} holds no shard of a job (`fanout batch --shard K/N`)", source.display());
         return Err(Refusal(anyhow!(why)).into());
     }
-    shards
-        .into_iter()
-        .map(|(job, spec, shard)| {
-            Ok(ShardJob {
-                source: source.to_path_buf(),
-                store: Store::open(source)?,
-                job,
-                spec,
-                shard,
-            })
-        })
-        .collect()
+    Ok(shards)
 }
 
 /// Checks that the shards are parts of one job, each once; says which are

@@ -124,6 +124,8 @@ struct Inner {
     keys: Keys,
     requests: Option<Cell>,
     tokens: Option<Cell>,
+    /// The shared TPM as given (the cell holds it as an interval).
+    tokens_per_minute: Option<u64>,
     max_in_flight: Option<usize>,
     lease_time: Duration,
     /// This process's part of every lease id.
@@ -144,7 +146,6 @@ struct Inner {
 pub struct RedisLimits {
     inner: Arc<Inner>,
     renewal: tokio::task::JoinHandle<()>,
-    tokens_per_minute: Option<u64>,
 }
 
 impl fmt::Debug for RedisLimits {
@@ -203,6 +204,7 @@ impl RedisLimits {
             },
             requests: config.rpm.map(Cell::of),
             tokens: config.tpm.map(Cell::of),
+            tokens_per_minute: config.tpm.map(|rate| rate.per_minute),
             max_in_flight: config.max_in_flight,
             lease_time: config.lease_time.max(Duration::from_secs(1)),
             holder: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
@@ -215,7 +217,7 @@ impl RedisLimits {
             location,
         });
         let renewal = tokio::spawn(renew_leases(Arc::clone(&inner)));
-        Ok(Self { inner, renewal, tokens_per_minute: config.tpm.map(|rate| rate.per_minute) })
+        Ok(Self { inner, renewal })
     }
 
     /// Reserves one call now, without waiting: `(reserved, wait, now)` as the
@@ -504,6 +506,7 @@ impl SharedLimits for RedisLimits {
     }
 
     fn settle(&self, reserved: u64, used: u64) {
+        // Nothing to correct: no task spawned on the call's path.
         if used == reserved || self.inner.tokens.is_none() {
             return;
         }
@@ -512,7 +515,7 @@ impl SharedLimits for RedisLimits {
     }
 
     fn tokens_per_minute(&self) -> Option<u64> {
-        self.tokens_per_minute
+        self.inner.tokens_per_minute
     }
 
     fn pause(&self, wait: Duration) {

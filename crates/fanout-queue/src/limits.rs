@@ -60,6 +60,12 @@ impl fmt::Display for LimitsError {
 
 impl std::error::Error for LimitsError {}
 
+impl LimitsError {
+    pub(crate) fn new(message: String) -> Self {
+        Self { message }
+    }
+}
+
 /// `url` with any password (or user) replaced, for messages.
 pub fn redacted(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -178,20 +184,7 @@ impl RedisLimits {
         notices: Notices,
     ) -> Result<Self, LimitsError> {
         let location = redacted(url);
-        let failed = |e: RedisError| LimitsError {
-            message: format!("cannot reach Redis at {location}: {}", described(&e)),
-        };
-        let client = redis::Client::open(url).map_err(|e| LimitsError {
-            message: format!("{location} is not a Redis address: {}", described(&e)),
-        })?;
-        let settings = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(1));
-        let mut connection =
-            ConnectionManager::new_with_config(client, settings).await.map_err(failed)?;
-        redis::cmd("PING").query_async::<String>(&mut connection).await.map_err(failed)?;
+        let connection = connect(url).await?;
         let prefix = format!("fanout:limits:{}:", config.scope);
         let inner = Arc::new(Inner {
             connection,
@@ -245,7 +238,28 @@ impl RedisLimits {
 }
 
 /// A Redis error as a person reads it.
-fn described(error: &RedisError) -> String {
+/// A reconnecting connection to `url`, checked with a PING: an unreachable
+/// Redis is an error now, before any work, naming the address without its password.
+pub(crate) async fn connect(url: &str) -> Result<ConnectionManager, LimitsError> {
+    let location = redacted(url);
+    let failed = |e: RedisError| LimitsError {
+        message: format!("cannot reach Redis at {location}: {}", described(&e)),
+    };
+    let client = redis::Client::open(url).map_err(|e| LimitsError {
+        message: format!("{location} is not a Redis address: {}", described(&e)),
+    })?;
+    let settings = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(1));
+    let mut connection =
+        ConnectionManager::new_with_config(client, settings).await.map_err(failed)?;
+    redis::cmd("PING").query_async::<String>(&mut connection).await.map_err(failed)?;
+    Ok(connection)
+}
+
+pub(crate) fn described(error: &RedisError) -> String {
     if error.is_connection_refusal() {
         "connection refused".into()
     } else if error.is_timeout() {

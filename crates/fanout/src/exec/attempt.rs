@@ -272,6 +272,7 @@ async fn attempt_until_done(
                     &current,
                     reserved,
                     launch,
+                    sent,
                     &answer.response,
                     answer.first_sign,
                 );
@@ -386,6 +387,7 @@ async fn attempt_until_done(
                 run.counters.retries.fetch_add(1, Ordering::Relaxed);
                 role = CallRole::Retry;
                 let rate_limited = error.is_rate_limited();
+                let timed_out = error.is_timeout();
                 exec.emit(|| Event::Retrying { index, id: id.clone(), attempt, error, delay });
                 if rate_limited {
                     // The shared pause holds every task back; the retry keeps
@@ -394,7 +396,15 @@ async fn attempt_until_done(
                 } else {
                     // Waiting to retry holds no slot, so a limit that shrank
                     // holds retries back too; the retry then goes ahead of new work.
-                    *slot = None;
+                    let freed = slot.take();
+                    if let (Some(freed), Some(hold)) = (freed, exec.config.attempt_timeout)
+                        && timed_out
+                        && exec.limits.concurrency.timeouts_are_congestion()
+                    {
+                        // A queueing server is still computing the abandoned
+                        // call: its slot stays taken while it likely is.
+                        exec.limits.concurrency.abandon(freed, sent, hold);
+                    }
                     sleep(delay).await;
                     *slot = Some(exec.limits.concurrency.acquire_for_retry().await);
                 }

@@ -356,10 +356,12 @@ impl Provider for QueueingServer {
 
 /// Against a server that queues instead of answering 429 (24 rows at `-c 8`
 /// with a 2 s attempt timeout, on a server computing 2 calls of 1 s at once),
-/// every row succeeds and the calls abandoned in its queue stay bounded: 38
-/// today, the first wave's unavoidable once the probe opens the limit to 8.
-/// The bound guards against retries piling on again (60 calls and 8 failed
-/// rows on the mock server before retries gave their slots back).
+/// every row succeeds and the calls abandoned in its queue stay bounded: 33
+/// today, the first wave's 6 abandoned calls (unavoidable once the probe
+/// opens the limit to 8) and 3 more. The bound guards against retries piling
+/// on again: 60 calls and 8 failed rows on the mock server before retries
+/// gave their slots back, 38 calls before an abandoned call's slot stayed
+/// taken while the server still computed it.
 #[tokio::test(start_paused = true)]
 async fn a_queueing_server_gets_few_abandoned_calls() {
     let server = Arc::new(QueueingServer::new(2, secs(1)));
@@ -368,5 +370,5 @@ async fn a_queueing_server_gets_few_abandoned_calls() {
     let report = executor.run(prompts(24)).await;
     assert_eq!(report.totals.succeeded, 24);
     let calls = server.calls.load(Ordering::SeqCst);
-    assert!(calls <= 40, "{calls} calls for 24 rows");
+    assert!(calls <= 34, "{calls} calls for 24 rows");
 }

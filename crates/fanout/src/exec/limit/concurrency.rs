@@ -28,12 +28,22 @@
 //! a limit that shrank then holds its retries back too, instead of every
 //! retry going out at once onto a server that is still working, and a retry
 //! still never waits behind rows that have not started.
+//!
+//! But a timed-out call is abandoned only by the client: a queueing server
+//! goes on computing it. While timeouts are congestion, the slot of a call
+//! that timed out is therefore kept as a *ghost* ([`AdaptiveConcurrency::abandon`])
+//! until the server has most likely finished it: a call sent after it has
+//! answered (such servers answer in order of arrival), or one more attempt
+//! timeout has passed (a server that has not answered by then has dropped
+//! it). Without ghosts, the freed slots sent new calls straight into the
+//! queue of abandoned work, where they timed out in turn.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 #[derive(Debug)]
 pub(crate) struct AdaptiveConcurrency {
@@ -41,6 +51,17 @@ pub(crate) struct AdaptiveConcurrency {
     max: usize,
     state: Arc<Mutex<State>>,
     retries: RetryQueue,
+    ghosts: Arc<Mutex<Vec<Ghost>>>,
+}
+
+/// The slot of a call that timed out while the server may still be computing it.
+#[derive(Debug)]
+struct Ghost {
+    /// When the abandoned call was sent: a call sent later that answers frees it.
+    sent: Instant,
+    /// Told apart from ghosts sent at the same instant, for its own expiry.
+    number: u64,
+    _slot: Permit,
 }
 
 /// Retries waiting for a slot; new work waits while there are any.
@@ -80,6 +101,8 @@ struct State {
     latency: LatencyWindow,
     /// Moving average of the share of answers that were attempt timeouts.
     timeout_share: f64,
+    /// Ghosts made so far, for numbering them.
+    ghosts_made: u64,
 }
 
 /// Successes per latency window.
@@ -154,8 +177,10 @@ impl AdaptiveConcurrency {
                 generation: 0,
                 latency: LatencyWindow::default(),
                 timeout_share: 0.0,
+                ghosts_made: 0,
             })),
             retries: RetryQueue::default(),
+            ghosts: Arc::default(),
         }
     }
 
@@ -229,9 +254,12 @@ impl AdaptiveConcurrency {
         self.set_limit(&mut state, self.max)
     }
 
-    /// A successful attempt that first showed life after `latency`. Returns
-    /// the new limit if it changed.
-    pub(crate) fn on_success(&self, latency: Duration) -> Option<usize> {
+    /// A successful attempt, sent at `sent`, that first showed life after
+    /// `latency`. Returns the new limit if it changed.
+    pub(crate) fn on_success(&self, sent: Instant, latency: Duration) -> Option<usize> {
+        // The server answers in order of arrival: calls abandoned before this
+        // one was sent are computed by now.
+        self.ghosts.lock().unwrap().retain(|ghost| ghost.sent >= sent);
         let mut state = self.state.lock().unwrap();
         state.timeout_share *= 1.0 - TIMEOUT_WEIGHT;
         if !state.proven {
@@ -271,6 +299,30 @@ impl AdaptiveConcurrency {
             return None;
         }
         self.shrink(&mut state, generation, 0.5)
+    }
+
+    /// Whether attempt timeouts are common enough to be congestion.
+    pub(crate) fn timeouts_are_congestion(&self) -> bool {
+        self.state.lock().unwrap().timeout_share > TIMEOUT_CONGESTION
+    }
+
+    /// The slot of a call sent at `sent` that timed out while timeouts are
+    /// congestion: kept as a ghost while the server is likely still computing
+    /// the call, until a call sent after it answers or `hold` has passed.
+    pub(crate) fn abandon(&self, slot: Permit, sent: Instant, hold: Duration) {
+        let number = {
+            let mut state = self.state.lock().unwrap();
+            state.ghosts_made += 1;
+            state.ghosts_made
+        };
+        self.ghosts.lock().unwrap().push(Ghost { sent, number, _slot: slot });
+        let ghosts: Weak<Mutex<Vec<Ghost>>> = Arc::downgrade(&self.ghosts);
+        tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            if let Some(ghosts) = ghosts.upgrade() {
+                ghosts.lock().unwrap().retain(|ghost| ghost.number != number);
+            }
+        });
     }
 
     /// At the end of a latency window whose median is `ratio` times the
@@ -325,7 +377,7 @@ mod tests {
         let a = c.acquire().await;
         let _b = c.acquire().await;
         assert!(c.try_acquire().is_none(), "probe window is 2");
-        assert_eq!(c.on_success(Duration::ZERO), Some(10));
+        assert_eq!(c.on_success(Instant::now(), Duration::ZERO), Some(10));
         let rest: Vec<_> = (0..8).map(|_| c.try_acquire().expect("opened")).collect();
         assert!(c.try_acquire().is_none());
         drop((a, rest));
@@ -353,7 +405,7 @@ mod tests {
             if i % 20 == 0 {
                 assert_eq!(c.on_timeout(c.generation()), None, "answer {i}");
             } else {
-                c.on_success(Duration::ZERO);
+                c.on_success(Instant::now(), Duration::ZERO);
             }
         }
         assert_eq!(c.limit(), 16);
@@ -369,13 +421,22 @@ mod tests {
         let held: Vec<_> = (0..10).map(|_| c.try_acquire().unwrap()).collect();
         let ms = Duration::from_millis;
         for _ in 0..LATENCY_WINDOW {
-            assert_eq!(c.on_success(ms(100)), None, "the first window sets the baseline");
+            assert_eq!(
+                c.on_success(Instant::now(), ms(100)),
+                None,
+                "the first window sets the baseline"
+            );
         }
         for _ in 0..LATENCY_WINDOW - 1 {
-            assert_eq!(c.on_success(ms(150)), None);
+            assert_eq!(c.on_success(Instant::now(), ms(150)), None);
         }
-        assert_eq!(c.on_success(ms(150)), None, "1.5 times the baseline is within tolerance");
-        let changes: Vec<_> = (0..LATENCY_WINDOW).filter_map(|_| c.on_success(ms(300))).collect();
+        assert_eq!(
+            c.on_success(Instant::now(), ms(150)),
+            None,
+            "1.5 times the baseline is within tolerance"
+        );
+        let changes: Vec<_> =
+            (0..LATENCY_WINDOW).filter_map(|_| c.on_success(Instant::now(), ms(300))).collect();
         // Three times the baseline (drifted to ~102.5 ms): shrink to 2/2.93 of 10.
         assert_eq!(changes, [6]);
         drop(held);
@@ -383,7 +444,7 @@ mod tests {
         let idle = AdaptiveConcurrency::new(10, None);
         for latency in [100, 400] {
             for _ in 0..LATENCY_WINDOW {
-                assert_eq!(idle.on_success(ms(latency)), None);
+                assert_eq!(idle.on_success(Instant::now(), ms(latency)), None);
             }
         }
     }
@@ -411,16 +472,48 @@ mod tests {
         new_work.await.unwrap();
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_abandoned_call_holds_its_slot_while_the_server_computes_it() {
+        let c = AdaptiveConcurrency::new(2, None);
+        let hold = Duration::from_secs(2);
+        let early = Instant::now();
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let abandoned_at = Instant::now();
+        c.abandon(c.try_acquire().unwrap(), abandoned_at, hold);
+        c.abandon(c.try_acquire().unwrap(), abandoned_at, hold);
+        assert!(c.try_acquire().is_none(), "both slots are ghosts");
+        // A call sent before the abandoned ones (or with them) says nothing of them.
+        c.on_success(early, Duration::ZERO);
+        c.on_success(abandoned_at, Duration::ZERO);
+        assert!(c.try_acquire().is_none());
+        // One sent after them has answered: a first-in, first-out server is done with them.
+        tokio::time::advance(Duration::from_millis(10)).await;
+        c.on_success(Instant::now(), Duration::ZERO);
+        let freed: Vec<_> = std::iter::from_fn(|| c.try_acquire()).collect();
+        assert_eq!(freed.len(), 2);
+        drop(freed);
+        // Without such an answer, a ghost lasts one more attempt timeout.
+        c.abandon(c.try_acquire().unwrap(), Instant::now(), hold);
+        tokio::time::sleep(hold - Duration::from_millis(1)).await;
+        let other = c.try_acquire().expect("one slot is free");
+        assert!(c.try_acquire().is_none(), "the ghost still holds the other");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(c.try_acquire().is_some(), "the ghost expired");
+        drop(other);
+    }
+
     #[tokio::test]
     async fn grows_by_one_per_window_of_successes() {
         let c = AdaptiveConcurrency::new(4, None);
         c.on_backpressure(c.generation());
         assert_eq!(c.limit(), 2);
-        assert_eq!(c.on_success(Duration::ZERO), None);
-        assert_eq!(c.on_success(Duration::ZERO), Some(3));
-        let changes: Vec<_> = (0..3).filter_map(|_| c.on_success(Duration::ZERO)).collect();
+        assert_eq!(c.on_success(Instant::now(), Duration::ZERO), None);
+        assert_eq!(c.on_success(Instant::now(), Duration::ZERO), Some(3));
+        let changes: Vec<_> =
+            (0..3).filter_map(|_| c.on_success(Instant::now(), Duration::ZERO)).collect();
         assert_eq!(changes, [4]);
-        let changes: Vec<_> = (0..10).filter_map(|_| c.on_success(Duration::ZERO)).collect();
+        let changes: Vec<_> =
+            (0..10).filter_map(|_| c.on_success(Instant::now(), Duration::ZERO)).collect();
         assert!(changes.is_empty(), "capped at max");
         let all: Vec<_> = std::iter::from_fn(|| c.try_acquire()).collect();
         assert_eq!(all.len(), 4);

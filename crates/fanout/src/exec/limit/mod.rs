@@ -206,6 +206,7 @@ impl Limits {
         request: &Request,
         reserved: u64,
         launch: Launch,
+        sent: Instant,
         response: &Response,
         latency: Duration,
     ) -> Option<usize> {
@@ -224,7 +225,7 @@ impl Limits {
             shared.settle(reserved, used);
         }
         self.observe(response.rate_limit.as_ref(), launch);
-        self.concurrency.on_success(latency)
+        self.concurrency.on_success(sent, latency)
     }
 
     /// Learns from a failed attempt, launched as `launch` while the concurrency

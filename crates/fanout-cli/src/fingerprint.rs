@@ -259,6 +259,7 @@ mod tests {
             output_format: OutputFormat::Jsonl,
             via: None,
             shard: None,
+            queued: false,
             settings,
         }
     }

@@ -34,6 +34,7 @@ mod shard;
 mod telemetry;
 mod template;
 mod tools;
+mod worker;
 
 use std::fmt;
 use std::process::ExitCode;
@@ -101,6 +102,9 @@ enum Command {
     /// Fetch or locate the embedded local model
     #[command(subcommand)]
     Models(models::ModelsCommand),
+    /// Run the rows of jobs sent to a Redis queue (`batch --queue`), beside
+    /// any number of other workers
+    Worker(worker::WorkerArgs),
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -116,6 +120,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Run(args) => patterns::run_workflow(flags, args).await,
         Command::Proxy(args) => proxy::command(flags, args).await,
         Command::Report(args) => report::command(flags, args),
+        Command::Worker(args) => worker::command(flags, args).await,
         Command::Models(command) => {
             let settings = Settings::resolve(flags).map_err(Refusal)?;
             models::command(command, &settings).await.map(|()| ExitCode::SUCCESS)

@@ -21,6 +21,8 @@
 //! ```
 
 mod limits;
+mod queue;
 pub mod server;
 
 pub use limits::{LimitsConfig, LimitsError, Notices, RedisLimits, redacted};
+pub use queue::{FORMAT, JobMeta, JobQueue, QueueError, QueuedResult, QueuedTask, jobs};

@@ -22,11 +22,28 @@ impl LocalRedis {
 
     /// Starts one on `port` (to bring a stopped server back where it was).
     pub fn start_on(port: u16) -> Option<Self> {
+        Self::launch(port, &["--save", "", "--appendonly", "no"])
+    }
+
+    /// Starts one on `port` that writes every change to `dir` before
+    /// answering (append-only file, synced at each write), as a Redis set up
+    /// to survive restarts does: stopped and started again on the same port
+    /// and folder, it has everything it had.
+    pub fn start_saving_on(port: u16, dir: &std::path::Path) -> Option<Self> {
+        let dir = dir.to_str()?;
+        Self::launch(
+            port,
+            &["--save", "", "--appendonly", "yes", "--appendfsync", "always", "--dir", dir],
+        )
+    }
+
+    fn launch(port: u16, persistence: &[&str]) -> Option<Self> {
         let program =
             std::env::var_os("FANOUT_REDIS_SERVER").unwrap_or_else(|| "redis-server".into());
         let child = Command::new(program)
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
+            .args(persistence)
+            .args(["--protected-mode", "yes"])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -133,8 +133,10 @@ impl JobSummary {
     }
 }
 
-/// One finished task.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// One finished task. Serialized field by field (its names are its form on
+/// a queue's wire: a worker's result travels as one).
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Record {
     /// The task's index in the input (column `idx`).
     pub index: u64,

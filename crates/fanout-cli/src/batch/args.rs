@@ -139,6 +139,11 @@ pub struct JobRunArgs {
     no_history: bool,
     #[command(flatten)]
     shared_limits: crate::limits::SharedLimitsArgs,
+    /// Send the rows to this Redis queue (`redis://host:6379/0`), where
+    /// `fanout worker`s on any number of machines run them; results come
+    /// back to this job's store and output as they finish
+    #[arg(long, value_name = "URL", env = "FANOUT_QUEUE", hide_env_values = true)]
+    queue: Option<String>,
 }
 
 impl JobRunArgs {
@@ -155,6 +160,7 @@ impl JobRunArgs {
             grace: Duration::from_secs_f64(self.grace.max(0.0)),
             history: !self.no_history,
             shared_limits: self.shared_limits,
+            queue: self.queue,
         }
     }
 }
@@ -194,8 +200,17 @@ pub async fn command(flags: &Flags, args: BatchArgs) -> Result<ExitCode> {
         let why = "--shard needs an input file: every shard reads the same one";
         return Err(Refusal(anyhow::anyhow!(why)).into());
     }
+    if args.run.queue.is_some() && via.is_some() {
+        let why = "--queue sends the rows to workers; --via batch-api to the provider's Batch API: choose one";
+        return Err(Refusal(anyhow::anyhow!(why)).into());
+    }
+    if args.run.queue.is_some() && crate::input::is_stdin(&args.input) {
+        let why = "--queue needs an input file: a producer that stops is resumed from it";
+        return Err(Refusal(anyhow::anyhow!(why)).into());
+    }
     let spec = Spec {
         via,
+        queued: args.run.queue.is_some(),
         shard: args.shard,
         input,
         format,

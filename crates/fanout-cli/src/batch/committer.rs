@@ -23,6 +23,7 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::job::OpenJob;
 use super::keep::KeptFields;
+use super::queued::QueuedResults;
 use super::remote::RemoteResults;
 use crate::exit::Ending;
 use crate::history::{self, RunLog};
@@ -35,11 +36,13 @@ const MAX_GROUP: usize = 4096;
 /// The most results written out per read from the store.
 const MAX_READ_BACK: u64 = 4096;
 
-/// Where a run's results come from: the executor's calls, or a Batch API's
-/// batches (which bring online results along, with `--then online`).
+/// Where a run's results come from: the executor's calls, a Batch API's
+/// batches (which bring online results along, with `--then online`), or the
+/// workers of a Redis queue.
 pub enum RunResults {
     Online(HeldResults),
     BatchApi(RemoteResults),
+    Queued(QueuedResults),
 }
 
 impl RunResults {
@@ -47,6 +50,7 @@ impl RunResults {
         match self {
             Self::Online(results) => results.totals().await,
             Self::BatchApi(results) => results.totals().await,
+            Self::Queued(results) => results.totals().await,
         }
     }
 }
@@ -61,6 +65,7 @@ impl futures_util::Stream for RunResults {
         match self.get_mut() {
             Self::Online(results) => results.poll_next_unpin(cx),
             Self::BatchApi(results) => results.poll_next_unpin(cx),
+            Self::Queued(results) => results.poll_next_unpin(cx),
         }
     }
 }
@@ -84,6 +89,9 @@ pub struct Committer {
     /// Each record's own cost, for a Batch API job (whose rows cost the
     /// batch price, or the online one where they finished online).
     costs: Option<RecordCosts>,
+    /// Told the indices of each group once it is committed (a queue's
+    /// results leave Redis only then).
+    committed: Option<tokio::sync::mpsc::UnboundedSender<Vec<u64>>>,
 }
 
 /// What a Batch API job's records cost: a result that held a call's slot
@@ -135,7 +143,17 @@ impl Committer {
             output_closed: false,
             run_log: None,
             costs: None,
+            committed: None,
         }
+    }
+
+    /// Tells `committed` the indices of each group once it is committed.
+    pub fn with_committed(
+        mut self,
+        committed: Option<tokio::sync::mpsc::UnboundedSender<Vec<u64>>>,
+    ) -> Self {
+        self.committed = committed;
+        self
     }
 
     /// Prices each record on its own (a Batch API job's).
@@ -214,6 +232,9 @@ impl Committer {
         let events = self.run_log.as_ref().map(RunLog::take).unwrap_or_default();
         if !records.is_empty() || !events.is_empty() {
             self.store.commit(self.job, &records, &events)?;
+        }
+        if let Some(committed) = &self.committed {
+            let _ = committed.send(group.iter().map(|held| held.result.index as u64).collect());
         }
         for ((held, stored), kept) in group.drain(..).zip(stored).zip(kept) {
             // Safe now: the slot may go to the next call.

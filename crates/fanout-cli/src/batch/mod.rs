@@ -14,6 +14,7 @@ mod committer;
 mod dry_run;
 mod job;
 mod keep;
+mod queued;
 mod remote;
 mod rows;
 
@@ -70,6 +71,9 @@ pub struct Spec {
     /// The rows of the input this job runs (`--shard K/N`); every row without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shard: Option<crate::shard::Shard>,
+    /// Its rows run on `fanout worker`s through a Redis queue (`--queue`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
     pub settings: Settings,
 }
 
@@ -92,6 +96,9 @@ pub struct RunOptions {
     /// Limits shared with other processes (`--limits redis://…`); never stored,
     /// since the address may hold a password.
     pub shared_limits: crate::limits::SharedLimitsArgs,
+    /// The Redis queue whose workers run the rows (`--queue redis://…`); never
+    /// stored, like `--limits`.
+    pub queue: Option<String>,
 }
 
 /// Ctrl-C once: stop launching and let in-flight calls finish within the grace
@@ -314,9 +321,17 @@ fn kept_columns(spec: &Spec) -> Result<Vec<String>> {
     Ok(keep.columns(first.as_ref()))
 }
 
+/// The most rows of a queued job enqueued and unanswered at once: enough to
+/// keep many workers busy, never the whole of a large input.
+fn queued_window(concurrency: usize) -> usize {
+    concurrency.saturating_mul(64).clamp(1024, 65_536)
+}
+
 /// Runs a job: every row from the input, through the executor, to the store,
 /// then to the output in input order.
-pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
+pub async fn run(mut spec: Spec, options: RunOptions) -> Result<ExitCode> {
+    // A job resumed with --queue goes on through the queue from now on.
+    spec.queued |= options.queue.is_some() && spec.via.is_none();
     if options.dry_run {
         return dry_run::run(&spec, &options).await;
     }
@@ -376,8 +391,43 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
         kept.clone(),
     )
     .map_err(Refusal)?;
+    let (committed_tx, committed_rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut committed_tx = Some(committed_tx);
     let results = match &spec.via {
+        None if spec.queued => {
+            let Some(url) = &options.queue else {
+                return Err(Refusal(anyhow::anyhow!(
+                    "job `{}` runs through a Redis queue: give its address with --queue redis://… (or FANOUT_QUEUE)",
+                    options.job
+                ))
+                .into());
+            };
+            let queue = fanout_queue::JobQueue::connect(url, &options.job)
+                .await
+                .map_err(|e| Refusal(e.into()))?;
+            let meta = fanout_queue::JobMeta {
+                format: fanout_queue::FORMAT,
+                fingerprint: serde_json::to_string(&open.job.fingerprint.0)
+                    .expect("a fingerprint serializes"),
+                settings: serde_json::to_string(&spec.settings).expect("settings serialize"),
+            };
+            RunResults::Queued(
+                queued::QueuedResults::start(queued::Queued {
+                    queue,
+                    meta,
+                    tasks: Box::new(tasks),
+                    window: queued_window(spec.settings.concurrency),
+                    committed: committed_rx,
+                    drain: interrupts.drain.clone(),
+                    deadline: spec.settings.deadline.map(|d| Duration::from_secs_f64(d.max(0.0))),
+                    quiet: options.quiet,
+                    retry_failed: options.retry_failed,
+                })
+                .await?,
+            )
+        }
         None => {
+            committed_tx = None;
             let executor: Executor = builder.build();
             if options.history {
                 run_log.push(history::kind::START, executor.concurrency_limit() as f64, None);
@@ -385,6 +435,7 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
             RunResults::Online(executor.stream_held(futures_util::stream::iter(tasks)))
         }
         Some(via) => {
+            committed_tx = None;
             let remote = remote::Remote {
                 api: connect::batch_api(&spec.settings).map_err(Refusal)?,
                 via: via.clone(),
@@ -413,7 +464,8 @@ pub async fn run(spec: Spec, options: RunOptions) -> Result<ExitCode> {
     let committer =
         Committer::new(open, output, kept, progress, in_memory, interrupts.drain.clone())
             .with_run_log(options.history.then(|| run_log.clone()))
-            .with_costs(record_costs(&spec));
+            .with_costs(record_costs(&spec))
+            .with_committed(committed_tx);
     let Committed { ending, totals, output_closed } = committer.run(results).await?;
     if let Some(shared) = &shared {
         // The last calls' places go back to the other processes now, not when

@@ -12,6 +12,7 @@ mod jobs;
 mod local;
 mod patterns;
 mod proxy;
+mod queue;
 mod report;
 mod shard;
 mod shared_limits;

@@ -164,7 +164,10 @@ fn job_settings(meta: &JobMeta, flags: &Flags) -> Result<Settings> {
     {
         anyhow::bail!("it runs on model `{}` and this worker was given `{model}`", settings.model);
     }
-    settings.with_run_limits(flags)
+    let mut settings = settings.with_run_limits(flags)?;
+    // The producer's --deadline ends the job's run; a worker stops at its own only.
+    settings.deadline = asked.deadline;
+    Ok(settings)
 }
 
 /// Runs the job's rows until its queue is empty (or Ctrl-C).

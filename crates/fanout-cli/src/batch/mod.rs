@@ -347,6 +347,22 @@ pub async fn run(mut spec: Spec, options: RunOptions) -> Result<ExitCode> {
         ))
         .into());
     }
+    if spec.queued {
+        // Workers call with executors of their own: a spending limit or a
+        // cache here would bound or serve none of their calls.
+        let limited = spec.settings.budget.is_some() || spec.settings.max_total_tokens.is_some();
+        let refused = if limited {
+            Some("--budget and --max-total-tokens")
+        } else {
+            options.cache.then_some("--cache")
+        };
+        if let Some(flags) = refused {
+            return Err(Refusal(anyhow::anyhow!(
+                "{flags} work on calls made by this process; with --queue the workers make them (not supported yet)"
+            ))
+            .into());
+        }
+    }
     let open = match job::open(&spec, &options)? {
         Opened::Ready(open) => *open,
         Opened::Empty => {

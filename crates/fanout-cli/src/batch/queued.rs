@@ -123,6 +123,8 @@ struct Producer {
     /// Whether Redis is out of reach now (said once per outage).
     down: bool,
     tally: Tally,
+    /// Attempts the workers made for the rows answered (their hedges unknown here).
+    calls: u64,
     started: Instant,
 }
 
@@ -149,6 +151,7 @@ impl Producer {
             reread: false,
             down: false,
             tally: Tally::new(),
+            calls: 0,
             started: now,
         }
     }
@@ -211,7 +214,21 @@ impl Producer {
                     continue;
                 };
                 if index >= self.enqueued_before {
-                    let request = serde_json::to_string(request).expect("a request serializes");
+                    // Image files are read here: a worker on another machine cannot.
+                    let request = match fanout::read_image_files(request).await {
+                        Ok(request) => {
+                            serde_json::to_string(&*request).expect("a request serializes")
+                        }
+                        Err(error) => {
+                            self.emit(TaskResult::new(
+                                index as usize,
+                                id,
+                                Outcome::failed(error, 0),
+                            ))
+                            .await;
+                            continue;
+                        }
+                    };
                     let id = id.to_string();
                     self.unsent.push(QueuedTask { entry: String::new(), index, id, request });
                 }
@@ -292,6 +309,7 @@ impl Producer {
 
     async fn emit(&mut self, result: TaskResult) {
         self.emitted.insert(result.index as u64);
+        self.calls += u64::from(result.outcome.attempts());
         self.tally.add(&result);
         let _ = self.sender.send(HeldResult { result, slot: None }).await;
     }
@@ -349,6 +367,7 @@ impl Producer {
 
     fn totals(&mut self) -> Totals {
         let mut totals = std::mem::replace(&mut self.tally, Tally::new()).finish(None);
+        totals.calls = self.calls;
         totals.wall = self.started.elapsed();
         let minutes = totals.wall.as_secs_f64().max(1e-9) / 60.0;
         totals.requests_per_minute = totals.calls as f64 / minutes;

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use fanout::{CancellationToken, Task, TaskId, Usage};
-use fanout_queue::{JobMeta, JobQueue, QueuedTask};
-use futures_util::StreamExt;
+use fanout_queue::{Answer, JobMeta, JobQueue, QueuedTask};
+use futures_util::{FutureExt, StreamExt};
 use tokio::time::Instant;
 
 use crate::Refusal;
@@ -46,9 +46,16 @@ pub struct WorkerArgs {
 }
 
 /// How long an idle worker waits between two looks for work.
-const IDLE_LOOK: Duration = Duration::from_secs(1);
+const IDLE_LOOK: Duration = Duration::from_millis(250);
+/// The most results handed back in one transaction.
+const MAX_ANSWERS: usize = 256;
 /// How long one read of a job's queue waits for a row.
 const TAKE_WAIT: Duration = Duration::from_millis(500);
+/// Rows taken in one read: one round trip to Redis per row would bound a
+/// worker at a few thousand rows a second. Rows waiting for a slot are kept
+/// alive like running ones, and were not called: a worker that dies with
+/// them costs nothing twice.
+const TAKEN_AT_ONCE: usize = 16;
 
 pub async fn command(flags: &Flags, args: WorkerArgs) -> Result<ExitCode> {
     if args.claim_after.is_nan() || args.claim_after <= 0.0 {
@@ -221,32 +228,41 @@ async fn serve(
     let mut results = executor.stream_held(tasks);
     let (mut ending, mut answered) = (Ending::default(), 0u64);
     let mut down = false;
-    while let Some(held) = results.next().await {
-        ending.add(&held.result.outcome);
-        let Some((entry, row)) = taken.finish(held.result.index) else { continue };
-        // Not finished (cancelled, not run): left in the queue, where another
-        // worker takes it over.
-        let Some(mut record) = to_record(&held.result) else { continue };
-        record.index = row;
-        let record = serde_json::to_string(&record).expect("a record serializes");
-        // The slot stays held until the result is in Redis: a worker cut off
-        // from Redis stops taking rows and keeps what it finished.
-        loop {
-            match queue.answer(&entry, row, &record).await {
-                Ok(()) => break,
-                Err(error) => {
-                    if !std::mem::replace(&mut down, true) && !quiet {
-                        eprintln!("fanout: {error}; finished results wait here until it is back");
-                    }
-                    tokio::time::sleep(IDLE_LOOK).await;
-                }
+    while let Some(first) = results.next().await {
+        // Whatever else has finished meanwhile goes back in the same transaction.
+        let mut group = vec![first];
+        while group.len() < MAX_ANSWERS {
+            match results.next().now_or_never() {
+                Some(Some(next)) => group.push(next),
+                _ => break,
             }
+        }
+        let answers: Vec<Answer> = group
+            .iter()
+            .filter_map(|held| {
+                ending.add(&held.result.outcome);
+                let (entry, row) = taken.finish(held.result.index)?;
+                // Not finished (cancelled, not run): left in the queue, where
+                // another worker takes it over.
+                let mut record = to_record(&held.result)?;
+                record.index = row;
+                let record = serde_json::to_string(&record).expect("a record serializes");
+                Some(Answer { entry, index: row, record })
+            })
+            .collect();
+        // The slots stay held until the results are in Redis: a worker cut
+        // off from Redis stops taking rows and keeps what it finished.
+        while let Err(error) = queue.answer(&answers).await {
+            if !std::mem::replace(&mut down, true) && !quiet {
+                eprintln!("fanout: {error}; finished results wait here until it is back");
+            }
+            tokio::time::sleep(IDLE_LOOK).await;
         }
         if std::mem::take(&mut down) && !quiet {
             eprintln!("fanout: Redis answers again; results handed back");
         }
-        answered += 1;
-        drop(held);
+        answered += answers.len() as u64;
+        drop(group);
     }
     heartbeat.abort();
     if let Some(shared) = &shared {
@@ -261,22 +277,38 @@ async fn serve(
     Ok(ending)
 }
 
-/// The rows this worker has taken and not answered: the executor's index of
-/// each, with its queue entry and row.
+/// The rows this worker has taken and not answered: those waiting for a
+/// slot, and those running (by the executor's index of each, with its queue
+/// entry and row).
 #[derive(Clone, Default)]
-struct Taken(Arc<Mutex<HashMap<usize, (String, u64)>>>);
+struct Taken(Arc<Mutex<TakenRows>>);
+
+#[derive(Default)]
+struct TakenRows {
+    waiting: std::collections::HashSet<String>,
+    running: HashMap<usize, (String, u64)>,
+}
 
 impl Taken {
+    fn hold(&self, rows: &[QueuedTask]) {
+        let mut taken = self.0.lock().expect("never poisoned");
+        taken.waiting.extend(rows.iter().map(|row| row.entry.clone()));
+    }
+
     fn start(&self, index: usize, task: &QueuedTask) {
-        self.0.lock().expect("never poisoned").insert(index, (task.entry.clone(), task.index));
+        let mut taken = self.0.lock().expect("never poisoned");
+        taken.waiting.remove(&task.entry);
+        taken.running.insert(index, (task.entry.clone(), task.index));
     }
 
     fn finish(&self, index: usize) -> Option<(String, u64)> {
-        self.0.lock().expect("never poisoned").remove(&index)
+        self.0.lock().expect("never poisoned").running.remove(&index)
     }
 
     fn entries(&self) -> Vec<String> {
-        self.0.lock().expect("never poisoned").values().map(|(entry, _)| entry.clone()).collect()
+        let taken = self.0.lock().expect("never poisoned");
+        let running = taken.running.values().map(|(entry, _)| entry);
+        taken.waiting.iter().chain(running).cloned().collect()
     }
 }
 
@@ -344,17 +376,19 @@ impl Rows {
         let due = self.last_claim.is_none_or(|at| at.elapsed() >= self.claim_after / 2);
         if due {
             self.last_claim = Some(Instant::now());
-            let claimed = self.queue.claim(&self.consumer, self.claim_after, 16).await?;
+            let claimed = self.queue.claim(&self.consumer, self.claim_after, TAKEN_AT_ONCE).await?;
             if !claimed.is_empty() {
+                self.taken.hold(&claimed);
                 self.buffer.extend(claimed);
                 return Ok(true);
             }
         }
-        let taken = self.queue.take(&self.consumer, 1, TAKE_WAIT).await?;
+        let taken = self.queue.take(&self.consumer, TAKEN_AT_ONCE, TAKE_WAIT).await?;
         if std::mem::take(&mut self.down) && !self.quiet {
             eprintln!("fanout: Redis answers again; taking rows");
         }
         let any = !taken.is_empty();
+        self.taken.hold(&taken);
         self.buffer.extend(taken);
         Ok(any)
     }

@@ -56,6 +56,15 @@ pub struct QueuedTask {
     pub request: String,
 }
 
+/// A worker's result for the row of task entry `entry`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Answer {
+    pub entry: String,
+    pub index: u64,
+    /// The result as JSON.
+    pub record: String,
+}
+
 /// A row's result on its way back to the producer.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueuedResult {
@@ -326,28 +335,33 @@ impl JobQueue {
         self.query::<Value>(&command).await.map(|_| ())
     }
 
-    /// Hands `result` back for the row of task entry `entry`: the result is
-    /// added and the entry acknowledged and deleted in one transaction.
-    pub async fn answer(&self, entry: &str, index: u64, record: &str) -> Result<(), QueueError> {
+    /// Hands results back, each for the row of its task entry: every result
+    /// is added and its entry acknowledged and deleted, all in one transaction.
+    pub async fn answer(&self, answers: &[Answer]) -> Result<(), QueueError> {
+        if answers.is_empty() {
+            return Ok(());
+        }
         let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("XADD")
-            .arg(&self.results)
-            .arg("*")
-            .arg("index")
-            .arg(index)
-            .arg("record")
-            .arg(record)
-            .ignore()
-            .cmd("XACK")
-            .arg(&self.tasks)
-            .arg(WORKERS)
-            .arg(entry)
-            .ignore()
-            .cmd("XDEL")
-            .arg(&self.tasks)
-            .arg(entry)
-            .ignore();
+        pipe.atomic();
+        for answer in answers {
+            pipe.cmd("XADD")
+                .arg(&self.results)
+                .arg("*")
+                .arg("index")
+                .arg(answer.index)
+                .arg("record")
+                .arg(&answer.record)
+                .ignore()
+                .cmd("XACK")
+                .arg(&self.tasks)
+                .arg(WORKERS)
+                .arg(&answer.entry)
+                .ignore()
+                .cmd("XDEL")
+                .arg(&self.tasks)
+                .arg(&answer.entry)
+                .ignore();
+        }
         let mut connection = self.connection.clone();
         pipe.query_async::<()>(&mut connection).await.map_err(|e| self.failed(&e))
     }

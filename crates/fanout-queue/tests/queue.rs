@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use fanout_queue::server;
-use fanout_queue::{FORMAT, JobMeta, JobQueue, QueuedTask};
+use fanout_queue::{Answer, FORMAT, JobMeta, JobQueue, QueuedTask};
 
 fn meta(fingerprint: &str) -> JobMeta {
     JobMeta { format: FORMAT, fingerprint: fingerprint.into(), settings: "{}".into() }
@@ -66,7 +66,8 @@ async fn rows_of_a_silent_worker_are_claimed_and_a_living_ones_are_not() {
     assert_eq!(claimed[0].request, dead[0].request, "taken over whole");
 }
 
-/// An answer adds the result and removes the row at once; the producer
+/// An answer adds the result and removes the row at once (answers given
+/// together, all in one transaction); the producer
 /// reads results, is given again those it did not acknowledge (as after a
 /// crash), and acknowledged ones leave Redis. A row answered twice (a slow
 /// worker after a takeover) gives two results: the producer keeps one.
@@ -79,9 +80,13 @@ async fn answers_replace_rows_and_stay_until_acknowledged() {
     queue.finish_enqueuing().await.unwrap();
     let taken = queue.take("w", 2, Duration::from_millis(10)).await.unwrap();
     assert!(!queue.is_drained().await.unwrap(), "rows still out");
-    queue.answer(&taken[0].entry, 0, "zero").await.unwrap();
-    queue.answer(&taken[1].entry, 1, "one").await.unwrap();
-    queue.answer(&taken[1].entry, 1, "one again").await.unwrap();
+    let answer = |task: &QueuedTask, record: &str| Answer {
+        entry: task.entry.clone(),
+        index: task.index,
+        record: record.into(),
+    };
+    queue.answer(&[answer(&taken[0], "zero"), answer(&taken[1], "one")]).await.unwrap();
+    queue.answer(&[answer(&taken[1], "one again")]).await.unwrap();
     assert!(queue.is_drained().await.unwrap(), "every row answered");
     let wait = Duration::from_millis(10);
     let first = queue.results(false, 10, wait).await.unwrap();

@@ -268,7 +268,10 @@ async fn redis_restarted_mid_run_loses_nothing() {
     let workers: Vec<_> = (0..2)
         .map(|n| {
             let mut command = worker(&home, &server, &url, "outage", n);
-            command.args(["-c", "4", "--no-hedge"]);
+            // Longer than the outage and a keep-alive together, so no row
+            // being worked on is taken over; a row whose taking Redis did
+            // not get to answer is taken over after it.
+            command.args(["-c", "4", "--no-hedge", "--claim-after", "5"]);
             spawn(command)
         })
         .collect();

@@ -344,8 +344,11 @@ impl JobQueue {
         let mut pipe = redis::pipe();
         pipe.atomic();
         for answer in answers {
+            // NOMKSTREAM: a late answer to a job already finished and removed
+            // (its row was taken over and answered) leaves nothing behind.
             pipe.cmd("XADD")
                 .arg(&self.results)
+                .arg("NOMKSTREAM")
                 .arg("*")
                 .arg("index")
                 .arg(answer.index)

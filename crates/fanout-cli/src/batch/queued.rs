@@ -18,7 +18,7 @@ use fanout::{
     CancellationToken, HeldResult, NotRun, Outcome, Tally, Task, TaskId, TaskResult, Totals,
 };
 use fanout_queue::{JobMeta, JobQueue, QueuedResult, QueuedTask};
-use fanout_store::{Finished, Record};
+use fanout_store::Record;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -114,8 +114,6 @@ struct Producer {
     unsent: Vec<QueuedTask>,
     /// Rows in the queue (or on their way there) without a result yet, with their ids.
     outstanding: HashMap<u64, TaskId>,
-    /// Rows handed to the committer: a second result for one is a duplicate.
-    emitted: Finished,
     /// Result entries handed to the committer and not yet acknowledged.
     unacknowledged: HashMap<u64, Vec<String>>,
     /// Whether the results given before a crash have been read again.
@@ -146,7 +144,6 @@ impl Producer {
             finished_enqueuing: false,
             unsent: Vec::new(),
             outstanding: HashMap::new(),
-            emitted: Finished::default(),
             unacknowledged: HashMap::new(),
             reread: false,
             down: false,
@@ -271,8 +268,10 @@ impl Producer {
         }
         let mut duplicates = Vec::new();
         for result in results {
+            // A row with no result yet, or a duplicate (answered twice, or
+            // restored from the store): the latter leaves Redis at once.
             match self.outstanding.remove(&result.index) {
-                Some(id) if !self.emitted.contains(result.index) => {
+                Some(id) => {
                     self.unacknowledged.entry(result.index).or_default().push(result.entry.clone());
                     let outcome = outcome_of(&result, &id);
                     self.emit(TaskResult::new(result.index as usize, id, outcome)).await;
@@ -308,7 +307,6 @@ impl Producer {
     }
 
     async fn emit(&mut self, result: TaskResult) {
-        self.emitted.insert(result.index as u64);
         self.calls += u64::from(result.outcome.attempts());
         self.tally.add(&result);
         let _ = self.sender.send(HeldResult { result, slot: None }).await;

@@ -32,13 +32,33 @@ fn worker(home: &Home, server: &MockServer, url: &str, job: &str, n: usize) -> C
     command
 }
 
-fn spawn(mut command: Command) -> Child {
-    command.stderr(std::process::Stdio::piped()).spawn().unwrap()
+/// A process of the test's, killed if the test ends first: a failed
+/// assertion must leave no worker behind to hold the test run open.
+struct Running(Option<Child>);
+
+impl Running {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("not waited for yet")
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn(mut command: Command) -> Running {
+    Running(Some(command.stderr(std::process::Stdio::piped()).spawn().unwrap()))
 }
 
 /// Its output once it exits; a process still running after a minute is
 /// killed and the test fails (a queue that never drains would hang it).
-async fn wait(mut child: Child) -> std::process::Output {
+async fn wait(mut running: Running) -> std::process::Output {
+    let mut child = running.0.take().expect("waited for once");
     let pid = child.id();
     let waited = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
@@ -191,9 +211,9 @@ async fn a_worker_killed_mid_run_leaves_its_rows_to_the_others() {
     let mut doomed = with_claims(0);
     let survivor = with_claims(1);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(doomed.try_wait().unwrap().is_none(), "killed mid-run");
-    let _ = doomed.kill(); // SIGKILL
-    let _ = doomed.wait();
+    assert!(doomed.child().try_wait().unwrap().is_none(), "killed mid-run");
+    let _ = doomed.child().kill(); // SIGKILL
+    let _ = doomed.child().wait();
     let produced = wait(producing).await;
     assert_eq!(produced.status.code(), Some(0), "{}", stderr(&produced));
     let output = wait(survivor).await;
@@ -232,10 +252,10 @@ async fn a_producer_killed_mid_run_resumes_without_enqueuing_twice() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(first.try_wait().unwrap().is_none(), "killed mid-run");
+    assert!(first.child().try_wait().unwrap().is_none(), "killed mid-run");
     assert!(server.stats().requests < ROWS as u64, "killed with rows left");
-    let _ = first.kill();
-    let _ = first.wait();
+    let _ = first.child().kill();
+    let _ = first.child().wait();
     let mut resume = home.fanout();
     resume.args(["-q", "jobs", "resume", "resumed", "--queue", &redis.url(), "-o", "out.jsonl"]);
     let resumed = run(resume).await;
@@ -276,7 +296,7 @@ async fn redis_restarted_mid_run_loses_nothing() {
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(700)).await;
-    assert!(producing.try_wait().unwrap().is_none(), "Redis stopped mid-run");
+    assert!(producing.child().try_wait().unwrap().is_none(), "Redis stopped mid-run");
     redis.kill();
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     let _back = fanout_queue::server::LocalRedis::start_saving_on(port, data.path()).unwrap();
@@ -319,12 +339,65 @@ async fn what_cannot_work_is_refused_before_any_call() {
     assert!(stderr(&refused).contains("another-model"), "{}", stderr(&refused));
     // Stopped with rows still queued, the job resumes only through its queue.
     let mut producing = producing;
-    let _ = producing.kill();
-    let _ = producing.wait();
+    let _ = producing.child().kill();
+    let _ = producing.child().wait();
     let mut resume = home.fanout();
     resume.args(["jobs", "resume", "j"]);
     let output = run(resume).await;
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("--queue"), "{}", stderr(&output));
     assert_eq!(server.stats().requests, 0);
+}
+
+/// A row answered twice — a slow worker finishing a row another worker took
+/// over — is stored and written once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_answered_twice_is_stored_once() {
+    const ROWS: usize = 4;
+    let Some(redis) = fanout_queue::server::for_test() else { return };
+    let config = Config { latency: Duration::from_millis(2_500), ..Config::default() };
+    let server = MockServer::start(counting(config)).await.unwrap();
+    let home = Home::new();
+    home.write("rows.jsonl", crate::rows(ROWS));
+    let mut producing = producer(&home, &server, &redis.url(), "twice");
+    producing.arg("--json");
+    let producing = spawn(producing);
+    // The slow one takes every row, runs two at a time and says it is at
+    // work every 10 s; the impatient one takes over rows silent for 1 s and
+    // runs all four at once, so it answers rows 0 and 1 again while the
+    // producer still waits for rows 2 and 3.
+    let mut slow = worker(&home, &server, &redis.url(), "twice", 0);
+    slow.args(["-c", "2", "--no-hedge", "--claim-after", "30"]);
+    let slow = spawn(slow);
+    for _ in 0..200 {
+        if server.stats().requests >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut impatient = worker(&home, &server, &redis.url(), "twice", 1);
+    impatient.args(["-c", "4", "--no-hedge", "--claim-after", "1"]);
+    let impatient = spawn(impatient);
+    let produced = wait(producing).await;
+    assert_eq!(produced.status.code(), Some(0), "{}", stderr(&produced));
+    let said = stderr(&produced);
+    let totals: serde_json::Value = serde_json::from_str(said.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (totals["tasks"].as_u64(), totals["succeeded"].as_u64()),
+        (Some(4), Some(4)),
+        "{said}"
+    );
+    for child in [slow, impatient] {
+        let output = wait(child).await;
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    }
+    let prompts = server.stats().prompts;
+    assert!(prompts.values().all(|n| *n == 2), "every row was run twice: {prompts:?}");
+    let output = read_lines(&home.path("out.jsonl"));
+    let ids: Vec<_> = output.iter().map(|row| row["id"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(ids, (0..ROWS).map(|i| format!("row-{i}")).collect::<Vec<_>>());
+    let db = rusqlite::Connection::open(home.store()).unwrap();
+    let stored: i64 = db.query_row("SELECT COUNT(*) FROM tasks", [], |row| row.get(0)).unwrap();
+    assert_eq!(stored, ROWS as i64);
+    assert!(job_keys(&redis.url()).await.is_empty(), "late answers leave nothing in Redis");
 }

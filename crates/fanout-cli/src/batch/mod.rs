@@ -145,6 +145,14 @@ pub fn resume_command(options: &RunOptions) -> String {
     if let Some(output) = &options.output {
         command.push_str(&format!(" -o {}", output.display()));
     }
+    if let Some(url) = &options.queue {
+        // An address with a password is not printed: it is read from the environment.
+        if fanout_queue::redacted(url) == *url {
+            command.push_str(&format!(" --queue {url}"));
+        } else {
+            command.push_str(" --queue \"$FANOUT_QUEUE\"");
+        }
+    }
     command
 }
 
@@ -535,4 +543,36 @@ pub async fn run(mut spec: Spec, options: RunOptions) -> Result<ExitCode> {
         );
     }
     Ok(ending.exit().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The resume command names the queue a queued job goes on through,
+    /// never a password: an address with one is read from the environment.
+    #[test]
+    fn the_resume_command_names_the_queue_without_its_password() {
+        let options = |queue: Option<&str>| RunOptions {
+            job: "essays".into(),
+            store: crate::settings::default_store(),
+            output: None,
+            retry_failed: false,
+            cache: false,
+            dry_run: false,
+            quiet: true,
+            json: false,
+            grace: Duration::ZERO,
+            history: true,
+            shared_limits: Default::default(),
+            queue: queue.map(str::to_owned),
+        };
+        assert_eq!(resume_command(&options(None)), "fanout jobs resume essays");
+        assert_eq!(
+            resume_command(&options(Some("redis://127.0.0.1:6379/0"))),
+            "fanout jobs resume essays --queue redis://127.0.0.1:6379/0"
+        );
+        let secret = resume_command(&options(Some("redis://:hunter2@127.0.0.1:6379/0")));
+        assert_eq!(secret, "fanout jobs resume essays --queue \"$FANOUT_QUEUE\"");
+    }
 }

@@ -369,21 +369,21 @@ impl JobQueue {
         pipe.query_async::<()>(&mut connection).await.map_err(|e| self.failed(&e))
     }
 
-    /// Up to `count` results for the producer: with `again`, those it was
-    /// given before and has not acknowledged (after a crash); else new ones,
-    /// waiting up to `block`.
+    /// Up to `count` results for the producer: with `pending_after`, those it
+    /// was given before and has not acknowledged (after a crash), past that
+    /// entry (`"0"` for the first); else new ones, waiting up to `block`.
     pub async fn results(
         &self,
-        again: bool,
+        pending_after: Option<&str>,
         count: usize,
         block: Duration,
     ) -> Result<Vec<QueuedResult>, QueueError> {
         let mut command = redis::cmd("XREADGROUP");
         command.arg("GROUP").arg(PRODUCER).arg(PRODUCER).arg("COUNT").arg(count.max(1));
-        if !again {
+        if pending_after.is_none() {
             command.arg("BLOCK").arg(block.as_millis() as u64);
         }
-        command.arg("STREAMS").arg(&self.results).arg(if again { "0" } else { ">" });
+        command.arg("STREAMS").arg(&self.results).arg(pending_after.unwrap_or(">"));
         let reply: Value = self.query_waiting(&command).await?;
         Ok(read_reply_entries(&reply)
             .into_iter()

@@ -89,13 +89,19 @@ async fn answers_replace_rows_and_stay_until_acknowledged() {
     queue.answer(&[answer(&taken[1], "one again")]).await.unwrap();
     assert!(queue.is_drained().await.unwrap(), "every row answered");
     let wait = Duration::from_millis(10);
-    let first = queue.results(false, 10, wait).await.unwrap();
+    let first = queue.results(None, 10, wait).await.unwrap();
     let records: Vec<(u64, &str)> = first.iter().map(|r| (r.index, r.record.as_str())).collect();
     assert_eq!(records, [(0, "zero"), (1, "one"), (1, "one again")]);
-    assert!(queue.results(false, 10, wait).await.unwrap().is_empty(), "each given once");
+    assert!(queue.results(None, 10, wait).await.unwrap().is_empty(), "each given once");
     queue.acknowledge(&[first[0].entry.clone()]).await.unwrap();
-    let again = queue.results(true, 10, wait).await.unwrap();
+    let again = queue.results(Some("0"), 10, wait).await.unwrap();
     assert_eq!(again.iter().map(|r| r.index).collect::<Vec<_>>(), [1, 1], "the unacknowledged");
+    // Read again page by page, past the last one read.
+    let page = queue.results(Some("0"), 1, wait).await.unwrap();
+    assert_eq!(page[0].entry, again[0].entry);
+    let next = queue.results(Some(&page[0].entry), 1, wait).await.unwrap();
+    assert_eq!(next[0].entry, again[1].entry);
+    assert!(queue.results(Some(&next[0].entry), 1, wait).await.unwrap().is_empty());
     queue.remove().await.unwrap();
     assert!(queue.meta().await.unwrap().is_none());
     assert!(queue.is_drained().await.unwrap(), "a removed job needs no work");

@@ -116,8 +116,9 @@ struct Producer {
     outstanding: HashMap<u64, TaskId>,
     /// Result entries handed to the committer and not yet acknowledged.
     unacknowledged: HashMap<u64, Vec<String>>,
-    /// Whether the results given before a crash have been read again.
-    reread: bool,
+    /// While the results given before a crash are read again: the last one
+    /// read (`"0"` before the first); `None` once they all are.
+    reread_after: Option<String>,
     /// Whether Redis is out of reach now (said once per outage).
     down: bool,
     tally: Tally,
@@ -145,7 +146,7 @@ impl Producer {
             unsent: Vec::new(),
             outstanding: HashMap::new(),
             unacknowledged: HashMap::new(),
-            reread: false,
+            reread_after: Some("0".into()),
             down: false,
             tally: Tally::new(),
             calls: 0,
@@ -261,10 +262,11 @@ impl Producer {
 
     /// Hands the workers' new results to the committer.
     async fn collect(&mut self) -> Result<(), fanout_queue::QueueError> {
-        let again = !self.reread;
-        let results = self.queue.results(again, 1024, RESULTS_WAIT).await?;
-        if again && results.is_empty() {
-            self.reread = true;
+        let results = self.queue.results(self.reread_after.as_deref(), 1024, RESULTS_WAIT).await?;
+        if self.reread_after.is_some() {
+            // Page by page past the last one read: those not yet committed are
+            // still pending, and must not be read again as duplicates.
+            self.reread_after = results.last().map(|result| result.entry.clone());
         }
         let mut duplicates = Vec::new();
         for result in results {

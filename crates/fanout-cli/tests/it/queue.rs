@@ -256,6 +256,27 @@ async fn a_producer_killed_mid_run_resumes_without_enqueuing_twice() {
     assert!(server.stats().requests < ROWS as u64, "killed with rows left");
     let _ = first.child().kill();
     let _ = first.child().wait();
+    // The workers answer every row that was enqueued: hundreds of results
+    // wait, unread or read and not stored, for the resumed producer.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    for _ in 0..500 {
+        let left: u64 = redis::cmd("XLEN")
+            .arg("fanout:queue:resumed:tasks")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let waiting: u64 = redis::cmd("XLEN")
+        .arg("fanout:queue:resumed:results")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert!(waiting > 100, "{waiting} results wait for the resume");
     let mut resume = home.fanout();
     resume.args(["-q", "jobs", "resume", "resumed", "--queue", &redis.url(), "-o", "out.jsonl"]);
     let resumed = run(resume).await;

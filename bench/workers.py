@@ -2,7 +2,7 @@
 Redis, against fanout-mock, beside the same rows run by one local process, in
 one run.
 
-    python3 bench/queue.py [--debug] [--out FILE]
+    python3 bench/workers.py [--debug] [--out FILE]
 
 - limited: 1,200 rows against a server limited to 6,000 requests a minute
   that says so only with 429s (no rate-limit headers), the job given
@@ -12,6 +12,9 @@ one run.
   server: how far more workers go before this machine's CPU is the limit.
 - local: the same 4,000 rows by one `fanout batch` without a queue, for the
   cost of the queue per row (Redis round trips, the result stream).
+
+Named workers.py, not queue.py: a file of that name beside the other bench
+scripts would be imported as Python's own `queue` module by them.
 
 Each run gets a fresh mock server and a fresh redis-server on 127.0.0.1; the
 producer and the workers run on this machine (2 cores here), so the

@@ -62,7 +62,9 @@ pub async fn command(flags: &Flags, args: WorkerArgs) -> Result<ExitCode> {
         return Err(Refusal(anyhow::anyhow!("--claim-after must be more than 0 seconds")).into());
     }
     // An unreachable Redis is exit 2, before anything else.
-    let known = fanout_queue::jobs(&args.queue).await.map_err(|e| Refusal(e.into()))?;
+    // One pair of connections for every job this worker looks at.
+    let any_job = JobQueue::connect(&args.queue, "").await.map_err(|e| Refusal(e.into()))?;
+    let known = any_job.jobs().await.map_err(|e| Refusal(e.into()))?;
     let quiet = flags.quiet;
     let drain = CancellationToken::new();
     tokio::spawn({
@@ -81,7 +83,7 @@ pub async fn command(flags: &Flags, args: WorkerArgs) -> Result<ExitCode> {
     while !drain.is_cancelled() {
         let names = match &args.job {
             Some(job) => Ok(vec![job.clone()]),
-            None => fanout_queue::jobs(&args.queue).await,
+            None => any_job.jobs().await,
         };
         let names = match names {
             Ok(names) => {
@@ -100,7 +102,7 @@ pub async fn command(flags: &Flags, args: WorkerArgs) -> Result<ExitCode> {
         };
         let mut served = false;
         for name in names {
-            let Ok(queue) = JobQueue::connect(&args.queue, &name).await else { continue };
+            let queue = any_job.of_job(&name);
             let Ok(Some(meta)) = queue.meta().await else {
                 if args.job.is_some() && seen_job {
                     // Its producer stored every row and removed it.

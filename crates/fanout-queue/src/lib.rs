@@ -25,4 +25,4 @@ mod queue;
 pub mod server;
 
 pub use limits::{LimitsConfig, LimitsError, Notices, RedisLimits, redacted};
-pub use queue::{Answer, FORMAT, JobMeta, JobQueue, QueueError, QueuedResult, QueuedTask, jobs};
+pub use queue::{Answer, FORMAT, JobMeta, JobQueue, QueueError, QueuedResult, QueuedTask};

@@ -98,31 +98,42 @@ impl std::fmt::Debug for JobQueue {
     }
 }
 
-/// The names of the jobs in the queue at `url`.
-pub async fn jobs(url: &str) -> Result<Vec<String>, QueueError> {
-    let mut connection = connect(url).await?;
-    redis::cmd("SMEMBERS").arg(JOBS).query_async(&mut connection).await.map_err(|e| error(url, &e))
-}
-
-fn error(url: &str, error: &redis::RedisError) -> QueueError {
-    LimitsError::new(format!("Redis at {}: {}", redacted(url), described(error)))
-}
-
 impl JobQueue {
     /// Connects to `url` (an unreachable Redis is an error now) for `job`.
     pub async fn connect(url: &str, job: &str) -> Result<Self, QueueError> {
         let connection = connect(url).await?;
         let waiting_reads = connect(url).await?;
-        let prefix = format!("fanout:queue:{job}:");
-        Ok(Self {
+        let mut queue = Self {
             connection,
             waiting_reads,
-            job: job.to_owned(),
+            job: String::new(),
             location: redacted(url),
-            meta: format!("{prefix}meta"),
-            tasks: format!("{prefix}tasks"),
-            results: format!("{prefix}results"),
-        })
+            meta: String::new(),
+            tasks: String::new(),
+            results: String::new(),
+        };
+        queue.name(job);
+        Ok(queue)
+    }
+
+    /// The queue of another job in the same Redis, on the same connections.
+    pub fn of_job(&self, job: &str) -> Self {
+        let mut queue = self.clone();
+        queue.name(job);
+        queue
+    }
+
+    fn name(&mut self, job: &str) {
+        let prefix = format!("fanout:queue:{job}:");
+        self.job = job.to_owned();
+        self.meta = format!("{prefix}meta");
+        self.tasks = format!("{prefix}tasks");
+        self.results = format!("{prefix}results");
+    }
+
+    /// The names of the jobs in this Redis that workers may find.
+    pub async fn jobs(&self) -> Result<Vec<String>, QueueError> {
+        self.query(redis::cmd("SMEMBERS").arg(JOBS)).await
     }
 
     pub fn job(&self) -> &str {

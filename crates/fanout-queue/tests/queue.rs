@@ -37,7 +37,7 @@ async fn the_enqueued_mark_moves_with_its_rows() {
     assert_eq!(again.announce(&meta("a")).await.unwrap(), 5, "found again where it stopped");
     let refused = again.announce(&meta("b")).await.unwrap_err().to_string();
     assert!(refused.contains("different job named `marks`"), "{refused}");
-    assert_eq!(fanout_queue::jobs(&redis.url()).await.unwrap(), ["marks"]);
+    assert_eq!(queue.jobs().await.unwrap(), ["marks"]);
     let taken = queue.take("w", 10, Duration::from_millis(10)).await.unwrap();
     assert_eq!(indices(&taken), [0, 1, 2]);
     assert_eq!(taken[1].id, "row-1");
@@ -105,5 +105,5 @@ async fn answers_replace_rows_and_stay_until_acknowledged() {
     queue.remove().await.unwrap();
     assert!(queue.meta().await.unwrap().is_none());
     assert!(queue.is_drained().await.unwrap(), "a removed job needs no work");
-    assert!(fanout_queue::jobs(&redis.url()).await.unwrap().is_empty());
+    assert!(queue.jobs().await.unwrap().is_empty());
 }

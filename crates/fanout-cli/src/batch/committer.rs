@@ -23,8 +23,6 @@ use futures_util::{FutureExt, StreamExt};
 
 use super::job::OpenJob;
 use super::keep::KeptFields;
-use super::queued::QueuedResults;
-use super::remote::RemoteResults;
 use crate::exit::Ending;
 use crate::history::{self, RunLog};
 use crate::output::{Kept, Output};
@@ -36,21 +34,19 @@ const MAX_GROUP: usize = 4096;
 /// The most results written out per read from the store.
 const MAX_READ_BACK: u64 = 4096;
 
-/// Where a run's results come from: the executor's calls, a Batch API's
-/// batches (which bring online results along, with `--then online`), or the
-/// workers of a Redis queue.
+/// Where a run's results come from: the executor's calls, or a driver of
+/// its own — a Batch API's batches (which bring online results along, with
+/// `--then online`), or the workers of a Redis queue.
 pub enum RunResults {
     Online(HeldResults),
-    BatchApi(RemoteResults),
-    Queued(QueuedResults),
+    Driven(DrivenResults),
 }
 
 impl RunResults {
     async fn totals(self) -> Totals {
         match self {
             Self::Online(results) => results.totals().await,
-            Self::BatchApi(results) => results.totals().await,
-            Self::Queued(results) => results.totals().await,
+            Self::Driven(results) => results.totals().await,
         }
     }
 }
@@ -64,9 +60,49 @@ impl futures_util::Stream for RunResults {
     ) -> std::task::Poll<Option<HeldResult>> {
         match self.get_mut() {
             Self::Online(results) => results.poll_next_unpin(cx),
-            Self::BatchApi(results) => results.poll_next_unpin(cx),
-            Self::Queued(results) => results.poll_next_unpin(cx),
+            Self::Driven(results) => results.poll_next_unpin(cx),
         }
+    }
+}
+
+/// Results a task of its own sends as they come, and its totals at the end.
+pub struct DrivenResults {
+    receiver: tokio::sync::mpsc::Receiver<HeldResult>,
+    driver: tokio::task::JoinHandle<Totals>,
+    /// What drives them, for the message should it fail.
+    what: &'static str,
+}
+
+impl DrivenResults {
+    /// Spawns `drive` with the sender its results go to.
+    pub fn spawn<F>(
+        what: &'static str,
+        drive: impl FnOnce(tokio::sync::mpsc::Sender<HeldResult>) -> F,
+    ) -> Self
+    where
+        F: std::future::Future<Output = Totals> + Send + 'static,
+    {
+        let (sender, receiver) = tokio::sync::mpsc::channel(4096);
+        Self { receiver, driver: tokio::spawn(drive(sender)), what }
+    }
+
+    pub async fn totals(mut self) -> Totals {
+        while self.receiver.recv().await.is_some() {}
+        self.driver.await.unwrap_or_else(|error| {
+            eprintln!("fanout: {} failed: {error}", self.what);
+            Totals::default()
+        })
+    }
+}
+
+impl futures_util::Stream for DrivenResults {
+    type Item = HeldResult;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<HeldResult>> {
+        self.receiver.poll_recv(cx)
     }
 }
 

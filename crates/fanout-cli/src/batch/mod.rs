@@ -435,8 +435,8 @@ pub async fn run(mut spec: Spec, options: RunOptions) -> Result<ExitCode> {
                     .expect("a fingerprint serializes"),
                 settings: serde_json::to_string(&spec.settings).expect("settings serialize"),
             };
-            RunResults::Queued(
-                queued::QueuedResults::start(queued::Queued {
+            RunResults::Driven(
+                queued::start(queued::Queued {
                     queue,
                     meta,
                     tasks: Box::new(tasks),
@@ -475,7 +475,7 @@ pub async fn run(mut spec: Spec, options: RunOptions) -> Result<ExitCode> {
                 drain: interrupts.drain.clone(),
                 quiet: options.quiet,
             };
-            RunResults::BatchApi(remote::RemoteResults::start(remote))
+            RunResults::Driven(remote::start(remote))
         }
     };
     let columns = Columns {

@@ -22,6 +22,7 @@ use fanout_store::Record;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use super::committer::DrivenResults;
 use crate::record::to_result;
 
 /// Rows enqueued per transaction.
@@ -49,49 +50,22 @@ pub struct Queued {
     pub retry_failed: bool,
 }
 
-/// The results of a queued run, for the committer.
-pub struct QueuedResults {
-    receiver: mpsc::Receiver<HeldResult>,
-    driver: tokio::task::JoinHandle<Totals>,
-}
-
-impl QueuedResults {
-    /// Announces the job (an unreachable Redis or another job of the same
-    /// name is an error here, before any row is sent) and starts.
-    pub async fn start(queued: Queued) -> Result<Self> {
-        let enqueued =
-            queued.queue.announce(&queued.meta).await.map_err(|e| crate::Refusal(e.into()))?;
-        if queued.retry_failed && enqueued > 0 {
-            return Err(crate::Refusal(anyhow::anyhow!(
-                "--retry-failed sends failed rows again, but job `{}` still has rows in its queue: resume it without --retry-failed first",
-                queued.queue.job()
-            ))
-            .into());
-        }
-        let (sender, receiver) = mpsc::channel(4096);
-        let producer = Producer::new(queued, enqueued, sender);
-        let driver = tokio::spawn(producer.run());
-        Ok(Self { receiver, driver })
+/// Announces the job (an unreachable Redis or another job of the same name
+/// is an error here, before any row is sent) and starts collecting its
+/// results for the committer.
+pub async fn start(queued: Queued) -> Result<DrivenResults> {
+    let enqueued =
+        queued.queue.announce(&queued.meta).await.map_err(|e| crate::Refusal(e.into()))?;
+    if queued.retry_failed && enqueued > 0 {
+        return Err(crate::Refusal(anyhow::anyhow!(
+            "--retry-failed sends failed rows again, but job `{}` still has rows in its queue: resume it without --retry-failed first",
+            queued.queue.job()
+        ))
+        .into());
     }
-
-    pub async fn totals(mut self) -> Totals {
-        while self.receiver.recv().await.is_some() {}
-        self.driver.await.unwrap_or_else(|error| {
-            eprintln!("fanout: the queued run failed: {error}");
-            Totals::default()
-        })
-    }
-}
-
-impl futures_util::Stream for QueuedResults {
-    type Item = HeldResult;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<HeldResult>> {
-        self.receiver.poll_recv(cx)
-    }
+    Ok(DrivenResults::spawn("the queued run", |sender| {
+        Producer::new(queued, enqueued, sender).run()
+    }))
 }
 
 struct Producer {

@@ -17,6 +17,7 @@
 //! hold runs online; whichever answer of a row arrives first is kept, and the
 //! other is discarded uncounted.
 
+use super::committer::DrivenResults;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -100,36 +101,8 @@ pub struct Remote {
 }
 
 /// The results of a job's rows through a Batch API, for the committer.
-pub struct RemoteResults {
-    receiver: mpsc::Receiver<HeldResult>,
-    driver: tokio::task::JoinHandle<Totals>,
-}
-
-impl RemoteResults {
-    pub fn start(remote: Remote) -> Self {
-        let (sender, receiver) = mpsc::channel(4096);
-        let driver = tokio::spawn(Driver::new(remote, sender).run());
-        Self { receiver, driver }
-    }
-
-    pub async fn totals(mut self) -> Totals {
-        while self.receiver.recv().await.is_some() {}
-        self.driver.await.unwrap_or_else(|error| {
-            eprintln!("fanout: the Batch API run failed: {error}");
-            Totals::default()
-        })
-    }
-}
-
-impl futures_util::Stream for RemoteResults {
-    type Item = HeldResult;
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<HeldResult>> {
-        self.receiver.poll_recv(cx)
-    }
+pub fn start(remote: Remote) -> DrivenResults {
+    DrivenResults::spawn("the Batch API run", |sender| Driver::new(remote, sender).run())
 }
 
 /// A batch this run waits on, with the rows it answers.
@@ -1032,7 +1005,7 @@ mod tests {
             drain: CancellationToken::new(),
             quiet: true,
         };
-        let mut results = RemoteResults::start(remote);
+        let mut results = super::start(remote);
         let mut answers = std::collections::BTreeMap::new();
         while let Some(held) = results.next().await {
             let text = held.result.outcome.text().unwrap_or_default().to_owned();
@@ -1163,7 +1136,7 @@ mod tests {
             drain: CancellationToken::new(),
             quiet: true,
         };
-        let mut results = RemoteResults::start(remote);
+        let mut results = start(remote);
         let mut outcomes = std::collections::BTreeMap::new();
         while let Some(held) = results.next().await {
             outcomes.insert(held.result.index, held.result.outcome);

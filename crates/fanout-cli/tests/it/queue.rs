@@ -77,6 +77,14 @@ async fn wait(mut running: Running) -> std::process::Output {
     child.wait_with_output().unwrap()
 }
 
+/// Waits for each of `processes`, which must all end with exit 0.
+async fn exit_0(processes: impl IntoIterator<Item = Running>) {
+    for process in processes {
+        let output = wait(process).await;
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    }
+}
+
 fn counting(config: Config) -> Config {
     Config { count_prompts: true, ..config }
 }
@@ -174,10 +182,7 @@ async fn three_workers_answer_every_row_once_within_the_servers_rate() {
         .collect();
     let produced = wait(producing).await;
     assert_eq!(produced.status.code(), Some(0), "{}", stderr(&produced));
-    for child in workers {
-        let output = wait(child).await;
-        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    }
+    exit_0(workers).await;
     every_row_once(&home, &server, ROWS);
     let stats = server.stats();
     let limited = stats.count(429);
@@ -281,10 +286,7 @@ async fn a_producer_killed_mid_run_resumes_without_enqueuing_twice() {
     resume.args(["-q", "jobs", "resume", "resumed", "--queue", &redis.url(), "-o", "out.jsonl"]);
     let resumed = run(resume).await;
     assert_eq!(resumed.status.code(), Some(0), "{}", stderr(&resumed));
-    for child in workers {
-        let output = wait(child).await;
-        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    }
+    exit_0(workers).await;
     every_row_once(&home, &server, ROWS);
 }
 
@@ -323,10 +325,7 @@ async fn redis_restarted_mid_run_loses_nothing() {
     let _back = fanout_queue::server::LocalRedis::start_saving_on(port, data.path()).unwrap();
     let produced = wait(producing).await;
     assert_eq!(produced.status.code(), Some(0), "{}", stderr(&produced));
-    for child in workers {
-        let output = wait(child).await;
-        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    }
+    exit_0(workers).await;
     every_row_once(&home, &server, ROWS);
 }
 
@@ -408,10 +407,7 @@ async fn a_row_answered_twice_is_stored_once() {
         (Some(4), Some(4)),
         "{said}"
     );
-    for child in [slow, impatient] {
-        let output = wait(child).await;
-        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
-    }
+    exit_0([slow, impatient]).await;
     let prompts = server.stats().prompts;
     assert!(prompts.values().all(|n| *n == 2), "every row was run twice: {prompts:?}");
     let output = read_lines(&home.path("out.jsonl"));

@@ -2,12 +2,16 @@
 Redis, against fanout-mock, beside the same rows run by one local process, in
 one run.
 
-    python3 bench/workers.py [--debug] [--out FILE]
+    python3 bench/workers.py [--debug] [--no-build] [--only SCENARIO] [--out FILE]
 
 - limited: 1,200 rows against a server limited to 6,000 requests a minute
   that says so only with 429s (no rate-limit headers), the job given
   `--rpm 6000`: all workers together should run at the limit (ideal:
   (1,200 - burst) / 100 per second = 11 s) with 0 failed and few 429s.
+- stated: the same rows against the same limit stated in the server's
+  rate-limit headers, the job given no --rpm: the limit the workers read in
+  the headers is the one they share through Redis, so together they should
+  keep to it as with --rpm.
 - unlimited: 4,000 rows of 50 ms at -c 100 per worker against an unlimited
   server: how far more workers go before this machine's CPU is the limit.
 - local: the same 4,000 rows by one `fanout batch` without a queue, for the
@@ -89,11 +93,14 @@ def run_local(fanout, url, directory, rows, concurrency):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--debug", action="store_true", help="use the debug build (target/debug)")
+    parser.add_argument("--no-build", action="store_true", help="run the binaries already built")
+    parser.add_argument("--only", choices=["limited", "stated", "unlimited"])
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     profile = "debug" if args.debug else "release"
     build = ["cargo", "build", "--quiet", "-p", "fanout-cli", "-p", "fanout-mock"]
-    subprocess.run(build if args.debug else build + ["--release"], cwd=ROOT, check=True)
+    if not args.no_build:
+        subprocess.run(build if args.debug else build + ["--release"], cwd=ROOT, check=True)
     fanout = ROOT / f"target/{profile}/fanout"
     import providers
 
@@ -101,6 +108,8 @@ def main():
     results = []
 
     def measure(scenario, mock_flags, rows, workers, concurrency, extra):
+        if args.only not in (None, scenario):
+            return
         mock, redis = Mock(mock_flags), Redis()
         try:
             with tempfile.TemporaryDirectory() as directory:
@@ -133,6 +142,8 @@ def main():
     limited_server = ["--latency-ms", "50", "--rpm", "6000", "--no-rate-limit-headers"]
     for workers in (1, 2, 4):
         measure("limited", limited_server, 1_200, workers, 32, ["--rpm", "6000"])
+    for workers in (1, 2, 4):
+        measure("stated", ["--latency-ms", "50", "--rpm", "6000"], 1_200, workers, 32, [])
     measure("unlimited", ["--latency-ms", "50"], 4_000, 0, 100, [])
     for workers in (1, 2, 4):
         measure("unlimited", ["--latency-ms", "50"], 4_000, workers, 100, [])

@@ -51,14 +51,7 @@ impl SharedLimitsArgs {
         let Some(url) = &self.limits else { return Ok(None) };
         let mut config =
             LimitsConfig::new(self.limits_scope.clone().unwrap_or_else(|| default_scope(settings)));
-        config.rpm = settings.rpm.map(|rpm| {
-            // A tenth of the burst (at least one request) is left to the
-            // network: calls reserved exactly at the provider's rate arrive
-            // with jitter, and without slack in its bucket an early arrival
-            // is a 429.
-            let rate = Rate::per_minute(rpm);
-            rate.with_burst(rate.burst - (rate.burst / 10).max(1).min(rate.burst - 1))
-        });
+        config.rpm = settings.rpm.map(|rpm| fanout_queue::leave_slack(Rate::per_minute(rpm)));
         config.tpm = settings.tpm.map(|tpm| Rate::per_minute(tpm).with_burst(tpm));
         config.max_in_flight = self.global_concurrency.map(|n| n.max(1));
         let notices: fanout_queue::Notices = Arc::new(move |notice: &str| {

@@ -24,5 +24,5 @@ mod limits;
 mod queue;
 pub mod server;
 
-pub use limits::{LimitsConfig, LimitsError, Notices, RedisLimits, redacted};
+pub use limits::{LimitsConfig, LimitsError, Notices, RedisLimits, leave_slack, redacted};
 pub use queue::{Answer, FORMAT, JobMeta, JobQueue, QueueError, QueuedResult, QueuedTask};

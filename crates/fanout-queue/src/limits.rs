@@ -4,6 +4,11 @@
 //! process dies). Each reservation is one atomic Lua script, so any number of
 //! processes on any number of machines reserve against the same state.
 //!
+//! Where no RPM or TPM is given, the limits the provider states in its
+//! rate-limit headers are the shared ones: the first process to read them
+//! writes them to Redis ([`SharedLimits::learn`]) and every reservation
+//! after that, by any process, is paced to them.
+//!
 //! What goes into Redis is counters and times under `fanout:limits:SCOPE:`;
 //! never a key, a prompt or an answer.
 
@@ -13,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fanout::{Rate, SharedLease, SharedLimits, async_trait};
+use fanout::{Rate, SharedLease, SharedLimits, StatedLimits, async_trait};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script};
 
@@ -22,10 +27,12 @@ use redis::{RedisError, Script};
 pub struct LimitsConfig {
     /// Names the shared state: processes with the same scope share limits.
     pub scope: String,
-    /// Requests per minute, all processes together.
+    /// Requests per minute, all processes together; `None`: the provider's,
+    /// once it has stated it.
     pub rpm: Option<Rate>,
     /// Tokens per minute, all processes together (reserved before each call,
-    /// corrected with the usage reported).
+    /// corrected with the usage reported); `None`: the provider's, once it
+    /// has stated it.
     pub tpm: Option<Rate>,
     /// Calls in flight at once, all processes together.
     pub max_in_flight: Option<usize>,
@@ -76,8 +83,15 @@ pub fn redacted(url: &str) -> String {
     }
 }
 
+/// `rate` with a tenth of its burst (at least one, and never all of it) left
+/// to the network: calls reserved exactly at the provider's rate arrive with
+/// jitter, and without slack in its bucket an early arrival is a 429.
+pub fn leave_slack(rate: Rate) -> Rate {
+    rate.with_burst(rate.burst - (rate.burst / 10).max(1).min(rate.burst - 1))
+}
+
 /// A GCRA bucket's parameters, in microseconds as the scripts take them.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 struct Cell {
     /// Microseconds per unit.
     interval: f64,
@@ -122,6 +136,37 @@ struct Keys {
     requests: String,
     tokens: String,
     leases: String,
+    stated: String,
+    unmetered_requests: String,
+    unmetered_tokens: String,
+}
+
+/// The limits the provider stated, as this process last wrote them to Redis.
+#[derive(Debug, Default)]
+struct Learned {
+    requests: Option<Cell>,
+    tokens: Option<Cell>,
+    written: Option<tokio::time::Instant>,
+}
+
+/// How often unchanged stated limits are written again, and how long Redis
+/// keeps them after the last write: limits of a key nobody calls with any
+/// more do not stay in Redis for good.
+const RESTATE_EVERY: Duration = Duration::from_secs(600);
+const STATED_TTL: Duration = Duration::from_secs(3_600);
+
+/// One reservation, as the reserve script made it.
+#[derive(Clone, Copy, Debug)]
+struct Reservation {
+    reserved: bool,
+    /// Microseconds until the call may start (or, if not reserved, until
+    /// the pause ends).
+    wait: u64,
+    /// The server's clock, in microseconds.
+    now: u64,
+    /// The intervals it was reserved at (0.0: that bucket had no limit).
+    requests_interval: f64,
+    tokens_interval: f64,
 }
 
 struct Inner {
@@ -132,6 +177,16 @@ struct Inner {
     tokens: Option<Cell>,
     /// The shared TPM as given (the cell holds it as an interval).
     tokens_per_minute: Option<u64>,
+    /// The token interval of the latest reservation (`f64` bits; 0.0: none):
+    /// what a settlement corrects by when no TPM is given, the stated one.
+    tokens_interval: AtomicU64,
+    learned: Mutex<Learned>,
+    /// Closed once the provider has answered this process, or its first
+    /// call has waited [`PROBE_TIME`] for that: until then, and while no limit
+    /// is known, one call at a time goes unmetered (see `admit`).
+    first_answer: Arc<tokio::sync::Semaphore>,
+    /// When the probe ends: `PROBE_TIME` after the first admission began.
+    probe_ends: std::sync::OnceLock<tokio::time::Instant>,
     max_in_flight: Option<usize>,
     lease_time: Duration,
     /// This process's part of every lease id.
@@ -174,6 +229,11 @@ impl Drop for RedisLimits {
 const SLOT_POLL: Duration = Duration::from_millis(10);
 const SLOT_POLL_MAX: Duration = Duration::from_millis(100);
 
+/// The longest a process admits one call at a time while it waits for its
+/// first answer with no limit known (see `admit`): a provider that takes
+/// minutes to answer one call must not hold the start back for as long.
+const PROBE_TIME: Duration = Duration::from_secs(2);
+
 impl RedisLimits {
     /// Connects to Redis at `url` (`redis://host:port/db`) and checks it
     /// answers: an unreachable server is an error here, before any call.
@@ -194,10 +254,17 @@ impl RedisLimits {
                 requests: format!("{prefix}requests"),
                 tokens: format!("{prefix}tokens"),
                 leases: format!("{prefix}leases"),
+                stated: format!("{prefix}stated"),
+                unmetered_requests: format!("{prefix}unmetered:requests"),
+                unmetered_tokens: format!("{prefix}unmetered:tokens"),
             },
             requests: config.rpm.map(Cell::of),
             tokens: config.tpm.map(Cell::of),
             tokens_per_minute: config.tpm.map(|rate| rate.per_minute),
+            tokens_interval: AtomicU64::new(0.0f64.to_bits()),
+            learned: Mutex::new(Learned::default()),
+            first_answer: Arc::new(tokio::sync::Semaphore::new(1)),
+            probe_ends: std::sync::OnceLock::new(),
             max_in_flight: config.max_in_flight,
             lease_time: config.lease_time.max(Duration::from_secs(1)),
             holder: format!("{}-{:016x}", std::process::id(), fastrand::u64(..)),
@@ -217,7 +284,8 @@ impl RedisLimits {
     /// reserve script returns them (microseconds, the server's clock).
     /// [`SharedLimits::admit`] waits the `wait` out; tests read the schedule.
     pub async fn reserve(&self, tokens: u64) -> Result<(bool, u64, u64), LimitsError> {
-        self.inner.reserve(tokens).await.map_err(|e| self.inner.error(&e))
+        let reservation = self.inner.reserve(tokens).await.map_err(|e| self.inner.error(&e))?;
+        Ok((reservation.reserved, reservation.wait, reservation.now))
     }
 
     /// Takes a slot of the global cap now, without waiting; `None` when all
@@ -228,7 +296,8 @@ impl RedisLimits {
 
     /// [`SharedLimits::settle`], waited for.
     pub async fn settle_now(&self, reserved: u64, used: u64) -> Result<(), LimitsError> {
-        self.inner.settle(reserved, used).await.map_err(|e| self.inner.error(&e))
+        let Some(interval) = self.inner.tokens_interval() else { return Ok(()) };
+        self.inner.settle(interval, reserved, used).await.map_err(|e| self.inner.error(&e))
     }
 
     /// [`SharedLimits::pause`], waited for.
@@ -274,16 +343,81 @@ impl Inner {
         LimitsError { message: format!("Redis at {}: {}", self.location, described(error)) }
     }
 
-    async fn reserve(&self, tokens: u64) -> Result<(bool, u64, u64), RedisError> {
+    async fn reserve(&self, tokens: u64) -> Result<Reservation, RedisError> {
         let mut invocation = self.scripts.reserve.prepare_invoke();
         invocation.key(&self.keys.pause).key(&self.keys.requests).key(&self.keys.tokens);
-        for (cell, cost) in [(self.requests, 1), (self.tokens, tokens)] {
+        invocation.key(&self.keys.stated);
+        invocation.key(&self.keys.unmetered_requests).key(&self.keys.unmetered_tokens);
+        // What this process learned itself is used at once, not only once
+        // Redis has it: the answer that stated it also widens the
+        // concurrency limit, and the calls that follow must not go unmetered.
+        let learned = {
+            let learned = self.learned.lock().unwrap();
+            (learned.requests, learned.tokens)
+        };
+        let cells = [(self.requests.or(learned.0), 1), (self.tokens.or(learned.1), tokens)];
+        for (cell, cost) in cells {
             let cell = cell.unwrap_or(Cell { interval: 0.0, burst: 0.0 });
             invocation.arg(cell.interval).arg(cell.burst).arg(cost);
         }
-        let (reserved, wait, now): (i64, i64, i64) =
+        let (reserved, wait, now, requests_interval, tokens_interval): (i64, i64, i64, f64, f64) =
             invocation.invoke_async(&mut self.connection.clone()).await?;
-        Ok((reserved == 1, wait.max(0) as u64, now.max(0) as u64))
+        let reservation = Reservation {
+            reserved: reserved == 1,
+            wait: wait.max(0) as u64,
+            now: now.max(0) as u64,
+            requests_interval,
+            tokens_interval,
+        };
+        if reservation.reserved {
+            self.tokens_interval.store(tokens_interval.to_bits(), Ordering::Relaxed);
+        }
+        Ok(reservation)
+    }
+
+    /// The interval tokens are reserved at now: the TPM given, or the one
+    /// the provider stated as of the latest reservation.
+    fn tokens_interval(&self) -> Option<f64> {
+        match self.tokens {
+            Some(cell) => Some(cell.interval),
+            None => Some(f64::from_bits(self.tokens_interval.load(Ordering::Relaxed)))
+                .filter(|interval| *interval > 0.0),
+        }
+    }
+
+    /// Writes the limits the provider stated where every process reads them,
+    /// when they differ from what this process wrote last (or that is old).
+    fn learn(self: &Arc<Self>, stated: StatedLimits) {
+        self.first_answer.close();
+        let stated_cell = |rate: Option<Rate>| rate.map(|rate| Cell::of(leave_slack(rate)));
+        let now = tokio::time::Instant::now();
+        let mut learned = self.learned.lock().unwrap();
+        let requests = stated_cell(stated.requests).or(learned.requests);
+        let tokens = stated_cell(stated.tokens).or(learned.tokens);
+        let recent = learned.written.is_some_and(|at| now.duration_since(at) < RESTATE_EVERY);
+        if recent && (learned.requests, learned.tokens) == (requests, tokens) {
+            return;
+        }
+        *learned = Learned { requests, tokens, written: Some(now) };
+        drop(learned);
+        let inner = Arc::clone(self);
+        self.spawn_correction(async move { inner.state(requests, tokens).await });
+    }
+
+    /// Writes stated limits where the reserve script reads them.
+    async fn state(&self, requests: Option<Cell>, tokens: Option<Cell>) -> Result<(), RedisError> {
+        let mut write = redis::cmd("HSET");
+        write.arg(&self.keys.stated);
+        for (name, cell) in [("requests", requests), ("tokens", tokens)] {
+            if let Some(cell) = cell {
+                write.arg(format!("{name}_interval")).arg(cell.interval);
+                write.arg(format!("{name}_burst")).arg(cell.burst);
+            }
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic().add_command(write).ignore();
+        pipe.cmd("PEXPIRE").arg(&self.keys.stated).arg(STATED_TTL.as_millis() as u64).ignore();
+        pipe.query_async::<()>(&mut self.connection.clone()).await
     }
 
     async fn try_acquire(self: &Arc<Self>) -> Result<Option<SharedLease>, RedisError> {
@@ -311,6 +445,27 @@ impl Inner {
         Ok(Some(SharedLease::new(move || inner.release(id))))
     }
 
+    /// With no limit known, every process starting at its full concurrency
+    /// at once could overrun the provider before any answer states its
+    /// limits. Until this process's first answer (which may state none), or
+    /// for [`PROBE_TIME`] at most, its calls are therefore admitted one at a
+    /// time; one that is then reserved at no limit holds the returned permit,
+    /// keeping the others waiting, until it ends.
+    async fn probe(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        if self.first_answer.is_closed() {
+            return None;
+        }
+        let ends = *self.probe_ends.get_or_init(|| tokio::time::Instant::now() + PROBE_TIME);
+        let permit = Arc::clone(&self.first_answer).acquire_owned();
+        match tokio::time::timeout_at(ends, permit).await {
+            Ok(permit) => permit.ok(),
+            Err(_) => {
+                self.first_answer.close();
+                None
+            }
+        }
+    }
+
     /// Waits out the shared pause, if one is on; an unreachable Redis (said
     /// by the next reservation) lets the call go.
     async fn wait_for_pause(&self) {
@@ -330,29 +485,27 @@ impl Inner {
         }
     }
 
-    /// Moves a bucket on by `delta` units (back, when negative).
-    async fn correct(&self, key: &str, cell: Cell, delta: f64) -> Result<(), RedisError> {
+    /// Moves a bucket on by `delta` units (back, when negative) of
+    /// `interval` µs.
+    async fn correct(&self, key: &str, interval: f64, delta: f64) -> Result<(), RedisError> {
         let mut invocation = self.scripts.settle.key(key);
-        invocation.arg(cell.interval).arg(delta);
+        invocation.arg(interval).arg(delta);
         invocation.invoke_async::<i64>(&mut self.connection.clone()).await.map(drop)
     }
 
-    async fn settle(&self, reserved: u64, used: u64) -> Result<(), RedisError> {
-        let Some(cell) = self.tokens else { return Ok(()) };
-        self.correct(&self.keys.tokens, cell, used as f64 - reserved as f64).await
+    async fn settle(&self, interval: f64, reserved: u64, used: u64) -> Result<(), RedisError> {
+        self.correct(&self.keys.tokens, interval, used as f64 - reserved as f64).await
     }
 
-    /// Gives back a reservation whose call will not start.
-    async fn unreserve(&self, tokens: u64) -> Result<(), RedisError> {
-        if let Some(cell) = self.requests {
-            self.correct(&self.keys.requests, cell, -1.0).await?;
+    /// Gives back `reservation`, whose call will not start.
+    async fn unreserve(&self, reservation: Reservation, tokens: u64) -> Result<(), RedisError> {
+        if reservation.requests_interval > 0.0 {
+            self.correct(&self.keys.requests, reservation.requests_interval, -1.0).await?;
         }
-        match self.tokens {
-            Some(cell) if tokens > 0 => {
-                self.correct(&self.keys.tokens, cell, -(tokens as f64)).await
-            }
-            _ => Ok(()),
+        if reservation.tokens_interval > 0.0 && tokens > 0 {
+            self.correct(&self.keys.tokens, reservation.tokens_interval, -(tokens as f64)).await?;
         }
+        Ok(())
     }
 
     async fn pause(&self, wait: Duration) -> Result<(), RedisError> {
@@ -435,6 +588,7 @@ impl Drop for PendingLease {
 /// A reservation to give back unless its call starts (see `admit`).
 struct Unreserve {
     inner: Arc<Inner>,
+    reservation: Reservation,
     tokens: u64,
     /// Until the call starts.
     armed: bool,
@@ -445,8 +599,8 @@ impl Drop for Unreserve {
         if !self.armed {
             return;
         }
-        let (inner, tokens) = (Arc::clone(&self.inner), self.tokens);
-        self.inner.spawn_correction(async move { inner.unreserve(tokens).await });
+        let (inner, reservation, tokens) = (Arc::clone(&self.inner), self.reservation, self.tokens);
+        self.inner.spawn_correction(async move { inner.unreserve(reservation, tokens).await });
     }
 }
 
@@ -492,27 +646,35 @@ impl SharedLimits for RedisLimits {
                 Err(error) => inner.wait_out(&error, &mut tries).await,
             }
         };
+        let mut probe = inner.probe().await;
         loop {
             match inner.reserve(tokens).await {
-                Ok((true, wait, _)) => {
+                Ok(reservation) if reservation.reserved => {
                     inner.reached();
                     // An admission abandoned while it waits for its turn (a
                     // hedge no longer needed, a drain, the deadline) gives
                     // its reservation back for the others.
-                    let mut unreserve = Unreserve { inner: Arc::clone(inner), tokens, armed: true };
-                    if wait > 0 {
-                        tokio::time::sleep(Duration::from_micros(wait)).await;
+                    let mut unreserve =
+                        Unreserve { inner: Arc::clone(inner), reservation, tokens, armed: true };
+                    if reservation.requests_interval > 0.0 || reservation.tokens_interval > 0.0 {
+                        probe = None;
+                    }
+                    if reservation.wait > 0 {
+                        tokio::time::sleep(Duration::from_micros(reservation.wait)).await;
                         // A 429 another call met meanwhile holds this one
                         // back too; its turn is kept for when the pause ends.
                         inner.wait_for_pause().await;
                     }
                     unreserve.armed = false;
-                    return lease;
+                    return match probe {
+                        Some(probe) => SharedLease::new(move || drop((lease, probe))),
+                        None => lease,
+                    };
                 }
-                Ok((false, wait, _)) => {
+                Ok(paused) => {
                     // Paused: nothing is reserved; ask again when it ends.
                     inner.reached();
-                    tokio::time::sleep(Duration::from_micros(wait)).await;
+                    tokio::time::sleep(Duration::from_micros(paused.wait)).await;
                 }
                 Err(error) => inner.wait_out(&error, &mut tries).await,
             }
@@ -520,16 +682,26 @@ impl SharedLimits for RedisLimits {
     }
 
     fn settle(&self, reserved: u64, used: u64) {
-        // Nothing to correct: no task spawned on the call's path.
-        if used == reserved || self.inner.tokens.is_none() {
+        self.inner.first_answer.close();
+        // Nothing to correct: no task spawned on the call's path. A call
+        // reserved while no TPM was known was counted at its estimate, and
+        // charged at it once one was (reserve.lua): it is corrected like any.
+        let Some(interval) = self.inner.tokens_interval() else { return };
+        if used == reserved {
             return;
         }
         let inner = Arc::clone(&self.inner);
-        self.inner.spawn_correction(async move { inner.settle(reserved, used).await });
+        self.inner.spawn_correction(async move { inner.settle(interval, reserved, used).await });
     }
 
     fn tokens_per_minute(&self) -> Option<u64> {
-        self.inner.tokens_per_minute
+        let stated =
+            || self.inner.tokens_interval().map(|interval| (60e6 / interval).round() as u64);
+        self.inner.tokens_per_minute.or_else(stated)
+    }
+
+    fn learn(&self, stated: StatedLimits) {
+        self.inner.learn(stated);
     }
 
     fn pause(&self, wait: Duration) {

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fanout::{Rate, SharedLimits};
+use fanout::{Rate, SharedLimits, StatedLimits};
 use fanout_queue::server::{self, LocalRedis};
 use fanout_queue::{LimitsConfig, Notices, RedisLimits};
 use futures_util::future::join_all;
@@ -162,6 +162,111 @@ async fn a_pause_set_while_a_call_waits_for_its_turn_holds_it_back() {
     waiting.await.unwrap();
     // Its turn was about 100 ms away; the pause ends 600 ms after it was set.
     assert!(started.elapsed() >= Duration::from_millis(550), "went at {:?}", started.elapsed());
+}
+
+/// 600 requests a minute, 10 at once, as a provider's headers state them.
+fn stated_600() -> StatedLimits {
+    StatedLimits { requests: Some(Rate::per_minute(600).with_burst(10)), tokens: None }
+}
+
+/// Waits until the limits one process learned are in Redis for the others.
+async fn stated_in_redis(redis: &LocalRedis, scope: &str) {
+    let key = format!("fanout:limits:{scope}:stated");
+    let written = until(async || {
+        let client = redis::Client::open(redis.url()).unwrap();
+        let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+        redis::cmd("EXISTS").arg(&key).query_async::<u64>(&mut connection).await.unwrap() == 1
+    })
+    .await;
+    assert!(written, "the stated limits reached Redis");
+}
+
+/// Limits one process read in the provider's headers hold every process that
+/// was given none: a limiter that never learned them reserves at the stated
+/// rate, with a tenth of the stated burst left to the network. One given its
+/// own RPM keeps to that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_one_process_learns_hold_every_process() {
+    let Some(redis) = server::for_test() else { return };
+    let config = LimitsConfig::new("learned");
+    let limiters = limiters(&redis, &config, 3).await;
+    limiters[0].learn(stated_600());
+    stated_in_redis(&redis, "learned").await;
+    let (first, starts) = schedule(&limiters[1..], &[1; 30]).await;
+    let at_once = starts.iter().filter(|(at, _)| *at - first < 50_000).count();
+    assert_eq!(at_once, 9, "the stated burst less a tenth: {starts:?}");
+    for pair in starts[9..].windows(2) {
+        assert!(pair[1].0 - pair[0].0 >= 99_999, "{} and {} are too close", pair[0].0, pair[1].0);
+    }
+    assert!(starts[29].0 - first <= 2_100_000, "21 turns of 100 ms after the burst");
+    // Given its own limit, a process keeps to it, not to the stated one.
+    let mut own = LimitsConfig::new("learned");
+    own.rpm = Some(Rate::per_minute(60).with_burst(1));
+    let own = RedisLimits::connect(&redis.url(), own, quiet()).await.unwrap();
+    let (_, wait, now) = own.reserve(1).await.unwrap();
+    let (_, next_wait, next_now) = own.reserve(1).await.unwrap();
+    let (start, next_start) = (now + wait, next_now + next_wait);
+    assert!(next_start - start >= 999_999, "a second apart: {start} {next_start}");
+}
+
+/// Calls reserved while no limit was known were counted by the provider too:
+/// the first reservation at a limit is charged for them, but never for more
+/// than a full bucket, however many there were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_reserved_before_a_limit_was_known_are_charged_to_it() {
+    let Some(redis) = server::for_test() else { return };
+    let few = limiters(&redis, &LimitsConfig::new("unmetered"), 2).await;
+    for _ in 0..5 {
+        assert_eq!(few[1].reserve(1).await.unwrap().1, 0, "no limit: no wait");
+    }
+    few[0].learn(stated_600());
+    stated_in_redis(&redis, "unmetered").await;
+    // 9 at once, 5 of them already spent.
+    let (first, starts) = schedule(&few, &[1; 6]).await;
+    let at_once = starts.iter().filter(|(at, _)| *at - first < 50_000).count();
+    assert_eq!(at_once, 4, "{starts:?}");
+
+    let many = limiters(&redis, &LimitsConfig::new("unmetered-many"), 2).await;
+    for _ in 0..50 {
+        many[1].reserve(1).await.unwrap();
+    }
+    many[0].learn(stated_600());
+    stated_in_redis(&redis, "unmetered-many").await;
+    let (_, wait, _) = many[1].reserve(1).await.unwrap();
+    assert!((99_000..=100_000).contains(&wait), "a full bucket, not 50 turns: {wait} µs");
+}
+
+/// With no limit known, a process admits one call at a time until the
+/// provider first answers it, so processes starting together at their full
+/// concurrency do not overrun a limit no answer has stated yet; once it has
+/// answered, calls go at once. A first answer slower than two seconds holds
+/// the others back no longer than that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn until_its_first_answer_a_process_with_no_known_limit_admits_one_call_at_a_time() {
+    let Some(redis) = server::for_test() else { return };
+    let admit = |limits: &Arc<RedisLimits>| {
+        let limits = Arc::clone(limits);
+        tokio::spawn(async move { limits.admit(10).await })
+    };
+    let limits = Arc::new(limiters(&redis, &LimitsConfig::new("probe"), 1).await.remove(0));
+    let first = limits.admit(10).await;
+    let second = admit(&limits);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!second.is_finished(), "a second call waits for the first");
+    drop(first);
+    let second = tokio::time::timeout(Duration::from_secs(5), second).await.unwrap().unwrap();
+    // The first answer came (it stated no limit): everything goes at once.
+    limits.settle(10, 10);
+    let held: Vec<_> = join_all((0..20).map(|_| limits.admit(10))).await;
+    assert_eq!(held.len(), 20);
+    drop((second, held));
+
+    // No answer yet, one call out: the next goes once two seconds have passed.
+    let slow = Arc::new(limiters(&redis, &LimitsConfig::new("slow-probe"), 1).await.remove(0));
+    let started = std::time::Instant::now();
+    let _first = slow.admit(10).await;
+    drop(tokio::time::timeout(Duration::from_secs(5), admit(&slow)).await.unwrap().unwrap());
+    assert!(started.elapsed() >= Duration::from_millis(1_990), "{:?}", started.elapsed());
 }
 
 /// Whether `condition` came true within two seconds, asked every 5 ms.

@@ -56,7 +56,7 @@ pub use exec::event::{Event, EventSink, ResultSink};
 pub use exec::hedge::{HedgeAfter, HedgePolicy};
 pub use exec::history::{CallEnd, CallRecord, CallRole};
 pub use exec::limit::{
-    PriceOf, Pricing, Rate, SharedLease, SharedLimits, SharedSpending, SpendLimit,
+    PriceOf, Pricing, Rate, SharedLease, SharedLimits, SharedSpending, SpendLimit, StatedLimits,
 };
 pub use exec::report::{Latency, Report, Tally, Totals};
 pub use exec::retry::RetryPolicy;

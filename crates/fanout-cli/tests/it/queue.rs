@@ -195,6 +195,35 @@ async fn three_workers_answer_every_row_once_within_the_servers_rate() {
     assert!(String::from_utf8_lossy(&shown.stdout).contains("succeeded"), "{shown:?}");
 }
 
+/// Three workers given no --rpm against a server that states its limit in
+/// its rate-limit headers: the limit one worker learns from them becomes the
+/// rate all of them share through Redis, so together they keep to it (429s
+/// under 1% by the server's own count) instead of each spending what it reads
+/// as left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_share_the_limit_the_server_states() {
+    const ROWS: usize = 120;
+    let Some(redis) = fanout_queue::server::for_test() else { return };
+    let config = Config {
+        latency: Duration::from_millis(20),
+        rpm: Some(Limit::per_minute(1_200)),
+        ..Config::default()
+    };
+    let server = MockServer::start(counting(config)).await.unwrap();
+    let home = Home::new();
+    home.write("rows.jsonl", crate::rows(ROWS));
+    let producing = spawn(producer(&home, &server, &redis.url(), "stated"));
+    let workers: Vec<_> =
+        (0..3).map(|n| spawn(worker(&home, &server, &redis.url(), "stated", n))).collect();
+    let produced = wait(producing).await;
+    assert_eq!(produced.status.code(), Some(0), "{}", stderr(&produced));
+    exit_0(workers).await;
+    let stats = server.stats();
+    let limited = stats.count(429);
+    assert!(limited * 100 <= stats.requests, "{limited} 429s in {} requests", stats.requests);
+    every_row_once(&home, &server, ROWS);
+}
+
 /// A worker killed with `kill -9` mid-run leaves its rows taken and
 /// unanswered; once they have been idle for --claim-after another worker
 /// takes them over. Every row ends with one result, and the calls paid

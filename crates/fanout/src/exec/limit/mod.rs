@@ -21,7 +21,7 @@ use tokio::time::{Instant, sleep_until};
 
 use crate::provider::{ErrorKind, Provider, ProviderError, RateLimit, Request, Response};
 pub(crate) use concurrency::{AdaptiveConcurrency, Permit};
-pub use shared::{SharedLease, SharedLimits};
+pub use shared::{SharedLease, SharedLimits, StatedLimits};
 pub(crate) use spend::Spending;
 pub use spend::{PriceOf, Pricing, SharedSpending, SpendLimit};
 
@@ -221,10 +221,12 @@ impl Limits {
                 bucket.give_back(reserved - used);
             }
         }
+        // The limits an answer states are learned before it settles: a
+        // shared limiter then meters what the settlement lets go.
+        self.observe(response.rate_limit.as_ref(), launch);
         if let Some(shared) = &self.shared {
             shared.settle(reserved, used);
         }
-        self.observe(response.rate_limit.as_ref(), launch);
         self.concurrency.on_success(sent, latency)
     }
 
@@ -268,8 +270,12 @@ impl Limits {
     }
 
     fn observe(&self, rate_limit: Option<&RateLimit>, launch: Launch) {
-        if let Some(rate_limit) = rate_limit {
-            self.reported.observe(rate_limit, launch, Instant::now());
+        let Some(rate_limit) = rate_limit else { return };
+        self.reported.observe(rate_limit, launch, Instant::now());
+        if let Some(shared) = &self.shared
+            && let Some(stated) = StatedLimits::of(rate_limit)
+        {
+            shared.learn(stated);
         }
     }
 }

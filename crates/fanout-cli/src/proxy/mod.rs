@@ -332,7 +332,12 @@ async fn complete(
         Ok(body) => body,
         Err(rejection) => {
             let message = format!("the body cannot be read: {}", rejection.body_text());
-            return refuse(Refused::BadRequest, rejection.status(), &message);
+            let mut response = refuse(Refused::BadRequest, rejection.status(), &message);
+            // What is left of the body was not read, so the connection cannot
+            // carry another request: the client is told, rather than finding
+            // out when its next request on it fails.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
         }
     };
     let client_key = api.client_key(&headers);

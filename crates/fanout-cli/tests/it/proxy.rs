@@ -669,6 +669,9 @@ async fn malformed_bodies_are_refused_without_a_call_and_never_crash_it() {
     // Past the largest body taken (32 MiB): the API's shape too.
     let huge = client.post(proxy.completions()).body(vec![b' '; 33 << 20]).send().await.unwrap();
     assert_eq!(huge.status().as_u16(), 413);
+    // Its connection, with the rest of the body unread, is not reused: the
+    // next request gets a connection of its own.
+    assert_eq!(huge.headers().get("connection").map(|v| v.as_bytes()), Some(&b"close"[..]));
     let error: Value = huge.json().await.unwrap();
     assert_eq!(error["error"]["type"], "invalid_request_error", "{error}");
     assert_eq!(upstream.stats().requests, 0, "no call went upstream");

@@ -16,6 +16,7 @@ Each run gets a fresh mock server and a fresh redis-server on 127.0.0.1.
 """
 
 import argparse
+import contextlib
 import json
 import socket
 import subprocess
@@ -52,6 +53,25 @@ class Redis:
     def close(self):
         self.process.terminate()
         self.process.wait()
+
+
+@contextlib.contextmanager
+def mock_and_redis(mock_flags):
+    """A fresh fanout-mock and redis-server, and a scratch directory, for one
+    measurement; all gone afterwards."""
+    mock, redis = Mock(mock_flags), Redis()
+    try:
+        with tempfile.TemporaryDirectory() as directory:
+            yield mock, redis, directory
+    finally:
+        mock.close()
+        redis.close()
+
+
+def refused(stats):
+    """The mock's 429 count, and its share of the requests."""
+    limited = stats["by_status"].get("429", 0)
+    return limited, round(limited / max(stats["requests"], 1), 4)
 
 
 def rows_file(directory, name, start, n):
@@ -103,18 +123,13 @@ def main():
     results = []
 
     def measure(scenario, mock_flags, rows, processes, concurrency, extra, shared):
-        mock, redis = Mock(mock_flags), Redis()
-        try:
-            with tempfile.TemporaryDirectory() as directory:
-                limits = ["--limits", redis.url] if shared else []
-                wall, succeeded, failed = run_processes(
-                    fanout, mock.url, directory, rows, processes, concurrency, extra, limits
-                )
+        with mock_and_redis(mock_flags) as (mock, redis, directory):
+            limits = ["--limits", redis.url] if shared else []
+            wall, succeeded, failed = run_processes(
+                fanout, mock.url, directory, rows, processes, concurrency, extra, limits
+            )
             stats = mock.stats()
-        finally:
-            mock.close()
-            redis.close()
-        limited = stats["by_status"].get("429", 0)
+        limited, share = refused(stats)
         row = {
             "scenario": scenario,
             "processes": processes,
@@ -123,7 +138,7 @@ def main():
             "requests": stats["requests"],
             "per_s": round(stats["requests"] / wall, 1),
             "429s": limited,
-            "429_share": round(limited / max(stats["requests"], 1), 4),
+            "429_share": share,
             "succeeded": succeeded,
             "failed": failed,
         }

@@ -29,13 +29,12 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from providers import ROOT, Mock  # noqa: E402
-from shared_limits import Redis, rows_file  # noqa: E402
+from providers import ROOT  # noqa: E402
+from shared_limits import mock_and_redis, refused, rows_file  # noqa: E402
 
 
 def fanout_command(fanout, url, directory, concurrency, *args):
@@ -110,20 +109,15 @@ def main():
     def measure(scenario, mock_flags, rows, workers, concurrency, extra):
         if args.only not in (None, scenario):
             return
-        mock, redis = Mock(mock_flags), Redis()
-        try:
-            with tempfile.TemporaryDirectory() as directory:
-                if workers == 0:
-                    wall, totals = run_local(fanout, mock.url, directory, rows, concurrency)
-                else:
-                    wall, totals = run_queued(
-                        fanout, mock.url, redis.url, directory, rows, workers, concurrency, extra
-                    )
+        with mock_and_redis(mock_flags) as (mock, redis, directory):
+            if workers == 0:
+                wall, totals = run_local(fanout, mock.url, directory, rows, concurrency)
+            else:
+                wall, totals = run_queued(
+                    fanout, mock.url, redis.url, directory, rows, workers, concurrency, extra
+                )
             stats = mock.stats()
-        finally:
-            mock.close()
-            redis.close()
-        limited = stats["by_status"].get("429", 0)
+        limited, share = refused(stats)
         row = {
             "scenario": scenario,
             "workers": workers or "none (local)",
@@ -131,7 +125,7 @@ def main():
             "rows_per_s": round(rows / wall, 1),
             "requests": stats["requests"],
             "429s": limited,
-            "429_share": round(limited / max(stats["requests"], 1), 4),
+            "429_share": share,
             "max_in_flight": stats["max_in_flight"],
             "succeeded": totals.get("succeeded", 0),
             "failed": totals.get("failed", 0),

@@ -175,8 +175,6 @@ struct Inner {
     keys: Keys,
     requests: Option<Cell>,
     tokens: Option<Cell>,
-    /// The shared TPM as given (the cell holds it as an interval).
-    tokens_per_minute: Option<u64>,
     /// The token interval of the latest reservation (`f64` bits; 0.0: none):
     /// what a settlement corrects by when no TPM is given, the stated one.
     tokens_interval: AtomicU64,
@@ -260,7 +258,6 @@ impl RedisLimits {
             },
             requests: config.rpm.map(Cell::of),
             tokens: config.tpm.map(Cell::of),
-            tokens_per_minute: config.tpm.map(|rate| rate.per_minute),
             tokens_interval: AtomicU64::new(0.0f64.to_bits()),
             learned: Mutex::new(Learned::default()),
             first_answer: Arc::new(tokio::sync::Semaphore::new(1)),
@@ -695,9 +692,8 @@ impl SharedLimits for RedisLimits {
     }
 
     fn tokens_per_minute(&self) -> Option<u64> {
-        let stated =
-            || self.inner.tokens_interval().map(|interval| (60e6 / interval).round() as u64);
-        self.inner.tokens_per_minute.or_else(stated)
+        // The TPM given, or the one stated: both are held as an interval.
+        self.inner.tokens_interval().map(|interval| (60e6 / interval).round() as u64)
     }
 
     fn learn(&self, stated: StatedLimits) {

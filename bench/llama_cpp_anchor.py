@@ -1,9 +1,12 @@
-"""llama.cpp's single-request decode speed on the same GGUF, for BENCHMARKS.md.
+"""llama.cpp's single-request decode and prompt-processing speeds on the same GGUF, for BENCHMARKS.md.
 
 Runs in the same session as `cargo run --release -p fanout-local --example local_throughput`
 so the two figures share the machine's state (this machine is shared and noisy).
 
     pip install llama-cpp-python
+    (on a CPU with AMX, build it with CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+    -DGGML_F16C=ON -DGGML_AVX512=ON -DGGML_AVX512_VNNI=ON -DGGML_AMX_INT8=OFF": the native build's AMX
+    matmul crashed with SIGSEGV on this project's machines)
     python3 bench/llama_cpp_anchor.py path/to/SmolLM2-135M-Instruct.Q4_1.gguf [threads] [tokens]
 """
 import sys
@@ -32,3 +35,15 @@ for _ in range(3):
     rates.append((tokens - 1) / (ended - first))
     ttft = (first - started) * 1000
 print(f"llama.cpp (llama-cpp-python), {threads} threads, batch 1: decode {max(rates):.1f} tok/s (best of 3), TTFT {ttft:.0f} ms")
+
+# Prompt processing of one ~390-token prompt, as local_throughput's `prefill`
+# scenario measures (prompt tokens over the time to the first token's logits).
+passage = " ".join(f"Sentence {i} of the passage tells of rivers, hills and the towns between them." for i in range(24))
+long_ids = llm.tokenize(f"<|im_start|>user\n{passage}<|im_end|>\n<|im_start|>assistant\n".encode(), special=True)
+prefill = []
+for _ in range(3):
+    llm.reset()
+    started = time.perf_counter()
+    llm.eval(long_ids)
+    prefill.append(len(long_ids) / (time.perf_counter() - started))
+print(f"llama.cpp prefill: one {len(long_ids)}-token prompt alone: {max(prefill):.1f} tok/s (best of 3)")

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::QTensor;
 use candle_core::quantized::gguf_file::Content;
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device};
 use rayon::prelude::*;
 
 use crate::LocalError;
 use crate::attention;
 use crate::gguf::{GgufFile, ModelConfig};
 use crate::kv::{BlockId, KvPool};
-use crate::linear::Linear;
+use crate::linear::{Linear, Stacked};
 
 /// One token to run: the sequence (index into the block tables) and its position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,14 +30,13 @@ pub struct Row {
 
 #[derive(Debug)]
 struct Layer {
-    attn_norm: Tensor,
-    q: Linear,
-    k: Linear,
-    v: Linear,
+    attn_norm: Vec<f32>,
+    /// attn_q, attn_k and attn_v: each row's query, key and value side by side.
+    qkv: Stacked,
     o: Linear,
-    ffn_norm: Tensor,
-    gate: Linear,
-    up: Linear,
+    ffn_norm: Vec<f32>,
+    /// ffn_gate and ffn_up, side by side.
+    gate_up: Stacked,
     down: Linear,
 }
 
@@ -84,7 +83,7 @@ pub struct Model {
     pub config: ModelConfig,
     embedding: Linear,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     output: Linear,
     rope: Rope,
 }
@@ -101,13 +100,17 @@ impl Model {
                 let mut weight = |part: &str| read(&format!("blk.{i}.{part}.weight"));
                 Ok(Layer {
                     attn_norm: weight("attn_norm")?.vector()?,
-                    q: weight("attn_q")?.linear()?,
-                    k: weight("attn_k")?.linear()?,
-                    v: weight("attn_v")?.linear()?,
+                    qkv: Stacked::new(vec![
+                        weight("attn_q")?.linear()?,
+                        weight("attn_k")?.linear()?,
+                        weight("attn_v")?.linear()?,
+                    ]),
                     o: weight("attn_output")?.linear()?,
                     ffn_norm: weight("ffn_norm")?.vector()?,
-                    gate: weight("ffn_gate")?.linear()?,
-                    up: weight("ffn_up")?.linear()?,
+                    gate_up: Stacked::new(vec![
+                        weight("ffn_gate")?.linear()?,
+                        weight("ffn_up")?.linear()?,
+                    ]),
                     down: weight("ffn_down")?.linear()?,
                 })
             })
@@ -137,17 +140,20 @@ impl Model {
         };
         expect("token_embd.weight", &self.embedding.shape(), &[c.vocab_size, c.hidden])?;
         for layer in &self.layers {
-            expect("attn_q", &layer.q.shape(), &[c.hidden, c.hidden])?;
-            expect("attn_k", &layer.k.shape(), &[kv, c.hidden])?;
-            expect("attn_v", &layer.v.shape(), &[kv, c.hidden])?;
+            let [q, k, v] = layer.qkv.shapes() else { unreachable!("three parts") };
+            expect("attn_q", q, &[c.hidden, c.hidden])?;
+            expect("attn_k", k, &[kv, c.hidden])?;
+            expect("attn_v", v, &[kv, c.hidden])?;
             expect("attn_output", &layer.o.shape(), &[c.hidden, c.hidden])?;
-            expect("ffn_gate", &layer.gate.shape(), &[c.feed_forward, c.hidden])?;
-            expect("ffn_up", &layer.up.shape(), &[c.feed_forward, c.hidden])?;
+            let [gate, up] = layer.gate_up.shapes() else { unreachable!("two parts") };
+            expect("ffn_gate", gate, &[c.feed_forward, c.hidden])?;
+            expect("ffn_up", up, &[c.feed_forward, c.hidden])?;
             expect("ffn_down", &layer.down.shape(), &[c.hidden, c.feed_forward])?;
-            expect("attn_norm", layer.attn_norm.dims(), &[c.hidden])?;
-            expect("ffn_norm", layer.ffn_norm.dims(), &[c.hidden])?;
+            expect("attn_norm", &[layer.attn_norm.len()], &[c.hidden])?;
+            expect("ffn_norm", &[layer.ffn_norm.len()], &[c.hidden])?;
         }
         expect("output", &self.output.shape(), &[c.vocab_size, c.hidden])?;
+        expect("output_norm", &[self.norm.len()], &[c.hidden])?;
         Ok(())
     }
 
@@ -165,40 +171,45 @@ impl Model {
         logits_for: &[usize],
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         let c = &self.config;
+        let n = rows.len();
         let ids: Vec<u32> = rows.iter().map(|r| r.token).collect();
+        // The residual stream: one row of `hidden` floats per token.
         let mut x = self.embedding.rows(&ids)?;
+        let kv_width = c.kv_heads * c.head_dim;
+        let qkv_width = c.hidden + 2 * kv_width;
         for (index, layer) in self.layers.iter().enumerate() {
-            let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
-            let mut q = layer.q.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let mut k = layer.k.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let v = layer.v.forward(&h)?.flatten_all()?.to_vec1::<f32>()?;
-            let kv_width = c.kv_heads * c.head_dim;
-            for ((row, q), k) in
-                rows.iter().zip(q.chunks_exact_mut(c.hidden)).zip(k.chunks_exact_mut(kv_width))
-            {
-                self.rope.apply(q, row.position);
-                self.rope.apply(k, row.position);
-            }
+            let h = rms_norm(&x, &layer.attn_norm, c.rms_eps);
+            let mut qkv = layer.qkv.forward(&h, n)?;
             let block_tokens = pool.block_tokens();
-            for (i, row) in rows.iter().enumerate() {
+            for (row, values) in rows.iter().zip(qkv.chunks_exact_mut(qkv_width)) {
+                let (q, kv) = values.split_at_mut(c.hidden);
+                let (key, value) = kv.split_at_mut(kv_width);
+                self.rope.apply(q, row.position);
+                self.rope.apply(key, row.position);
                 let block = tables[row.sequence][row.position / block_tokens];
-                let (key, value) = (&k[i * kv_width..][..kv_width], &v[i * kv_width..][..kv_width]);
                 pool.write(block, index, row.position % block_tokens, key, value);
             }
-            let attended = self.attention(index, rows, pool, tables, &q);
-            let attended = Tensor::from_vec(attended, (rows.len(), c.hidden), &Device::Cpu)?;
-            x = (x + layer.o.forward(&attended)?)?;
-            let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let gated = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&gated)?)?;
+            let attended = self.attention(index, rows, pool, tables, &qkv, qkv_width);
+            add(&mut x, &layer.o.forward(&attended, n)?);
+            let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps);
+            let gate_up = layer.gate_up.forward(&h, n)?;
+            let gated: Vec<f32> = gate_up
+                .chunks_exact(2 * c.feed_forward)
+                .flat_map(|row| {
+                    let (gate, up) = row.split_at(c.feed_forward);
+                    gate.iter().zip(up).map(|(&g, &u)| silu(g) * u)
+                })
+                .collect();
+            add(&mut x, &layer.down.forward(&gated, n)?);
         }
         if logits_for.is_empty() {
             return Ok(Vec::new());
         }
-        let picked: Vec<u32> = logits_for.iter().map(|&i| i as u32).collect();
-        let picked = Tensor::from_vec(picked, logits_for.len(), &Device::Cpu)?;
-        let last = rms_norm(&x.index_select(&picked, 0)?, &self.norm, c.rms_eps)?;
-        self.output.forward(&last)?.to_vec2::<f32>()
+        let last: Vec<f32> =
+            logits_for.iter().flat_map(|&i| &x[i * c.hidden..][..c.hidden]).copied().collect();
+        let last = rms_norm(&last, &self.norm, c.rms_eps);
+        let logits = self.output.forward(&last, logits_for.len())?;
+        Ok(logits.chunks_exact(c.vocab_size).map(<[f32]>::to_vec).collect())
     }
 
     /// Causal attention of each row against its own sequence's blocks, which
@@ -209,7 +220,8 @@ impl Model {
         rows: &[Row],
         pool: &KvPool,
         tables: &[&[BlockId]],
-        q: &[f32],
+        qkv: &[f32],
+        qkv_width: usize,
     ) -> Vec<f32> {
         let c = &self.config;
         let shape = attention::Shape { heads: c.heads, kv_heads: c.kv_heads, head_dim: c.head_dim };
@@ -220,8 +232,9 @@ impl Model {
             .map(|table| table.iter().map(|&id| pool.layer(id, layer)).collect())
             .collect();
         let mut out = vec![0f32; rows.len() * c.hidden];
-        out.par_chunks_mut(c.hidden).zip(q.par_chunks(c.hidden)).zip(rows).for_each(
-            |((out, q), row)| {
+        out.par_chunks_mut(c.hidden).zip(qkv.par_chunks(qkv_width)).zip(rows).for_each(
+            |((out, qkv), row)| {
+                let q = &qkv[..c.hidden];
                 let cached = attention::Cached {
                     blocks: &blocks[row.sequence],
                     block_tokens: pool.block_tokens(),
@@ -254,10 +267,10 @@ impl Named {
     }
 
     /// Norm weights: small, kept as f32.
-    fn vector(self) -> Result<Tensor, LocalError> {
+    fn vector(self) -> Result<Vec<f32>, LocalError> {
         self.tensor
             .dequantize(&Device::Cpu)
-            .and_then(|t| t.to_dtype(DType::F32))
+            .and_then(|t| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1())
             .map_err(|e| self.error(e))
     }
 }
@@ -275,7 +288,25 @@ fn read_tensor(
     Ok(Named { tensor, name: name.to_owned(), path: path.to_path_buf() })
 }
 
-fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    let mean_square = x.sqr()?.mean_keepdim(D::Minus1)?;
-    x.broadcast_div(&(mean_square + f64::from(eps))?.sqrt()?)?.broadcast_mul(weight)
+/// Each row of `x` scaled to a root mean square of one, times `weight`.
+fn rms_norm(x: &[f32], weight: &[f32], eps: f32) -> Vec<f32> {
+    x.chunks_exact(weight.len())
+        .flat_map(|row| {
+            let mean_square = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+            let scale = 1.0 / (mean_square + eps).sqrt();
+            row.iter().zip(weight).map(move |(v, w)| v * scale * w)
+        })
+        .collect()
+}
+
+/// SiLU, `v · sigmoid(v)`, written as candle writes it.
+fn silu(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+/// `x += delta`, element by element.
+fn add(x: &mut [f32], delta: &[f32]) {
+    for (x, d) in x.iter_mut().zip(delta) {
+        *x += d;
+    }
 }

@@ -1,5 +1,5 @@
 //! Matrix products against 32-value quantized blocks (GGUF Q4_1 and Q8_0),
-//! exact to the dequantized f32 weights.
+//! in f32 arithmetic on the dequantized weights' values.
 //!
 //! Why not candle's quantized matmul: it quantizes the *activations* to 8 bits
 //! as well, and with this model that flips answers ("What is the capital of
@@ -11,11 +11,20 @@
 //! Decoding one sequence reads every weight once per token, so what it reads
 //! is what it costs: unpacking Q4_1 to a byte a value first doubled that.
 //!
+//! Each block's scale and offset are factored out of its sum:
+//! `Σ (q·scale + offset)·x = scale·Σ q·x + offset·Σ x`, with `Σ x` per block
+//! taken once per product for each activation row. A block's inner loop is
+//! then the products of its values alone, into a partial sum of its own: the
+//! blocks of a row overlap in the pipeline instead of queueing behind one
+//! chain of dependent FMAs, which bounded a single decoded sequence (+29%
+//! without it; batches, with a chain per row already, gain nothing and pay
+//! about a tenth for the extra multiply). The result equals the dequantized
+//! product to within f32 rounding.
+//!
 //! Every output value is one row's dot product in a fixed order, whatever the
 //! batch size, so an answer never depends on what else is in the batch.
 
 use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 use rayon::prelude::*;
 
@@ -99,6 +108,22 @@ impl BlockMatrix {
         [self.rows, self.cols]
     }
 
+    /// The matrices' rows one after another, if they are packed alike and
+    /// have as many columns.
+    pub fn stack(parts: &[&BlockMatrix]) -> Option<Self> {
+        let first = parts.first()?;
+        if parts.iter().any(|part| part.cols != first.cols || part.packing != first.packing) {
+            return None;
+        }
+        Some(Self {
+            rows: parts.iter().map(|part| part.rows).sum(),
+            cols: first.cols,
+            packing: first.packing,
+            quants: parts.iter().flat_map(|part| &part.quants).copied().collect(),
+            scales: parts.iter().flat_map(|part| &part.scales).copied().collect(),
+        })
+    }
+
     /// One row, dequantized (an embedding look-up). Out-of-range rows are zeros.
     pub fn row(&self, row: usize) -> Vec<f32> {
         if row >= self.rows {
@@ -142,20 +167,36 @@ impl BlockMatrix {
     /// [`Self::matmul`], with AVX2 where the machine has it and `simd` allows.
     fn product(&self, x: &[f32], batch: usize, simd: bool) -> Vec<f32> {
         assert_eq!(x.len(), batch * self.cols, "input is not batch × {}", self.cols);
-        // Computed transposed (rows × batch) so each task owns whole weight rows.
+        let block_sums = match self.packing {
+            Packing::Nibbles => block_sums(x),
+            // Q8_0 has no offset to multiply them with.
+            Packing::Bytes => Vec::new(),
+        };
+        // Computed transposed (rows × batch) so each task owns whole weight
+        // rows; with one activation row the two layouts are the same.
         let mut transposed = vec![0f32; self.rows * batch];
         // Four tasks per thread: enough to even out, few enough that starting
         // a task stays cheap next to its work (a multiple of 8 rows: whole passes).
         let rows_per_task =
             self.rows.div_ceil(rayon::current_num_threads() * 4).next_multiple_of(8);
         transposed.par_chunks_mut(rows_per_task * batch).enumerate().for_each(|(task, out)| {
-            let rows = RowTask { matrix: self, x, batch, first_row: task * rows_per_task, out };
+            let rows = RowTask {
+                matrix: self,
+                x,
+                block_sums: &block_sums,
+                batch,
+                first_row: task * rows_per_task,
+                out,
+            };
             #[cfg(target_arch = "x86_64")]
             if let Some(simd) = pulp::x86::V3::try_new().filter(|_| simd) {
                 return simd.vectorize(avx2::Rows { simd, task: rows });
             }
             rows.run(portable::Portable);
         });
+        if batch == 1 {
+            return transposed;
+        }
         let mut out = vec![0f32; batch * self.rows];
         for (row, values) in transposed.chunks_exact(batch).enumerate() {
             for (b, &value) in values.iter().enumerate() {
@@ -166,10 +207,29 @@ impl BlockMatrix {
     }
 }
 
+/// Each 32-value block's sum, for every block of every row of `x`, in a
+/// fixed order (eight lanes, which vectorize).
+fn block_sums(x: &[f32]) -> Vec<f32> {
+    x.chunks_exact(BLOCK)
+        .map(|block| {
+            let mut lanes = [0f32; 8];
+            for eight in block.chunks_exact(8) {
+                for (lane, &value) in lanes.iter_mut().zip(eight) {
+                    *lane += value;
+                }
+            }
+            ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        })
+        .collect()
+}
+
 /// Consecutive weight rows against the whole batch, tile by tile.
 struct RowTask<'a> {
     matrix: &'a BlockMatrix,
     x: &'a [f32],
+    /// `x`'s block sums (Q4_1), or none (Q8_0).
+    block_sums: &'a [f32],
     batch: usize,
     first_row: usize,
     out: &'a mut [f32],
@@ -196,16 +256,18 @@ impl<'a> WeightRow<'a> {
     }
 }
 
-/// Dot products of one weight row with `T` activation rows.
+/// Dot products of one weight row with `T` activation rows, given those
+/// rows' block sums when the blocks have offsets (`NIBBLES`).
 ///
-/// Every (weight row, activation row) pair is one running sum fed in the same
-/// order whatever `T` is, so a result does not depend on the tile it was
-/// computed in — nor on what else is in the batch.
+/// Every (weight row, activation row) pair is computed in the same order
+/// whatever `T` is, so a result does not depend on the tile it was computed
+/// in — nor on what else is in the batch.
 trait DotTiles: Copy {
     fn dot<const T: usize, const NIBBLES: bool>(
         self,
         row: WeightRow<'_>,
         xs: [&[f32]; T],
+        sums: [&[f32]; T],
     ) -> [f32; T];
 }
 
@@ -226,6 +288,8 @@ impl RowTask<'_> {
     fn run_packed<const NIBBLES: bool>(self, kernel: impl DotTiles) {
         let m = self.matrix;
         let x = |b: usize| &self.x[b * m.cols..][..m.cols];
+        let blocks = if NIBBLES { m.cols / BLOCK } else { 0 };
+        let sums = |b: usize| &self.block_sums[b * blocks..][..blocks];
         let rows = self.out.len() / self.batch;
         let mut start = 0;
         while start < self.batch {
@@ -237,14 +301,22 @@ impl RowTask<'_> {
             for offset in 0..rows {
                 let weights = m.weight_row(self.first_row + offset);
                 let out = &mut self.out[offset * self.batch + start..][..tile];
+                let xs = |t: usize| x(start + t);
+                let sums = |t: usize| sums(start + t);
                 match tile {
-                    8 => out.copy_from_slice(
-                        &kernel.dot::<8, NIBBLES>(weights, std::array::from_fn(|t| x(start + t))),
-                    ),
-                    4 => out.copy_from_slice(
-                        &kernel.dot::<4, NIBBLES>(weights, std::array::from_fn(|t| x(start + t))),
-                    ),
-                    _ => out.copy_from_slice(&kernel.dot::<1, NIBBLES>(weights, [x(start)])),
+                    8 => out.copy_from_slice(&kernel.dot::<8, NIBBLES>(
+                        weights,
+                        std::array::from_fn(xs),
+                        std::array::from_fn(sums),
+                    )),
+                    4 => out.copy_from_slice(&kernel.dot::<4, NIBBLES>(
+                        weights,
+                        std::array::from_fn(xs),
+                        std::array::from_fn(sums),
+                    )),
+                    _ => {
+                        out.copy_from_slice(&kernel.dot::<1, NIBBLES>(weights, [xs(0)], [sums(0)]))
+                    }
                 }
             }
             start += tile;
@@ -264,19 +336,24 @@ mod portable {
             self,
             row: WeightRow<'_>,
             xs: [&[f32]; T],
+            sums: [&[f32]; T],
         ) -> [f32; T] {
-            xs.map(|x| {
-                let mut sum = 0f32;
+            std::array::from_fn(|t| {
+                let (mut scaled, mut offsets) = (0f32, 0f32);
                 for (block, &[scale, offset]) in row.scales.iter().enumerate() {
-                    let x = &x[block * BLOCK..][..BLOCK];
-                    sum += row
+                    let x = &xs[t][block * BLOCK..][..BLOCK];
+                    let products: f32 = row
                         .block::<NIBBLES>(block)
                         .iter()
                         .zip(x)
-                        .map(|(&q, &x)| (f32::from(q) * scale + offset) * x)
-                        .sum::<f32>();
+                        .map(|(&q, &x)| f32::from(q) * x)
+                        .sum();
+                    scaled += scale * products;
+                    if NIBBLES {
+                        offsets += offset * sums[t][block];
+                    }
                 }
-                sum
+                scaled + offsets
             })
         }
     }
@@ -284,7 +361,8 @@ mod portable {
 
 /// AVX2 + FMA through pulp's safe intrinsics: each block's values are
 /// unpacked to 32 bytes, widened to four vectors of eight f32 once per tile,
-/// then multiplied into the tile's running sums.
+/// multiplied with each activation row's block into a partial sum of its own,
+/// and the partial sums scaled into the tile's running sums.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use core::arch::x86_64::__m128i;
@@ -317,12 +395,14 @@ mod avx2 {
             self,
             row: WeightRow<'_>,
             xs: [&[f32]; T],
+            sums: [&[f32]; T],
         ) -> [f32; T] {
             let (avx, avx2, fma, sse2) = (self.0.avx, self.0.avx2, self.0.fma, self.0.sse2);
             let sixteen = |bytes: &[u8]| -> __m128i {
                 pulp::cast(*<&[u8; 16]>::try_from(bytes).expect("16 bytes"))
             };
-            let mut sums = [avx._mm256_setzero_ps(); T];
+            let mut scaled = [avx._mm256_setzero_ps(); T];
+            let mut offsets = [0f32; T];
             for (block, &[scale, offset]) in row.scales.iter().enumerate() {
                 let bytes = row.bytes::<NIBBLES>(block);
                 // Values 0..16 in `low`, 16..32 in `high`, one byte each.
@@ -333,51 +413,27 @@ mod avx2 {
                 } else {
                     (sixteen(&bytes[..16]), sixteen(&bytes[16..]))
                 };
-                let (scale, offset) = (avx._mm256_set1_ps(scale), avx._mm256_set1_ps(offset));
-                // q · scale + offset, as the dequantized weights are computed.
-                let widen = |bytes: __m128i| {
-                    let values = avx._mm256_cvtepi32_ps(avx2._mm256_cvtepi8_epi32(bytes));
-                    avx._mm256_add_ps(avx._mm256_mul_ps(values, scale), offset)
-                };
+                let widen =
+                    |bytes: __m128i| avx._mm256_cvtepi32_ps(avx2._mm256_cvtepi8_epi32(bytes));
                 let w0 = widen(low);
                 let w1 = widen(sse2._mm_unpackhi_epi64(low, low));
                 let w2 = widen(high);
                 let w3 = widen(sse2._mm_unpackhi_epi64(high, high));
+                let scale = avx._mm256_set1_ps(scale);
                 for t in 0..T {
                     let x = &xs[t][block * BLOCK..][..BLOCK];
-                    let mut s = fma._mm256_fmadd_ps(w0, load8(&x[0..8]), sums[t]);
-                    s = fma._mm256_fmadd_ps(w1, load8(&x[8..16]), s);
-                    s = fma._mm256_fmadd_ps(w2, load8(&x[16..24]), s);
-                    sums[t] = fma._mm256_fmadd_ps(w3, load8(&x[24..32]), s);
+                    let mut products = avx._mm256_mul_ps(w0, load8(&x[0..8]));
+                    products = fma._mm256_fmadd_ps(w1, load8(&x[8..16]), products);
+                    products = fma._mm256_fmadd_ps(w2, load8(&x[16..24]), products);
+                    products = fma._mm256_fmadd_ps(w3, load8(&x[24..32]), products);
+                    scaled[t] = fma._mm256_fmadd_ps(products, scale, scaled[t]);
+                    if NIBBLES {
+                        offsets[t] += offset * sums[t][block];
+                    }
                 }
             }
-            sums.map(sum8)
+            std::array::from_fn(|t| sum8(scaled[t]) + offsets[t])
         }
-    }
-}
-
-impl CustomOp1 for BlockMatrix {
-    fn name(&self) -> &'static str {
-        "block-quantized-matmul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(values) = storage else {
-            candle_core::bail!("block-quantized matmul takes f32 input");
-        };
-        let (batch, cols) = layout.shape().dims2()?;
-        if cols != self.cols {
-            candle_core::bail!("input has {cols} columns, the weights {}", self.cols);
-        }
-        let x = match layout.contiguous_offsets() {
-            Some((start, end)) => &values[start..end],
-            None => candle_core::bail!("block-quantized matmul takes contiguous input"),
-        };
-        Ok((CpuStorage::F32(self.matmul(x, batch)), Shape::from((batch, self.rows))))
     }
 }
 

@@ -28,7 +28,6 @@ mod error;
 mod gguf;
 mod grammar;
 mod kv;
-#[cfg(target_arch = "x86_64")]
 mod lanes;
 mod linear;
 mod model;

@@ -31,6 +31,8 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use half::f16;
 use rayon::prelude::*;
 
+use crate::lanes::add_lanes;
+
 const BLOCK: usize = 32;
 
 /// How a block's 32 quantized values are packed in its bytes.
@@ -225,8 +227,7 @@ fn block_sums(x: &[f32]) -> Vec<f32> {
                     *lane += value;
                 }
             }
-            ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
-                + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+            add_lanes(lanes)
         })
         .collect()
 }
@@ -479,7 +480,7 @@ mod avx512 {
 
     use pulp::x86::V4;
 
-    use super::{BLOCK, DotTiles, WeightRow, block_halves};
+    use super::{BLOCK, DotTiles, WeightRow, add_lanes, block_halves};
 
     #[derive(Clone, Copy)]
     pub struct Avx512(pub V4);
@@ -493,9 +494,7 @@ mod avx512 {
     #[inline(always)]
     fn sum16(vector: __m512) -> f32 {
         let lanes: [f32; 16] = pulp::cast(vector);
-        let halves: [f32; 8] = std::array::from_fn(|i| lanes[i] + lanes[i + 8]);
-        ((halves[0] + halves[4]) + (halves[1] + halves[5]))
-            + ((halves[2] + halves[6]) + (halves[3] + halves[7]))
+        add_lanes(std::array::from_fn(|i| lanes[i] + lanes[i + 8]))
     }
 
     impl DotTiles for Avx512 {

@@ -18,11 +18,17 @@
 //! blocks of a row overlap in the pipeline instead of queueing behind one
 //! chain of dependent FMAs, which bounded a single decoded sequence (+29%
 //! without it; batches, with a chain per row already, gain nothing and pay
-//! about a tenth for the extra multiply). The result equals the dequantized
-//! product to within f32 rounding.
+//! about a tenth for the extra multiply). The offsets' share, `Σ offset·Σ x`,
+//! is one short vector dot product per row after the kernel (scales and
+//! offsets are kept apart for it). The result equals the dequantized product
+//! to within f32 rounding.
 //!
 //! The kernel is AVX-512 where the CPU has it (+12% single-stream decode over
-//! AVX2), else AVX2 + FMA, else plain Rust.
+//! AVX2), else AVX2 + FMA, else plain Rust. It asks for each weight row's
+//! bytes a few rows before it reads them (`PREFETCH_ROWS`), and indexes
+//! slices cut to the row's length up front (`Blocks`), so its loop is the
+//! arithmetic alone: 15 instructions a Q4_1 block for one decoded sequence,
+//! where bounds checks and a scalar chain for the offsets made it 30.
 //!
 //! Every output value is one row's dot product in a fixed order, whatever the
 //! batch size, so an answer never depends on what else is in the batch.
@@ -68,8 +74,10 @@ pub struct BlockMatrix {
     packing: Packing,
     /// The blocks' packed values, row-major.
     quants: Vec<u8>,
-    /// (scale, offset) per block, row-major.
-    scales: Vec<[f32; 2]>,
+    /// Each block's scale, row-major.
+    scales: Vec<f32>,
+    /// Each block's offset, row-major (Q4_1; Q8_0 has none).
+    offsets: Vec<f32>,
 }
 
 impl BlockMatrix {
@@ -83,6 +91,7 @@ impl BlockMatrix {
         let data = tensor.data().ok()?;
         let blocks = rows * cols / BLOCK;
         let mut scales = Vec::with_capacity(blocks);
+        let mut offsets = Vec::new();
         let half_at =
             |bytes: &[u8], at: usize| f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32();
         let (packing, quants) = match tensor.dtype() {
@@ -90,7 +99,8 @@ impl BlockMatrix {
                 // d: f16, m: f16, then the 16 bytes of nibbles.
                 let mut quants = Vec::with_capacity(rows * cols / 2);
                 for block in data.chunks_exact(20).take(blocks) {
-                    scales.push([half_at(block, 0), half_at(block, 2)]);
+                    scales.push(half_at(block, 0));
+                    offsets.push(half_at(block, 2));
                     quants.extend_from_slice(&block[4..20]);
                 }
                 (Packing::Nibbles, quants)
@@ -99,14 +109,14 @@ impl BlockMatrix {
                 // d: f16, then 32 signed bytes.
                 let mut quants = Vec::with_capacity(rows * cols);
                 for block in data.chunks_exact(34).take(blocks) {
-                    scales.push([half_at(block, 0), 0.0]);
+                    scales.push(half_at(block, 0));
                     quants.extend_from_slice(&block[2..34]);
                 }
                 (Packing::Bytes, quants)
             }
             _ => return None,
         };
-        (scales.len() == blocks).then_some(Self { rows, cols, packing, quants, scales })
+        (scales.len() == blocks).then_some(Self { rows, cols, packing, quants, scales, offsets })
     }
 
     pub fn shape(&self) -> [usize; 2] {
@@ -126,6 +136,7 @@ impl BlockMatrix {
             packing: first.packing,
             quants: parts.iter().flat_map(|part| &part.quants).copied().collect(),
             scales: parts.iter().flat_map(|part| &part.scales).copied().collect(),
+            offsets: parts.iter().flat_map(|part| &part.offsets).copied().collect(),
         })
     }
 
@@ -141,19 +152,24 @@ impl BlockMatrix {
         let weights = self.weight_row(row);
         (0..self.cols / BLOCK)
             .flat_map(|block| {
-                let [scale, offset] = weights.scales[block];
+                let scale = weights.scales[block];
+                let offset = weights.offsets.get(block).copied().unwrap_or(0.0);
                 values(weights, block).map(move |q| f32::from(q) * scale + offset)
             })
             .collect()
     }
 
-    /// Row `row`'s packed values and block scales.
+    /// Row `row`'s packed values, block scales and block offsets.
     fn weight_row(&self, row: usize) -> WeightRow<'_> {
         let blocks = self.cols / BLOCK;
         let bytes = blocks * self.packing_bytes();
         WeightRow {
             quants: &self.quants[row * bytes..][..bytes],
             scales: &self.scales[row * blocks..][..blocks],
+            offsets: match self.packing {
+                Packing::Nibbles => &self.offsets[row * blocks..][..blocks],
+                Packing::Bytes => &[],
+            },
         }
     }
 
@@ -216,6 +232,23 @@ impl BlockMatrix {
     }
 }
 
+/// `Σ offset · Σ x` over a row's blocks, given its offsets and an activation
+/// row's block sums: the offsets' share of a Q4_1 dot product, in a fixed
+/// order (eight lanes, which vectorize).
+#[inline(always)]
+fn offsets_sum(offsets: &[f32], sums: &[f32]) -> f32 {
+    let (offsets, offsets_tail) = offsets.as_chunks::<8>();
+    let (sums, sums_tail) = sums.as_chunks::<8>();
+    let mut lanes = [0f32; 8];
+    for (offsets, sums) in offsets.iter().zip(sums) {
+        for (lane, (offset, sum)) in lanes.iter_mut().zip(offsets.iter().zip(sums)) {
+            *lane += offset * sum;
+        }
+    }
+    let tail: f32 = offsets_tail.iter().zip(sums_tail).map(|(offset, sum)| offset * sum).sum();
+    add_lanes(lanes) + tail
+}
+
 /// Each 32-value block's sum, for every block of every row of `x`, in a
 /// fixed order (eight lanes, which vectorize).
 fn block_sums(x: &[f32]) -> Vec<f32> {
@@ -258,11 +291,13 @@ struct RowTask<'a> {
     out: &'a mut [f32],
 }
 
-/// One weight row: its packed values and its blocks' (scale, offset).
+/// One weight row: its packed values and its blocks' scales and offsets.
 #[derive(Clone, Copy)]
 struct WeightRow<'a> {
     quants: &'a [u8],
-    scales: &'a [[f32; 2]],
+    scales: &'a [f32],
+    /// Empty for Q8_0.
+    offsets: &'a [f32],
 }
 
 impl<'a> WeightRow<'a> {
@@ -279,8 +314,34 @@ impl<'a> WeightRow<'a> {
     }
 }
 
-/// Dot products of one weight row with `T` activation rows, given those
-/// rows' block sums when the blocks have offsets (`NIBBLES`).
+/// A weight row's blocks and a tile's activations, each sliced to the row's
+/// block count up front, so that a kernel's loop indexes them by block with
+/// no bounds checks left in it.
+struct Blocks<'a, const T: usize> {
+    count: usize,
+    /// The packed values in 16-byte pieces: one a block (Q4_1), two (Q8_0).
+    sixteens: &'a [[u8; 16]],
+    scales: &'a [f32],
+    xs: [&'a [[f32; BLOCK]]; T],
+}
+
+impl<'a, const T: usize> Blocks<'a, T> {
+    #[inline(always)]
+    fn new<const NIBBLES: bool>(row: WeightRow<'a>, xs: [&'a [f32]; T]) -> Self {
+        let count = row.scales.len();
+        let pieces = count * block_bytes::<NIBBLES>() / 16;
+        Self {
+            count,
+            sixteens: &row.quants.as_chunks::<16>().0[..pieces],
+            scales: &row.scales[..count],
+            xs: xs.map(|x| &x.as_chunks::<BLOCK>().0[..count]),
+        }
+    }
+}
+
+/// Dot products of one weight row with `T` activation rows, without the
+/// blocks' offsets: `Σ scale · Σ q·x` over the row's blocks (the caller adds
+/// `Σ offset · Σ x`).
 ///
 /// Every (weight row, activation row) pair is computed in the same order
 /// whatever `T` is, so a result does not depend on the tile it was computed
@@ -290,9 +351,20 @@ trait DotTiles: Copy {
         self,
         row: WeightRow<'_>,
         xs: [&[f32]; T],
-        sums: [&[f32]; T],
     ) -> [f32; T];
+
+    /// Asks for `items` to be brought into cache ahead of their use (where
+    /// the kernel can).
+    fn prefetch<E>(self, _items: &[E]) {}
 }
+
+/// How many weight rows ahead of the one being multiplied a task asks for
+/// its next rows' bytes. Reading the weights is what a decoded token waits
+/// on, and the hardware prefetchers alone did not keep up on this project's
+/// (virtual) machines: the loads of packed values stalled, and asking four
+/// rows (1–3 KB) ahead took single-stream decode from 53 to 80–90 tok/s.
+/// Two to eight rows measured alike; one, or sixteen, slower.
+const PREFETCH_ROWS: usize = 4;
 
 impl RowTask<'_> {
     /// The task's weight rows against the batch in tiles of 8, 4 or 1 batch
@@ -322,23 +394,27 @@ impl RowTask<'_> {
                 _ => 1,
             };
             for offset in 0..rows {
+                if offset + PREFETCH_ROWS < rows {
+                    let ahead = m.weight_row(self.first_row + offset + PREFETCH_ROWS);
+                    kernel.prefetch(ahead.quants);
+                    kernel.prefetch(ahead.scales);
+                    kernel.prefetch(ahead.offsets);
+                }
                 let weights = m.weight_row(self.first_row + offset);
                 let out = &mut self.out[offset * self.batch + start..][..tile];
                 let xs = |t: usize| x(start + t);
-                let sums = |t: usize| sums(start + t);
                 match tile {
-                    8 => out.copy_from_slice(&kernel.dot::<8, NIBBLES>(
-                        weights,
-                        std::array::from_fn(xs),
-                        std::array::from_fn(sums),
-                    )),
-                    4 => out.copy_from_slice(&kernel.dot::<4, NIBBLES>(
-                        weights,
-                        std::array::from_fn(xs),
-                        std::array::from_fn(sums),
-                    )),
-                    _ => {
-                        out.copy_from_slice(&kernel.dot::<1, NIBBLES>(weights, [xs(0)], [sums(0)]))
+                    8 => out.copy_from_slice(
+                        &kernel.dot::<8, NIBBLES>(weights, std::array::from_fn(xs)),
+                    ),
+                    4 => out.copy_from_slice(
+                        &kernel.dot::<4, NIBBLES>(weights, std::array::from_fn(xs)),
+                    ),
+                    _ => out.copy_from_slice(&kernel.dot::<1, NIBBLES>(weights, [xs(0)])),
+                }
+                if NIBBLES {
+                    for (t, value) in out.iter_mut().enumerate() {
+                        *value += offsets_sum(weights.offsets, sums(start + t));
                     }
                 }
             }
@@ -359,24 +435,16 @@ mod portable {
             self,
             row: WeightRow<'_>,
             xs: [&[f32]; T],
-            sums: [&[f32]; T],
         ) -> [f32; T] {
             std::array::from_fn(|t| {
-                let (mut scaled, mut offsets) = (0f32, 0f32);
-                for (block, &[scale, offset]) in row.scales.iter().enumerate() {
+                let mut scaled = 0f32;
+                for (block, &scale) in row.scales.iter().enumerate() {
                     let x = &xs[t][block * BLOCK..][..BLOCK];
-                    let products: f32 = row
-                        .block::<NIBBLES>(block)
-                        .iter()
-                        .zip(x)
-                        .map(|(&q, &x)| f32::from(q) * x)
-                        .sum();
+                    let values = row.block::<NIBBLES>(block);
+                    let products: f32 = values.iter().zip(x).map(|(&q, &x)| f32::from(q) * x).sum();
                     scaled += scale * products;
-                    if NIBBLES {
-                        offsets += offset * sums[t][block];
-                    }
                 }
-                scaled + offsets
+                scaled
             })
         }
     }
@@ -399,22 +467,14 @@ impl<K: DotTiles> pulp::NullaryFnOnce for Vectorized<'_, K> {
     }
 }
 
-/// A block's 32 values, one byte each: values 0..16, then 16..32.
+/// Every cache line of `items`, asked for ahead of its use (into L1). A
+/// prefetch never faults, whatever the address.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn block_halves<const NIBBLES: bool>(
-    sse2: pulp::core_arch::x86::Sse2,
-    bytes: &[u8],
-) -> (core::arch::x86_64::__m128i, core::arch::x86_64::__m128i) {
-    let sixteen = |bytes: &[u8]| -> core::arch::x86_64::__m128i {
-        pulp::cast(*<&[u8; 16]>::try_from(bytes).expect("16 bytes"))
-    };
-    if NIBBLES {
-        let (packed, mask) = (sixteen(bytes), sse2._mm_set1_epi8(0x0F));
-        let shifted = sse2._mm_srli_epi16::<4>(packed);
-        (sse2._mm_and_si128(packed, mask), sse2._mm_and_si128(shifted, mask))
-    } else {
-        (sixteen(&bytes[..16]), sixteen(&bytes[16..]))
+fn prefetch_lines<E>(sse: pulp::core_arch::x86::Sse, items: &[E]) {
+    let start = items.as_ptr().cast::<i8>();
+    for at in (0..size_of_val(items)).step_by(64) {
+        sse._mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(start.wrapping_add(at));
     }
 }
 
@@ -428,7 +488,7 @@ mod avx2 {
 
     use pulp::x86::V3;
 
-    use super::{BLOCK, DotTiles, WeightRow, block_halves};
+    use super::{Blocks, DotTiles, WeightRow, prefetch_lines};
     use crate::lanes::{load8, sum8};
 
     #[derive(Clone, Copy)]
@@ -440,33 +500,43 @@ mod avx2 {
             self,
             row: WeightRow<'_>,
             xs: [&[f32]; T],
-            sums: [&[f32]; T],
         ) -> [f32; T] {
             let (avx, avx2, fma, sse2) = (self.0.avx, self.0.avx2, self.0.fma, self.0.sse2);
+            let blocks = Blocks::new::<NIBBLES>(row, xs);
             let mut scaled = [avx._mm256_setzero_ps(); T];
-            let mut offsets = [0f32; T];
-            for (block, &[scale, offset]) in row.scales.iter().enumerate() {
-                let (low, high) = block_halves::<NIBBLES>(sse2, row.bytes::<NIBBLES>(block));
+            for block in 0..blocks.count {
+                // Values 0..16, then 16..32, a byte each.
+                let (low, high) = if NIBBLES {
+                    let (packed, mask): (__m128i, _) =
+                        (pulp::cast(blocks.sixteens[block]), sse2._mm_set1_epi8(0x0F));
+                    let shifted = sse2._mm_srli_epi16::<4>(packed);
+                    (sse2._mm_and_si128(packed, mask), sse2._mm_and_si128(shifted, mask))
+                } else {
+                    let half = |i: usize| -> __m128i { pulp::cast(blocks.sixteens[i]) };
+                    (half(2 * block), half(2 * block + 1))
+                };
                 let widen =
                     |bytes: __m128i| avx._mm256_cvtepi32_ps(avx2._mm256_cvtepi8_epi32(bytes));
                 let w0 = widen(low);
                 let w1 = widen(sse2._mm_unpackhi_epi64(low, low));
                 let w2 = widen(high);
                 let w3 = widen(sse2._mm_unpackhi_epi64(high, high));
-                let scale = avx._mm256_set1_ps(scale);
-                for t in 0..T {
-                    let x = &xs[t][block * BLOCK..][..BLOCK];
+                let scale = avx._mm256_set1_ps(blocks.scales[block]);
+                for (scaled, x) in scaled.iter_mut().zip(&blocks.xs) {
+                    let x = &x[block];
                     let mut products = avx._mm256_mul_ps(w0, load8(&x[0..8]));
                     products = fma._mm256_fmadd_ps(w1, load8(&x[8..16]), products);
                     products = fma._mm256_fmadd_ps(w2, load8(&x[16..24]), products);
                     products = fma._mm256_fmadd_ps(w3, load8(&x[24..32]), products);
-                    scaled[t] = fma._mm256_fmadd_ps(products, scale, scaled[t]);
-                    if NIBBLES {
-                        offsets[t] += offset * sums[t][block];
-                    }
+                    *scaled = fma._mm256_fmadd_ps(products, scale, *scaled);
                 }
             }
-            std::array::from_fn(|t| sum8(scaled[t]) + offsets[t])
+            std::array::from_fn(|t| sum8(scaled[t]))
+        }
+
+        #[inline(always)]
+        fn prefetch<E>(self, items: &[E]) {
+            prefetch_lines(self.0.sse, items);
         }
     }
 }
@@ -476,11 +546,11 @@ mod avx2 {
 /// of eight, which halves the vector instructions per block.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use core::arch::x86_64::{__m128i, __m512};
+    use core::arch::x86_64::__m512;
 
     use pulp::x86::V4;
 
-    use super::{BLOCK, DotTiles, WeightRow, add_lanes, block_halves};
+    use super::{Blocks, DotTiles, WeightRow, add_lanes, prefetch_lines};
 
     #[derive(Clone, Copy)]
     pub struct Avx512(pub V4);
@@ -503,27 +573,41 @@ mod avx512 {
             self,
             row: WeightRow<'_>,
             xs: [&[f32]; T],
-            sums: [&[f32]; T],
         ) -> [f32; T] {
-            let (f, sse2) = (self.0.avx512f, self.0.sse2);
+            let f = self.0.avx512f;
+            let blocks = Blocks::new::<NIBBLES>(row, xs);
             let mut scaled = [f._mm512_setzero_ps(); T];
-            let mut offsets = [0f32; T];
-            for (block, &[scale, offset]) in row.scales.iter().enumerate() {
-                let (low, high) = block_halves::<NIBBLES>(sse2, row.bytes::<NIBBLES>(block));
-                let widen = |bytes: __m128i| f._mm512_cvtepi32_ps(f._mm512_cvtepi8_epi32(bytes));
-                let (w0, w1) = (widen(low), widen(high));
-                let scale = f._mm512_set1_ps(scale);
-                for t in 0..T {
-                    let x = &xs[t][block * BLOCK..][..BLOCK];
+            for block in 0..blocks.count {
+                // Widened straight from memory to sixteen 32-bit lanes: Q4_1's
+                // low nibbles are values 0..16 and its high ones 16..32; Q8_0's
+                // two 16-byte halves are its values in order.
+                let (w0, w1) = if NIBBLES {
+                    let bytes = f._mm512_cvtepu8_epi32(pulp::cast(blocks.sixteens[block]));
+                    (
+                        f._mm512_and_si512(bytes, f._mm512_set1_epi32(0x0F)),
+                        f._mm512_srli_epi32::<4>(bytes),
+                    )
+                } else {
+                    (
+                        f._mm512_cvtepi8_epi32(pulp::cast(blocks.sixteens[2 * block])),
+                        f._mm512_cvtepi8_epi32(pulp::cast(blocks.sixteens[2 * block + 1])),
+                    )
+                };
+                let (w0, w1) = (f._mm512_cvtepi32_ps(w0), f._mm512_cvtepi32_ps(w1));
+                let scale = f._mm512_set1_ps(blocks.scales[block]);
+                for (scaled, x) in scaled.iter_mut().zip(&blocks.xs) {
+                    let x = &x[block];
                     let products = f._mm512_mul_ps(w0, load16(&x[..16]));
                     let products = f._mm512_fmadd_ps(w1, load16(&x[16..]), products);
-                    scaled[t] = f._mm512_fmadd_ps(products, scale, scaled[t]);
-                    if NIBBLES {
-                        offsets[t] += offset * sums[t][block];
-                    }
+                    *scaled = f._mm512_fmadd_ps(products, scale, *scaled);
                 }
             }
-            std::array::from_fn(|t| sum16(scaled[t]) + offsets[t])
+            std::array::from_fn(|t| sum16(scaled[t]))
+        }
+
+        #[inline(always)]
+        fn prefetch<E>(self, items: &[E]) {
+            prefetch_lines(self.0.sse, items);
         }
     }
 }

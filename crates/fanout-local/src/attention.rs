@@ -2,8 +2,8 @@
 //! read block by block from the paged cache (see `kv`).
 //!
 //! Written once over a small set of vector kernels (dot product, scaled add),
-//! which have an AVX2 + FMA version (pulp's safe intrinsics, chosen at run
-//! time) and a plain one.
+//! which have AVX-512 and AVX2 + FMA versions (pulp's safe intrinsics, the
+//! widest the CPU has, chosen at run time) and a plain one.
 
 /// Attention shape: `heads` query heads share `kv_heads` key/value heads.
 #[derive(Clone, Copy, Debug)]
@@ -40,10 +40,34 @@ impl<'a> Cached<'a> {
 /// `out` (heads × head_dim) for query `q` against the cached positions.
 pub fn attend(shape: Shape, q: &[f32], cached: Cached<'_>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V4::try_new() {
+        let kernels = avx512::Avx512(simd);
+        return simd.vectorize(Vectorized { kernels, shape, q, cached, out });
+    }
+    #[cfg(target_arch = "x86_64")]
     if let Some(simd) = pulp::x86::V3::try_new() {
-        return simd.vectorize(avx2::Attend { simd, shape, q, cached, out });
+        let kernels = avx2::Avx2(simd);
+        return simd.vectorize(Vectorized { kernels, shape, q, cached, out });
     }
     attend_with(Portable, shape, q, cached, out);
+}
+
+/// [`attend_with`] a SIMD kernel, run by pulp with its target features on.
+struct Vectorized<'a, K> {
+    kernels: K,
+    shape: Shape,
+    q: &'a [f32],
+    cached: Cached<'a>,
+    out: &'a mut [f32],
+}
+
+impl<K: Kernels> pulp::NullaryFnOnce for Vectorized<'_, K> {
+    type Output = ();
+
+    #[inline(always)]
+    fn call(self) {
+        attend_with(self.kernels, self.shape, self.q, self.cached, self.out);
+    }
 }
 
 trait Kernels: Copy {
@@ -128,28 +152,11 @@ impl Kernels for Portable {
 mod avx2 {
     use pulp::x86::V3;
 
-    use super::{Cached, Kernels, Shape, attend_with};
+    use super::Kernels;
     use crate::lanes::{load8, sum8};
 
-    pub struct Attend<'a> {
-        pub simd: V3,
-        pub shape: Shape,
-        pub q: &'a [f32],
-        pub cached: Cached<'a>,
-        pub out: &'a mut [f32],
-    }
-
-    impl pulp::NullaryFnOnce for Attend<'_> {
-        type Output = ();
-
-        #[inline(always)]
-        fn call(self) {
-            attend_with(Avx2(self.simd), self.shape, self.q, self.cached, self.out);
-        }
-    }
-
     #[derive(Clone, Copy)]
-    struct Avx2(V3);
+    pub struct Avx2(pub V3);
 
     impl Kernels for Avx2 {
         #[inline(always)]
@@ -182,31 +189,106 @@ mod avx2 {
     }
 }
 
+/// The AVX2 kernels sixteen lanes wide: a 64-value head is four vectors.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use pulp::x86::V4;
+
+    use super::Kernels;
+    use crate::lanes::{load16, sum16};
+
+    #[derive(Clone, Copy)]
+    pub struct Avx512(pub V4);
+
+    impl Kernels for Avx512 {
+        #[inline(always)]
+        fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+            let f = self.0.avx512f;
+            let (mut even, mut odd) = (f._mm512_setzero_ps(), f._mm512_setzero_ps());
+            let (a32, b32) = (a.chunks_exact(32), b.chunks_exact(32));
+            let tail: f32 = a32.remainder().iter().zip(b32.remainder()).map(|(x, y)| x * y).sum();
+            for (a, b) in a32.zip(b32) {
+                even = f._mm512_fmadd_ps(load16(&a[..16]), load16(&b[..16]), even);
+                odd = f._mm512_fmadd_ps(load16(&a[16..]), load16(&b[16..]), odd);
+            }
+            sum16(f._mm512_add_ps(even, odd)) + tail
+        }
+
+        #[inline(always)]
+        fn scaled_add(self, out: &mut [f32], weight: f32, v: &[f32]) {
+            let f = self.0.avx512f;
+            let w = f._mm512_set1_ps(weight);
+            let mut outs = out.chunks_exact_mut(16);
+            let mut vs = v.chunks_exact(16);
+            for (o, v) in (&mut outs).zip(&mut vs) {
+                let o: &mut [f32; 16] = o.try_into().expect("sixteen floats");
+                *o = pulp::cast(f._mm512_fmadd_ps(w, load16(v), pulp::cast(*o)));
+            }
+            for (o, &v) in outs.into_remainder().iter_mut().zip(vs.remainder()) {
+                *o += weight * v;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Every vector kernel this CPU has, each beside the plain one. A head
+    /// of 40 values is one 32-value step of the AVX-512 dot product (two of
+    /// AVX2's 16) and a tail.
     #[test]
     fn vector_kernels_agree_with_the_plain_ones() {
-        let shape = Shape { heads: 4, kv_heads: 2, head_dim: 20 };
+        let (d, kv_heads) = (40, 2);
+        let shape = Shape { heads: 4, kv_heads, head_dim: d };
+        let (width, kv_width) = (4 * d, kv_heads * d);
         let mut rng = fastrand::Rng::with_seed(5);
         let mut random = |n: usize| (0..n).map(|_| rng.f32() - 0.5).collect::<Vec<f32>>();
         // Seven positions in blocks of three: keys then values in each block.
         let (seen, block_tokens) = (7, 3);
-        let q = random(80);
-        let blocks: Vec<Vec<f32>> = (0..3).map(|_| random(2 * block_tokens * 40)).collect();
+        let q = random(width);
+        let q = q.as_slice();
+        let blocks: Vec<Vec<f32>> = (0..3).map(|_| random(2 * block_tokens * kv_width)).collect();
         let views: Vec<&[f32]> = blocks.iter().map(Vec::as_slice).collect();
         let cached = |seen| Cached { blocks: &views, block_tokens, seen };
-        let mut fast = vec![1.0; 80];
-        let mut plain = vec![1.0; 80];
-        attend(shape, &q, cached(seen), &mut fast);
-        attend_with(Portable, shape, &q, cached(seen), &mut plain);
-        for (f, p) in fast.iter().zip(&plain) {
-            assert!((f - p).abs() < 1e-5, "{f} vs {p}");
+        let mut plain = vec![1.0; width];
+        attend_with(Portable, shape, q, cached(seen), &mut plain);
+        type Attend<'a> = Box<dyn Fn(Cached<'_>, &mut [f32]) + 'a>;
+        let mut kernels: Vec<(&str, Attend<'_>)> =
+            vec![("widest", Box::new(|cached, out| attend(shape, q, cached, out)))];
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V3::try_new() {
+            kernels.push((
+                "avx2",
+                Box::new(move |cached, out| {
+                    let kernels = avx2::Avx2(simd);
+                    simd.vectorize(Vectorized { kernels, shape, q, cached, out })
+                }),
+            ));
         }
-        // One position: the output is exactly that position's values.
-        attend(shape, &q, cached(1), &mut fast);
-        let values = &blocks[0][block_tokens * 40..];
-        assert!((fast[0] - values[0]).abs() < 1e-6 && (fast[60] - values[20]).abs() < 1e-6);
+        #[cfg(target_arch = "x86_64")]
+        if let Some(simd) = pulp::x86::V4::try_new() {
+            kernels.push((
+                "avx512",
+                Box::new(move |cached, out| {
+                    let kernels = avx512::Avx512(simd);
+                    simd.vectorize(Vectorized { kernels, shape, q, cached, out })
+                }),
+            ));
+        }
+        for (name, attend) in &kernels {
+            let mut fast = vec![1.0; width];
+            attend(cached(seen), &mut fast);
+            for (f, p) in fast.iter().zip(&plain) {
+                assert!((f - p).abs() < 1e-5, "{name}: {f} vs {p}");
+            }
+            // One position: the output is exactly that position's values
+            // (query heads 0 and 3 read key/value heads 0 and 1).
+            attend(cached(1), &mut fast);
+            let values = &blocks[0][block_tokens * kv_width..];
+            assert_eq!(fast[..d], values[..d], "{name}");
+            assert_eq!(fast[3 * d..], values[d..2 * d], "{name}");
+        }
     }
 }

@@ -160,6 +160,7 @@ impl BlockMatrix {
     }
 
     /// Row `row`'s packed values, block scales and block offsets.
+    #[inline(always)]
     fn weight_row(&self, row: usize) -> WeightRow<'_> {
         let blocks = self.cols / BLOCK;
         let bytes = blocks * self.packing_bytes();
@@ -222,12 +223,14 @@ impl BlockMatrix {
         if batch == 1 {
             return transposed;
         }
+        // Back to batch × rows, one output row a task: the reads stride
+        // through `transposed`, which is small enough to stay in cache.
         let mut out = vec![0f32; batch * self.rows];
-        for (row, values) in transposed.chunks_exact(batch).enumerate() {
-            for (b, &value) in values.iter().enumerate() {
-                out[b * self.rows + row] = value;
+        out.par_chunks_mut(self.rows).enumerate().for_each(|(b, out)| {
+            for (value, row) in out.iter_mut().zip(transposed.chunks_exact(batch)) {
+                *value = row[b];
             }
-        }
+        });
         out
     }
 }
@@ -546,26 +549,13 @@ mod avx2 {
 /// of eight, which halves the vector instructions per block.
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use core::arch::x86_64::__m512;
-
     use pulp::x86::V4;
 
-    use super::{Blocks, DotTiles, WeightRow, add_lanes, prefetch_lines};
+    use super::{Blocks, DotTiles, WeightRow, prefetch_lines};
+    use crate::lanes::{load16, sum16};
 
     #[derive(Clone, Copy)]
     pub struct Avx512(pub V4);
-
-    #[inline(always)]
-    fn load16(x: &[f32]) -> __m512 {
-        pulp::cast(*<&[f32; 16]>::try_from(x).expect("sixteen floats"))
-    }
-
-    /// A vector's lanes added up in a fixed order.
-    #[inline(always)]
-    fn sum16(vector: __m512) -> f32 {
-        let lanes: [f32; 16] = pulp::cast(vector);
-        add_lanes(std::array::from_fn(|i| lanes[i] + lanes[i + 8]))
-    }
 
     impl DotTiles for Avx512 {
         #[inline(always)]

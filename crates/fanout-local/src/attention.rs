@@ -2,8 +2,9 @@
 //! read block by block from the paged cache (see `kv`).
 //!
 //! Written once over a small set of vector kernels (dot product, scaled add),
-//! which have AVX-512 and AVX2 + FMA versions (pulp's safe intrinsics, the
-//! widest the CPU has, chosen at run time) and a plain one.
+//! which are written once over pulp's SIMD types: they run as wide as the CPU
+//! goes (AVX-512, AVX2 + FMA, NEON, …, chosen at run time). A plain version
+//! stands beside them for the tests.
 
 /// Attention shape: `heads` query heads share `kv_heads` key/value heads.
 #[derive(Clone, Copy, Debug)]
@@ -39,34 +40,24 @@ impl<'a> Cached<'a> {
 
 /// `out` (heads × head_dim) for query `q` against the cached positions.
 pub fn attend(shape: Shape, q: &[f32], cached: Cached<'_>, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = pulp::x86::V4::try_new() {
-        let kernels = avx512::Avx512(simd);
-        return simd.vectorize(Vectorized { kernels, shape, q, cached, out });
-    }
-    #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = pulp::x86::V3::try_new() {
-        let kernels = avx2::Avx2(simd);
-        return simd.vectorize(Vectorized { kernels, shape, q, cached, out });
-    }
-    attend_with(Portable, shape, q, cached, out);
+    pulp::Arch::new().dispatch(Attend { shape, q, cached, out });
 }
 
-/// [`attend_with`] a SIMD kernel, run by pulp with its target features on.
-struct Vectorized<'a, K> {
-    kernels: K,
+/// [`attend_with`] on the widest SIMD level the CPU has, run by pulp with
+/// that level's target features on.
+struct Attend<'a> {
     shape: Shape,
     q: &'a [f32],
     cached: Cached<'a>,
     out: &'a mut [f32],
 }
 
-impl<K: Kernels> pulp::NullaryFnOnce for Vectorized<'_, K> {
+impl pulp::WithSimd for Attend<'_> {
     type Output = ();
 
     #[inline(always)]
-    fn call(self) {
-        attend_with(self.kernels, self.shape, self.q, self.cached, self.out);
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        attend_with(Vector(simd), self.shape, self.q, self.cached, self.out);
     }
 }
 
@@ -133,9 +124,12 @@ fn attend_with<K: Kernels>(
     }
 }
 
+/// Plain Rust, the tests' reference.
+#[cfg(test)]
 #[derive(Clone, Copy)]
 struct Portable;
 
+#[cfg(test)]
 impl Kernels for Portable {
     fn dot(self, a: &[f32], b: &[f32]) -> f32 {
         a.iter().zip(b).map(|(x, y)| x * y).sum()
@@ -148,85 +142,40 @@ impl Kernels for Portable {
     }
 }
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use pulp::x86::V3;
+/// The kernels on one of pulp's SIMD levels: a 64-value head is four
+/// vectors with AVX-512, eight with AVX2.
+#[derive(Clone, Copy)]
+struct Vector<S>(S);
 
-    use super::Kernels;
-    use crate::lanes::{load8, sum8};
-
-    #[derive(Clone, Copy)]
-    pub struct Avx2(pub V3);
-
-    impl Kernels for Avx2 {
-        #[inline(always)]
-        fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-            let (avx, fma) = (self.0.avx, self.0.fma);
-            let (mut even, mut odd) = (avx._mm256_setzero_ps(), avx._mm256_setzero_ps());
-            let (a8, b8) = (a.chunks_exact(16), b.chunks_exact(16));
-            let tail: f32 = a8.remainder().iter().zip(b8.remainder()).map(|(x, y)| x * y).sum();
-            for (a, b) in a8.zip(b8) {
-                even = fma._mm256_fmadd_ps(load8(&a[..8]), load8(&b[..8]), even);
-                odd = fma._mm256_fmadd_ps(load8(&a[8..]), load8(&b[8..]), odd);
-            }
-            sum8(avx._mm256_add_ps(even, odd)) + tail
+impl<S: pulp::Simd> Kernels for Vector<S> {
+    #[inline(always)]
+    fn dot(self, a: &[f32], b: &[f32]) -> f32 {
+        let simd = self.0;
+        let ((a, a_tail), (b, b_tail)) = (S::as_simd_f32s(a), S::as_simd_f32s(b));
+        let tail: f32 = a_tail.iter().zip(b_tail).map(|(x, y)| x * y).sum();
+        // Even and odd vectors into two sums: two chains of FMAs overlap.
+        let ((a, a_odd), (b, b_odd)) = (a.as_chunks::<2>(), b.as_chunks::<2>());
+        let (mut even, mut odd) = (simd.splat_f32s(0.0), simd.splat_f32s(0.0));
+        for ([a0, a1], [b0, b1]) in a.iter().zip(b) {
+            even = simd.mul_add_f32s(*a0, *b0, even);
+            odd = simd.mul_add_f32s(*a1, *b1, odd);
         }
-
-        #[inline(always)]
-        fn scaled_add(self, out: &mut [f32], weight: f32, v: &[f32]) {
-            let (avx, fma) = (self.0.avx, self.0.fma);
-            let w = avx._mm256_set1_ps(weight);
-            let mut outs = out.chunks_exact_mut(8);
-            let mut vs = v.chunks_exact(8);
-            for (o, v) in (&mut outs).zip(&mut vs) {
-                let o: &mut [f32; 8] = o.try_into().expect("eight floats");
-                *o = pulp::cast(fma._mm256_fmadd_ps(w, load8(v), pulp::cast(*o)));
-            }
-            for (o, &v) in outs.into_remainder().iter_mut().zip(vs.remainder()) {
-                *o += weight * v;
-            }
+        if let ([a], [b]) = (a_odd, b_odd) {
+            even = simd.mul_add_f32s(*a, *b, even);
         }
+        simd.reduce_sum_f32s(simd.add_f32s(even, odd)) + tail
     }
-}
 
-/// The AVX2 kernels sixteen lanes wide: a 64-value head is four vectors.
-#[cfg(target_arch = "x86_64")]
-mod avx512 {
-    use pulp::x86::V4;
-
-    use super::Kernels;
-    use crate::lanes::{load16, sum16};
-
-    #[derive(Clone, Copy)]
-    pub struct Avx512(pub V4);
-
-    impl Kernels for Avx512 {
-        #[inline(always)]
-        fn dot(self, a: &[f32], b: &[f32]) -> f32 {
-            let f = self.0.avx512f;
-            let (mut even, mut odd) = (f._mm512_setzero_ps(), f._mm512_setzero_ps());
-            let (a32, b32) = (a.chunks_exact(32), b.chunks_exact(32));
-            let tail: f32 = a32.remainder().iter().zip(b32.remainder()).map(|(x, y)| x * y).sum();
-            for (a, b) in a32.zip(b32) {
-                even = f._mm512_fmadd_ps(load16(&a[..16]), load16(&b[..16]), even);
-                odd = f._mm512_fmadd_ps(load16(&a[16..]), load16(&b[16..]), odd);
-            }
-            sum16(f._mm512_add_ps(even, odd)) + tail
+    #[inline(always)]
+    fn scaled_add(self, out: &mut [f32], weight: f32, v: &[f32]) {
+        let simd = self.0;
+        let w = simd.splat_f32s(weight);
+        let ((outs, outs_tail), (vs, vs_tail)) = (S::as_mut_simd_f32s(out), S::as_simd_f32s(v));
+        for (o, &v) in outs.iter_mut().zip(vs) {
+            *o = simd.mul_add_f32s(w, v, *o);
         }
-
-        #[inline(always)]
-        fn scaled_add(self, out: &mut [f32], weight: f32, v: &[f32]) {
-            let f = self.0.avx512f;
-            let w = f._mm512_set1_ps(weight);
-            let mut outs = out.chunks_exact_mut(16);
-            let mut vs = v.chunks_exact(16);
-            for (o, v) in (&mut outs).zip(&mut vs) {
-                let o: &mut [f32; 16] = o.try_into().expect("sixteen floats");
-                *o = pulp::cast(f._mm512_fmadd_ps(w, load16(v), pulp::cast(*o)));
-            }
-            for (o, &v) in outs.into_remainder().iter_mut().zip(vs.remainder()) {
-                *o += weight * v;
-            }
+        for (o, &v) in outs_tail.iter_mut().zip(vs_tail) {
+            *o += weight * v;
         }
     }
 }
@@ -234,10 +183,11 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pulp::Simd;
 
-    /// Every vector kernel this CPU has, each beside the plain one. A head
-    /// of 40 values is one 32-value step of the AVX-512 dot product (two of
-    /// AVX2's 16) and a tail.
+    /// The kernels on the widest SIMD level the CPU has, on AVX2 where it
+    /// has that, and on pulp's scalar level, each beside the plain ones. A
+    /// head of 40 values is two AVX-512 vectors and a tail, or five of AVX2.
     #[test]
     fn vector_kernels_agree_with_the_plain_ones() {
         let (d, kv_heads) = (40, 2);
@@ -254,26 +204,22 @@ mod tests {
         let cached = |seen| Cached { blocks: &views, block_tokens, seen };
         let mut plain = vec![1.0; width];
         attend_with(Portable, shape, q, cached(seen), &mut plain);
-        type Attend<'a> = Box<dyn Fn(Cached<'_>, &mut [f32]) + 'a>;
-        let mut kernels: Vec<(&str, Attend<'_>)> =
-            vec![("widest", Box::new(|cached, out| attend(shape, q, cached, out)))];
+        type Run<'a> = Box<dyn Fn(Cached<'_>, &mut [f32]) + 'a>;
+        let mut kernels: Vec<(&str, Run<'_>)> = vec![
+            ("widest", Box::new(|cached, out| attend(shape, q, cached, out))),
+            (
+                "scalar",
+                Box::new(|cached, out| {
+                    Simd::vectorize(pulp::Scalar, Attend { shape, q, cached, out })
+                }),
+            ),
+        ];
         #[cfg(target_arch = "x86_64")]
         if let Some(simd) = pulp::x86::V3::try_new() {
             kernels.push((
                 "avx2",
                 Box::new(move |cached, out| {
-                    let kernels = avx2::Avx2(simd);
-                    simd.vectorize(Vectorized { kernels, shape, q, cached, out })
-                }),
-            ));
-        }
-        #[cfg(target_arch = "x86_64")]
-        if let Some(simd) = pulp::x86::V4::try_new() {
-            kernels.push((
-                "avx512",
-                Box::new(move |cached, out| {
-                    let kernels = avx512::Avx512(simd);
-                    simd.vectorize(Vectorized { kernels, shape, q, cached, out })
+                    Simd::vectorize(simd, Attend { shape, q, cached, out })
                 }),
             ));
         }

@@ -1,10 +1,10 @@
 //! Causal attention of one token against its sequence's cached keys and values,
 //! read block by block from the paged cache (see `kv`).
 //!
-//! Written once over a small set of vector kernels (dot product, scaled add),
-//! which are written once over pulp's SIMD types: they run as wide as the CPU
-//! goes (AVX-512, AVX2 + FMA, NEON, …, chosen at run time). A plain version
-//! stands beside them for the tests.
+//! Written once over two vector kernels (dot product, scaled add), which are
+//! generic over pulp's SIMD types and run as wide as the CPU goes (AVX-512,
+//! AVX2 + FMA, NEON, …, chosen at run time). A plain version stands beside
+//! them for the tests.
 
 /// Attention shape: `heads` query heads share `kv_heads` key/value heads.
 #[derive(Clone, Copy, Debug)]
